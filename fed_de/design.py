@@ -1,0 +1,217 @@
+"""The study a federation agrees on, and the design matrix every site builds from it.
+
+The study (formula, factor levels, gene list) is declared by the user and shipped to every site
+as constructor arguments; it is never collected from the sites. Each site builds its design
+columns from the same formulaic ``ModelSpec``, so a site that lacks a level still produces the
+identical columns (all zeros for that level).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import formulaic
+import numpy as np
+import pandas as pd
+
+from fed_de.errors import DesignError
+
+
+@dataclass(frozen=True)
+class Study:
+    """What every participant of a study agrees on before any data is touched.
+
+    Parameters
+    ----------
+    design
+        Wilkinson formula, e.g. ``"~ batch + condition"``.
+    levels
+        Levels of every categorical term, reference level first.
+    genes
+        The gene list of the study; every site is aligned to it.
+    continuous
+        Numeric terms of the formula (everything in the formula that is not in ``levels``).
+    """
+
+    design: str
+    levels: dict[str, list[str]]
+    genes: list[str]
+    continuous: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain-python form, safe to pass as substrafl constructor arguments."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Study:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            design=d["design"],
+            levels={k: list(v) for k, v in d["levels"].items()},
+            genes=list(d["genes"]),
+            continuous=list(d.get("continuous", [])),
+        )
+
+    @property
+    def coef_names(self) -> list[str]:
+        """DESeq2-style names of the design columns."""
+        return _spec(self.design, _freeze(self.levels), tuple(self.continuous))[1]
+
+    @property
+    def n_coefs(self) -> int:
+        """Number of design columns (p)."""
+        return len(self.coef_names)
+
+
+def formula_variables(design: str) -> list[str]:
+    """Variables a formula needs from the sample metadata, in formula order."""
+    formula = formulaic.Formula(_rhs(design))
+    return sorted(formula.required_variables, key=lambda v: _rhs(design).find(v))
+
+
+def make_study(
+    design: str,
+    genes: list[str],
+    levels: dict[str, list[str]] | None = None,
+    continuous: list[str] | None = None,
+) -> Study:
+    """Build and check a :class:`Study`.
+
+    Every variable of the formula must be declared either as a factor (``levels``) or as a
+    continuous term; by default variables without declared levels are continuous.
+    """
+    levels = {k: [str(x) for x in v] for k, v in (levels or {}).items()}
+    variables = formula_variables(design)
+    continuous = list(continuous) if continuous is not None else [
+        v for v in variables if v not in levels
+    ]
+    undeclared = [v for v in variables if v not in levels and v not in continuous]
+    if undeclared:
+        raise DesignError(
+            f"design {design!r} uses {undeclared} which are neither declared factors (levels=) "
+            "nor continuous terms; declare their levels so that every site codes them alike"
+        )
+    for name, lv in levels.items():
+        if len(lv) < 2:
+            raise DesignError(f"factor {name!r} declares {len(lv)} level(s); a factor needs >= 2")
+        if len(set(lv)) != len(lv):
+            raise DesignError(f"factor {name!r} declares duplicated levels: {lv}")
+    if len(set(genes)) != len(genes):
+        dup = pd.Index(genes)[pd.Index(genes).duplicated()].tolist()[:5]
+        raise DesignError(f"the study's gene list has duplicated genes, e.g. {dup}")
+    study = Study(design=design, levels=levels, genes=[str(g) for g in genes],
+                  continuous=continuous)
+    _ = study.coef_names  # fail early on a formula formulaic cannot build
+    return study
+
+
+def design_matrix(study: Study, obs: pd.DataFrame, site: str = "site") -> np.ndarray:
+    """The site's design matrix (samples x coefficients), float64.
+
+    Raises
+    ------
+    DesignError
+        When a design column is missing, a covariate has NaN, or a factor holds a level
+        the study did not declare; the message names the site and samples.
+    """
+    spec, _ = _spec(study.design, _freeze(study.levels), tuple(study.continuous))
+    frame = check_covariates(study, obs, site)
+    mm = spec.get_model_matrix(frame)
+    return np.asarray(mm, dtype=np.float64)
+
+
+def check_covariates(study: Study, obs: pd.DataFrame, site: str) -> pd.DataFrame:
+    """Validate a site's sample metadata against the study and return the typed frame."""
+    needed = list(study.levels) + list(study.continuous)
+    missing = [c for c in needed if c not in obs.columns]
+    if missing:
+        raise DesignError(
+            f"site {site!r}: metadata lacks design column(s) {missing} "
+            f"(has {list(obs.columns)}); add them to metadata.csv / obs"
+        )
+    frame = {}
+    for name, lv in study.levels.items():
+        col = obs[name]
+        na = col.isna().to_numpy()
+        if na.any():
+            raise DesignError(
+                f"site {site!r}: factor {name!r} is missing for sample(s) "
+                f"{list(obs.index[na][:5])}; fill it in or drop those samples"
+            )
+        values = col.astype(str)
+        bad = ~values.isin(lv).to_numpy()
+        if bad.any():
+            raise DesignError(
+                f"site {site!r}: factor {name!r} has level(s) {sorted(set(values[bad]))} "
+                f"(sample(s) {list(obs.index[bad][:5])}) that the study does not declare "
+                f"(declared: {lv}); declare them in the study's levels or recode the samples"
+            )
+        frame[name] = pd.Categorical(values, categories=lv)
+    for name in study.continuous:
+        try:
+            values = pd.to_numeric(obs[name]).astype(float)
+        except (TypeError, ValueError) as err:
+            raise DesignError(
+                f"site {site!r}: continuous covariate {name!r} is not numeric ({err}); "
+                "declare it as a factor with levels= or fix the values"
+            ) from None
+        bad = ~np.isfinite(values.to_numpy())
+        if bad.any():
+            raise DesignError(
+                f"site {site!r}: continuous covariate {name!r} is NaN/inf for sample(s) "
+                f"{list(obs.index[bad][:5])}; impute or drop those samples"
+            )
+        frame[name] = values.to_numpy()
+    return pd.DataFrame(frame, index=obs.index)
+
+
+def _rhs(design: str) -> str:
+    design = design.strip()
+    if "~" not in design:
+        raise DesignError(f"design {design!r} must be a formula such as '~ batch + condition'")
+    lhs, rhs = design.split("~", 1)
+    if lhs.strip():
+        raise DesignError(f"design {design!r} must not have a left-hand side")
+    return rhs.strip() or "1"
+
+
+def _freeze(levels: dict[str, list[str]]) -> tuple:
+    return tuple((k, tuple(v)) for k, v in levels.items())
+
+
+@lru_cache(maxsize=64)
+def _spec(design: str, levels: tuple, continuous: tuple) -> tuple:
+    """formulaic ModelSpec built from a skeleton holding every declared level (cached)."""
+    lv = {k: list(v) for k, v in levels}
+    n = max([len(v) for v in lv.values()] + [2])
+    skeleton = {k: pd.Categorical([v[i % len(v)] for i in range(n)], categories=v)
+                for k, v in lv.items()}
+    for c in continuous:
+        skeleton[c] = np.arange(n, dtype=float)
+    try:
+        mm = formulaic.model_matrix(_rhs(design), pd.DataFrame(skeleton))
+    except Exception as err:  # formulaic raises many types for a bad formula
+        raise DesignError(f"cannot build design {design!r}: {err}") from None
+    names = [_deseq2_name(c, lv) for c in mm.columns]
+    return mm.model_spec, names
+
+
+_TERM = re.compile(r"^(?P<f>[^\[]+)\[T\.(?P<l>.+)\]$")
+
+
+def _deseq2_name(column: str, levels: dict[str, list[str]]) -> str:
+    """``condition[T.B]`` -> ``condition_B_vs_A`` (DESeq2's resultsNames style)."""
+    parts = column.split(":")
+    out = []
+    for part in parts:
+        m = _TERM.match(part)
+        if m and m["f"] in levels:
+            out.append((m["f"], m["l"]))
+        else:
+            out.append((part, None))
+    if len(out) == 1:
+        f, lvl = out[0]
+        return f"{f}_{lvl}_vs_{levels[f][0]}" if lvl is not None else f
+    return ".".join(f"{f}{lvl}" if lvl is not None else f for f, lvl in out)

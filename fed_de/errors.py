@@ -1,0 +1,35 @@
+"""Errors fed_de raises. Each message names the site, the sample(s) or gene(s), and the fix."""
+
+
+class FedDEError(Exception):
+    """Base class of fed_de's errors."""
+
+
+class DesignError(FedDEError, ValueError):
+    """The design formula, the declared levels, or a site's covariates are wrong."""
+
+
+class SiteDataError(FedDEError, ValueError):
+    """A site's counts or metadata cannot be used as they are."""
+
+
+class NoCommonGeneError(SiteDataError):
+    """Median-of-ratios needs a gene expressed in every sample; none is."""
+
+
+class DisclosureError(FedDEError):
+    """A site refuses to send a message that could disclose individual samples."""
+
+
+class MessageSchemaError(DisclosureError):
+    """A message does not match its declared schema and is not sent."""
+
+
+class SiteTaskError(FedDEError, RuntimeError):
+    """A task failed at a site or at the aggregator; the run stops."""
+
+    def __init__(self, message: str, *, site: str, step: str, facts: dict | None = None):
+        super().__init__(message)
+        self.site = site
+        self.step = step
+        self.facts = facts or {}
