@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -129,11 +128,3 @@ def test_write_round_trips(study: DemoStudy, tmp_path: Path) -> None:
         header = (folder / "counts.csv").read_text().split("\n", 1)[0].split(",")
         assert header[:2] == ["sample", "G00001"]
         assert (folder / "metadata.csv").read_text().startswith("sample,")
-
-
-def test_generation_is_fast() -> None:
-    make_demo_study(n_samples=20 * 3, n_genes=100)  # warm-up
-    start = time.perf_counter()
-    make_demo_study(n_samples=150, n_genes=5000, seed=1)
-    # target is < 1 s; the bound is loose so a loaded CI machine does not flake
-    assert time.perf_counter() - start < 5.0

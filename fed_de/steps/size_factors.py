@@ -81,7 +81,8 @@ class SizeFactorsMixin:
         tot = sum_messages(shared_states)
         n = float(tot["n_samples"])
         scale = self.size_factor_scale(tot["sum_log_sf"], n)
-        return {"base_mean": tot["sum_norm"] / (n * scale), "sf_scale": scale, "n_samples": n}
+        # size factors are divided by scale, so normalised counts are multiplied by it
+        return {"base_mean": tot["sum_norm"] * scale / n, "sf_scale": scale, "n_samples": n}
 
     def size_factor_scale(self, sum_log_sf: float, n_samples: float) -> float:
         """``poscounts`` divides size factors by their geometric mean; ``ratio`` does not."""
