@@ -385,9 +385,7 @@ def _log_residuals_above_min(
     return resid[~np.isnan(resid)]
 
 
-def var_log_disp_ests(
-    disp_gene: np.ndarray, disp_fit: np.ndarray, min_disp: float = 1e-8
-) -> float:
+def var_log_disp_ests(disp_gene: np.ndarray, disp_fit: np.ndarray, min_disp: float = 1e-8) -> float:
     """Robust variance of the log dispersion residuals (DESeq2's ``varLogDispEsts``).
 
     As in DESeq2's ``dispersionFunction<-`` setter: ``mad(log(dispGeneEst) - log(dispFit))^2``
@@ -447,63 +445,146 @@ def _r_hist_density(values: np.ndarray, breaks: np.ndarray) -> np.ndarray:
         return counts / (n * h[None, :])
 
 
-def _loess_quadratic(
-    x: np.ndarray, y: np.ndarray, x_new: np.ndarray, span: float = 0.2
-) -> np.ndarray:
-    """Local quadratic regression with tricube weights, evaluated directly at ``x_new``.
+def _loess_local_fit(
+    x: np.ndarray, y: np.ndarray, centers: np.ndarray, span: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Value and slope at ``centers`` of loess' local quadratic fit (one predictor).
 
-    Mirrors ``loess(y ~ x, span=span)`` for one predictor (degree 2, gaussian family, no
-    robustness iterations), but computes each fit exactly instead of using loess' k-d tree
-    vertex interpolation (``surface="direct"``). The neighbourhood is the
-    ``floor(n * span)`` nearest points; the weights are ``(1 - (d / h)^3)^3`` with ``h`` the
-    distance to the farthest of them.
+    As ``lowesf``/``ehg127``: the neighbourhood is the ``floor(n * span + 1e-5)`` nearest
+    points, ``h`` the distance to the farthest of them, weights ``(1 - (d / h)^3)^3``
+    (gaussian family, no robustness iterations), weighted least squares on
+    ``[1, t, t^2]`` with ``t = (x - centre) / h``.
     """
     n = x.size
-    q = max(int(math.floor(n * span)), 3)
-    q = min(q, n)
-    d = x_new[:, None] - x[None, :]
-    dist = np.abs(d)
+    q = min(max(int(math.floor(n * span + 1e-5)), 3), n)
+    diff = x[None, :] - centers[:, None]
+    dist = np.abs(diff)
     h = np.partition(dist, q - 1, axis=1)[:, q - 1 : q]
     h = np.where(h > 0, h, 1.0)
     u = dist / h
     w = np.where(u < 1, (1 - u**3) ** 3, 0.0)
-    # Weighted least squares on [1, t, t^2] with t centred at x_new and scaled by h.
-    t = -d / h
+    t = diff / h  # scaled so the 3x3 normal equations stay well conditioned
     basis = np.stack([np.ones_like(t), t, t * t], axis=-1)  # (m, n, 3)
     wb = basis * w[..., None]
     lhs = np.einsum("mni,mnj->mij", wb, basis)
     rhs = np.einsum("mni,n->mi", wb, y)
-    return np.linalg.solve(lhs, rhs[..., None])[:, 0, 0]
+    coef = np.linalg.solve(lhs, rhs[..., None])[..., 0]
+    return coef[:, 0], coef[:, 1] / h[:, 0]
+
+
+def _loess_kd_vertices(x: np.ndarray, span: float, cell: float = 0.2) -> np.ndarray:
+    """Sorted vertices of loess' k-d tree for one predictor (``ehg126`` + ``ehg124``).
+
+    The bounding box is the data range widened by 0.5 % on each side; a cell holding more than
+    ``floor(n * span * cell)`` points is split at its median point (``x[(l + u) // 2]``, moved
+    off ties as R does), unless that value is one of the cell's bounds.
+    """
+    xs = np.sort(x)
+    n = xs.size
+    lo, hi = float(xs[0]), float(xs[-1])
+    margin = 0.005 * max(hi - lo, 1e-10 * max(abs(lo), abs(hi)) + 1e-30)
+    lo, hi = lo - margin, hi + margin
+    fc = math.floor(n * (span * cell))
+    verts = [lo, hi]
+    stack = [(0, n - 1, lo, hi)]
+    while stack:
+        left, right, a, b = stack.pop()
+        if right - left + 1 <= fc:
+            continue
+        m = (left + right) // 2
+        # R's tie fix: try offsets 0, 1, -1, 2, -2, ... until x[m] != x[m + 1].
+        offset = 0
+        while left <= m + offset < right:
+            if xs[m + offset] == xs[m + offset + 1]:
+                offset = -offset + (1 if -offset >= 0 else 0)
+            else:
+                m += offset
+                break
+        split = float(xs[m])
+        if split in (a, b):
+            continue
+        verts.append(split)
+        stack.append((left, m, a, split))
+        stack.append((m + 1, right, split, b))
+    return np.sort(np.array(verts))
+
+
+def _loess_smooth(
+    x: np.ndarray,
+    y: np.ndarray,
+    x_new: np.ndarray,
+    span: float = 0.2,
+    surface: str = "interpolate",
+) -> np.ndarray:
+    """``predict(loess(y ~ x, span=span), x_new)`` for one predictor, R's defaults.
+
+    Degree 2, gaussian family, ``surface="interpolate"``: local fits (value and slope) at the
+    k-d tree vertices, then cubic Hermite interpolation inside each leaf cell; this matches R
+    to rounding error. ``surface="direct"`` evaluates the local fit at each ``x_new``.
+    ``x_new`` must lie within the range of ``x`` (R returns NA outside).
+    """
+    if surface == "direct":
+        return _loess_local_fit(x, y, x_new, span)[0]
+    verts = _loess_kd_vertices(x, span)
+    value, slope = _loess_local_fit(x, y, verts, span)
+    k = np.clip(np.searchsorted(verts, x_new, side="right") - 1, 0, verts.size - 2)
+    width = verts[k + 1] - verts[k]
+    s = (x_new - verts[k]) / width
+    phi0 = (1 - s) ** 2 * (1 + 2 * s)
+    phi1 = s**2 * (3 - 2 * s)
+    psi0 = s * (1 - s) ** 2
+    psi1 = -(s**2) * (1 - s)
+    return phi0 * value[k] + phi1 * value[k + 1] + (psi0 * slope[k] + psi1 * slope[k + 1]) * width
+
+
+# Histogram breaks of the small-df branch: -10, -9.5, ..., 10.
+_KL_BREAKS = np.arange(-20, 21) / 2.0
+
+
+def _kl_divs(obs: np.ndarray, rand: np.ndarray) -> np.ndarray:
+    """DESeq2's KL divergence of the observed residual histogram to each simulated one.
+
+    ``obs`` is 1-D, ``rand`` is 2-D (one simulated sample per row). Values outside the open
+    break range are dropped first, as R does before ``hist``; ``small`` is the smallest
+    positive density over both histograms, added to avoid ``log(0)``.
+    """
+    lo, hi = _KL_BREAKS[0], _KL_BREAKS[-1]
+    obs = obs[(obs > lo) & (obs < hi)]
+    if obs.size == 0:
+        raise ValueError("no log dispersion residual within (-10, 10)")
+    obs_density = _r_hist_density(obs[None, :], _KL_BREAKS)[0]
+    with np.errstate(invalid="ignore"):
+        rand = np.where((rand > lo) & (rand < hi), rand, np.nan)
+    rand_density = _r_hist_density(rand, _KL_BREAKS)
+    z = np.concatenate([np.broadcast_to(obs_density, rand_density.shape), rand_density], axis=1)
+    small = np.min(np.where(z > 0, z, np.inf), axis=1, keepdims=True)
+    return np.sum(
+        obs_density * (np.log(obs_density + small) - np.log(rand_density + small)), axis=1
+    )
+
+
+def _argmin_smoothed(grid: np.ndarray, kl: np.ndarray) -> float:
+    # loess-smooth the noisy KL curve and take which.min on a 1000-point grid.
+    fine = np.linspace(0.0, 8.0, 1000)
+    smoothed = _loess_smooth(grid, kl, fine, span=0.2)
+    return float(fine[np.nanargmin(smoothed)])
 
 
 def _kl_matched_variance(residuals: np.ndarray, df: int, seed: int) -> float:
     """Monte-Carlo branch of ``estimateDispersionsPriorVar`` for 1 <= m - p <= 3."""
-    brks = np.arange(-20, 21) / 2.0
-    lo, hi = brks[0], brks[-1]
-    obs = residuals[(residuals > lo) & (residuals < hi)]
-    if obs.size == 0:
-        raise ValueError("no log dispersion residual within (-10, 10)")
-    obs_density = _r_hist_density(obs[None, :], brks)[0]
-
     grid = np.linspace(0.0, 8.0, 200)
     n_draw = 10_000
     rng = np.random.default_rng(seed)
-    chi = rng.chisquare(df, size=(grid.size, n_draw))
-    noise = rng.standard_normal((grid.size, n_draw)) * np.sqrt(grid)[:, None]
-    with np.errstate(divide="ignore"):
-        rand = np.log(chi) + noise - math.log(df)
-    rand = np.where((rand > lo) & (rand < hi), rand, np.nan)
-    rand_density = _r_hist_density(rand, brks)
-
-    # `small` is the smallest positive density over both histograms, per grid point.
-    z = np.concatenate([np.broadcast_to(obs_density, rand_density.shape), rand_density], axis=1)
-    small = np.min(np.where(z > 0, z, np.inf), axis=1, keepdims=True)
-    kl = np.sum(
-        obs_density * (np.log(obs_density + small) - np.log(rand_density + small)), axis=1
-    )
-    fine = np.linspace(0.0, 8.0, 1000)
-    smoothed = _loess_quadratic(grid, kl, fine, span=0.2)
-    return float(fine[np.nanargmin(smoothed)])
+    kl = np.empty(grid.size)
+    # Chunks bound the memory (200 x 1e4 draws); the draw order is fixed, so seed-deterministic.
+    for start in range(0, grid.size, 50):
+        sd = np.sqrt(grid[start : start + 50])[:, None]
+        chi = rng.chisquare(df, size=(sd.shape[0], n_draw))
+        noise = rng.standard_normal((sd.shape[0], n_draw)) * sd
+        with np.errstate(divide="ignore"):
+            rand = np.log(chi) + noise - math.log(df)
+        kl[start : start + 50] = _kl_divs(residuals, rand)
+    return _argmin_smoothed(grid, kl)
 
 
 def disp_prior_variance(
@@ -524,14 +605,14 @@ def disp_prior_variance(
     * ``1 <= m - p <= 3``: the log residuals are matched, by Kullback-Leibler divergence of
       histograms (breaks ``-10, -9.5, ..., 10``), against simulated
       ``log(chi2_{m-p} / (m-p)) + N(0, v)`` for ``v`` on ``seq(0, 8, length=200)``
-      (``1e4`` draws each); the KL curve is smoothed by a local quadratic fit (span 0.2) and
-      minimised on a 1000-point grid; the result is ``max(argmin, 0.25)``.
+      (``1e4`` draws each); the KL curve is smoothed by ``loess(span=0.2)`` (ported, R's
+      default k-d tree interpolation included) and minimised on a 1000-point grid; the result
+      is ``max(argmin, 0.25)``.
 
     Deviation from R in the small-df branch only: R's RNG (``set.seed(2)``, ``rchisq``,
-    ``rnorm``) cannot be reproduced, so numpy's ``default_rng(seed)`` draws are used, and the
-    smoother is an exact local quadratic (tricube weights, ``floor(200 * 0.2)`` neighbours)
-    rather than loess' k-d tree interpolation. The result is deterministic for a given seed and
-    agrees with R only up to Monte-Carlo noise.
+    ``rnorm``) cannot be reproduced, so numpy's ``default_rng(seed)`` draws are used. The
+    result is deterministic for a given seed and agrees with R only up to Monte-Carlo noise
+    (typically a few hundredths; both are draws from the same distribution).
 
     Parameters
     ----------
@@ -698,9 +779,7 @@ def fit_dispersion_trend(
     var_log = var_log_disp_ests(disp_nz, disp_fit)
     prior_var = None
     if n_samples is not None and n_coefs is not None:
-        prior_var = disp_prior_variance(
-            disp_nz, disp_fit, var_log, n_samples, n_coefs, seed=seed
-        )
+        prior_var = disp_prior_variance(disp_nz, disp_fit, var_log, n_samples, n_coefs, seed=seed)
     return {
         "fit_type": fit_type,
         "coefficients": coefs,

@@ -93,7 +93,9 @@ class FedBase(ComputePlanBuilder):
 
     def dims(self) -> dict[str, int]:
         """Sizes that message shapes may use: genes and coefficients (plus step sizes)."""
-        return {"G": len(self.study.genes), "p": self.study.n_coefs}
+        p = self.study.n_coefs
+        n_cells = int(np.prod([len(v) for v in self.study.levels.values()])) if self.study.levels else 1
+        return {"G": len(self.study.genes), "p": p, "T": p * (p + 1) // 2, "C": n_cells}
 
     def save_local_state(self, path: Path) -> None:
         """Write the site's local state (kept at the site between tasks)."""
@@ -136,18 +138,27 @@ class PlanCursor:
         self.round_idx += 1
         return refs
 
-    def aggregate(self, method: Callable, refs: list, **method_params):
-        """Add the aggregation task over ``refs``; its output becomes the next shared state."""
+    def aggregate(self, method: Callable, refs: list, carry: bool = False, **method_params):
+        """Add the aggregation task over ``refs``; its output becomes the next shared state.
+
+        With ``carry`` (and a previous aggregation), the aggregator also reads its own previous
+        output, appended last: aggregations keep no state, so what they need travels this way.
+        """
+        if carry and self.shared is not None:
+            refs = [*refs, self.shared]
         op = method(shared_states=refs, **method_params)
         self.shared = self.agg.update_states(
             op,
             round_idx=self.round_idx,
-            authorized_ids={n.organization_id for n in self.train_nodes},
+            authorized_ids={n.organization_id for n in self.train_nodes}
+            | {self.agg.organization_id},
             clean_models=self.clean_models,
         )
         self.round_idx += 1
         return self.shared
 
-    def round(self, local_method: Callable, agg_method: Callable):
+    def round(self, local_method: Callable, agg_method: Callable, carry: bool = False,
+              local_params: dict | None = None, agg_params: dict | None = None):
         """A local step at every site followed by its aggregation."""
-        return self.aggregate(agg_method, self.local(local_method))
+        refs = self.local(local_method, **(local_params or {}))
+        return self.aggregate(agg_method, refs, carry=carry, **(agg_params or {}))

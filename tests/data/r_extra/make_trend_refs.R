@@ -90,3 +90,40 @@ interp <- predict(loess(y ~ grid, span = 0.2), fine)
 write.csv(data.frame(x = grid, y = y), "loess_input.csv", row.names = FALSE)
 write.csv(data.frame(x = fine, direct = direct, interpolate = interp), "loess_output.csv",
           row.names = FALSE)
+
+# F: pieces of the small-df branch for case smalldf1 (m - p = 1), recomputed exactly as
+#    estimateDispersionsPriorVar does with set.seed(2): the KL curve R smoothed (its argmin
+#    is R's dispPriorVar), and KL values for three deterministic "simulated" samples (ragged,
+#    with values on breaks and outside (-10, 10)) to check the histogram / KL arithmetic.
+g <- read.csv("smalldf1_genes.csv"); s <- read.csv("smalldf1_summary.csv")
+res <- log(g$dispGeneEst) - log(g$dispFit)
+obsDist <- res[g$dispGeneEst >= 1e-6]
+brks <- -20:20/2
+obsDist <- obsDist[obsDist > min(brks) & obsDist < max(brks)]
+obsDistHist <- hist(obsDist, breaks = brks, plot = FALSE)
+kl_of <- function(randDist) {
+  randDist <- randDist[randDist > min(brks) & randDist < max(brks)]
+  randDistHist <- hist(randDist, breaks = brks, plot = FALSE)
+  z <- c(obsDistHist$density, randDistHist$density)
+  small <- min(z[z > 0])
+  sum(obsDistHist$density * (log(obsDistHist$density + small) - log(randDistHist$density + small)))
+}
+m <- s$m; p <- s$p
+set.seed(2)
+obsVarGrid <- seq(from = 0, to = 8, length = 200)
+klDivs <- sapply(obsVarGrid, function(x)
+  kl_of(log(rchisq(1e4, df = (m - p))) + rnorm(1e4, 0, sqrt(x)) - log(m - p)))
+fine <- seq(from = 0, to = 8, length = 1000)
+argminKL <- fine[which.min(predict(loess(klDivs ~ obsVarGrid, span = .2), fine))]
+stopifnot(abs(max(argminKL, 0.25) - s$dispPriorVar) < 1e-12)
+write.csv(data.frame(grid = obsVarGrid, klDivs = klDivs), "smalldf1_kl.csv", row.names = FALSE)
+write.csv(data.frame(density = obsDistHist$density), "smalldf1_obs_density.csv", row.names = FALSE)
+r1 <- c(qnorm(ppoints(3000), -0.3, 1.2), -9.5, -0.5, 0, 0.5, 1, 9.5, 10, -10)
+r2 <- qnorm(ppoints(2000), 0.5, 3.5)
+r3 <- log(qchisq(ppoints(4000), 1))
+L <- max(length(r1), length(r2), length(r3))
+pad <- function(v) c(v, rep(NA, L - length(v)))
+write.csv(data.frame(r1 = pad(r1), r2 = pad(r2), r3 = pad(r3)), "kl_rand_input.csv",
+          row.names = FALSE)
+write.csv(data.frame(kl = c(kl_of(r1), kl_of(r2), kl_of(r3))), "kl_rand_output.csv",
+          row.names = FALSE)

@@ -136,3 +136,7 @@ qx <- c(round(rexp(97) * 10, 2), 0, 0, 0)
 qp <- c(0, 0.01, 0.0193877551020408, seq(0.03, 0.95, length = 50), 0.999, 1)
 write_table(data.frame(prob = qp, q = unname(quantile(qx, qp))), "quantile7.csv.gz")
 write_table(data.frame(x = qx), "quantile7_x.csv.gz")
+
+# ---- 6. normal upper tail (pnorm(q, lower.tail=FALSE)), far into the tail ----------------------
+qq <- c(seq(0, 10, by = 0.125), seq(10.5, 40, by = 0.5))
+write_table(data.frame(q = qq, upper = pnorm(qq, lower.tail = FALSE)), "pnorm_upper.csv.gz")

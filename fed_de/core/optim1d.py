@@ -1,0 +1,74 @@
+"""Per-gene maximisation in one variable (log dispersion) from evaluations done at the sites.
+
+Every round the sites evaluate the objective's summands at ``K`` points per gene; the
+aggregator combines them into exact values and first/second derivatives, keeps the best point
+per gene, and proposes the next points: a safeguarded Newton step tried at a few lengths at
+once (a parallel backtracking line search), so one round does what a sequential line search
+does in several. Round 0 adds a coarse grid over the whole range to find the right basin.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STEP_FRACTIONS = (1.0, 0.5, 0.125)
+X_TOL = 1e-8  # converged when the Newton step is below this (log scale)
+
+
+def grid_points(x0: np.ndarray, lo: float, hi: float, n_grid: int) -> np.ndarray:
+    """Start point first, then an evenly spaced grid on ``[lo, hi]``: genes x (1 + n_grid)."""
+    grid = np.linspace(lo, hi, n_grid)
+    return np.column_stack([np.clip(x0, lo, hi), np.broadcast_to(grid, (x0.shape[0], n_grid))])
+
+
+def best_of(points, f, g, h) -> dict:
+    """Best evaluated point per gene (NaN objective never wins)."""
+    score = np.where(np.isfinite(f), f, -np.inf)
+    k = np.argmax(score, axis=1)
+    rows = np.arange(points.shape[0])
+    return {"x": points[rows, k], "f": score[rows, k], "g": g[rows, k], "h": h[rows, k]}
+
+
+def newton_step(state: dict, lo: float, hi: float) -> np.ndarray:
+    """Safeguarded Newton step from the best point, limited by the trust radius and bounds."""
+    g, h, radius = state["g"], state["h"], state["radius"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = np.where(h < 0, -g / h, np.sign(g) * radius)
+    step = np.clip(np.nan_to_num(step), -radius, radius)
+    return np.clip(state["x"] + step, lo, hi) - state["x"]
+
+
+def propose(state: dict, lo: float, hi: float) -> np.ndarray:
+    """Candidate points of the next round: genes x len(STEP_FRACTIONS)."""
+    step = newton_step(state, lo, hi)
+    step = np.where(state["done"], 0.0, step)
+    return state["x"][:, None] + step[:, None] * np.asarray(STEP_FRACTIONS)[None, :]
+
+
+def start(points, f, g, h, radius: float, lo: float, hi: float) -> dict:
+    """Search state after the first evaluation round."""
+    state = best_of(points, f, g, h)
+    state["radius"] = np.full(points.shape[0], radius)
+    state["done"] = _converged(state, lo, hi)
+    return state
+
+
+def update(state: dict, points, f, g, h, lo: float, hi: float) -> dict:
+    """Accept the best candidate when it improves the objective; shrink the radius if not."""
+    cand = best_of(points, f, g, h)
+    better = (cand["f"] > state["f"]) & ~state["done"]
+    new = {k: np.where(better, cand[k], state[k]) for k in ("x", "f", "g", "h")}
+    moved = np.abs(cand["x"] - state["x"])
+    new["radius"] = np.where(better, np.maximum(2.0 * moved, 1e-3), state["radius"] / 8.0)
+    new["radius"] = np.minimum(new["radius"], state["radius"].max())
+    new["done"] = state["done"] | _converged(new, lo, hi) | (new["radius"] < X_TOL)
+    return new
+
+
+def _converged(state: dict, lo: float, hi: float) -> np.ndarray:
+    g, h, x = state["g"], state["h"], state["x"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        small = (h < 0) & (np.abs(g / h) < X_TOL)
+    at_lo = (x <= lo) & (g <= 0)
+    at_hi = (x >= hi) & (g >= 0)
+    return small | at_lo | at_hi | ~np.isfinite(state["f"])

@@ -1,0 +1,80 @@
+"""Closing round of the fit: sums at the final coefficients, standard errors, Wald tests.
+
+Round W  local : packed X^T W X and deviance at the final betas and dispersions
+         agg   : DESeq2's stopping rule for genes still iterating, the Fisher-information
+                 covariance with DESeq2's ridge, (X^T W X + L)^-1 X^T W X (X^T W X + L)^-1
+Contrasts, Wald statistics, p-values and adjusted p-values are computed from the final shared
+state at the aggregator, for any number of contrasts, with no further round
+(:func:`contrast_results`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from substrafl.remote import remote, remote_data
+
+from fed_de.core import nb
+from fed_de.core.testing import adjust_pvalues, wald_test
+from fed_de.simulation.opener import SiteData
+from fed_de.steps.base import sends, sum_messages
+from fed_de.steps.irls import IRLS_TOL, MIN_MU
+
+
+class WaldMixin:
+    """The closing round of the final fit."""
+
+    @remote_data
+    @sends(xtwx=("G", "T"), deviance=("G",))
+    def local_wald(self, data_from_opener: SiteData, shared_state: dict) -> dict:
+        """X^T W X and deviance at the final coefficients."""
+        beta = np.nan_to_num(shared_state["irls_final"]["beta"])
+        alpha = np.nan_to_num(shared_state["dispersion"], nan=1.0)
+        X, sf = self.local["design"], self.local["size_factors"]
+        y = self.counts(data_from_opener)
+        mu = nb.fitted_mu(X, beta, sf, MIN_MU)
+        w = mu / (1.0 + alpha * mu)
+        return {"xtwx": nb.gram(X, w), "deviance": nb.nb_deviance(y, mu, alpha)}
+
+    @remote
+    def agg_wald(self, shared_states: list[dict]) -> dict:
+        """Convergence flags and the coefficient covariance of every gene."""
+        *messages, prev = shared_states
+        tot = sum_messages(messages)
+        fit = prev["irls_final"]
+        state = dict(prev)
+        state.update(final_sums(fit, tot, self.study.n_coefs, prev["all_zero"]))
+        return state
+
+
+def final_sums(fit: dict, tot: dict, p: int, all_zero: np.ndarray) -> dict:
+    """Coefficients, covariance, deviance and convergence flags of the final fit."""
+    still = ~fit["stopped"]
+    converged = fit["converged"].copy()
+    if fit["iter"] >= 2:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            change = np.abs(tot["deviance"] - fit["dev_prev"]) / (np.abs(tot["deviance"]) + 0.1)
+        converged |= still & (change < IRLS_TOL)
+    beta = np.where(all_zero[:, None], np.nan, fit["beta"])
+    cov = nb.wald_covariance(np.where(all_zero[:, None], 1.0, tot["xtwx"]), nb.ridge(p))
+    cov[all_zero] = np.nan
+    return {"beta": beta, "beta_cov": cov, "deviance": np.where(all_zero, np.nan,
+                                                                 tot["deviance"]),
+            "beta_converged": converged & ~all_zero}
+
+
+def contrast_results(state: dict, contrast: np.ndarray, *, alpha: float = 0.1,
+                     lfc_threshold: float = 0.0, alt_hypothesis: str = "greaterAbs",
+                     independent_filtering: bool = True, genes=None) -> pd.DataFrame:
+    """DESeq2 ``results()`` table for a numeric contrast (natural-log coefficients in)."""
+    c = np.asarray(contrast, dtype=float)
+    lfc = state["beta"] @ c
+    se = np.sqrt(np.einsum("i,gij,j->g", c, state["beta_cov"], c))
+    log2fc, lfcse, stat, pvalue = wald_test(lfc, se, lfc_threshold, alt_hypothesis)
+    base_mean = state["base_mean"]
+    pvalue = np.where(np.isfinite(state.get("cooks_filter_pvalue", pvalue)), pvalue, np.nan)
+    padj, _ = adjust_pvalues(base_mean, pvalue, alpha, independent_filtering)
+    frame = pd.DataFrame({"baseMean": base_mean, "log2FoldChange": log2fc, "lfcSE": lfcse,
+                          "stat": stat, "pvalue": pvalue, "padj": padj}, index=genes)
+    frame.index.name = "gene"
+    return frame

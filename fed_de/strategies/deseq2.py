@@ -1,0 +1,98 @@
+"""``DESeq2Strategy``: the DESeq2 Wald pipeline as one substrafl compute plan.
+
+The plan (each line a round: a local task at every site, then an aggregation):
+
+1.  size factors: log-count sums                         -> log geometric means
+2.  size factors at the sites; moments, linear-fit sums  -> baseMean, moments, linear fit
+3.  rough-dispersion sums, log-linear start              -> alpha_hat, IRLS start
+4.  IRLS for the dispersion-fit means (``mu_rounds``)    -> betas (skipped for cell-means designs)
+5.  dispersion sums at start points                      -> gene-wise Newton search
+6.  gene-wise Newton rounds (``genewise_rounds``)        -> ...; trend, prior, MAP start
+7.  MAP Newton rounds (``map_rounds``)                   -> final dispersions
+8.  final IRLS (``final_rounds``)                        -> betas
+9.  X^T W X and deviance at the final betas              -> covariance, convergence flags
+Contrasts, Wald tests and adjusted p-values then come from the last shared state.
+"""
+
+from __future__ import annotations
+
+from fed_de.steps.base import FedBase, PlanCursor
+from fed_de.steps.dispersion_init import DispersionInitMixin
+from fed_de.steps.dispersions import START_OFFSETS, DispersionsMixin
+from fed_de.steps.irls import IRLSMixin
+from fed_de.steps.size_factors import SizeFactorsMixin
+from fed_de.steps.wald import WaldMixin
+from fed_de.core.optim1d import STEP_FRACTIONS
+
+# measured: see docs/rounds.md
+MU_ROUNDS = 8
+GENEWISE_ROUNDS = 5
+MAP_ROUNDS = 4
+FINAL_ROUNDS = 6
+
+
+class DESeq2Strategy(FedBase, SizeFactorsMixin, DispersionInitMixin, IRLSMixin,
+                     DispersionsMixin, WaldMixin):
+    """Federated DESeq2 (Wald) with DESeq2's defaults.
+
+    Parameters
+    ----------
+    study
+        ``Study.to_dict()``: design, declared levels and genes.
+    size_factors
+        ``"ratio"`` or ``"poscounts"``.
+    fit_type
+        Dispersion trend: ``"parametric"`` (falls back to ``"mean"``) or ``"mean"``.
+    min_cell_size
+        Disclosure control (0 = off).
+    round_counts
+        Round non-integer counts instead of refusing them.
+    mu_rounds, genewise_rounds, map_rounds, final_rounds
+        Unrolled iteration counts (the plan is static).
+    """
+
+    def __init__(self, study: dict, size_factors: str = "ratio", fit_type: str = "parametric",
+                 min_cell_size: int = 3, round_counts: bool = False,
+                 mu_rounds: int = MU_ROUNDS, genewise_rounds: int = GENEWISE_ROUNDS,
+                 map_rounds: int = MAP_ROUNDS, final_rounds: int = FINAL_ROUNDS):
+        super().__init__(study, size_factors=size_factors, fit_type=fit_type,
+                         min_cell_size=min_cell_size, round_counts=round_counts,
+                         mu_rounds=mu_rounds, genewise_rounds=genewise_rounds,
+                         map_rounds=map_rounds, final_rounds=final_rounds)
+
+    def dims(self) -> dict[str, int]:
+        """Message sizes: genes, coefficients, and the dispersion search's points per gene."""
+        return {**super().dims(), "K0": len(START_OFFSETS), "K": len(STEP_FRACTIONS)}
+
+    def saturated_design(self) -> bool:
+        """Cell-means design known from the study alone: DESeq2 then uses the linear fit."""
+        dims = self.dims()
+        return not self.study.continuous and dims["C"] == dims["p"]
+
+    def build_compute_plan(self, train_data_nodes, aggregation_node, evaluation_strategy=None,
+                           num_rounds=None, clean_models=True):
+        """Chain the steps; every loop runs its fixed number of rounds."""
+        opt = self.options
+        plan = PlanCursor(train_data_nodes, aggregation_node, clean_models)
+        plan.round(self.local_log_sums, self.agg_log_means)
+        plan.round(self.local_moments, self.agg_moments)
+        mu_rounds = 0 if self.saturated_design() else int(opt["mu_rounds"])
+        plan.round(self.local_rough, self.agg_rough, carry=True,
+                   agg_params={"mu_rounds": mu_rounds})
+        for _ in range(mu_rounds):
+            plan.round(self.local_irls, self.agg_irls, carry=True,
+                       local_params={"stage": "mu"}, agg_params={"stage": "mu"})
+        plan.round(self.local_disp_start, self.agg_disp_start, carry=True)
+        for _ in range(int(opt["genewise_rounds"]) - 1):
+            plan.round(self.local_disp_eval, self.agg_disp_step, carry=True,
+                       agg_params={"phase": "genewise"})
+        plan.round(self.local_disp_eval, self.agg_disp_finish_genewise, carry=True)
+        for _ in range(int(opt["map_rounds"]) - 1):
+            plan.round(self.local_disp_eval, self.agg_disp_step, carry=True,
+                       agg_params={"phase": "map"})
+        plan.round(self.local_disp_eval, self.agg_disp_finish_map, carry=True)
+        for _ in range(int(opt["final_rounds"])):
+            plan.round(self.local_irls, self.agg_irls, carry=True,
+                       local_params={"stage": "final"}, agg_params={"stage": "final"})
+        self.final_ref = plan.round(self.local_wald, self.agg_wald, carry=True)
+        self.n_rounds = plan.round_idx
