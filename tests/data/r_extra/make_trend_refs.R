@@ -127,3 +127,33 @@ write.csv(data.frame(r1 = pad(r1), r2 = pad(r2), r3 = pad(r3)), "kl_rand_input.c
           row.names = FALSE)
 write.csv(data.frame(kl = c(kl_of(r1), kl_of(r2), kl_of(r3))), "kl_rand_output.csv",
           row.names = FALSE)
+
+# G: stats::glm(y ~ I(x), family = Gamma("identity"), start = ...) itself, on data whose
+#    IRLS steps leave the domain (mu <= 0: "step size truncated due to divergence"), one that
+#    does not converge in 25 iterations, and one stopped by maxit = 2.
+glm_in <- list(); glm_out <- list()
+glm_case <- function(name, x, y, start, maxit = 25) {
+  w <- character(0)
+  f <- withCallingHandlers(
+    glm(y ~ I(x), family = Gamma(link = "identity"), start = start,
+        control = glm.control(maxit = maxit)),
+    warning = function(w0) { w <<- c(w, conditionMessage(w0)); invokeRestart("muffleWarning") })
+  glm_in[[name]] <<- data.frame(case = name, x = x, y = y, start0 = start[1], start1 = start[2],
+                                maxit = maxit)
+  glm_out[[name]] <<- data.frame(case = name, intercept = coef(f)[[1]], slope = coef(f)[[2]],
+                                 converged = f$converged, iter = f$iter,
+                                 halved = any(grepl("step size truncated", w)))
+}
+for (seed in 1:3) {
+  set.seed(seed)
+  x <- runif(15, 0, 1)
+  y <- (1 / (0.05 + 3 * x)) * rgamma(15, shape = 1, rate = 1)
+  glm_case(c("halve1", "halve2", "noconv")[seed], x, y, c(mean(y), 0))
+}
+set.seed(5)
+x <- runif(40, 0, 1)
+y <- pmax(5 - 4.95 * x, 0.01) * rgamma(40, shape = 2, rate = 2)
+glm_case("plain", x, y, c(0.1, 1))
+glm_case("maxit2", x, y, c(0.1, 1), maxit = 2)
+write.csv(do.call(rbind, glm_in), "glm_input.csv", row.names = FALSE)
+write.csv(do.call(rbind, glm_out), "glm_output.csv", row.names = FALSE)
