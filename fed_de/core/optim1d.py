@@ -59,8 +59,10 @@ def update(state: dict, points, f, g, h, lo: float, hi: float) -> dict:
     better = (cand["f"] > state["f"]) & ~state["done"]
     new = {k: np.where(better, cand[k], state[k]) for k in ("x", "f", "g", "h")}
     moved = np.abs(cand["x"] - state["x"])
-    new["radius"] = np.where(better, np.maximum(2.0 * moved, 1e-3), state["radius"] / 8.0)
-    new["radius"] = np.minimum(new["radius"], state["radius"].max())
+    # success: the radius may grow (a long convex stretch is crossed in few rounds)
+    new["radius"] = np.where(better, np.maximum(2.0 * moved, state["radius"]),
+                             state["radius"] / 8.0)
+    new["radius"] = np.minimum(new["radius"], hi - lo)
     new["done"] = state["done"] | _converged(new, lo, hi) | (new["radius"] < X_TOL)
     return new
 

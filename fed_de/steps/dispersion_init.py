@@ -106,7 +106,7 @@ class DispersionInitMixin:
                      max_disp=max_disp, irls_mu_rounds=mu_rounds)
         # the means of the dispersion fit: IRLS with alpha_hat, unless the linear fit serves
         frozen = prev["all_zero"] | bool(prev["linear_mu"])
-        state["irls_mu"] = start_irls(state, "mu", beta0, frozen)
+        state["irls_mu"] = start_irls(beta0, frozen)
         state["disp_points"] = self.initial_disp_points(state)
         return state
 

@@ -30,8 +30,11 @@ from fed_de.steps.base import sends, sum_messages
 from fed_de.steps.dispersion_init import MIN_DISP
 from fed_de.steps.irls import MIN_MU, start_irls
 
-# the start point and spread points of the first gene-wise round (log scale offsets)
-START_OFFSETS = (0.0, -3.0, -1.0, 1.0, 3.0)
+# first gene-wise round: the start point, two points beside it, and anchors across the range
+# (lower bound, alpha = 1e-2, upper bound) so genes whose optimum is at a bound or far from
+# the rough estimate are found at once
+START_OFFSETS = (0.0, -1.5, 1.5)
+ANCHORS = (None, float(np.log(1e-2)), None)
 DISP_SUMS = ("ll", "d1", "d2", "A", "A1", "A2")
 
 
@@ -115,9 +118,12 @@ class DispersionsMixin:
     def initial_disp_points(self, state: dict) -> np.ndarray:
         """Start point (log alpha_hat) and spread points of the first gene-wise round."""
         lo, hi = log_bounds(state["max_disp"])
-        x0 = np.log(state["alpha_hat"])
+        x0 = np.nan_to_num(np.log(state["alpha_hat"]))
         pts = x0[:, None] + np.asarray(START_OFFSETS)[None, :]
-        return np.clip(np.nan_to_num(pts), lo, hi)
+        anchors = [lo if a is None and i == 0 else hi if a is None else a
+                   for i, a in enumerate(ANCHORS)]
+        pts = np.column_stack([pts, np.broadcast_to(anchors, (x0.shape[0], len(anchors)))])
+        return np.clip(pts, lo, hi)
 
     @remote
     def agg_disp_finish_genewise(self, shared_states: list[dict]) -> dict:
@@ -135,7 +141,7 @@ class DispersionsMixin:
         finish_map(state)
         beta0 = state["irls_mu"]["beta"] if state.get("irls_mu_rounds", 0) else state["beta_init"]
         beta0 = np.where(np.isfinite(beta0), beta0, state["beta_init"])
-        state["irls_final"] = start_irls(state, "final", beta0, state["all_zero"])
+        state["irls_final"] = start_irls(beta0, state["all_zero"])
         return state
 
 

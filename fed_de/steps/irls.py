@@ -1,12 +1,17 @@
 """Federated IRLS for the NB GLM (DESeq2's ``fitBeta``), unrolled to a fixed number of rounds.
 
-Each round  local : at the current betas, the packed X^T W X, X^T W z and the deviance
-            agg   : the ridge-penalised update ``(X^T W X + L)^{-1} X^T W z``; DESeq2's stopping
-                    rule (relative deviance change < 1e-8 after the first update) freezes a
-                    gene; a gene whose |beta| exceeds 30 is stopped and left to the fallback
-The plan is static: converged genes are masked, not skipped. ``stage`` names which fit runs:
-``"mu"`` (means for the dispersion estimates, with the rough dispersions) or ``"final"``
-(the coefficients reported, with the final dispersions).
+Each round  local : at every candidate betas of a gene, the packed X^T W X, X^T W z and the
+                    deviance (DESeq2's ``fitBeta`` sums, ``mu`` floored at 0.5)
+            agg   : keeps the candidate with the lowest penalised deviance (a parallel
+                    step-halving: the full IRLS step and a quarter step are tried at once,
+                    so an overshooting step costs no extra round); DESeq2's stopping rule
+                    (relative deviance change < 1e-8 between accepted iterates, from the
+                    second update on); the next ridge-penalised IRLS step from the kept point
+When the full step is the better candidate, which is what happens for well-behaved genes,
+the iterates are exactly DESeq2's. A gene whose |beta| exceeds 30 stops (not converged). The
+plan is static: converged genes are masked, not skipped. ``stage`` names the fit: ``"mu"``
+(means for the dispersion estimates, with the rough dispersions) or ``"final"`` (reported
+coefficients, with the final dispersions).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from fed_de.steps.base import sends, sum_messages
 IRLS_TOL = 1e-8
 LARGE_BETA = 30.0
 MIN_MU = 0.5
+STEP_LENGTHS = (1.0, 0.25)  # candidates per round: full IRLS step and a quarter step
+MIN_SCALE = 1e-6
 
 
 def irls_alpha(state: dict, stage: str) -> np.ndarray:
@@ -28,61 +35,82 @@ def irls_alpha(state: dict, stage: str) -> np.ndarray:
     return state["alpha_hat"] if stage == "mu" else state["dispersion"]
 
 
-def start_irls(state: dict, stage: str, beta0: np.ndarray, frozen: np.ndarray) -> dict:
-    """Initial IRLS status of a stage: every gene not ``frozen`` iterates from ``beta0``."""
-    G = beta0.shape[0]
-    return {"beta": np.where(frozen[:, None], 0.0, beta0), "iter": 0,
-            "dev_prev": np.full(G, np.nan), "converged": frozen.copy(),
-            "stopped": frozen.copy(), "xtwx": np.full((G, nb.n_packed(beta0.shape[1])), np.nan),
-            "deviance": np.full(G, np.nan)}
+def start_irls(beta0: np.ndarray, frozen: np.ndarray) -> dict:
+    """IRLS status before the first round: every candidate is the start point."""
+    G, p = beta0.shape
+    beta0 = np.where(frozen[:, None], 0.0, np.nan_to_num(beta0))
+    return {"beta": beta0, "candidates": np.repeat(beta0[:, None, :], len(STEP_LENGTHS), 1),
+            "iter": 0, "accepted": np.zeros(G, dtype=int), "pen_dev": np.full(G, np.inf),
+            "dev_prev": np.full(G, np.nan), "direction": np.zeros((G, p)),
+            "scale": np.ones(G), "converged": frozen.copy(), "stopped": frozen.copy(),
+            "xtwx": np.full((G, nb.n_packed(p)), np.nan), "deviance": np.full(G, np.nan)}
 
 
 class IRLSMixin:
     """IRLS rounds of the NB GLM fit."""
 
     @remote_data
-    @sends(xtwx=("G", "T"), xtwz=("G", "p"), deviance=("G",))
+    @sends(xtwx=("G", "KB", "T"), xtwz=("G", "KB", "p"), deviance=("G", "KB"))
     def local_irls(self, data_from_opener: SiteData, shared_state: dict, stage: str = "final"):
-        """IRLS sums at the current betas of ``stage``."""
-        fit = shared_state[f"irls_{stage}"]
-        beta = np.nan_to_num(fit["beta"])
+        """IRLS sums at each candidate of ``stage``."""
+        cands = shared_state[f"irls_{stage}"]["candidates"]
         alpha = np.nan_to_num(irls_alpha(shared_state, stage), nan=1.0)
-        return nb.irls_summands(self.counts(data_from_opener), self.local["design"],
-                                self.local["size_factors"], beta, alpha, MIN_MU)
+        y, X = self.counts(data_from_opener), self.local["design"]
+        sf = self.local["size_factors"]
+        parts = [nb.irls_summands(y, X, sf, cands[:, k], alpha, MIN_MU)
+                 for k in range(cands.shape[1])]
+        return {key: np.stack([part[key] for part in parts], axis=1)
+                for key in ("xtwx", "xtwz", "deviance")}
 
     @remote
     def agg_irls(self, shared_states: list[dict], stage: str = "final") -> dict:
-        """Stopping rule, then the ridge-penalised update for genes still iterating."""
+        """Keep the best candidate, test convergence, propose the next candidates."""
         *messages, prev = shared_states
         tot = sum_messages(messages)
-        fit = {k: (v.copy() if isinstance(v, np.ndarray) else v)
-               for k, v in prev[f"irls_{stage}"].items()}
         state = dict(prev)
-        state[f"irls_{stage}"] = irls_update(fit, tot, self.study.n_coefs)
+        state[f"irls_{stage}"] = irls_update(prev[f"irls_{stage}"], tot, self.study.n_coefs)
         return state
 
 
 def irls_update(fit: dict, tot: dict, p: int) -> dict:
-    """One aggregator update of an IRLS status from the summed sums at ``fit['beta']``."""
+    """One aggregator update of an IRLS status from the summed candidate sums."""
+    fit = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in fit.items()}
+    lam = nb.ridge(p)
+    G = fit["beta"].shape[0]
+    rows = np.arange(G)
+    cands = fit["candidates"]
+    pen = tot["deviance"] + np.einsum("gkp,p,gkp->gk", cands, lam, cands)
+    pen = np.where(np.isfinite(pen), pen, np.inf)
+    k = np.argmin(pen, axis=1)
+    best_pen, best_dev = pen[rows, k], tot["deviance"][rows, k]
     active = ~fit["stopped"]
-    dev = tot["deviance"]
-    # sums at the current betas: keep them for the genes that stop here
-    fit["xtwx"] = np.where(active[:, None], tot["xtwx"], fit["xtwx"])
-    fit["deviance"] = np.where(active, dev, fit["deviance"])
-    if fit["iter"] >= 2:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            change = np.abs(dev - fit["dev_prev"]) / (np.abs(dev) + 0.1)
-        newly = active & (change < IRLS_TOL)
-        bad = active & ~np.isfinite(change)
-        fit["converged"] = fit["converged"] | newly
-        fit["stopped"] = fit["stopped"] | newly | bad
+    accept = active & (best_pen <= fit["pen_dev"])
+    # DESeq2's rule on accepted iterates: the start point counts as iterate 0
+    change = np.abs(best_dev - fit["dev_prev"]) / (np.abs(best_dev) + 0.1)
+    newly = accept & (fit["accepted"] >= 2) & (change < IRLS_TOL)
+    fit["beta"] = np.where(accept[:, None], cands[rows, k], fit["beta"])
+    fit["xtwx"] = np.where(accept[:, None], tot["xtwx"][rows, k], fit["xtwx"])
+    fit["deviance"] = np.where(accept, best_dev, fit["deviance"])
+    fit["dev_prev"] = np.where(accept, best_dev, fit["dev_prev"])
+    fit["pen_dev"] = np.where(accept, best_pen, fit["pen_dev"])
+    fit["accepted"] = fit["accepted"] + accept
+    fit["converged"] |= newly
+    # no candidate improved: backtrack along the same direction
+    fit["scale"] = np.where(accept, 1.0, fit["scale"] / 16.0)
+    stalled = active & ~accept & (fit["scale"] < MIN_SCALE)
+    fit["converged"] |= stalled  # no decrease possible within precision: at the optimum
+    fit["stopped"] |= newly | stalled
     active = ~fit["stopped"]
-    fit["dev_prev"] = np.where(active, dev, fit["dev_prev"])
+    xtwz = np.where(accept[:, None], tot["xtwz"][rows, k], np.nan)
     with np.errstate(invalid="ignore"):
-        new_beta = nb.solve_ridge(np.where(active[:, None], tot["xtwx"], 1.0),
-                                  tot["xtwz"], nb.ridge(p))
-    diverged = active & ~(np.abs(new_beta) <= LARGE_BETA).all(axis=1)
-    fit["beta"] = np.where(active[:, None], new_beta, fit["beta"])
-    fit["stopped"] = fit["stopped"] | diverged
+        step = nb.solve_ridge(np.where(accept[:, None], fit["xtwx"], 1.0),
+                              np.nan_to_num(xtwz), lam) - fit["beta"]
+    fit["direction"] = np.where(accept[:, None], step, fit["direction"])
+    lengths = fit["scale"][:, None] * np.asarray(STEP_LENGTHS)[None, :]
+    new = fit["beta"][:, None, :] + lengths[..., None] * fit["direction"][:, None, :]
+    diverged = active & ~(np.abs(new[:, 0]) <= LARGE_BETA).all(axis=1)
+    fit["stopped"] |= diverged
+    new = np.where(fit["stopped"][:, None, None], fit["beta"][:, None, :], new)
+    fit["candidates"] = new
     fit["iter"] += 1
     return fit

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from fed_de.steps.base import FedBase, PlanCursor
 from fed_de.steps.dispersion_init import DispersionInitMixin
-from fed_de.steps.dispersions import START_OFFSETS, DispersionsMixin
-from fed_de.steps.irls import IRLSMixin
+from fed_de.steps.dispersions import ANCHORS, START_OFFSETS, DispersionsMixin
+from fed_de.steps.irls import STEP_LENGTHS, IRLSMixin
 from fed_de.steps.size_factors import SizeFactorsMixin
 from fed_de.steps.wald import WaldMixin
 from fed_de.core.optim1d import STEP_FRACTIONS
@@ -62,7 +62,8 @@ class DESeq2Strategy(FedBase, SizeFactorsMixin, DispersionInitMixin, IRLSMixin,
 
     def dims(self) -> dict[str, int]:
         """Message sizes: genes, coefficients, and the dispersion search's points per gene."""
-        return {**super().dims(), "K0": len(START_OFFSETS), "K": len(STEP_FRACTIONS)}
+        return {**super().dims(), "K0": len(START_OFFSETS) + len(ANCHORS),
+                "K": len(STEP_FRACTIONS), "KB": len(STEP_LENGTHS)}
 
     def saturated_design(self) -> bool:
         """Cell-means design known from the study alone: DESeq2 then uses the linear fit."""
