@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 STEP_FRACTIONS = (1.0, 0.5, 0.125)
-X_TOL = 1e-8  # converged when the Newton step is below this (log scale)
+X_TOL = 1e-7  # converged when the Newton step is below this (log scale)
 
 
 def grid_points(x0: np.ndarray, lo: float, hi: float, n_grid: int) -> np.ndarray:

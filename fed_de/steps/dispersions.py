@@ -70,18 +70,28 @@ class DispersionsMixin:
         else:
             mu = nb.fitted_mu(X, np.nan_to_num(shared_state["irls_mu"]["beta"]), sf, MIN_MU)
         self.local["mu_disp"] = mu
-        return self._disp_sums(data_from_opener, shared_state["disp_points"])
+        return self._disp_sums(data_from_opener, shared_state["disp_points"],
+                               ~shared_state["all_zero"])
 
     @remote_data
     @sends(ll=("G", "K"), d1=("G", "K"), d2=("G", "K"), A=("G", "K", "T"),
            A1=("G", "K", "T"), A2=("G", "K", "T"))
     def local_disp_eval(self, data_from_opener: SiteData, shared_state: dict) -> dict:
         """Sums at this round's candidate points."""
-        return self._disp_sums(data_from_opener, shared_state["disp_points"])
+        return self._disp_sums(data_from_opener, shared_state["disp_points"],
+                               shared_state["disp_active"])
 
-    def _disp_sums(self, site: SiteData, points: np.ndarray) -> dict:
-        return nb.disp_summands(self.counts(site), self.local["mu_disp"], self.local["design"],
-                                np.nan_to_num(points))
+    def _disp_sums(self, site: SiteData, points: np.ndarray, active: np.ndarray) -> dict:
+        # genes whose search is over are sent as zeros: same shape, no work
+        idx = np.flatnonzero(active)
+        part = nb.disp_summands(self.counts(site)[:, idx], self.local["mu_disp"][:, idx],
+                                self.local["design"], np.nan_to_num(points[idx]))
+        G, K = points.shape
+        out = {}
+        for key, value in part.items():
+            out[key] = np.zeros((G,) + value.shape[1:])
+            out[key][idx] = value
+        return out
 
     # -- aggregator side ---------------------------------------------------------------------
     @remote
@@ -96,7 +106,7 @@ class DispersionsMixin:
         search["done"] |= prev["all_zero"]
         state = dict(prev)
         state.update(gw_search=search, gw_start_f=f[:, 0],
-                     disp_points=optim1d.propose(search, lo, hi))
+                     disp_points=optim1d.propose(search, lo, hi), disp_active=~search["done"])
         return state
 
     @remote
@@ -113,6 +123,7 @@ class DispersionsMixin:
         state = dict(prev)
         state[key] = search
         state["disp_points"] = optim1d.propose(search, lo, hi)
+        state["disp_active"] = ~search["done"]
         return state
 
     def initial_disp_points(self, state: dict) -> np.ndarray:
@@ -132,6 +143,7 @@ class DispersionsMixin:
         finish_genewise(state, self.study.n_coefs, self.options.get("fit_type", "parametric"))
         lo, hi = log_bounds(state["max_disp"])
         state["disp_points"] = optim1d.propose(state["map_search"], lo, hi)
+        state["disp_active"] = ~state["map_search"]["done"]
         return state
 
     @remote

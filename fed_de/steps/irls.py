@@ -53,14 +53,30 @@ class IRLSMixin:
     @sends(xtwx=("G", "KB", "T"), xtwz=("G", "KB", "p"), deviance=("G", "KB"))
     def local_irls(self, data_from_opener: SiteData, shared_state: dict, stage: str = "final"):
         """IRLS sums at each candidate of ``stage``."""
-        cands = shared_state[f"irls_{stage}"]["candidates"]
-        alpha = np.nan_to_num(irls_alpha(shared_state, stage), nan=1.0)
-        y, X = self.counts(data_from_opener), self.local["design"]
-        sf = self.local["size_factors"]
-        parts = [nb.irls_summands(y, X, sf, cands[:, k], alpha, MIN_MU)
-                 for k in range(cands.shape[1])]
-        return {key: np.stack([part[key] for part in parts], axis=1)
-                for key in ("xtwx", "xtwz", "deviance")}
+        fit = shared_state[f"irls_{stage}"]
+        # only genes still iterating are computed; the others are sent as zeros (fixed shape)
+        idx = np.flatnonzero(~fit["stopped"])
+        cands = fit["candidates"][idx]
+        G, K, p = fit["candidates"].shape
+        alpha = np.nan_to_num(irls_alpha(shared_state, stage), nan=1.0)[idx]
+        y = self.counts(data_from_opener)[:, idx]
+        X, sf = self.local["design"], self.local["size_factors"]
+        lgy1 = self.lgamma_y1(data_from_opener)[idx]
+        out = {"xtwx": np.zeros((G, K, nb.n_packed(p))), "xtwz": np.zeros((G, K, p)),
+               "deviance": np.zeros((G, K))}
+        for k in range(K):
+            part = nb.irls_summands(y, X, sf, cands[:, k], alpha, MIN_MU, lgy1)
+            for key, value in part.items():
+                out[key][idx, k] = value
+        return out
+
+    def lgamma_y1(self, site: SiteData) -> np.ndarray:
+        """Per-gene sum of lgamma(y + 1) at this site (a constant of the deviance), cached."""
+        if "lgamma_y1" not in self.local:
+            from scipy.special import gammaln
+
+            self.local["lgamma_y1"] = gammaln(self.counts(site) + 1.0).sum(axis=0)
+        return self.local["lgamma_y1"]
 
     @remote
     def agg_irls(self, shared_states: list[dict], stage: str = "final") -> dict:

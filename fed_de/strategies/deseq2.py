@@ -26,9 +26,9 @@ from fed_de.core.optim1d import STEP_FRACTIONS
 
 # measured: see docs/rounds.md
 MU_ROUNDS = 8
-GENEWISE_ROUNDS = 5
-MAP_ROUNDS = 4
-FINAL_ROUNDS = 6
+GENEWISE_ROUNDS = 4
+MAP_ROUNDS = 3
+FINAL_ROUNDS = 5
 
 
 class DESeq2Strategy(FedBase, SizeFactorsMixin, DispersionInitMixin, IRLSMixin,
