@@ -81,3 +81,173 @@ def size_factors(
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
+
+
+Contrast = tuple | list | np.ndarray | str | None
+
+
+@dataclass
+class DESeq2Result:
+    """A federated DESeq2 fit: gene-level state at the aggregator, contrasts on demand.
+
+    Attributes
+    ----------
+    study
+        The declared study.
+    state
+        Final shared state (per-gene arrays only; nothing sample-level).
+    facts
+        Run facts: sequential steps, tasks, bytes per site and aggregator, wall time.
+    contrasts
+        Contrasts requested at fit time (``results()`` accepts any other).
+    alpha
+        Default significance level for independent filtering.
+    """
+
+    study: Study
+    state: dict
+    facts: dict
+    contrasts: list = field(default_factory=list)
+    alpha: float = 0.1
+
+    @property
+    def genes(self) -> list[str]:
+        """The study's genes, in order."""
+        return list(self.study.genes)
+
+    def contrast_vector(self, contrast: Contrast = None) -> np.ndarray:
+        """Numeric contrast for ``None`` (last coefficient, as DESeq2), a coefficient name,
+        ``(factor, level, reference)``, or a numeric vector over the coefficients."""
+        from fed_de.core.testing import contrast_vector
+
+        names = self.study.coef_names
+        if contrast is None:
+            contrast = names[-1]
+        if isinstance(contrast, str):
+            if contrast not in names:
+                raise ValueError(f"coefficient {contrast!r} unknown; coefficients are {names}")
+            return np.eye(len(names))[names.index(contrast)]
+        if isinstance(contrast, (tuple, list)) and len(contrast) == 3 and all(
+                isinstance(c, str) for c in contrast):
+            factor, level, ref = contrast
+            if factor not in self.study.levels:
+                raise ValueError(f"contrast factor {factor!r} is not a factor of the design "
+                                 f"(factors: {list(self.study.levels)})")
+            lv = self.study.levels[factor]
+            for x in (level, ref):
+                if x not in lv:
+                    raise ValueError(f"contrast level {x!r} is not a level of {factor!r} "
+                                     f"(levels: {lv})")
+            return contrast_vector(names, factor, level, ref, lv[0])
+        vec = np.asarray(contrast, dtype=float)
+        if vec.shape != (len(names),):
+            raise ValueError(f"a numeric contrast needs {len(names)} values, one per "
+                             f"coefficient {names}; got shape {vec.shape}")
+        return vec
+
+    def results(self, contrast: Contrast = None, *, alpha: float | None = None,
+                lfc_threshold: float = 0.0, alt_hypothesis: str = "greaterAbs",
+                independent_filtering: bool = True) -> pd.DataFrame:
+        """DESeq2 ``results()``: baseMean, log2FoldChange, lfcSE, stat, pvalue, padj."""
+        from fed_de.steps.wald import contrast_results
+
+        if contrast is None and self.contrasts:
+            contrast = self.contrasts[0]
+        return contrast_results(
+            self.state, self.contrast_vector(contrast),
+            alpha=self.alpha if alpha is None else alpha, lfc_threshold=lfc_threshold,
+            alt_hypothesis=alt_hypothesis, independent_filtering=independent_filtering,
+            genes=self.genes,
+        )
+
+    @property
+    def dispersions(self) -> pd.DataFrame:
+        """Gene-level dispersion table: gene-wise, trend, MAP, final, outlier flag."""
+        s = self.state
+        frame = pd.DataFrame({
+            "baseMean": s["base_mean"], "genewise": s["disp_gene"], "trend": s["disp_fit"],
+            "MAP": s["disp_map"], "final": s["dispersion"], "outlier": s["disp_outlier"],
+            "allZero": s["all_zero"], "betaConv": s["beta_converged"],
+        }, index=self.genes)
+        frame.index.name = "gene"
+        return frame
+
+    @property
+    def coefficients(self) -> pd.DataFrame:
+        """log2-scale coefficients (DESeq2's ``coef(dds)``)."""
+        frame = pd.DataFrame(self.state["beta"] / np.log(2), index=self.genes,
+                             columns=self.study.coef_names)
+        frame.index.name = "gene"
+        return frame
+
+    @property
+    def trend(self) -> dict:
+        """Dispersion trend type, coefficients, and prior variance."""
+        s = self.state
+        return {"fit_type": s["trend_type"], "coefficients": s["trend_coefficients"].tolist(),
+                "var_log_disp_ests": s["var_log_disp_ests"], "disp_prior_var": s["disp_prior_var"]}
+
+
+def deseq2(
+    sites: Mapping,
+    design: str,
+    *,
+    contrasts: list | None = None,
+    alpha: float = 0.1,
+    levels: Mapping[str, list] | None = None,
+    genes: list[str] | None = None,
+    size_factors: str = "ratio",
+    fit_type: str = "parametric",
+    min_cell_size: int = 3,
+    round_counts: bool = False,
+    backend: str = "simulation",
+    progress=None,
+    record_messages: bool = False,
+) -> DESeq2Result:
+    """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
+
+    Parameters
+    ----------
+    sites
+        Site name -> AnnData, ``.h5ad`` path, or folder with counts.csv + metadata.csv.
+    design
+        Formula, e.g. ``"~ batch + condition"``.
+    contrasts
+        Contrasts of interest: ``(factor, level, reference)``, coefficient names or numeric
+        vectors. Any other contrast can be asked later from the same fit.
+    alpha
+        Significance level used by independent filtering.
+    levels, genes
+        The study's declared factor levels (reference first) and gene list.
+    size_factors, fit_type
+        DESeq2's ``sfType`` (``ratio``/``poscounts``) and ``fitType`` (``parametric``/``mean``).
+    min_cell_size
+        Disclosure control: a site refuses when a non-empty design cell holds fewer samples.
+    round_counts
+        Round non-integer counts (e.g. salmon estimates) instead of refusing them.
+    backend
+        ``"simulation"`` (strict in-process).
+    progress
+        Callable ``(step, organisation, round_idx)`` called before each task.
+    record_messages
+        Keep every message in ``facts['messages']`` (privacy audits).
+    """
+    from fed_de.strategies.deseq2 import DESeq2Strategy
+
+    _check_backend(backend)
+    loaded = load_sites(sites)
+    study = declare_study(loaded, design, levels, genes)
+    strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
+                              min_cell_size=min_cell_size, round_counts=round_counts)
+    run = run_strict(strategy, loaded, record_messages=record_messages, progress=progress)
+    facts = run.ledger.facts()
+    facts.update(n_sites=len(loaded), n_genes=len(study.genes), min_cell_size=min_cell_size,
+                 bytes_per_gene_by_site={k: v / len(study.genes)
+                                         for k, v in facts["bytes_sent_by_site"].items()})
+    if record_messages:
+        facts["messages"] = run.ledger.messages
+    result = DESeq2Result(study=study, state=run.shared_state, facts=facts,
+                          contrasts=list(contrasts or []), alpha=alpha)
+    for c in result.contrasts:
+        result.contrast_vector(c)  # fail now on an unknown factor/level
+    return result

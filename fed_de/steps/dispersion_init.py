@@ -79,7 +79,7 @@ class DispersionInitMixin:
                 "xtx": tot["xtx"]}
 
     @remote_data
-    @sends(rough=("G",), xt_logy=("G", "p"))
+    @sends(rough=("G",), xt_logy=("G", "p"), xt_loglin=("G", "p"))
     def local_rough(self, data_from_opener: SiteData, shared_state: dict) -> dict:
         """Final size factors; rough-dispersion sums and the log-linear IRLS start."""
         site = data_from_opener
@@ -87,9 +87,11 @@ class DispersionInitMixin:
         self.local["size_factors"] = sf
         X = self.local["design"]
         norm = self.counts(site) / sf[:, None]
-        mu = np.maximum(X @ shared_state["beta_lin"].T, 1.0)
+        lin = X @ shared_state["beta_lin"].T
+        mu = np.maximum(lin, 1.0)
         rough = (((norm - mu) ** 2 - mu) / mu**2).sum(axis=0)
-        return {"rough": rough, "xt_logy": np.log(norm + 0.1).T @ X}
+        return {"rough": rough, "xt_logy": np.log(norm + 0.1).T @ X,
+                "xt_loglin": np.log(np.maximum(lin, 0.1)).T @ X}
 
     @remote
     def agg_rough(self, shared_states: list[dict], mu_rounds: int = 0) -> dict:
@@ -100,13 +102,16 @@ class DispersionInitMixin:
         rough = np.maximum(tot["rough"] / (n - p), 0.0)
         max_disp = max(10.0, n)
         alpha_hat = np.clip(np.fmin(rough, prev["moments_disp"]), MIN_DISP, max_disp)
-        beta0 = np.linalg.solve(nb.unpack(prev["xtx"], p), tot["xt_logy"].T).T
+        xtx = nb.unpack(prev["xtx"], p)
+        beta0 = np.linalg.solve(xtx, tot["xt_logy"].T).T
+        # a second start: log of the linear-fit means (exact cell means for cell-means designs)
+        beta_alt = np.linalg.solve(xtx, tot["xt_loglin"].T).T
         state = dict(prev)
         state.update(alpha_hat=alpha_hat, alpha_init=alpha_hat, beta_init=beta0,
-                     max_disp=max_disp, irls_mu_rounds=mu_rounds)
+                     beta_alt=beta_alt, max_disp=max_disp, irls_mu_rounds=mu_rounds)
         # the means of the dispersion fit: IRLS with alpha_hat, unless the linear fit serves
         frozen = prev["all_zero"] | bool(prev["linear_mu"])
-        state["irls_mu"] = start_irls(beta0, frozen)
+        state["irls_mu"] = start_irls(beta0, frozen, beta_alt)
         state["disp_points"] = self.initial_disp_points(state)
         return state
 

@@ -151,9 +151,10 @@ class DispersionsMixin:
         """Last MAP update; final dispersions; start of the final IRLS."""
         state = self.agg_disp_step(shared_states, phase="map", _skip=True)
         finish_map(state)
-        beta0 = state["irls_mu"]["beta"] if state.get("irls_mu_rounds", 0) else state["beta_init"]
-        beta0 = np.where(np.isfinite(beta0), beta0, state["beta_init"])
-        state["irls_final"] = start_irls(beta0, state["all_zero"])
+        # warm start from the dispersion-fit means' betas, or the cell-means start
+        warm = state["irls_mu"]["beta"] if state.get("irls_mu_rounds", 0) else state["beta_alt"]
+        warm = np.where(np.isfinite(warm), warm, state["beta_init"])
+        state["irls_final"] = start_irls(warm, state["all_zero"], state["beta_init"])
         return state
 
 

@@ -35,11 +35,19 @@ def irls_alpha(state: dict, stage: str) -> np.ndarray:
     return state["alpha_hat"] if stage == "mu" else state["dispersion"]
 
 
-def start_irls(beta0: np.ndarray, frozen: np.ndarray) -> dict:
-    """IRLS status before the first round: every candidate is the start point."""
+def start_irls(beta0: np.ndarray, frozen: np.ndarray, beta_alt: np.ndarray | None = None) -> dict:
+    """IRLS status before the first round.
+
+    The first round evaluates two starting points, ``beta0`` (DESeq2's) and ``beta_alt``;
+    the one with the lower deviance starts the iterations.
+    """
     G, p = beta0.shape
     beta0 = np.where(frozen[:, None], 0.0, np.nan_to_num(beta0))
-    return {"beta": beta0, "candidates": np.repeat(beta0[:, None, :], len(STEP_LENGTHS), 1),
+    cands = np.repeat(beta0[:, None, :], len(STEP_LENGTHS), 1)
+    if beta_alt is not None:
+        ok = np.isfinite(beta_alt).all(axis=1) & (np.abs(beta_alt) <= LARGE_BETA).all(axis=1)
+        cands[:, 1] = np.where((ok & ~frozen)[:, None], beta_alt, beta0)
+    return {"beta": beta0, "candidates": cands,
             "iter": 0, "accepted": np.zeros(G, dtype=int), "pen_dev": np.full(G, np.inf),
             "dev_prev": np.full(G, np.nan), "direction": np.zeros((G, p)),
             "scale": np.ones(G), "converged": frozen.copy(), "stopped": frozen.copy(),
