@@ -203,6 +203,7 @@ def deseq2(
     backend: str = "simulation",
     progress=None,
     record_messages: bool = False,
+    rounds: Mapping[str, int] | None = None,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -231,6 +232,8 @@ def deseq2(
         Callable ``(step, organisation, round_idx)`` called before each task.
     record_messages
         Keep every message in ``facts['messages']`` (privacy audits).
+    rounds
+        Override the unrolled round counts: keys ``mu``, ``genewise``, ``map``, ``final``.
     """
     from fed_de.strategies.deseq2 import DESeq2Strategy
 
@@ -238,7 +241,8 @@ def deseq2(
     loaded = load_sites(sites)
     study = declare_study(loaded, design, levels, genes)
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
-                              min_cell_size=min_cell_size, round_counts=round_counts)
+                              min_cell_size=min_cell_size, round_counts=round_counts,
+                              **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
     run = run_strict(strategy, loaded, record_messages=record_messages, progress=progress)
     facts = run.ledger.facts()
     facts.update(n_sites=len(loaded), n_genes=len(study.genes), min_cell_size=min_cell_size,

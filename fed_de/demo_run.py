@@ -2,43 +2,102 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from rich.console import Console
+from rich.table import Table
 
 import fed_de
 from fed_de.demo_data import make_demo_study
 
+CONTRAST = ("condition", "B", "A")
+
 
 def run_demo(n_samples: int = 150, n_genes: int = 5000, seed: int = 0,
-             out: Path | None = None, console: Console | None = None) -> dict:
-    """Generate the bundled study, run the federated pipeline, report agreement with pooling."""
+             out: Path | None = None, console: Console | None = None,
+             alpha: float = 0.1) -> dict:
+    """Generate the bundled study, run the federated pipeline, report agreement with pooling.
+
+    The pooled reference is fed_de on the concatenated data as one site (the claim is that
+    federation changes nothing), and PyDESeq2 on the pooled data when it is installed.
+    """
     from fed_de.cli import print_facts
 
     console = console or Console()
     study = make_demo_study(n_samples=n_samples, n_genes=n_genes, seed=seed)
     sizes = {k: v.n_obs for k, v in study.sites.items()}
     console.print(f"[bold]fed_de demo[/]: {n_samples} samples x {n_genes} genes over "
-                  f"{len(sizes)} hospitals {sizes}, design {study.design!r}")
+                  f"{len(sizes)} hospitals {sizes} (hospital_c has no batch b3), "
+                  f"design {study.design!r}, contrast {CONTRAST}")
     sites = study.sites
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         sites = study.write(out / "sites")
-    res = fed_de.size_factors(sites, study.design, levels=study.levels, genes=study.genes,
-                              kind="poscounts")
+    kw = dict(contrasts=[CONTRAST], levels=study.levels, genes=study.genes, alpha=alpha)
+    t0 = time.perf_counter()
+    fed = fed_de.deseq2(sites, study.design, **kw)
+    t_fed = time.perf_counter() - t0
+    res = fed.results()
+    pooled = fed_de.deseq2({"pooled": study.pooled()}, study.design, **kw).results()
+
+    top = res.dropna(subset=["padj"]).sort_values("padj").head(10)
+    table = Table(title=f"Top genes, {CONTRAST[0]} {CONTRAST[1]} vs {CONTRAST[2]}")
+    for col in ["gene", "baseMean", "log2FoldChange", "lfcSE", "padj", "true log2FC"]:
+        table.add_column(col, justify="right")
+    for gene, row in top.iterrows():
+        table.add_row(gene, f"{row.baseMean:.1f}", f"{row.log2FoldChange:+.3f}",
+                      f"{row.lfcSE:.3f}", f"{row.padj:.2e}",
+                      f"{study.truth.loc[gene, 'log2_fold_change']:+.3f}")
+    console.print(table)
+
+    report = {"n_significant": int((res.padj < alpha).sum()), "fed_seconds": round(t_fed, 3)}
+    report["vs_pooled_fed_de"] = _agreement(res, pooled, alpha)
+    truth = study.truth.loc[res.index]
+    sig = res.padj < alpha
+    report["true_positives"] = int((sig & truth.is_de).sum())
+    report["false_discovery_proportion"] = float((sig & ~truth.is_de).sum() / max(sig.sum(), 1))
+    try:
+        report["vs_pooled_pydeseq2"] = _agreement(res, _pydeseq2(study, alpha), alpha)
+    except ImportError:
+        report["vs_pooled_pydeseq2"] = "PyDESeq2 not installed (pip install pydeseq2)"
+    console.print(f"{report['n_significant']} genes with padj < {alpha}: "
+                  f"{report['true_positives']} truly DE, false discovery proportion "
+                  f"{report['false_discovery_proportion']:.3f}")
+    for name in ("vs_pooled_fed_de", "vs_pooled_pydeseq2"):
+        console.print(f"agreement {name.replace('_', ' ')}: {report[name]}")
+    print_facts(fed.facts)
+    report["facts"] = fed.facts
+    if out is not None:
+        res.reset_index().to_csv(out / "results.csv", index=False)
+    return report
+
+
+def _agreement(a: pd.DataFrame, b: pd.DataFrame, alpha: float) -> dict:
+    ok = a.log2FoldChange.notna() & b.log2FoldChange.notna()
+    rel = (np.abs(a.log2FoldChange - b.log2FoldChange) / np.abs(b.log2FoldChange))[ok]
+    calls_a, calls_b = a.padj < alpha, b.padj < alpha
+    return {"lfc_median_rel_err": float(f"{rel.median():.3g}"),
+            "lfc_max_rel_err": float(f"{rel.max():.3g}"),
+            "differing_calls": int((calls_a != calls_b).sum())}
+
+
+def _pydeseq2(study, alpha: float) -> pd.DataFrame:
+    import warnings
+
+    from pydeseq2.dds import DeseqDataSet
+    from pydeseq2.ds import DeseqStats
+
     pooled = study.pooled()
-    counts = np.asarray(pooled.X, dtype=float)
-    # pooled reference: DESeq2 poscounts on the concatenated data
-    logc = np.log(counts, out=np.zeros_like(counts), where=counts > 0)
-    loggeo = logc.sum(axis=0) / counts.shape[0]
-    ok = np.isfinite(loggeo) & (counts > 0).any(axis=0)
-    ratios = np.where(counts[:, ok] > 0, np.log(np.where(counts[:, ok] > 0, counts[:, ok], 1))
-                      - loggeo[ok], np.nan)
-    raw = np.exp(np.nanmedian(ratios, axis=1))
-    pooled_sf = raw / np.exp(np.log(raw).mean())
-    fed_sf = np.concatenate([res.size_factors[k].to_numpy() for k in study.sites])
-    rel = float(np.max(np.abs(fed_sf / pooled_sf - 1)))
-    console.print(f"size factors (poscounts): max relative difference to pooled = {rel:.2e}")
-    print_facts(res.facts)
-    return {"size_factor_max_rel_diff": rel, "facts": res.facts}
+    counts = pd.DataFrame(np.asarray(pooled.X), index=pooled.obs_names, columns=pooled.var_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dds = DeseqDataSet(counts=counts, metadata=pooled.obs, design=study.design, quiet=True,
+                           refit_cooks=False)
+        dds.deseq2()
+        stats = DeseqStats(dds, contrast=list(CONTRAST), alpha=alpha, quiet=True,
+                           cooks_filter=False)
+        stats.summary()
+    return stats.results_df

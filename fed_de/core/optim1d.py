@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 STEP_FRACTIONS = (1.0, 0.5, 0.125)
+NOISE = 1e-12  # relative rounding noise of summed log likelihoods
 X_TOL = 1e-7  # converged when the Newton step is below this (log scale)
 
 
@@ -54,9 +55,17 @@ def start(points, f, g, h, radius: float, lo: float, hi: float) -> dict:
 
 
 def update(state: dict, points, f, g, h, lo: float, hi: float) -> dict:
-    """Accept the best candidate when it improves the objective; shrink the radius if not."""
-    cand = best_of(points, f, g, h)
-    better = (cand["f"] > state["f"]) & ~state["done"]
+    """Accept the best candidate when it improves the objective; shrink the radius if not.
+
+    Differences below rounding noise do not decide anything (the first, longest step wins
+    ties), so sites summing in another order follow the same path.
+    """
+    score = np.where(np.isfinite(f), f, -np.inf)
+    noise = NOISE * (np.abs(score[:, 0]) + 1.0)
+    k = np.where(score.max(axis=1) > score[:, 0] + noise, np.argmax(score, axis=1), 0)
+    rows = np.arange(points.shape[0])
+    cand = {"x": points[rows, k], "f": score[rows, k], "g": g[rows, k], "h": h[rows, k]}
+    better = (cand["f"] > state["f"] - NOISE * (np.abs(state["f"]) + 1.0)) & ~state["done"]
     new = {k: np.where(better, cand[k], state[k]) for k in ("x", "f", "g", "h")}
     moved = np.abs(cand["x"] - state["x"])
     # success: the radius may grow (a long convex stretch is crossed in few rounds)

@@ -28,6 +28,11 @@ LARGE_BETA = 30.0
 MIN_MU = 0.5
 STEP_LENGTHS = (1.0, 0.25)  # candidates per round: full IRLS step and a quarter step
 MIN_SCALE = 1e-6
+# iterate past DESeq2's deviance rule until the step itself is this small (natural-log
+# units): the answer then no longer depends on which round the rule fired in, so sums taken
+# in another order (other sites) give the same coefficients to ~1e-8
+BETA_TOL = 1e-8
+NOISE = 1e-11  # relative size of rounding noise in summed deviances
 
 
 def irls_alpha(state: dict, stage: str) -> np.ndarray:
@@ -51,6 +56,7 @@ def start_irls(beta0: np.ndarray, frozen: np.ndarray, beta_alt: np.ndarray | Non
             "iter": 0, "accepted": np.zeros(G, dtype=int), "pen_dev": np.full(G, np.inf),
             "dev_prev": np.full(G, np.nan), "direction": np.zeros((G, p)),
             "scale": np.ones(G), "converged": frozen.copy(), "stopped": frozen.copy(),
+            "deseq2_rule": frozen.copy(),
             "xtwx": np.full((G, nb.n_packed(p)), np.nan), "deviance": np.full(G, np.nan)}
 
 
@@ -105,10 +111,14 @@ def irls_update(fit: dict, tot: dict, p: int) -> dict:
     cands = fit["candidates"]
     pen = tot["deviance"] + np.einsum("gkp,p,gkp->gk", cands, lam, cands)
     pen = np.where(np.isfinite(pen), pen, np.inf)
-    k = np.argmin(pen, axis=1)
+    # ties within rounding noise are decided the same way whatever the order of the sums:
+    # the full step wins unless another candidate is better by more than the noise
+    noise = NOISE * (np.abs(pen[:, 0]) + 1.0)
+    k = np.where(pen.min(axis=1) < pen[:, 0] - noise, np.argmin(pen, axis=1), 0)
     best_pen, best_dev = pen[rows, k], tot["deviance"][rows, k]
     active = ~fit["stopped"]
-    accept = active & (best_pen <= fit["pen_dev"])
+    prev = np.where(np.isfinite(fit["pen_dev"]), fit["pen_dev"], np.inf)
+    accept = active & (best_pen <= prev + NOISE * (np.abs(best_pen) + 1.0))
     # DESeq2's rule on accepted iterates: the start point counts as iterate 0
     change = np.abs(best_dev - fit["dev_prev"]) / (np.abs(best_dev) + 0.1)
     newly = accept & (fit["accepted"] >= 2) & (change < IRLS_TOL)
@@ -118,18 +128,22 @@ def irls_update(fit: dict, tot: dict, p: int) -> dict:
     fit["dev_prev"] = np.where(accept, best_dev, fit["dev_prev"])
     fit["pen_dev"] = np.where(accept, best_pen, fit["pen_dev"])
     fit["accepted"] = fit["accepted"] + accept
-    fit["converged"] |= newly
+    fit["deseq2_rule"] |= newly  # DESeq2's convergence flag (betaConv)
     # no candidate improved: backtrack along the same direction
     fit["scale"] = np.where(accept, 1.0, fit["scale"] / 16.0)
-    stalled = active & ~accept & (fit["scale"] < MIN_SCALE)
-    fit["converged"] |= stalled  # no decrease possible within precision: at the optimum
-    fit["stopped"] |= newly | stalled
-    active = ~fit["stopped"]
     xtwz = np.where(accept[:, None], tot["xtwz"][rows, k], np.nan)
     with np.errstate(invalid="ignore"):
         step = nb.solve_ridge(np.where(accept[:, None], fit["xtwx"], 1.0),
                               np.nan_to_num(xtwz), lam) - fit["beta"]
     fit["direction"] = np.where(accept[:, None], step, fit["direction"])
+    tiny = np.abs(fit["direction"]).max(axis=1) * fit["scale"] < BETA_TOL
+    # stop when DESeq2's rule has fired and the next step is negligible, or when no step
+    # improves the penalised deviance any more (the optimum within precision)
+    done = active & ((fit["deseq2_rule"] & tiny) | (~accept & (tiny | (fit["scale"] < MIN_SCALE))))
+    fit["converged"] |= done
+    fit["deseq2_rule"] |= done
+    fit["stopped"] |= done
+    active = ~fit["stopped"]
     lengths = fit["scale"][:, None] * np.asarray(STEP_LENGTHS)[None, :]
     new = fit["beta"][:, None, :] + lengths[..., None] * fit["direction"][:, None, :]
     diverged = active & ~(np.abs(new[:, 0]) <= LARGE_BETA).all(axis=1)

@@ -51,7 +51,7 @@ def final_sums(fit: dict, tot: dict, p: int, all_zero: np.ndarray) -> dict:
     """Coefficients, covariance, deviance and convergence flags of the final fit."""
     # the last IRLS round already judged the accepted betas: genes still iterating did not
     # converge within the unrolled rounds (DESeq2's betaConv = FALSE)
-    converged = fit["converged"].copy()
+    converged = fit["deseq2_rule"] | fit["converged"]
     beta = np.where(all_zero[:, None], np.nan, fit["beta"])
     cov = nb.wald_covariance(np.where(all_zero[:, None], 1.0, tot["xtwx"]), nb.ridge(p))
     cov[all_zero] = np.nan
