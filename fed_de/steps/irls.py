@@ -1,17 +1,23 @@
 """Federated IRLS for the NB GLM (DESeq2's ``fitBeta``), unrolled to a fixed number of rounds.
 
-Each round  local : at every candidate betas of a gene, the packed X^T W X, X^T W z and the
-                    deviance (DESeq2's ``fitBeta`` sums, ``mu`` floored at 0.5)
-            agg   : keeps the candidate with the lowest penalised deviance (a parallel
-                    step-halving: the full IRLS step and a quarter step are tried at once,
-                    so an overshooting step costs no extra round); DESeq2's stopping rule
-                    (relative deviance change < 1e-8 between accepted iterates, from the
-                    second update on); the next ridge-penalised IRLS step from the kept point
-When the full step is the better candidate, which is what happens for well-behaved genes,
-the iterates are exactly DESeq2's. A gene whose |beta| exceeds 30 stops (not converged). The
-plan is static: converged genes are masked, not skipped. ``stage`` names the fit: ``"mu"``
-(means for the dispersion estimates, with the rough dispersions) or ``"final"`` (reported
-coefficients, with the final dispersions).
+DESeq2's IRLS is the fixed-point iteration ``beta <- G(beta) = (X'WX + L)^-1 X'Wz`` with means
+floored at 0.5; it stops when the deviance changes by less than 1e-8 (relative) and iterates
+up to 100 times. With a fixed, small number of rounds the iteration is accelerated without
+moving its fixed point:
+
+Each round  local : at every candidate betas of a gene, the packed X'WX, X'Wz and the
+                    deviance (the ``fitBeta`` sums)
+            agg   : G(c) for each candidate c; keeps the candidate with the clearly smaller
+                    fixed-point residual |G(c) - c| (else the plain IRLS iterate); DESeq2's
+                    deviance rule; next candidates: the plain IRLS step G(x) and an
+                    Anderson-accelerated step (a half step in the first round, which also
+                    guards against overshooting from a poor start)
+Because candidates are judged by the fixed-point residual, the answer is the point DESeq2's
+IRLS converges to. A gene stops once DESeq2's rule has fired and the next step is below
+1e-8, so the result does not depend on which round the rule fired in (sites summing in another
+order give the same coefficients). |beta| > 30 stops a gene as diverged (DESeq2's ``large``).
+The plan is static: stopped genes are masked, not skipped. ``stage`` names the fit: ``"mu"``
+(means for the dispersion estimates, with the rough dispersions) or ``"final"``.
 """
 
 from __future__ import annotations
@@ -26,13 +32,9 @@ from fed_de.steps.base import sends, sum_messages
 IRLS_TOL = 1e-8
 LARGE_BETA = 30.0
 MIN_MU = 0.5
-STEP_LENGTHS = (1.0, 0.25)  # candidates per round: full IRLS step and a quarter step
-MIN_SCALE = 1e-6
-# iterate past DESeq2's deviance rule until the step itself is this small (natural-log
-# units): the answer then no longer depends on which round the rule fired in, so sums taken
-# in another order (other sites) give the same coefficients to ~1e-8
-BETA_TOL = 1e-8
-NOISE = 1e-11  # relative size of rounding noise in summed deviances
+N_CANDIDATES = 2  # plain IRLS step and an accelerated (or damped) step
+BETA_TOL = 1e-8  # stop once the next step is below this (natural-log units)
+CLEARLY_BETTER = 0.5  # the accelerated candidate must halve the residual to be preferred
 
 
 def irls_alpha(state: dict, stage: str) -> np.ndarray:
@@ -41,22 +43,18 @@ def irls_alpha(state: dict, stage: str) -> np.ndarray:
 
 
 def start_irls(beta0: np.ndarray, frozen: np.ndarray, beta_alt: np.ndarray | None = None) -> dict:
-    """IRLS status before the first round.
-
-    The first round evaluates two starting points, ``beta0`` (DESeq2's) and ``beta_alt``;
-    the one with the lower deviance starts the iterations.
-    """
+    """IRLS status before the first round: candidates ``beta0`` (DESeq2's) and ``beta_alt``."""
     G, p = beta0.shape
     beta0 = np.where(frozen[:, None], 0.0, np.nan_to_num(beta0))
-    cands = np.repeat(beta0[:, None, :], len(STEP_LENGTHS), 1)
+    cands = np.repeat(beta0[:, None, :], N_CANDIDATES, 1)
     if beta_alt is not None:
         ok = np.isfinite(beta_alt).all(axis=1) & (np.abs(beta_alt) <= LARGE_BETA).all(axis=1)
         cands[:, 1] = np.where((ok & ~frozen)[:, None], beta_alt, beta0)
-    return {"beta": beta0, "candidates": cands,
-            "iter": 0, "accepted": np.zeros(G, dtype=int), "pen_dev": np.full(G, np.inf),
-            "dev_prev": np.full(G, np.nan), "direction": np.zeros((G, p)),
-            "scale": np.ones(G), "converged": frozen.copy(), "stopped": frozen.copy(),
-            "deseq2_rule": frozen.copy(),
+    return {"beta": beta0, "candidates": cands, "iter": 0, "accepted": np.zeros(G, dtype=int),
+            "resid": np.zeros((G, p)), "beta_prev": np.zeros((G, p)),
+            "resid_prev": np.zeros((G, p)), "dev_prev": np.full(G, np.nan),
+            "converged": frozen.copy(), "stopped": frozen.copy(), "deseq2_rule": frozen.copy(),
+            "diverged": np.zeros(G, dtype=bool), "stagnant": np.zeros(G, dtype=bool),
             "xtwx": np.full((G, nb.n_packed(p)), np.nan), "deviance": np.full(G, np.nan)}
 
 
@@ -102,53 +100,70 @@ class IRLSMixin:
         return state
 
 
+    @remote
+    def agg_irls_finish(self, shared_states: list[dict], stage: str = "final") -> dict:
+        """Last IRLS round of the final fit; genes still not converged go to the fallback."""
+        from fed_de.steps.fallback import start_fallback
+
+        state = self.agg_irls(shared_states, stage=stage, _skip=True)
+        state["fallback"] = start_fallback(state["irls_final"], state["all_zero"])
+        return state
+
+
 def irls_update(fit: dict, tot: dict, p: int) -> dict:
     """One aggregator update of an IRLS status from the summed candidate sums."""
     fit = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in fit.items()}
     lam = nb.ridge(p)
-    G = fit["beta"].shape[0]
-    rows = np.arange(G)
     cands = fit["candidates"]
-    pen = tot["deviance"] + np.einsum("gkp,p,gkp->gk", cands, lam, cands)
-    pen = np.where(np.isfinite(pen), pen, np.inf)
-    # ties within rounding noise are decided the same way whatever the order of the sums:
-    # the full step wins unless another candidate is better by more than the noise
-    noise = NOISE * (np.abs(pen[:, 0]) + 1.0)
-    k = np.where(pen.min(axis=1) < pen[:, 0] - noise, np.argmin(pen, axis=1), 0)
-    best_pen, best_dev = pen[rows, k], tot["deviance"][rows, k]
+    G, K, _ = cands.shape
+    rows = np.arange(G)
     active = ~fit["stopped"]
-    prev = np.where(np.isfinite(fit["pen_dev"]), fit["pen_dev"], np.inf)
-    accept = active & (best_pen <= prev + NOISE * (np.abs(best_pen) + 1.0))
-    # DESeq2's rule on accepted iterates: the start point counts as iterate 0
-    change = np.abs(best_dev - fit["dev_prev"]) / (np.abs(best_dev) + 0.1)
-    newly = accept & (fit["accepted"] >= 2) & (change < IRLS_TOL)
-    fit["beta"] = np.where(accept[:, None], cands[rows, k], fit["beta"])
-    fit["xtwx"] = np.where(accept[:, None], tot["xtwx"][rows, k], fit["xtwx"])
-    fit["deviance"] = np.where(accept, best_dev, fit["deviance"])
-    fit["dev_prev"] = np.where(accept, best_dev, fit["dev_prev"])
-    fit["pen_dev"] = np.where(accept, best_pen, fit["pen_dev"])
-    fit["accepted"] = fit["accepted"] + accept
-    fit["deseq2_rule"] |= newly  # DESeq2's convergence flag (betaConv)
-    # no candidate improved: backtrack along the same direction
-    fit["scale"] = np.where(accept, 1.0, fit["scale"] / 16.0)
-    xtwz = np.where(accept[:, None], tot["xtwz"][rows, k], np.nan)
+    # masked genes get an identity system (their sums are zeros)
+    xtwx = np.where(active[:, None, None], tot["xtwx"], nb.pack(np.eye(p)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        nxt = nb.solve_ridge(xtwx, tot["xtwz"], lam)
+    resid = nxt - cands
+    size = np.abs(resid).max(axis=2)
+    size = np.where(np.isfinite(size), size, np.inf)
+    k = np.where(size[:, 1:].min(axis=1) < CLEARLY_BETTER * size[:, 0],
+                 1 + np.argmin(size[:, 1:], axis=1), 0) if K > 1 else np.zeros(G, dtype=int)
+    x, r, dev = cands[rows, k], resid[rows, k], tot["deviance"][rows, k]
+    upd = lambda key, new: np.where(  # noqa: E731
+        active.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, fit[key])
+    first = fit["accepted"] == 0
+    # a gene whose fixed-point residual no longer shrinks is stagnating (DESeq2 would hit
+    # maxit and refit it with optim)
+    prev_size = np.abs(fit["resid"]).max(axis=1)
+    fit["stagnant"] = upd("stagnant", ~first & (size[rows, k] >= 0.9 * prev_size))
+    fit["beta_prev"] = upd("beta_prev", np.where(first[:, None], x, fit["beta"]))
+    fit["resid_prev"] = upd("resid_prev", np.where(first[:, None], r, fit["resid"]))
+    fit["beta"], fit["resid"] = upd("beta", x), upd("resid", r)
+    fit["xtwx"] = upd("xtwx", tot["xtwx"][rows, k])
+    fit["deviance"] = upd("deviance", dev)
+    # DESeq2's rule between successive iterates; the start point is iterate 0
+    change = np.abs(dev - fit["dev_prev"]) / (np.abs(dev) + 0.1)
+    rule = active & (fit["accepted"] >= 2) & (change < IRLS_TOL)
+    fit["deseq2_rule"] |= rule
+    fit["dev_prev"] = upd("dev_prev", dev)
+    fit["accepted"] = fit["accepted"] + active
     with np.errstate(invalid="ignore"):
-        step = nb.solve_ridge(np.where(accept[:, None], fit["xtwx"], 1.0),
-                              np.nan_to_num(xtwz), lam) - fit["beta"]
-    fit["direction"] = np.where(accept[:, None], step, fit["direction"])
-    tiny = np.abs(fit["direction"]).max(axis=1) * fit["scale"] < BETA_TOL
-    # stop when DESeq2's rule has fired and the next step is negligible, or when no step
-    # improves the penalised deviance any more (the optimum within precision)
-    done = active & ((fit["deseq2_rule"] & tiny) | (~accept & (tiny | (fit["scale"] < MIN_SCALE))))
+        done = active & fit["deseq2_rule"] & (np.abs(r).max(axis=1) < BETA_TOL)
+    plain = x + r
+    diverged = active & ~done & ~(np.abs(plain) <= LARGE_BETA).all(axis=1)
     fit["converged"] |= done
-    fit["deseq2_rule"] |= done
-    fit["stopped"] |= done
-    active = ~fit["stopped"]
-    lengths = fit["scale"][:, None] * np.asarray(STEP_LENGTHS)[None, :]
-    new = fit["beta"][:, None, :] + lengths[..., None] * fit["direction"][:, None, :]
-    diverged = active & ~(np.abs(new[:, 0]) <= LARGE_BETA).all(axis=1)
-    fit["stopped"] |= diverged
-    new = np.where(fit["stopped"][:, None, None], fit["beta"][:, None, :], new)
-    fit["candidates"] = new
+    fit["diverged"] |= diverged
+    fit["stopped"] |= done | diverged
+    # next candidates: plain step, and Anderson(1) (a half step when no history yet)
+    dr = r - fit["resid_prev"]
+    dx = x - fit["beta_prev"]
+    denom = (dr * dr).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        theta = np.where(denom > 0, (dr * r).sum(axis=1) / denom, np.nan)
+    anderson = plain - theta[:, None] * (dx + dr)
+    second = np.where((np.isfinite(theta) & ~first)[:, None], anderson, x + 0.5 * r)
+    new = np.stack([plain, second], axis=1)[:, :K]
+    still = ~fit["stopped"]
+    fit["candidates"] = np.where(still[:, None, None], np.nan_to_num(new),
+                                 fit["beta"][:, None, :])
     fit["iter"] += 1
     return fit

@@ -28,11 +28,11 @@ class WaldMixin:
     @sends(xtwx=("G", "T"), deviance=("G",))
     def local_wald(self, data_from_opener: SiteData, shared_state: dict) -> dict:
         """X^T W X and deviance at the final coefficients."""
-        beta = np.nan_to_num(shared_state["irls_final"]["beta"])
+        beta, refitted = final_beta(shared_state)
         alpha = np.nan_to_num(shared_state["dispersion"], nan=1.0)
         X, sf = self.local["design"], self.local["size_factors"]
         y = self.counts(data_from_opener)
-        mu = nb.fitted_mu(X, beta, sf, MIN_MU)
+        mu = nb.fitted_mu(X, beta, sf, MIN_MU)  # DESeq2's floored means (fitBeta)
         w = mu / (1.0 + alpha * mu)
         return {"xtwx": nb.gram(X, w), "deviance": nb.nb_deviance(y, mu, alpha)}
 
@@ -41,23 +41,33 @@ class WaldMixin:
         """Convergence flags and the coefficient covariance of every gene."""
         *messages, prev = shared_states
         tot = sum_messages(messages)
-        fit = prev["irls_final"]
         state = dict(prev)
-        state.update(final_sums(fit, tot, self.study.n_coefs, prev["all_zero"]))
+        state.update(final_sums(prev, tot, self.study.n_coefs, prev["all_zero"]))
         return state
 
 
-def final_sums(fit: dict, tot: dict, p: int, all_zero: np.ndarray) -> dict:
+def final_beta(state: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Final coefficients: IRLS, or the fallback refit for genes IRLS left unconverged."""
+    beta = np.nan_to_num(state["irls_final"]["beta"])
+    fb = state.get("fallback")
+    if fb is None:
+        return beta, np.zeros(beta.shape[0], dtype=bool)
+    return np.where(fb["refitted"][:, None], fb["beta"], beta), fb["refitted"]
+
+
+def final_sums(state: dict, tot: dict, p: int, all_zero: np.ndarray) -> dict:
     """Coefficients, covariance, deviance and convergence flags of the final fit."""
     # the last IRLS round already judged the accepted betas: genes still iterating did not
-    # converge within the unrolled rounds (DESeq2's betaConv = FALSE)
+    # converge within the unrolled rounds (DESeq2's betaConv = FALSE, refitted by the fallback)
+    fit = state["irls_final"]
     converged = fit["deseq2_rule"] | fit["converged"]
-    beta = np.where(all_zero[:, None], np.nan, fit["beta"])
+    beta, refitted = final_beta(state)
+    beta = np.where(all_zero[:, None], np.nan, beta)
     cov = nb.wald_covariance(np.where(all_zero[:, None], 1.0, tot["xtwx"]), nb.ridge(p))
     cov[all_zero] = np.nan
     return {"beta": beta, "beta_cov": cov, "deviance": np.where(all_zero, np.nan,
                                                                  tot["deviance"]),
-            "beta_converged": converged & ~all_zero}
+            "beta_converged": converged & ~all_zero, "refitted_optim": refitted & ~all_zero}
 
 
 def contrast_results(state: dict, contrast: np.ndarray, *, alpha: float = 0.1,

@@ -10,7 +10,8 @@ The plan (each line a round: a local task at every site, then an aggregation):
 6.  gene-wise Newton rounds (``genewise_rounds``)        -> ...; trend, prior, MAP start
 7.  MAP Newton rounds (``map_rounds``)                   -> final dispersions
 8.  final IRLS (``final_rounds``)                        -> betas
-9.  X^T W X and deviance at the final betas              -> covariance, convergence flags
+9.  fallback refit of unconverged genes (``fallback_rounds``) -> betas
+10. X^T W X and deviance at the final betas              -> covariance, convergence flags
 Contrasts, Wald tests and adjusted p-values then come from the last shared state.
 """
 
@@ -19,7 +20,9 @@ from __future__ import annotations
 from fed_de.steps.base import FedBase, PlanCursor
 from fed_de.steps.dispersion_init import DispersionInitMixin
 from fed_de.steps.dispersions import ANCHORS, START_OFFSETS, DispersionsMixin
-from fed_de.steps.irls import STEP_LENGTHS, IRLSMixin
+from fed_de.steps.fallback import STEPS as FALLBACK_STEPS
+from fed_de.steps.fallback import FallbackMixin
+from fed_de.steps.irls import N_CANDIDATES, IRLSMixin
 from fed_de.steps.size_factors import SizeFactorsMixin
 from fed_de.steps.wald import WaldMixin
 from fed_de.core.optim1d import STEP_FRACTIONS
@@ -28,11 +31,12 @@ from fed_de.core.optim1d import STEP_FRACTIONS
 MU_ROUNDS = 8
 GENEWISE_ROUNDS = 4
 MAP_ROUNDS = 3
-FINAL_ROUNDS = 5
+FINAL_ROUNDS = 8
+FALLBACK_ROUNDS = 1
 
 
 class DESeq2Strategy(FedBase, SizeFactorsMixin, DispersionInitMixin, IRLSMixin,
-                     DispersionsMixin, WaldMixin):
+                     DispersionsMixin, FallbackMixin, WaldMixin):
     """Federated DESeq2 (Wald) with DESeq2's defaults.
 
     Parameters
@@ -47,23 +51,25 @@ class DESeq2Strategy(FedBase, SizeFactorsMixin, DispersionInitMixin, IRLSMixin,
         Disclosure control (0 = off).
     round_counts
         Round non-integer counts instead of refusing them.
-    mu_rounds, genewise_rounds, map_rounds, final_rounds
+    mu_rounds, genewise_rounds, map_rounds, final_rounds, fallback_rounds
         Unrolled iteration counts (the plan is static).
     """
 
     def __init__(self, study: dict, size_factors: str = "ratio", fit_type: str = "parametric",
                  min_cell_size: int = 3, round_counts: bool = False,
                  mu_rounds: int = MU_ROUNDS, genewise_rounds: int = GENEWISE_ROUNDS,
-                 map_rounds: int = MAP_ROUNDS, final_rounds: int = FINAL_ROUNDS):
+                 map_rounds: int = MAP_ROUNDS, final_rounds: int = FINAL_ROUNDS,
+                 fallback_rounds: int = FALLBACK_ROUNDS):
         super().__init__(study, size_factors=size_factors, fit_type=fit_type,
                          min_cell_size=min_cell_size, round_counts=round_counts,
                          mu_rounds=mu_rounds, genewise_rounds=genewise_rounds,
-                         map_rounds=map_rounds, final_rounds=final_rounds)
+                         map_rounds=map_rounds, final_rounds=final_rounds,
+                         fallback_rounds=fallback_rounds)
 
     def dims(self) -> dict[str, int]:
         """Message sizes: genes, coefficients, and the dispersion search's points per gene."""
         return {**super().dims(), "K0": len(START_OFFSETS) + len(ANCHORS),
-                "K": len(STEP_FRACTIONS), "KB": len(STEP_LENGTHS)}
+                "K": len(STEP_FRACTIONS), "KB": N_CANDIDATES, "KF": len(FALLBACK_STEPS)}
 
     def saturated_design(self) -> bool:
         """Cell-means design known from the study alone: DESeq2 then uses the linear fit."""
@@ -92,8 +98,12 @@ class DESeq2Strategy(FedBase, SizeFactorsMixin, DispersionInitMixin, IRLSMixin,
             plan.round(self.local_disp_eval, self.agg_disp_step, carry=True,
                        agg_params={"phase": "map"})
         plan.round(self.local_disp_eval, self.agg_disp_finish_map, carry=True)
-        for _ in range(int(opt["final_rounds"])):
-            plan.round(self.local_irls, self.agg_irls, carry=True,
-                       local_params={"stage": "final"}, agg_params={"stage": "final"})
+        for i in range(int(opt["final_rounds"])):
+            last = i == int(opt["final_rounds"]) - 1
+            plan.round(self.local_irls, self.agg_irls_finish if last else self.agg_irls,
+                       carry=True, local_params={"stage": "final"},
+                       agg_params={"stage": "final"})
+        for _ in range(int(opt["fallback_rounds"])):
+            plan.round(self.local_fallback, self.agg_fallback, carry=True)
         self.final_ref = plan.round(self.local_wald, self.agg_wald, carry=True)
         self.n_rounds = plan.round_idx
