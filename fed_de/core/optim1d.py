@@ -61,11 +61,12 @@ def update(state: dict, points, f, g, h, lo: float, hi: float) -> dict:
     ties), so sites summing in another order follow the same path.
     """
     score = np.where(np.isfinite(f), f, -np.inf)
-    noise = NOISE * (np.abs(score[:, 0]) + 1.0)
+    noise = NOISE * (np.abs(np.nan_to_num(score[:, 0], neginf=0.0)) + 1.0)
     k = np.where(score.max(axis=1) > score[:, 0] + noise, np.argmax(score, axis=1), 0)
     rows = np.arange(points.shape[0])
     cand = {"x": points[rows, k], "f": score[rows, k], "g": g[rows, k], "h": h[rows, k]}
-    better = (cand["f"] > state["f"] - NOISE * (np.abs(state["f"]) + 1.0)) & ~state["done"]
+    slack = NOISE * (np.abs(np.nan_to_num(state["f"], neginf=0.0)) + 1.0)
+    better = (cand["f"] > state["f"] - slack) & ~state["done"]
     new = {k: np.where(better, cand[k], state[k]) for k in ("x", "f", "g", "h")}
     moved = np.abs(cand["x"] - state["x"])
     # success: the radius may grow (a long convex stretch is crossed in few rounds)

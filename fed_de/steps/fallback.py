@@ -90,10 +90,10 @@ def fallback_update(fb: dict, tot: dict, p: int) -> dict:
     rows = np.arange(cands.shape[0])
     f = tot["loglik"] - 0.5 * np.einsum("gkp,p,gkp->gk", cands, lam, cands)
     f = np.where(np.isfinite(f), f, -np.inf)
-    noise = NOISE * (np.abs(f[:, 0]) + 1.0)
+    noise = NOISE * (np.abs(np.nan_to_num(f[:, 0], neginf=0.0)) + 1.0)
     k = np.where(f.max(axis=1) > f[:, 0] + noise, np.argmax(f, axis=1), 0)
     best = f[rows, k]
-    accept = fb["active"] & (best >= fb["f"] - NOISE * (np.abs(best) + 1.0))
+    accept = fb["active"] & (best >= fb["f"] - NOISE * (np.abs(np.nan_to_num(best, neginf=0.0)) + 1.0))
     fb["beta"] = np.where(accept[:, None], cands[rows, k], fb["beta"])
     fb["f"] = np.where(accept, best, fb["f"])
     grad = tot["grad"][rows, k] - lam * cands[rows, k]

@@ -1,0 +1,113 @@
+"""What leaves a site: only per-gene / per-coefficient sums, never shaped by sample counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fed_de
+from fed_de.demo_data import make_demo_study
+from fed_de.errors import DisclosureError, MessageSchemaError
+from fed_de.steps.base import check_message
+
+
+def _two_sites(n_small: int = 7, n_large: int = 70, n_genes: int = 120):
+    study = make_demo_study(n_samples=150, n_genes=n_genes, seed=11)
+    pooled = study.pooled()
+    obs = pooled.obs
+    # a small site with both conditions in batch b1 only, a large one with everything
+    small_idx = np.concatenate([
+        np.flatnonzero((obs.batch == "b1") & (obs.condition == "A"))[:4],
+        np.flatnonzero((obs.batch == "b1") & (obs.condition == "B"))[:n_small - 4]])
+    rest = np.setdiff1d(np.arange(pooled.n_obs), small_idx)
+    large_idx = np.random.default_rng(0).choice(rest, n_large, replace=False)
+    return study, {"small": pooled[np.sort(small_idx)].copy(),
+                   "large": pooled[np.sort(large_idx)].copy()}
+
+
+def _array_leaves(message: dict):
+    for key, value in message.items():
+        yield key, np.asarray(value)
+
+
+def test_sites_of_7_and_70_samples_send_identical_shapes():
+    study, sites = _two_sites()
+    res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
+                        record_messages=True)
+    msgs = res.facts["messages"]
+    by_site = {name: [m for m in msgs if m["site"] == name] for name in sites}
+    small, large = by_site["small"], by_site["large"]
+    assert len(small) == len(large) == res.facts["sequential_steps"] // 2
+    for a, b in zip(small, large, strict=True):
+        assert a["step"] == b["step"]
+        assert set(a["message"]) == set(b["message"])
+        for key in a["message"]:
+            sa, sb = np.asarray(a["message"][key]).shape, np.asarray(b["message"][key]).shape
+            assert sa == sb, (a["step"], key, sa, sb)
+
+
+def test_no_message_carries_a_per_sample_array():
+    study, sites = _two_sites(n_small=9, n_large=61)
+    res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
+                        record_messages=True)
+    G, p = len(study.genes), len(res.study.coef_names)
+    allowed = {G, p, p * (p + 1) // 2, 1, 2, 3, 5}
+    for m in res.facts["messages"]:
+        n = sites[m["site"]].n_obs
+        for key, arr in _array_leaves(m["message"]):
+            assert arr.dtype == np.float64, (m["step"], key)
+            for dim in arr.shape:
+                # every dimension is a study size (genes, coefficients, points per gene),
+                # never the site's sample count
+                assert dim in allowed or dim == np.prod(
+                    [len(v) for v in study.levels.values()]), (m["step"], key, arr.shape)
+                assert dim != n or n in allowed, (m["step"], key, arr.shape)
+
+
+def test_a_message_off_schema_is_not_sent():
+    dims = {"G": 3, "p": 2}
+    check_message({"s": np.zeros(3)}, {"s": ("G",)}, dims, site="a", step="x")
+    with pytest.raises(MessageSchemaError, match="not sent"):
+        check_message({"s": np.zeros(4)}, {"s": ("G",)}, dims, site="a", step="x")
+    with pytest.raises(MessageSchemaError, match="keys"):
+        check_message({"s": np.zeros(3), "extra": 1.0}, {"s": ("G",)}, dims, site="a",
+                      step="x")
+    with pytest.raises(MessageSchemaError, match="dtype"):
+        check_message({"s": np.zeros(3, dtype=np.int64)}, {"s": ("G",)}, dims, site="a",
+                      step="x")
+
+
+def test_small_design_cell_refuses_before_sending():
+    study, sites = _two_sites()
+    adata = sites["small"]
+    # one B sample only in the small site: a cell of size 1
+    keep = np.concatenate([np.flatnonzero(adata.obs.condition == "A"),
+                           np.flatnonzero(adata.obs.condition == "B")[:1]])
+    sites["small"] = adata[keep].copy()
+    with pytest.raises(DisclosureError, match=r"site 'small'.*fewer than min_cell_size=3"):
+        fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes)
+    res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
+                        min_cell_size=0)
+    assert res.facts["min_cell_size"] == 0
+    assert np.isfinite(res.results().log2FoldChange).any()
+
+
+def test_too_few_samples_for_the_design_refuses():
+    study, sites = _two_sites()
+    sites["small"] = sites["small"][:3].copy()
+    with pytest.raises(DisclosureError, match="coefficients"):
+        fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
+                      min_cell_size=0)
+
+
+def test_size_factors_never_leave_the_site():
+    study, sites = _two_sites()
+    res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
+                        record_messages=True)
+    for m in res.facts["messages"]:
+        for key, arr in _array_leaves(m["message"]):
+            assert arr.ndim == 0 or arr.shape[0] != sites[m["site"]].n_obs or \
+                arr.shape[0] == len(study.genes)
+    assert "size_factors" not in res.state
+    assert isinstance(res.results(), pd.DataFrame)
