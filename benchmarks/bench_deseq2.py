@@ -291,10 +291,10 @@ def format_table(report: dict) -> str:
             lambda r: str(r[ck]["padj_calls_differing"]))
     w0 = max(len(r[0]) for r in rows + [["metric"]])
     wc = [max(len(c), *(len(r[i + 1]) for r in rows)) for i, c in enumerate(cols)]
-    lines.append(f"{'metric':<{w0}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, wc)))
+    lines.append(f"{'metric':<{w0}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, wc, strict=False)))
     lines.append("-" * (w0 + 2 + sum(wc) + 2 * (len(cols) - 1)))
     for r in rows:
-        lines.append(f"{r[0]:<{w0}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(r[1:], wc)))
+        lines.append(f"{r[0]:<{w0}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(r[1:], wc, strict=False)))
     if report["config"]["genes"] and any(r["design"] == "~ condition" for r in report["results"]):
         two = next(r for r in report["results"] if r["design"] == "~ condition")
         ok = two["max_bytes_per_gene_per_site"] <= TARGET_BYTES_PER_GENE_TWO_COEF

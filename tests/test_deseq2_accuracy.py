@@ -74,7 +74,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pandas as pd
@@ -135,7 +135,7 @@ def sites_of(case: Case, seed: int = 0) -> dict:
     return split_sites(counts, meta, case.n_sites, seed=seed)
 
 
-@lru_cache(maxsize=None)
+@cache
 def fit(name: str, fit_type: str = "parametric"):
     case = CASES[name]
     with warnings.catch_warnings():
@@ -301,7 +301,7 @@ LOWCOUNT = DATA / "r_extra/deseq2/lowcount"
 LOW_GENES = ["low1", "low2", "low3", "low4", "low5"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def lowcount_fit():
     counts, meta = (pd.read_csv(LOWCOUNT / f, index_col=0) for f in ("counts.csv",
                                                                        "metadata.csv"))

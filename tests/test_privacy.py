@@ -106,7 +106,7 @@ def test_size_factors_never_leave_the_site():
     res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
                         record_messages=True)
     for m in res.facts["messages"]:
-        for key, arr in _array_leaves(m["message"]):
+        for _key, arr in _array_leaves(m["message"]):
             assert arr.ndim == 0 or arr.shape[0] != sites[m["site"]].n_obs or \
                 arr.shape[0] == len(study.genes)
     assert "size_factors" not in res.state

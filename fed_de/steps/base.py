@@ -94,7 +94,8 @@ class FedBase(ComputePlanBuilder):
     def dims(self) -> dict[str, int]:
         """Sizes that message shapes may use: genes and coefficients (plus step sizes)."""
         p = self.study.n_coefs
-        n_cells = int(np.prod([len(v) for v in self.study.levels.values()])) if self.study.levels else 1
+        levels = self.study.levels.values()
+        n_cells = int(np.prod([len(v) for v in levels])) if self.study.levels else 1
         return {"G": len(self.study.genes), "p": p, "T": p * (p + 1) // 2, "C": n_cells}
 
     def save_local_state(self, path: Path) -> None:

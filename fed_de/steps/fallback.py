@@ -93,7 +93,8 @@ def fallback_update(fb: dict, tot: dict, p: int) -> dict:
     noise = NOISE * (np.abs(np.nan_to_num(f[:, 0], neginf=0.0)) + 1.0)
     k = np.where(f.max(axis=1) > f[:, 0] + noise, np.argmax(f, axis=1), 0)
     best = f[rows, k]
-    accept = fb["active"] & (best >= fb["f"] - NOISE * (np.abs(np.nan_to_num(best, neginf=0.0)) + 1.0))
+    slack = NOISE * (np.abs(np.nan_to_num(best, neginf=0.0)) + 1.0)
+    accept = fb["active"] & (best >= fb["f"] - slack)
     fb["beta"] = np.where(accept[:, None], cands[rows, k], fb["beta"])
     fb["f"] = np.where(accept, best, fb["f"])
     grad = tot["grad"][rows, k] - lam * cands[rows, k]

@@ -17,6 +17,7 @@ Contrasts, Wald tests and adjusted p-values then come from the last shared state
 
 from __future__ import annotations
 
+from fed_de.core.optim1d import STEP_FRACTIONS
 from fed_de.steps.base import FedBase, PlanCursor
 from fed_de.steps.dispersion_init import DispersionInitMixin
 from fed_de.steps.dispersions import ANCHORS, START_OFFSETS, DispersionsMixin
@@ -25,7 +26,6 @@ from fed_de.steps.fallback import FallbackMixin
 from fed_de.steps.irls import N_CANDIDATES, IRLSMixin
 from fed_de.steps.size_factors import SizeFactorsMixin
 from fed_de.steps.wald import WaldMixin
-from fed_de.core.optim1d import STEP_FRACTIONS
 
 # measured: see docs/rounds.md
 MU_ROUNDS = 8
