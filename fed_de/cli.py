@@ -140,6 +140,42 @@ def run(
     print_facts(facts)
 
 
+@app.command()
+def validate(
+    site: list[str] = typer.Option(..., "--site", help="NAME=PATH: a site folder or .h5ad."),
+    design: str = typer.Option(..., "--design", help="Design formula."),
+    levels: list[str] = typer.Option([], "--levels",
+                                     help="Declared levels FACTOR=REF,LEVEL2,... (repeatable)."),
+    genes: Path | None = typer.Option(None, help="File with the study's genes, one per line."),
+    min_cell_size: int = typer.Option(3, help="Smallest design cell a site accepts (0 = off)."),
+    round_counts: bool = typer.Option(False, help="Accept non-integer counts (rounded)."),
+) -> None:
+    """Check site data against a study before joining it; nothing is sent anywhere."""
+    from fed_de.api import declare_study, load_sites
+    from fed_de.errors import FedDEError
+    from fed_de.validation import validate_sites
+
+    try:
+        loaded = load_sites(_parse_sites(site))
+        gene_list = genes.read_text().split() if genes else None
+        study = declare_study(loaded, design, _parse_levels(levels) or None, gene_list)
+    except (FedDEError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(code=2) from None
+    rows = validate_sites({s.name: s for s in loaded}, study, min_cell_size=min_cell_size,
+                          round_counts=round_counts)
+    table = Table(title=f"fed-de validate: {design} ({study.n_coefs} coefficients, "
+                        f"{len(study.genes)} genes)")
+    for col in ("site", "samples", "genes", "status"):
+        table.add_column(col)
+    for r in rows:
+        status = "[green]ok[/]" if r["ok"] else f"[red]{r['problem']}[/]"
+        table.add_row(r["site"], str(r["samples"]), str(r["genes"]), status)
+    console.print(table)
+    if not all(r["ok"] for r in rows):
+        raise typer.Exit(code=1)
+
+
 def print_facts(facts: dict, title: str = "Run facts") -> None:
     """A small table of a run's steps, tasks and bytes."""
     table = Table(title=title)

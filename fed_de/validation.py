@@ -117,3 +117,33 @@ def _locate(site: SiteData):
         return ", ".join(pairs) + more
 
     return where
+
+
+def validate_sites(sites: dict, study: Study, *, min_cell_size: int = 3,
+                   round_counts: bool = False) -> list[dict]:
+    """Run every local check on each site; one report row per site (nothing is sent).
+
+    Also checks, on the sites given together, that the design is full rank (what the
+    aggregator checks on the summed Gram matrix).
+    """
+    from fed_de.errors import FedDEError
+    from fed_de.steps.dispersion_init import check_full_rank
+
+    rows, xtx = [], np.zeros((study.n_coefs, study.n_coefs))
+    for name, site in sites.items():
+        row = {"site": name, "samples": site.n_samples, "genes": len(site.genes), "ok": True,
+               "problem": ""}
+        try:
+            X = validate_site(study, site, min_cell_size=min_cell_size,
+                              round_counts=round_counts)
+            xtx += X.T @ X
+        except FedDEError as err:
+            row.update(ok=False, problem=str(err))
+        rows.append(row)
+    if all(r["ok"] for r in rows):
+        try:
+            check_full_rank(xtx, study.coef_names)
+        except FedDEError as err:
+            rows.append({"site": "(all sites)", "samples": sum(r["samples"] for r in rows),
+                         "genes": len(study.genes), "ok": False, "problem": str(err)})
+    return rows

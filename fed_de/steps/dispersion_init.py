@@ -21,11 +21,36 @@ from substrafl.remote import remote, remote_data
 
 from fed_de.core import nb
 from fed_de.design import check_covariates
+from fed_de.errors import DesignError
 from fed_de.simulation.opener import SiteData
 from fed_de.steps.base import sends, sum_messages
 from fed_de.steps.irls import start_irls
 
 MIN_DISP = 1e-8
+
+
+def check_full_rank(xtx: np.ndarray, names: list[str]) -> None:
+    """Refuse a design that is rank deficient over all sites together.
+
+    Only the summed Gram matrix is used, so no site's own rank is revealed. The columns
+    involved in each linear dependency are named.
+    """
+    scale = np.sqrt(np.clip(np.diag(xtx), 1e-300, None))
+    corr = xtx / np.outer(scale, scale)
+    vals, vecs = np.linalg.eigh(corr)
+    null = vals < 1e-10 * max(vals.max(), 1.0)
+    if not null.any():
+        return
+    groups = []
+    for v in vecs[:, null].T:
+        cols = [names[i] for i in np.flatnonzero(np.abs(v) > 1e-6)]
+        groups.append(" + ".join(cols))
+    raise DesignError(
+        "the design matrix is not full rank over all sites together: these columns are "
+        f"linearly dependent: {'; '.join(groups)}. A level may be absent from every site, "
+        "or two terms may be confounded (e.g. batch nested in condition); remove or merge "
+        "terms or levels in the design"
+    )
 
 
 def design_cells(study) -> list[tuple]:
@@ -69,6 +94,7 @@ class DispersionInitMixin:
         with np.errstate(divide="ignore", invalid="ignore"):
             moments = (var - xim * mean) / mean**2
         xtx = nb.unpack(tot["xtx"], p)
+        check_full_rank(xtx, self.study.coef_names)
         beta_lin = np.linalg.solve(xtx, (tot["xty"] * c).T).T
         # DESeq2 uses the linear fit for mu when the design has as many distinct rows as
         # coefficients (a cell-means design); with continuous terms rows are distinct.
