@@ -68,11 +68,18 @@ def _levels_for(study, design: str) -> dict:
 
 
 def run_fed(study, design: str):
-    """fed_de's simulation, 3 sites, then the Wald table of the contrast."""
-    result = fed_de.deseq2(study.sites, design, contrasts=[CONTRAST], alpha=ALPHA,
-                           levels=_levels_for(study, design), genes=study.genes)
-    table = result.results(CONTRAST)
-    return table, dict(result.facts, coef_names=list(result.study.coef_names))
+    """fed_de's simulation, 3 sites, then the Wald table of the contrast.
+
+    Warnings raised by fed_de are recorded (counted in the report), not printed.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fed_de.deseq2(study.sites, design, contrasts=[CONTRAST], alpha=ALPHA,
+                               levels=_levels_for(study, design), genes=study.genes)
+        table = result.results(CONTRAST)
+    seen = sorted({f"{w.category.__name__}: {w.message} ({Path(w.filename).name}:{w.lineno})"
+                   for w in caught})
+    return table, dict(result.facts, coef_names=list(result.study.coef_names), warnings=seen)
 
 
 def pooled_inputs(study) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -219,6 +226,7 @@ def bench_design(study, counts, metadata, design: str, repeats: int, cooks_repea
         "pydeseq2_seconds_min": round(min(pyd_times), 4),
         "fed_de_seconds_all": [round(x, 4) for x in fed_times],
         "pydeseq2_seconds_all": [round(x, 4) for x in pyd_times],
+        "fed_de_warnings": facts["warnings"],
         "sequential_steps": facts["sequential_steps"],
         "tasks": facts["tasks"],
         "bytes_sent_by_site": site_bytes,
@@ -249,7 +257,12 @@ def format_table(report: dict) -> str:
     cfg = report["config"]
     head = (f"fed_de vs PyDESeq2 {report['versions']['pydeseq2']}: {cfg['samples']} samples x "
             f"{cfg['genes']} genes, 3 sites, seed {cfg['seed']}, median of {cfg['repeats']} "
-            f"run(s); BLAS/OpenMP threads = 1, PyDESeq2 n_cpus=1; {report['machine']['cpus']} CPU(s)")
+            f"run(s); BLAS/OpenMP threads = 1, PyDESeq2 n_cpus=1; "
+            f"{report['machine']['cpus']} CPU(s)")
+    git = report.get("git") or {}
+    if git.get("commit"):
+        head += (f"\nfed_de at commit {git['commit']}"
+                 f"{' + uncommitted changes in fed_de/' if git.get('fed_de_dirty') else ''}")
     lines = [head, ""]
     cols = [r["design"] for r in report["results"]]
     rows = []
@@ -291,11 +304,17 @@ def format_table(report: dict) -> str:
             lambda r: str(r[ck]["padj_calls_differing"]))
     w0 = max(len(r[0]) for r in rows + [["metric"]])
     wc = [max(len(c), *(len(r[i + 1]) for r in rows)) for i, c in enumerate(cols)]
-    lines.append(f"{'metric':<{w0}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, wc, strict=False)))
+    lines.append(f"{'metric':<{w0}}  "
+                 + "  ".join(f"{c:>{w}}" for c, w in zip(cols, wc, strict=True)))
     lines.append("-" * (w0 + 2 + sum(wc) + 2 * (len(cols) - 1)))
     for r in rows:
-        lines.append(f"{r[0]:<{w0}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(r[1:], wc, strict=False)))
-    if report["config"]["genes"] and any(r["design"] == "~ condition" for r in report["results"]):
+        lines.append(f"{r[0]:<{w0}}  "
+                     + "  ".join(f"{v:>{w}}" for v, w in zip(r[1:], wc, strict=True)))
+    warned = sorted({w for r in report["results"] for w in r.get("fed_de_warnings", [])})
+    if warned:
+        lines.append("")
+        lines.append("fed_de raised warnings: " + "; ".join(warned))
+    if any(r["design"] == "~ condition" for r in report["results"]):
         two = next(r for r in report["results"] if r["design"] == "~ condition")
         ok = two["max_bytes_per_gene_per_site"] <= TARGET_BYTES_PER_GENE_TWO_COEF
         lines.append("")
@@ -317,6 +336,21 @@ def format_profile(prof: dict) -> str:
         lines.append(f"    {r['tottime_s']:8.3f} s own  {r['cumtime_s']:8.3f} s cum  "
                      f"{r['ncalls']:>7} calls  {r['file']}:{r['line']} {r['function']}")
     return "\n".join(lines)
+
+
+def _git_state() -> dict:
+    """Commit of the checkout and whether fed_de/ has uncommitted changes (code moves fast)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "fed_de"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "fed_de_dirty": None}
+    return {"commit": head, "fed_de_dirty": bool(dirty)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version()},
+        "git": _git_state(),
         "versions": {"fed_de": getattr(fed_de, "__version__", "unknown"),
                      "pydeseq2": pydeseq2.__version__, "numpy": np.__version__,
                      "pandas": pd.__version__},

@@ -109,6 +109,7 @@ class DESeq2Result:
     facts: dict
     contrasts: list = field(default_factory=list)
     alpha: float = 0.1
+    test: str = "Wald"
 
     @property
     def genes(self) -> list[str]:
@@ -157,7 +158,7 @@ class DESeq2Result:
             self.state, self.contrast_vector(contrast),
             alpha=self.alpha if alpha is None else alpha, lfc_threshold=lfc_threshold,
             alt_hypothesis=alt_hypothesis, independent_filtering=independent_filtering,
-            genes=self.genes,
+            genes=self.genes, test=self.test,
         )
 
     @property
@@ -204,6 +205,8 @@ def deseq2(
     progress=None,
     record_messages: bool = False,
     rounds: Mapping[str, int] | None = None,
+    test: str = "Wald",
+    reduced: str | None = None,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -233,7 +236,12 @@ def deseq2(
     record_messages
         Keep every message in ``facts['messages']`` (privacy audits).
     rounds
-        Override the unrolled round counts: keys ``mu``, ``genewise``, ``map``, ``final``.
+        Override the unrolled round counts: keys ``mu``, ``genewise``, ``map``, ``final``,
+        ``fallback``.
+    test, reduced
+        ``"Wald"`` (default) or ``"LRT"`` with a nested ``reduced`` formula, e.g.
+        ``reduced="~ batch"``: the statistic is the deviance difference, chi-squared with the
+        difference in coefficients; log2FoldChange/lfcSE stay the full model's (as DESeq2).
     """
     from fed_de.strategies.deseq2 import DESeq2Strategy
 
@@ -242,6 +250,7 @@ def deseq2(
     study = declare_study(loaded, design, levels, genes)
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
                               min_cell_size=min_cell_size, round_counts=round_counts,
+                              test=test, reduced=reduced,
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
     run = run_strict(strategy, loaded, record_messages=record_messages, progress=progress)
     facts = run.ledger.facts()
@@ -251,7 +260,7 @@ def deseq2(
     if record_messages:
         facts["messages"] = run.ledger.messages
     result = DESeq2Result(study=study, state=run.shared_state, facts=facts,
-                          contrasts=list(contrasts or []), alpha=alpha)
+                          contrasts=list(contrasts or []), alpha=alpha, test=test)
     for c in result.contrasts:
         result.contrast_vector(c)  # fail now on an unknown factor/level
     return result

@@ -89,8 +89,10 @@ def run(
     alt_hypothesis: str = typer.Option("greaterAbs", help="greaterAbs, lessAbs, greater, less."),
     min_cell_size: int = typer.Option(3, help="Smallest design cell a site accepts (0 = off)."),
     round_counts: bool = typer.Option(False, help="Round non-integer counts instead of refusing."),
+    test: str = typer.Option("Wald", "--test", help="Wald or LRT."),
+    reduced: str | None = typer.Option(None, "--reduced", help="Reduced design for the LRT."),
 ) -> None:
-    """Run the federated DESeq2 Wald pipeline over the given sites (in-process simulation)."""
+    """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites (simulation)."""
     import time
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -115,7 +117,7 @@ def run(
                 sites, design, contrasts=[contrast] if contrast else None, alpha=alpha,
                 levels=_parse_levels(levels) or None, size_factors=size_factors,
                 fit_type=fit_type, min_cell_size=min_cell_size, round_counts=round_counts,
-                progress=progress,
+                progress=progress, test=test, reduced=reduced,
             )
             table = res.results(contrast, lfc_threshold=lfc_threshold,
                                 alt_hypothesis=alt_hypothesis)
@@ -132,6 +134,9 @@ def run(
     facts["design"] = design
     facts["contrast"] = list(contrast) if contrast else res.study.coef_names[-1]
     facts["alpha"] = alpha
+    facts["test"] = test
+    if reduced:
+        facts["reduced"] = reduced
     facts["package_versions"] = package_versions()
     (out / "run.json").write_text(json.dumps(facts, indent=2, default=str))
     n_sig = int((table["padj"] < alpha).sum())

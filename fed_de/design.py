@@ -107,6 +107,23 @@ def make_study(
     return study
 
 
+def reduced_study(study: Study, reduced: str) -> Study:
+    """The study of an LRT's reduced model: same levels and genes, a nested formula."""
+    variables = formula_variables(reduced)
+    unknown = [v for v in variables if v not in study.levels and v not in study.continuous]
+    if unknown:
+        raise DesignError(f"reduced design {reduced!r} uses {unknown}, which the full design "
+                          f"{study.design!r} does not; the reduced model must be nested")
+    red = Study(design=reduced, levels={k: v for k, v in study.levels.items() if k in variables},
+                genes=study.genes, continuous=[c for c in study.continuous if c in variables])
+    missing = [c for c in red.coef_names if c not in study.coef_names]
+    if missing or red.n_coefs >= study.n_coefs:
+        raise DesignError(
+            f"reduced design {reduced!r} must be nested in {study.design!r} with fewer "
+            f"coefficients (reduced: {red.coef_names}; full: {study.coef_names})")
+    return red
+
+
 def design_matrix(study: Study, obs: pd.DataFrame, site: str = "site") -> np.ndarray:
     """The site's design matrix (samples x coefficients), float64.
 

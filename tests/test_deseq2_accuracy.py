@@ -110,16 +110,6 @@ CASES = {
                          "synth_large_counts", n_sites=2),
 }
 
-WIDE_DEFECT = (
-    "fed_de defect: on PyDESeq2's wide data R's plain IRLS converges for gene14/gene24 (7 and "
-    "22 iterations, betaConv TRUE) but fed_de's descent IRLS with two starts and step halving on "
-    "the mu>=0.5-floored deviance stops elsewhere (LFC off by 9% / 57%)"
-)
-DEMO_CALL_DEFECT = (
-    "fed_de defect: demo gene G00013 (baseMean 1.1): DESeq2's IRLS converges (9 iterations) but "
-    "fed_de's final IRLS does not reach that point (betaConv FALSE); padj 0.069 vs PyDESeq2 0.66 "
-    "(R 0.13), so its padj<0.1 call differs"
-)
 LOWCOUNT_DEFECT = (
     "fed_de defect: for barely expressed genes DESeq2 keeps gene-wise dispersion 1e-8 (line "
     "search from the clipped rough estimate stops on the flat likelihood); fed_de's global "
@@ -225,12 +215,7 @@ def test_dispersion_trend_matches_r(name):
     assert max_rel_err(ours, theirs) < TOL
 
 
-def _params(names, xfail_wide=True):
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=WIDE_DEFECT))
-            if (n == "wide" and xfail_wide) else n for n in names]
-
-
-@pytest.mark.parametrize("name", _params(CASES))
+@pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("version", ["r134", "r138"])
 def test_results_match_r(name, version):
     ref = (read_r134(name, "r_test_res.csv") if version == "r134"
@@ -242,7 +227,7 @@ def test_results_match_r(name, version):
     np.testing.assert_array_equal(ours.loc[ref.index, "padj"] < 0.05, ref["padj"] < 0.05)
 
 
-@pytest.mark.parametrize("name", _params(CASES))
+@pytest.mark.parametrize("name", list(CASES))
 def test_coefficients_match_r(name):
     ref = read_r138(name, "coefficients.csv.gz")
     ours = fit(name).coefficients
@@ -250,30 +235,18 @@ def test_coefficients_match_r(name):
     assert max_rel_err(ours.loc[ref.index].to_numpy(), ref.to_numpy()) < TOL
 
 
-def test_wide_results_match_r_except_unconverged_irls():
-    """Wide data: every gene but the (at most two) genes whose IRLS fed_de leaves unconverged."""
-    ours = fit("wide").results(alpha=0.05)
-    disp = fit("wide").dispersions
+def test_wide_reaches_deseq2_irls_fixed_point():
+    """gene14 / gene24 of the wide data: low counts, means floored at 0.5, and R's plain IRLS
+    needs 7 and 22 iterations (no optim refit). fed_de must land on the same fixed point."""
     r_beta = pd.read_csv(DATA / "r_extra/deseq2/wide_beta.csv.gz", index_col=0)
-    assert r_beta["betaConv"].all()  # R needs no optim refit on this data
-    suspect = disp.index[~disp["betaConv"].astype(bool)]
-    assert set(suspect) <= {"gene14", "gene24"}
-    keep = ours.index.difference(suspect)
-    assert len(keep) >= 48
-    for version in ("r134", "r138"):
-        ref = (read_r134("wide", "r_test_res.csv") if version == "r134"
-               else read_r138("wide", "results.csv.gz"))
-        # padj is left out: Benjamini-Hochberg ties every gene's padj to the others' p-values
-        assert_results_close(ours, ref, genes=keep, columns=RESULT_COLUMNS[:-1])
-
-
-@pytest.mark.xfail(strict=True, reason=WIDE_DEFECT)
-def test_wide_reaches_deseq2_irls_answer():
-    """The two genes of the wide data where fed_de's final fit departs from DESeq2's IRLS."""
-    ours = fit("wide").coefficients.loc[["gene14", "gene24"]]
-    ref = read_r138("wide", "coefficients.csv.gz").loc[["gene14", "gene24"]]
-    assert max_rel_err(ours.to_numpy(), ref.to_numpy()) < TOL
-    assert fit("wide").dispersions.loc[["gene14", "gene24"], "betaConv"].all()
+    assert r_beta["betaConv"].all()
+    assert r_beta.loc[["gene14", "gene24"], "betaIter"].tolist() == [7, 22]
+    genes = ["gene14", "gene24"]
+    ours = fit("wide").coefficients.loc[genes]
+    ref = read_r138("wide", "coefficients.csv.gz").loc[genes]
+    assert max_rel_err(ours.to_numpy(), ref.to_numpy()) < 2e-3
+    res = fit("wide").results(alpha=0.05).loc[genes]
+    assert max_rel_err(res["log2FoldChange"], r_beta.loc[genes, "log2FoldChange"]) < 2e-3
 
 
 @pytest.mark.parametrize("alt", ["greater", "greaterAbs", "less", "lessAbs"])
@@ -448,7 +421,6 @@ def test_demo_without_tiny_dispersions_lfc_median(demo_without_tiny_dispersions)
     assert cmp["log2FoldChange"][0] <= 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason=DEMO_CALL_DEFECT)
 def test_demo_without_tiny_dispersions_same_calls(demo_without_tiny_dispersions):
     result, ref = demo_without_tiny_dispersions
     assert compare_with_pydeseq2(result.results(), ref)["calls_differ"] == []
@@ -470,5 +442,7 @@ def test_demo_expressed_genes_match_pooled_pydeseq2(demo):
     assert cmp["log2FoldChange"][0] <= 1e-4
     assert cmp["calls_differ"] == []
     assert (result.results()["padj"] < 0.1).sum() > 50  # the comparison has calls to differ on
+    # maxima are not asserted: there PyDESeq2 is the one away from R (its L-BFGS-B gene-wise
+    # and MAP estimates, e.g. G01096: MAP 6 % below R's, which fed_de matches to 5e-5)
     for col in RESULT_COLUMNS:
-        assert cmp[col][1] < TOL, (col, cmp[col])
+        assert cmp[col][0] <= 1e-4, (col, cmp[col])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from substrafl.compute_plan_builder import ComputePlanBuilder
 
-from fed_de.design import Study
+from fed_de.design import Study, reduced_study
 from fed_de.errors import MessageSchemaError
 
 
@@ -90,13 +90,17 @@ class FedBase(ComputePlanBuilder):
         self.study = Study.from_dict(study)
         self.options = options
         self.local: dict = {}
+        reduced = options.get("reduced")
+        self.reduced = reduced_study(self.study, reduced) if reduced else None
 
     def dims(self) -> dict[str, int]:
         """Sizes that message shapes may use: genes and coefficients (plus step sizes)."""
         p = self.study.n_coefs
         levels = self.study.levels.values()
         n_cells = int(np.prod([len(v) for v in levels])) if self.study.levels else 1
-        return {"G": len(self.study.genes), "p": p, "T": p * (p + 1) // 2, "C": n_cells}
+        pr = self.reduced.n_coefs if self.reduced is not None else 1
+        return {"G": len(self.study.genes), "p": p, "T": p * (p + 1) // 2, "C": n_cells,
+                "pr": pr, "Tr": pr * (pr + 1) // 2}
 
     def save_local_state(self, path: Path) -> None:
         """Write the site's local state (kept at the site between tasks)."""

@@ -119,6 +119,21 @@ class DispersionInitMixin:
         return {"rough": rough, "xt_logy": np.log(norm + 0.1).T @ X,
                 "xt_loglin": np.log(np.maximum(lin, 0.1)).T @ X}
 
+    @remote_data
+    @sends(rough=("G",), xt_logy=("G", "p"), xt_loglin=("G", "p"), xr_logy=("G", "pr"),
+           xr_loglin=("G", "pr"), xrtxr=("Tr",))
+    def local_rough_lrt(self, data_from_opener: SiteData, shared_state: dict) -> dict:
+        """:meth:`local_rough` plus the reduced model's IRLS starting sums (LRT)."""
+        out = self.local_rough(data_from_opener=data_from_opener, shared_state=shared_state,
+                               _skip=True)
+        Xr, X = self.local["design_reduced"], self.local["design"]
+        norm = self.counts(data_from_opener) / self.local["size_factors"][:, None]
+        lin = X @ shared_state["beta_lin"].T
+        out.update(xr_logy=np.log(norm + 0.1).T @ Xr,
+                   xr_loglin=np.log(np.maximum(lin, 0.1)).T @ Xr,
+                   xrtxr=nb.gram(Xr, np.ones(Xr.shape[0])))
+        return out
+
     @remote
     def agg_rough(self, shared_states: list[dict], mu_rounds: int = 0) -> dict:
         """``alpha_hat`` (start of the dispersion search) and the IRLS starting betas."""
@@ -138,6 +153,11 @@ class DispersionInitMixin:
         # the means of the dispersion fit: IRLS with alpha_hat, unless the linear fit serves
         frozen = prev["all_zero"] | bool(prev["linear_mu"])
         state["irls_mu"] = start_irls(beta0, frozen, beta_alt)
+        if "xr_logy" in tot:  # LRT: starts of the reduced model's fit
+            pr = int(round((np.sqrt(8 * tot["xrtxr"].size + 1) - 1) / 2))
+            xrtxr = nb.unpack(tot["xrtxr"], pr)
+            state["beta_init_reduced"] = np.linalg.solve(xrtxr, tot["xr_logy"].T).T
+            state["beta_alt_reduced"] = np.linalg.solve(xrtxr, tot["xr_loglin"].T).T
         state["disp_points"] = self.initial_disp_points(state)
         return state
 

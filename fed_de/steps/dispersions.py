@@ -155,6 +155,9 @@ class DispersionsMixin:
         warm = state["irls_mu"]["beta"] if state.get("irls_mu_rounds", 0) else state["beta_alt"]
         warm = np.where(np.isfinite(warm), warm, state["beta_init"])
         state["irls_final"] = start_irls(warm, state["all_zero"], state["beta_init"])
+        if "beta_init_reduced" in state:  # LRT: the reduced fit runs in the same rounds
+            state["irls_reduced"] = start_irls(state["beta_init_reduced"], state["all_zero"],
+                                               state["beta_alt_reduced"])
         return state
 
 

@@ -65,15 +65,31 @@ class IRLSMixin:
     @sends(xtwx=("G", "KB", "T"), xtwz=("G", "KB", "p"), deviance=("G", "KB"))
     def local_irls(self, data_from_opener: SiteData, shared_state: dict, stage: str = "final"):
         """IRLS sums at each candidate of ``stage``."""
-        fit = shared_state[f"irls_{stage}"]
         # only genes still iterating are computed; the others are sent as zeros (fixed shape)
+        return self._irls_sums(data_from_opener, shared_state[f"irls_{stage}"],
+                               irls_alpha(shared_state, stage), self.local["design"])
+
+    @remote_data
+    @sends(xtwx=("G", "KB", "T"), xtwz=("G", "KB", "p"), deviance=("G", "KB"),
+           xtwx_r=("G", "KB", "Tr"), xtwz_r=("G", "KB", "pr"), deviance_r=("G", "KB"))
+    def local_irls_lrt(self, data_from_opener: SiteData, shared_state: dict,
+                       stage: str = "final"):
+        """Final-fit IRLS sums for the full and the reduced model (LRT), in one task."""
+        out = self.local_irls(data_from_opener=data_from_opener, shared_state=shared_state,
+                              stage=stage, _skip=True)
+        red = self._irls_sums(data_from_opener, shared_state["irls_reduced"],
+                              shared_state["dispersion"], self.local["design_reduced"])
+        out.update({f"{k}_r": v for k, v in red.items()})
+        return out
+
+    def _irls_sums(self, site: SiteData, fit: dict, alpha: np.ndarray, X: np.ndarray) -> dict:
         idx = np.flatnonzero(~fit["stopped"])
-        cands = fit["candidates"][idx]
         G, K, p = fit["candidates"].shape
-        alpha = np.nan_to_num(irls_alpha(shared_state, stage), nan=1.0)[idx]
-        y = self.counts(data_from_opener)[:, idx]
-        X, sf = self.local["design"], self.local["size_factors"]
-        lgy1 = self.lgamma_y1(data_from_opener)[idx]
+        cands = fit["candidates"][idx]
+        alpha = np.nan_to_num(alpha, nan=1.0)[idx]
+        y = self.counts(site)[:, idx]
+        sf = self.local["size_factors"]
+        lgy1 = self.lgamma_y1(site)[idx]
         out = {"xtwx": np.zeros((G, K, nb.n_packed(p))), "xtwz": np.zeros((G, K, p)),
                "deviance": np.zeros((G, K))}
         for k in range(K):
@@ -97,6 +113,10 @@ class IRLSMixin:
         tot = sum_messages(messages)
         state = dict(prev)
         state[f"irls_{stage}"] = irls_update(prev[f"irls_{stage}"], tot, self.study.n_coefs)
+        if "xtwx_r" in tot:  # LRT: the reduced model's fit advances in the same round
+            red = {k[:-2]: v for k, v in tot.items() if k.endswith("_r")}
+            state["irls_reduced"] = irls_update(prev["irls_reduced"], red,
+                                                self.reduced.n_coefs)
         return state
 
 

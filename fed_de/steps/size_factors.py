@@ -14,6 +14,7 @@ import numpy as np
 from substrafl.remote import remote, remote_data
 
 from fed_de.core import size_factors as sf_core
+from fed_de.design import design_matrix
 from fed_de.errors import SiteDataError
 from fed_de.simulation.opener import SiteData
 from fed_de.steps.base import sends, sum_messages
@@ -35,6 +36,8 @@ class SizeFactorsMixin:
             round_counts=bool(self.options.get("round_counts", False)),
         )
         self.local["design"] = X
+        if getattr(self, "reduced", None) is not None:
+            self.local["design_reduced"] = design_matrix(self.reduced, site.obs, site.name)
         counts = self.counts(site)
         sum_log, n_zero = sf_core.log_count_sums(counts)
         return {"sum_log": sum_log, "n_zero": n_zero, "n_samples": float(site.n_samples)}

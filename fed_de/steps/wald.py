@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.stats import chi2
 from substrafl.remote import remote, remote_data
 
 from fed_de.core import nb
@@ -36,6 +37,20 @@ class WaldMixin:
         w = mu / (1.0 + alpha * mu)
         return {"xtwx": nb.gram(X, w), "deviance": nb.nb_deviance(y, mu, alpha)}
 
+    @remote_data
+    @sends(xtwx=("G", "T"), deviance=("G",), deviance_r=("G",))
+    def local_wald_lrt(self, data_from_opener: SiteData, shared_state: dict) -> dict:
+        """:meth:`local_wald` plus the reduced model's deviance at its final coefficients."""
+        out = self.local_wald(data_from_opener=data_from_opener, shared_state=shared_state,
+                              _skip=True)
+        beta_r = np.nan_to_num(shared_state["irls_reduced"]["beta"])
+        alpha = np.nan_to_num(shared_state["dispersion"], nan=1.0)
+        mu = nb.fitted_mu(self.local["design_reduced"], beta_r, self.local["size_factors"],
+                          MIN_MU)
+        out["deviance_r"] = nb.nb_deviance(self.counts(data_from_opener), mu, alpha,
+                                           self.lgamma_y1(data_from_opener))
+        return out
+
     @remote
     def agg_wald(self, shared_states: list[dict]) -> dict:
         """Convergence flags and the coefficient covariance of every gene."""
@@ -43,6 +58,11 @@ class WaldMixin:
         tot = sum_messages(messages)
         state = dict(prev)
         state.update(final_sums(prev, tot, self.study.n_coefs, prev["all_zero"]))
+        if "deviance_r" in tot:  # LRT: deviance difference, chi-squared on the df difference
+            stat = np.where(prev["all_zero"], np.nan, tot["deviance_r"] - tot["deviance"])
+            state["lrt_stat"] = stat
+            state["lrt_df"] = self.study.n_coefs - self.reduced.n_coefs
+            state["lrt_converged"] = prev["irls_reduced"]["converged"] & ~prev["all_zero"]
         return state
 
 
@@ -72,12 +92,17 @@ def final_sums(state: dict, tot: dict, p: int, all_zero: np.ndarray) -> dict:
 
 def contrast_results(state: dict, contrast: np.ndarray, *, alpha: float = 0.1,
                      lfc_threshold: float = 0.0, alt_hypothesis: str = "greaterAbs",
-                     independent_filtering: bool = True, genes=None) -> pd.DataFrame:
+                     independent_filtering: bool = True, genes=None,
+                     test: str = "Wald") -> pd.DataFrame:
     """DESeq2 ``results()`` table for a numeric contrast (natural-log coefficients in)."""
     c = np.asarray(contrast, dtype=float)
     lfc = state["beta"] @ c
     se = np.sqrt(np.einsum("i,gij,j->g", c, state["beta_cov"], c))
     log2fc, lfcse, stat, pvalue = wald_test(lfc, se, lfc_threshold, alt_hypothesis)
+    if test == "LRT":
+        # DESeq2: LFC and SE from the full model's Wald fit, statistic and p-value from the LRT
+        stat = state["lrt_stat"]
+        pvalue = chi2.sf(np.maximum(stat, 0.0), state["lrt_df"])
     base_mean = state["base_mean"]
     pvalue = np.where(np.isfinite(state.get("cooks_filter_pvalue", pvalue)), pvalue, np.nan)
     padj, _ = adjust_pvalues(base_mean, pvalue, alpha, independent_filtering)

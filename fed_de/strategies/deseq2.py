@@ -59,12 +59,18 @@ class DESeq2Strategy(FedBase, SizeFactorsMixin, DispersionInitMixin, IRLSMixin,
                  min_cell_size: int = 3, round_counts: bool = False,
                  mu_rounds: int = MU_ROUNDS, genewise_rounds: int = GENEWISE_ROUNDS,
                  map_rounds: int = MAP_ROUNDS, final_rounds: int = FINAL_ROUNDS,
-                 fallback_rounds: int = FALLBACK_ROUNDS):
+                 fallback_rounds: int = FALLBACK_ROUNDS, test: str = "Wald",
+                 reduced: str | None = None):
+        if test not in ("Wald", "LRT"):
+            raise ValueError(f"test must be 'Wald' or 'LRT', not {test!r}")
+        if test == "LRT" and not reduced:
+            raise ValueError("test='LRT' needs a reduced design, e.g. reduced='~ batch'")
         super().__init__(study, size_factors=size_factors, fit_type=fit_type,
                          min_cell_size=min_cell_size, round_counts=round_counts,
                          mu_rounds=mu_rounds, genewise_rounds=genewise_rounds,
                          map_rounds=map_rounds, final_rounds=final_rounds,
-                         fallback_rounds=fallback_rounds)
+                         fallback_rounds=fallback_rounds, test=test,
+                         reduced=reduced if test == "LRT" else None)
 
     def dims(self) -> dict[str, int]:
         """Message sizes: genes, coefficients, and the dispersion search's points per gene."""
@@ -84,7 +90,8 @@ class DESeq2Strategy(FedBase, SizeFactorsMixin, DispersionInitMixin, IRLSMixin,
         plan.round(self.local_log_sums, self.agg_log_means)
         plan.round(self.local_moments, self.agg_moments)
         mu_rounds = 0 if self.saturated_design() else int(opt["mu_rounds"])
-        plan.round(self.local_rough, self.agg_rough, carry=True,
+        lrt = opt["test"] == "LRT"
+        plan.round(self.local_rough_lrt if lrt else self.local_rough, self.agg_rough, carry=True,
                    agg_params={"mu_rounds": mu_rounds})
         for _ in range(mu_rounds):
             plan.round(self.local_irls, self.agg_irls, carry=True,
@@ -100,10 +107,12 @@ class DESeq2Strategy(FedBase, SizeFactorsMixin, DispersionInitMixin, IRLSMixin,
         plan.round(self.local_disp_eval, self.agg_disp_finish_map, carry=True)
         for i in range(int(opt["final_rounds"])):
             last = i == int(opt["final_rounds"]) - 1
-            plan.round(self.local_irls, self.agg_irls_finish if last else self.agg_irls,
+            plan.round(self.local_irls_lrt if lrt else self.local_irls,
+                       self.agg_irls_finish if last else self.agg_irls,
                        carry=True, local_params={"stage": "final"},
                        agg_params={"stage": "final"})
         for _ in range(int(opt["fallback_rounds"])):
             plan.round(self.local_fallback, self.agg_fallback, carry=True)
-        self.final_ref = plan.round(self.local_wald, self.agg_wald, carry=True)
+        self.final_ref = plan.round(self.local_wald_lrt if lrt else self.local_wald,
+                                    self.agg_wald, carry=True)
         self.n_rounds = plan.round_idx
