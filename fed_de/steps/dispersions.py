@@ -105,7 +105,8 @@ class DispersionsMixin:
         search = optim1d.start(points, f, g, h, radius=3.0, lo=lo, hi=hi)
         search["done"] |= prev["all_zero"]
         state = dict(prev)
-        state.update(gw_search=search, gw_start_f=f[:, 0],
+        state.update(gw_search=search, gw_start_f=f[:, 0], gw_start_g=g[:, 0],
+                     gw_start_h=h[:, 0],
                      disp_points=optim1d.propose(search, lo, hi), disp_active=~search["done"])
         return state
 
@@ -169,7 +170,8 @@ def finish_genewise(state: dict, p: int, fit_type: str) -> None:
     # DESeq2 keeps the rough estimate when the optimum does not beat the start by 1e-6
     start_f = state["gw_start_f"]
     no_increase = search["f"] < start_f + np.abs(start_f) / 1e6
-    alpha = np.where(no_increase, state["alpha_init"], np.minimum(alpha, max_disp))
+    stops = deseq2_stops_at_start(state["gw_start_g"], state["gw_start_h"])
+    alpha = np.where(no_increase | stops, state["alpha_init"], np.minimum(alpha, max_disp))
     disp_gene = np.where(all_zero, np.nan, np.clip(alpha, MIN_DISP, max_disp))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -196,6 +198,21 @@ def finish_genewise(state: dict, p: int, fit_type: str) -> None:
     lo, hi = log_bounds(max_disp)
     map_search["done"] |= optim1d._converged(map_search, lo, hi)
     state["map_search"] = map_search
+
+
+def deseq2_stops_at_start(g0: np.ndarray, h0: np.ndarray, tol: float = 1e-6,
+                          epsilon: float = 1e-4) -> np.ndarray:
+    """Genes whose DESeq2 line search (``fitDisp``) ends at its first step.
+
+    DESeq2 proposes ``a0 + kappa * dlp`` with ``kappa = 1``, accepts it under the Armijo rule
+    (gain >= epsilon * kappa * dlp^2) and stops when the accepted step gains less than
+    ``dispTol = 1e-6`` in log posterior; ``noIncrease`` then restores the rough estimate.
+    This happens where the likelihood is flat at the start (typically a rough estimate at
+    the 1e-8 floor for a nearly empty gene). The gain of that first step is predicted
+    exactly enough by the second-order expansion at the start: the step is < 1e-3 there.
+    """
+    gain = g0 * g0 + 0.5 * h0 * g0 * g0
+    return (gain >= epsilon * g0 * g0) & (gain < tol)
 
 
 def finish_map(state: dict) -> None:
