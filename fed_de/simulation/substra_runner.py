@@ -1,0 +1,217 @@
+"""Run a fed_de strategy on real Substra: the subprocess backend here, or a remote network.
+
+The strategy is the one the simulator runs, unchanged. Each site is an organisation that
+registers its own dataset (fed_de's opener + one data sample folder) with its own client; the
+aggregator is one more organisation. fed_de itself travels as a prebuilt wheel through
+substrafl's ``Dependency`` with exact pins, not as a copy of the repository.
+
+Remote networks: clients come from a credentials YAML; datasets are registered beforehand by
+each hospital on its own node (``fed-de register-site``), which writes the keys the study
+needs into a keys YAML.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from fed_de.errors import FedDEError, SiteTaskError
+from fed_de.simulation.opener import SITE_META, SiteData
+from fed_de.simulation.plan import record_plan
+
+OPENER_SOURCE = "from fed_de.simulation.opener import FedDEOpener  # noqa: F401\n"
+PINNED = ("numpy", "scipy", "pandas", "anndata", "formulaic", "joblib", "typer", "rich")
+
+
+def exact_pins() -> list[str]:
+    """``name==version`` of the packages whose objects travel between nodes (this env)."""
+    return [f"{name}=={version(name)}" for name in PINNED]
+
+
+def build_wheel(dest: Path, source: Path | None = None) -> Path:
+    """Build fed_de's wheel into ``dest`` (from the installed source tree)."""
+    source = source or Path(__file__).resolve().parents[2]
+    if not (source / "pyproject.toml").exists():
+        raise FedDEError(f"cannot build the fed_de wheel: no pyproject.toml in {source}; "
+                         "pass wheel= with a prebuilt fed_de wheel")
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(dest), str(source)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wheels = sorted(dest.glob("fed_de-*.whl"))
+    if not wheels:
+        raise FedDEError(f"building the fed_de wheel in {dest} produced no wheel")
+    return wheels[-1]
+
+
+def dependency(wheel: Path):
+    """substrafl ``Dependency`` shipping the fed_de wheel with exact pins."""
+    from substrafl.dependency import Dependency
+
+    return Dependency(local_installable_dependencies=[wheel], pypi_dependencies=exact_pins())
+
+
+def write_site_folder(site: SiteData, folder: Path) -> Path:
+    """A data sample folder for one site: ``site.h5ad`` and ``site.json`` (its name)."""
+    import anndata as ad
+
+    folder.mkdir(parents=True, exist_ok=True)
+    adata = ad.AnnData(X=site.counts, obs=site.obs)
+    adata.var_names = list(site.genes)
+    adata.obs_names = list(site.samples)
+    adata.write_h5ad(folder / "site.h5ad")
+    (folder / SITE_META).write_text(json.dumps({"name": site.name}))
+    return folder
+
+
+def write_opener(folder: Path) -> tuple[Path, Path]:
+    """The opener script and dataset description every site registers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    opener, description = folder / "opener.py", folder / "description.md"
+    opener.write_text(OPENER_SOURCE)
+    description.write_text("fed_de site: counts (samples x genes) and sample metadata.\n")
+    return opener, description
+
+
+def register_dataset(client, name: str, folder: Path, opener: Path, description: Path,
+                     authorized_ids: list[str]) -> dict:
+    """Register one site's dataset and data sample with that site's own client."""
+    from substra.sdk.schemas import DataSampleSpec, DatasetSpec, Permissions
+
+    perms = Permissions(public=False, authorized_ids=authorized_ids)
+    dataset_key = client.add_dataset(DatasetSpec(
+        name=f"fed_de-{name}", data_opener=opener, type="fed_de-site", description=description,
+        permissions=perms, logs_permission=perms))
+    sample_key = client.add_data_sample(
+        DataSampleSpec(data_manager_keys=[dataset_key], path=folder), local=True)
+    return {"dataset_key": dataset_key, "data_sample_keys": [sample_key]}
+
+
+@dataclass
+class SubstraRun:
+    """What a substra run returns: the final shared state and the run facts."""
+
+    shared_state: dict
+    facts: dict
+    compute_plan_key: str
+
+
+def run_subprocess(strategy, sites: list[SiteData], *, workdir: Path,
+                   wheel: Path | None = None, progress=None) -> SubstraRun:
+    """Execute ``strategy`` on substra's subprocess backend: real functions, datasets, tasks.
+
+    One substra organisation per site plus the aggregator, each with its own client.
+    Working files (site folders, wheel, experiment summary, substra's local worker) go under
+    ``workdir``, which the caller may delete afterwards.
+    """
+    import substra
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    wheel = wheel or build_wheel(workdir / "dist")
+    opener, description = write_opener(workdir / "opener")
+    names = [s.name for s in sites]
+    clients = {n: substra.Client(client_name=n, backend_type="subprocess")
+               for n in [*names, "aggregator"]}
+    orgs = {n: c.organization_info().organization_id for n, c in clients.items()}
+    keys = {}
+    for site in sites:
+        folder = write_site_folder(site, workdir / "sites" / site.name)
+        keys[site.name] = register_dataset(clients[site.name], site.name, folder, opener,
+                                           description, [orgs[site.name], orgs["aggregator"]])
+    return _execute(strategy, clients["aggregator"], orgs, keys, workdir, wheel, started,
+                    progress=progress)
+
+
+def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel: Path,
+             started: float, progress=None, poll_seconds: float = 5.0,
+             timeout: float | None = None) -> SubstraRun:
+    from substrafl.experiment import execute_experiment
+    from substrafl.model_loading import download_aggregate_shared_state
+    from substrafl.nodes import AggregationNode, TrainDataNode
+
+    nodes = [TrainDataNode(organization_id=orgs[name], data_manager_key=k["dataset_key"],
+                           data_sample_keys=list(k["data_sample_keys"]))
+             for name, k in keys.items()]
+    plan = record_plan(strategy, [orgs[n] for n in keys], orgs["aggregator"])
+    if progress is not None:
+        progress("submitting compute plan", orgs["aggregator"], 0)
+    cp = execute_experiment(
+        client=agg_client, strategy=strategy, train_data_nodes=nodes,
+        aggregation_node=AggregationNode(orgs["aggregator"]),
+        experiment_folder=workdir / "experiment", dependencies=dependency(wheel),
+        clean_models=False, name=f"fed_de-{type(strategy).__name__}")
+    wait_for(agg_client, cp.key, plan_tasks=len(plan.tasks), progress=progress,
+             poll_seconds=poll_seconds, timeout=timeout)
+    state = download_aggregate_shared_state(client=agg_client, compute_plan_key=cp.key,
+                                            round_idx=plan.final_round)
+    facts = plan.facts()
+    names = {v: k for k, v in orgs.items()}
+    facts["bytes_sent_by_site"] = {names.get(k, k): v
+                                   for k, v in facts["bytes_sent_by_site"].items()}
+    facts.update(wall_seconds=round(time.perf_counter() - started, 3),
+                 bytes_note="schema payloads (float64), without pickle framing",
+                 compute_plan_key=cp.key)
+    return SubstraRun(shared_state=state, facts=facts, compute_plan_key=cp.key)
+
+
+def wait_for(client, compute_plan_key: str, *, plan_tasks: int, progress=None,
+             poll_seconds: float = 5.0, timeout: float | None = None) -> None:
+    """Poll a compute plan until it ends; raise naming the failed task and organisation."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        cp = client.get_compute_plan(compute_plan_key)
+        status = str(getattr(cp, "status", "")).split(".")[-1].lower()
+        if progress is not None:
+            done = getattr(cp, "done_count", None)
+            progress(f"compute plan {status} ({done}/{plan_tasks} tasks)", "substra", 0)
+        if status in ("done", "plan_status_done", "computeplanstatus_done"):
+            return
+        if "fail" in status or "cancel" in status:
+            raise SiteTaskError(_failure_message(client, compute_plan_key, status),
+                                site=_failed_worker(client, compute_plan_key),
+                                step=_failed_function(client, compute_plan_key))
+        if deadline is not None and time.monotonic() > deadline:
+            raise FedDEError(f"compute plan {compute_plan_key} still {status} after "
+                             f"{timeout:.0f} s; it keeps running on the network")
+        time.sleep(poll_seconds)
+
+
+def _failed_task(client, key: str):
+    try:
+        tasks = client.list_task(filters={"compute_plan_key": [key], "status": ["STATUS_FAILED"]})
+    except Exception:  # noqa: BLE001 - best effort: the error message is what matters
+        return None
+    return tasks[0] if tasks else None
+
+
+def _failed_worker(client, key: str) -> str:
+    task = _failed_task(client, key)
+    return getattr(task, "worker", "unknown") if task else "unknown"
+
+
+def _failed_function(client, key: str) -> str:
+    task = _failed_task(client, key)
+    fn = getattr(task, "function", None) if task else None
+    return getattr(fn, "name", "unknown") if fn else "unknown"
+
+
+def _failure_message(client, key: str, status: str) -> str:
+    task = _failed_task(client, key)
+    if task is None:
+        return f"compute plan {key} ended with status {status}"
+    return (f"compute plan {key} {status}: task {task.key} "
+            f"({_failed_function(client, key)}) failed at organisation {task.worker}; "
+            "see its logs with substra's client.get_logs(task_key)")
+
+
+def cleanup(workdir: Path) -> None:
+    """Remove a run directory made by :func:`run_subprocess`."""
+    shutil.rmtree(workdir, ignore_errors=True)
