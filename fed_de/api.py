@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from fed_de.design import Study, formula_variables, make_study
 from fed_de.simulation.opener import SiteData, load_site
 from fed_de.simulation.strict import run_strict
 
-BACKENDS = ("simulation",)
+BACKENDS = ("simulation", "subprocess", "remote")
 
 
 def load_sites(sites: Mapping) -> list[SiteData]:
@@ -67,7 +68,9 @@ def size_factors(
     """Federated median-of-ratios size factors (``kind="ratio"`` or ``"poscounts"``)."""
     from fed_de.strategies.size_factors import SizeFactorsStrategy
 
-    _check_backend(backend)
+    if backend != "simulation":
+        raise ValueError("size_factors() runs in simulation; the substra backends run the "
+                         "full pipeline through deseq2(backend=...)")
     loaded = load_sites(sites)
     study = declare_study(loaded, design, levels, genes)
     strategy = SizeFactorsStrategy(study.to_dict(), size_factors=kind, min_cell_size=min_cell_size)
@@ -76,6 +79,10 @@ def size_factors(
                             name="size_factor") for s in loaded}
     bm = pd.Series(np.asarray(run.shared_state["base_mean"]), index=study.genes, name="baseMean")
     return SizeFactorResult(size_factors=sf, base_mean=bm, facts=run.ledger.facts())
+
+
+def _needs_levels(design: str) -> bool:
+    return bool(formula_variables(design))
 
 
 def _check_backend(backend: str) -> None:
@@ -207,6 +214,10 @@ def deseq2(
     rounds: Mapping[str, int] | None = None,
     test: str = "Wald",
     reduced: str | None = None,
+    workdir: str | Path | None = None,
+    credentials=None,
+    keys=None,
+    timeout: float | None = None,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -230,7 +241,15 @@ def deseq2(
     round_counts
         Round non-integer counts (e.g. salmon estimates) instead of refusing them.
     backend
-        ``"simulation"`` (strict in-process).
+        ``"simulation"`` (strict in-process, default), ``"subprocess"`` (substra's
+        subprocess backend: real registered functions, datasets and tasks on this machine),
+        or ``"remote"`` (a Substra network: ``credentials`` and ``keys`` YAML files; the data
+        stays at the hospitals, so ``sites`` is not given and ``levels`` and ``genes`` must be).
+    workdir
+        Run directory of the substra backends (site folders, wheel, substra's files).
+    credentials, keys, timeout
+        Remote backend: credentials YAML, dataset keys YAML (``fed-de register-site``),
+        seconds to wait for the compute plan.
     progress
         Callable ``(step, organisation, round_idx)`` called before each task.
     record_messages
@@ -246,20 +265,46 @@ def deseq2(
     from fed_de.strategies.deseq2 import DESeq2Strategy
 
     _check_backend(backend)
-    loaded = load_sites(sites)
-    study = declare_study(loaded, design, levels, genes)
+    if backend == "remote":
+        if sites:
+            raise ValueError("backend='remote': the data stays at the hospitals; give keys= "
+                             "(datasets registered with fed-de register-site), not sites")
+        if genes is None or (levels is None and _needs_levels(design)):
+            raise ValueError("backend='remote' needs the study declared: genes= and levels=")
+        loaded = []
+        study = make_study(design, list(genes), dict(levels or {}))
+    else:
+        loaded = load_sites(sites)
+        study = declare_study(loaded, design, levels, genes)
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
                               min_cell_size=min_cell_size, round_counts=round_counts,
                               test=test, reduced=reduced,
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
-    run = run_strict(strategy, loaded, record_messages=record_messages, progress=progress)
-    facts = run.ledger.facts()
-    facts.update(n_sites=len(loaded), n_genes=len(study.genes), min_cell_size=min_cell_size,
+    if backend == "simulation":
+        run = run_strict(strategy, loaded, record_messages=record_messages, progress=progress)
+        state, facts = run.shared_state, run.ledger.facts()
+    else:
+        import tempfile
+
+        from fed_de.simulation import substra_runner
+
+        workdir = Path(workdir or tempfile.mkdtemp(prefix="fed_de_substra_"))
+        if backend == "subprocess":
+            sub = substra_runner.run_subprocess(strategy, loaded, workdir=workdir,
+                                                progress=progress)
+        else:
+            sub = substra_runner.run_remote(strategy, credentials, keys, workdir=workdir,
+                                            timeout=timeout, progress=progress)
+        state, facts = sub.shared_state, dict(sub.facts)
+        facts["workdir"] = str(workdir)
+        facts["backend"] = backend
+    facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
+                 min_cell_size=min_cell_size,
                  bytes_per_gene_by_site={k: v / len(study.genes)
                                          for k, v in facts["bytes_sent_by_site"].items()})
-    if record_messages:
+    if record_messages and backend == "simulation":
         facts["messages"] = run.ledger.messages
-    result = DESeq2Result(study=study, state=run.shared_state, facts=facts,
+    result = DESeq2Result(study=study, state=state, facts=facts,
                           contrasts=list(contrasts or []), alpha=alpha, test=test)
     for c in result.contrasts:
         result.contrast_vector(c)  # fail now on an unknown factor/level

@@ -91,6 +91,14 @@ def run(
     round_counts: bool = typer.Option(False, help="Round non-integer counts instead of refusing."),
     test: str = typer.Option("Wald", "--test", help="Wald or LRT."),
     reduced: str | None = typer.Option(None, "--reduced", help="Reduced design for the LRT."),
+    backend: str = typer.Option("simulation", help="simulation, subprocess or remote."),
+    workdir: Path | None = typer.Option(None, help="Run directory of the substra backends."),
+    credentials: Path | None = typer.Option(None, help="Remote: credentials YAML."),
+    keys: Path | None = typer.Option(None, help="Remote: dataset keys YAML (register-site)."),
+    genes: Path | None = typer.Option(None, help="File with the study's genes, one per line."),
+    timeout: float | None = typer.Option(None, help="Remote: seconds to wait for the plan."),
+    plan_only: bool = typer.Option(False, "--plan-only",
+                                   help="Print the plan and the messages; submit nothing."),
 ) -> None:
     """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites (simulation)."""
     import time
@@ -100,7 +108,14 @@ def run(
     import fed_de
     from fed_de.errors import FedDEError
 
-    sites = _parse_sites(site)
+    sites = _parse_sites(site) if backend != "remote" else {}
+    if backend == "remote" and (credentials is None or keys is None):
+        raise typer.BadParameter("--backend remote needs --credentials and --keys")
+    gene_list = genes.read_text().split() if genes else None
+    if plan_only:
+        _print_plan(sites, design, _parse_levels(levels) or None, gene_list, keys, test,
+                    reduced, size_factors, min_cell_size)
+        return
     started = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
@@ -117,7 +132,9 @@ def run(
                 sites, design, contrasts=[contrast] if contrast else None, alpha=alpha,
                 levels=_parse_levels(levels) or None, size_factors=size_factors,
                 fit_type=fit_type, min_cell_size=min_cell_size, round_counts=round_counts,
-                progress=progress, test=test, reduced=reduced,
+                progress=progress, test=test, reduced=reduced, backend=backend,
+                workdir=workdir, credentials=credentials, keys=keys, timeout=timeout,
+                genes=gene_list,
             )
             table = res.results(contrast, lfc_threshold=lfc_threshold,
                                 alt_hypothesis=alt_hypothesis)
@@ -143,6 +160,73 @@ def run(
     console.print(f"{len(table)} genes, {n_sig} with padj < {alpha}; wrote results.csv, "
                   f"dispersions.csv, run.json to {out}")
     print_facts(facts)
+
+
+def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
+                min_cell_size) -> None:
+    """``--plan-only``: steps, tasks, distinct functions, and each site's messages."""
+    from fed_de.api import declare_study, load_sites
+    from fed_de.design import make_study
+    from fed_de.simulation.plan import record_plan
+    from fed_de.strategies.deseq2 import DESeq2Strategy
+
+    if sites:
+        loaded = load_sites(sites)
+        study = declare_study(loaded, design, levels, genes)
+        names = [s.name for s in loaded]
+    else:
+        import yaml
+
+        names = list((yaml.safe_load(Path(keys).read_text()) or {}).get("sites", {}))
+        if genes is None:
+            raise typer.BadParameter("--plan-only with --keys needs --genes")
+        study = make_study(design, genes, levels or {})
+    strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, test=test,
+                              reduced=reduced, min_cell_size=min_cell_size)
+    rec = record_plan(strategy, names)
+    facts = rec.facts()
+    console.print(f"[bold]plan[/]: {facts['sequential_steps']} sequential steps, "
+                  f"{facts['tasks']} tasks, {facts['distinct_functions']} distinct functions, "
+                  f"{len(names)} sites, {len(study.genes)} genes, coefficients "
+                  f"{study.coef_names}")
+    table = Table(title=f"messages each site sends ({names[0]} shown; all sites alike)")
+    for col in ("round", "local step", "keys and shapes", "bytes"):
+        table.add_column(col)
+    for t in rec.tasks:
+        if t.worker == names[0] and t.message is not None:
+            desc = ", ".join(f"{k}{list(v)}" for k, v in t.message.items()) or "(nothing)"
+            n = sum(int(__import__("numpy").prod(v)) for v in t.message.values()) * 8
+            table.add_row(str(t.round_idx), t.method, desc, f"{n:,}")
+    console.print(table)
+    per_gene = {k: v / len(study.genes) for k, v in facts["bytes_sent_by_site"].items()}
+    console.print(f"bytes per site: {facts['bytes_sent_by_site']} "
+                  f"({next(iter(per_gene.values())):,.0f} per gene)")
+
+
+@app.command("register-site")
+def register_site(
+    site: Path = typer.Option(..., "--site", help="The site's data folder (CSVs or .h5ad)."),
+    name: str = typer.Option(..., "--name", help="Site name used in the study."),
+    credentials: Path = typer.Option(..., help="Credentials YAML."),
+    org: str = typer.Option(..., "--as", help="Entry of the credentials YAML to use."),
+    aggregator_org: str = typer.Option(..., help="Organisation id of the aggregator."),
+    keys: Path = typer.Option(Path("keys.yaml"), help="Keys YAML to write or update."),
+) -> None:
+    """Register this hospital's dataset on its own Substra node and record its keys."""
+    from fed_de.errors import FedDEError
+    from fed_de.simulation.substra_runner import _load_yaml, make_client, register_site_remote
+
+    try:
+        creds = _load_yaml(credentials)
+        if org not in creds:
+            raise FedDEError(f"credentials have no entry {org!r} (entries: {list(creds)})")
+        client = make_client(creds[org], org)
+        entry = register_site_remote(client, name, site, aggregator_org, keys)
+    except FedDEError as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(code=2) from None
+    console.print(f"registered {name!r} as dataset {entry['dataset_key']} at "
+                  f"{entry['organization_id']}; keys written to {keys}")
 
 
 @app.command()

@@ -132,11 +132,12 @@ def run_subprocess(strategy, sites: list[SiteData], *, workdir: Path,
 
 def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel: Path,
              started: float, progress=None, poll_seconds: float = 5.0,
-             timeout: float | None = None) -> SubstraRun:
+             timeout: float | None = None, download=None) -> SubstraRun:
     from substrafl.experiment import execute_experiment
     from substrafl.model_loading import download_aggregate_shared_state
     from substrafl.nodes import AggregationNode, TrainDataNode
 
+    download = download or download_aggregate_shared_state
     nodes = [TrainDataNode(organization_id=orgs[name], data_manager_key=k["dataset_key"],
                            data_sample_keys=list(k["data_sample_keys"]))
              for name, k in keys.items()]
@@ -150,8 +151,7 @@ def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel:
         clean_models=False, name=f"fed_de-{type(strategy).__name__}")
     wait_for(agg_client, cp.key, plan_tasks=len(plan.tasks), progress=progress,
              poll_seconds=poll_seconds, timeout=timeout)
-    state = download_aggregate_shared_state(client=agg_client, compute_plan_key=cp.key,
-                                            round_idx=plan.final_round)
+    state = download(client=agg_client, compute_plan_key=cp.key, round_idx=plan.final_round)
     facts = plan.facts()
     names = {v: k for k, v in orgs.items()}
     facts["bytes_sent_by_site"] = {names.get(k, k): v
@@ -168,11 +168,13 @@ def wait_for(client, compute_plan_key: str, *, plan_tasks: int, progress=None,
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         cp = client.get_compute_plan(compute_plan_key)
+        # enum (ComputePlanStatus.done) or raw value (PLAN_STATUS_DONE) -> "done"
         status = str(getattr(cp, "status", "")).split(".")[-1].lower()
+        status = status.replace("plan_status_", "")
         if progress is not None:
             done = getattr(cp, "done_count", None)
             progress(f"compute plan {status} ({done}/{plan_tasks} tasks)", "substra", 0)
-        if status in ("done", "plan_status_done", "computeplanstatus_done"):
+        if status == "done":
             return
         if "fail" in status or "cancel" in status:
             raise SiteTaskError(_failure_message(client, compute_plan_key, status),
@@ -215,3 +217,107 @@ def _failure_message(client, key: str, status: str) -> str:
 def cleanup(workdir: Path) -> None:
     """Remove a run directory made by :func:`run_subprocess`."""
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- remote networks ----------------------------------------------------------------------
+def _load_yaml(source) -> dict:
+    import yaml
+
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise FedDEError(f"{path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise FedDEError(f"{path} must hold a mapping")
+    return data
+
+
+def make_client(entry: dict, name: str):
+    """substra client for one organisation of a credentials YAML entry.
+
+    ``entry``: ``url`` and either ``token`` or ``username`` + ``password``; optional
+    ``insecure: true`` for self-signed test networks.
+    """
+    import substra
+
+    if "url" not in entry:
+        raise FedDEError(f"credentials for {name!r} lack 'url'")
+    kwargs = {"url": entry["url"], "backend_type": "remote", "client_name": name,
+              "insecure": bool(entry.get("insecure", False))}
+    if entry.get("token"):
+        kwargs["token"] = entry["token"]
+    elif entry.get("username") and entry.get("password"):
+        kwargs.update(username=entry["username"], password=entry["password"])
+    else:
+        raise FedDEError(f"credentials for {name!r} need 'token' or 'username' and 'password'")
+    return substra.Client(**kwargs)
+
+
+def register_site_remote(client, name: str, site_folder: Path, aggregator_org: str,
+                         keys_file: Path | None = None, workdir: Path | None = None) -> dict:
+    """What ``fed-de register-site`` does on a hospital's own node; returns its keys entry.
+
+    The site's data sample folder is uploaded to the hospital's own node only; the dataset is
+    readable by the hospital and the aggregator organisation (which runs no data task on it).
+    """
+    import yaml
+
+    workdir = Path(workdir or site_folder.parent / ".fed_de")
+    opener, description = write_opener(workdir / "opener")
+    meta = site_folder / SITE_META
+    if not meta.exists():
+        meta.write_text(json.dumps({"name": name}))
+    org = client.organization_info().organization_id
+    entry = {"organization_id": org,
+             **register_dataset(client, name, site_folder, opener, description,
+                                [org, aggregator_org])}
+    if keys_file is not None:
+        keys = _load_yaml(keys_file) if Path(keys_file).exists() else {}
+        keys.setdefault("aggregator_organization", aggregator_org)
+        keys.setdefault("sites", {})[name] = entry
+        Path(keys_file).write_text(yaml.safe_dump(keys, sort_keys=False))
+    return entry
+
+
+def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "aggregator",
+               wheel: Path | None = None, timeout: float | None = None,
+               poll_seconds: float = 10.0, progress=None, client_factory=make_client,
+               download=None) -> SubstraRun:
+    """Submit ``strategy`` to a remote Substra network and wait for its result.
+
+    Parameters
+    ----------
+    credentials
+        YAML path or dict: organisation name -> {url, token | username + password}; the
+        ``submitter`` entry's client submits the plan and downloads the result.
+    keys
+        YAML path or dict written by ``fed-de register-site``: ``aggregator_organization``
+        and ``sites`` -> {name: {organization_id, dataset_key, data_sample_keys}}.
+    """
+    creds, keys = _load_yaml(credentials), _load_yaml(keys)
+    if submitter not in creds:
+        raise FedDEError(f"credentials have no entry {submitter!r} (entries: {list(creds)})")
+    sites = keys.get("sites") or {}
+    if not sites or "aggregator_organization" not in keys:
+        raise FedDEError("the keys file needs 'aggregator_organization' and at least one site "
+                         "under 'sites' (write it with fed-de register-site)")
+    for name, k in sites.items():
+        missing = [f for f in ("organization_id", "dataset_key", "data_sample_keys")
+                   if not k.get(f)]
+        if missing:
+            raise FedDEError(f"keys of site {name!r} lack {missing}")
+    client = client_factory(creds[submitter], submitter)
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    wheel = wheel or build_wheel(workdir / "dist")
+    orgs = {name: k["organization_id"] for name, k in sites.items()}
+    orgs["aggregator"] = keys["aggregator_organization"]
+    return _execute(strategy, client, orgs,
+                    {n: {"dataset_key": k["dataset_key"],
+                         "data_sample_keys": list(k["data_sample_keys"])}
+                     for n, k in sites.items()},
+                    workdir, wheel, started, progress=progress, poll_seconds=poll_seconds,
+                    timeout=timeout, download=download)

@@ -1,0 +1,209 @@
+"""The same strategy on real Substra: subprocess backend (real functions, datasets, tasks),
+and the remote path against a fake client that records every call."""
+
+from __future__ import annotations
+
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import substra
+import yaml
+from substrafl.remote import remote_data
+
+import fed_de
+from fed_de.demo_data import make_demo_study
+from fed_de.errors import FedDEError, SiteTaskError
+from fed_de.simulation import substra_runner
+from fed_de.simulation.opener import load_site
+from fed_de.simulation.plan import record_plan
+from fed_de.simulation.strict import run_strict
+from fed_de.strategies.deseq2 import DESeq2Strategy
+
+GENE_LEVEL = ["base_mean", "disp_gene", "disp_fit", "disp_map", "dispersion", "beta",
+              "beta_cov", "deviance"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    demo = make_demo_study(n_samples=48, n_genes=40, seed=2)
+    sites = dict(list(demo.sites.items())[:2])
+    return demo, sites
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    return substra_runner.build_wheel(tmp_path_factory.mktemp("dist"))
+
+
+def test_subprocess_backend_equals_simulation(small, tmp_path):
+    """Full pipeline, 2 sites, on substra's subprocess backend (~63 tasks, ~2 minutes)."""
+    demo, sites = small
+    kw = dict(levels={"condition": ["A", "B"]}, genes=demo.genes,
+              contrasts=[("condition", "B", "A")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = fed_de.deseq2(sites, "~ condition", backend="subprocess", workdir=tmp_path, **kw)
+    sim = fed_de.deseq2(sites, "~ condition", **kw)
+    for key in GENE_LEVEL:
+        np.testing.assert_allclose(real.state[key], sim.state[key], rtol=1e-12, equal_nan=True,
+                                   err_msg=key)
+    np.testing.assert_allclose(real.results().to_numpy(), sim.results().to_numpy(),
+                               rtol=1e-12, equal_nan=True)
+    assert real.facts["sequential_steps"] == sim.facts["sequential_steps"]
+    assert real.facts["tasks"] == sim.facts["tasks"]
+    assert (tmp_path / "experiment").exists() and (tmp_path / "sites").exists()
+
+
+class _Extra(DESeq2Strategy):
+    @remote_data
+    def local_log_sums(self, data_from_opener, shared_state=None):
+        return {"value": float(self.extra)}  # set outside the constructor: lost remotely
+
+
+def test_attribute_set_outside_constructor_fails_in_strict_simulation(small):
+    demo, sites = small
+    study = fed_de.make_study("~ condition", demo.genes, {"condition": ["A", "B"]})
+    strategy = _Extra(study.to_dict())
+    strategy.extra = 1.0  # works on this instance, but a node rebuilds from constructor args
+    assert strategy.extra == 1.0
+    with pytest.raises(SiteTaskError, match="AttributeError.*extra"):
+        run_strict(strategy, [load_site(a, n) for n, a in sites.items()])
+
+
+# -- remote path, against a fake substra client ------------------------------------------
+class FakeClient:
+    """Records what fed_de asks of a substra client."""
+
+    def __init__(self, org="HospA-MSP", statuses=("PLAN_STATUS_DOING", "PLAN_STATUS_DONE"),
+                 failed_task=None):
+        self.calls = []
+        self.org = org
+        self.statuses = list(statuses)
+        self.failed_task = failed_task
+        self.n = 0
+        self.backend_mode = substra.BackendType.REMOTE
+
+    def _key(self, kind):
+        self.n += 1
+        return f"{kind}-{self.n}"
+
+    def organization_info(self):
+        self.calls.append(("organization_info",))
+        return types.SimpleNamespace(organization_id=self.org)
+
+    def add_dataset(self, spec):
+        self.calls.append(("add_dataset", spec))
+        return self._key("dataset")
+
+    def add_data_sample(self, spec, local=True):
+        self.calls.append(("add_data_sample", spec, local))
+        return self._key("sample")
+
+    def add_function(self, spec):
+        self.calls.append(("add_function", spec))
+        return self._key("function")
+
+    def add_compute_plan(self, spec, auto_batching=True, batch_size=500):
+        self.calls.append(("add_compute_plan", spec))
+        return types.SimpleNamespace(key=spec.key, status="PLAN_STATUS_CREATED")
+
+    def get_compute_plan(self, key):
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        self.calls.append(("get_compute_plan", key, status))
+        return types.SimpleNamespace(key=key, status=status, done_count=0)
+
+    def list_task(self, filters=None):
+        self.calls.append(("list_task", filters))
+        return [self.failed_task] if self.failed_task else []
+
+
+def _keys(names):
+    return {"aggregator_organization": "Agg-MSP",
+            "sites": {n: {"organization_id": f"{n}-MSP", "dataset_key": f"ds-{n}",
+                          "data_sample_keys": [f"s-{n}"]} for n in names}}
+
+
+def _remote_strategy(demo):
+    study = fed_de.make_study("~ condition", demo.genes, {"condition": ["A", "B"]})
+    return DESeq2Strategy(study.to_dict())
+
+
+def test_register_site_records_dataset_and_keys(small, tmp_path):
+    demo, sites = small
+    folder = demo.write(tmp_path / "data")["hospital_a"]
+    client = FakeClient(org="HospA-MSP")
+    keys_file = tmp_path / "keys.yaml"
+    entry = substra_runner.register_site_remote(client, "hospital_a", folder, "Agg-MSP",
+                                                keys_file, tmp_path / "work")
+    kinds = [c[0] for c in client.calls]
+    assert kinds == ["organization_info", "add_dataset", "add_data_sample"]
+    dataset_spec = client.calls[1][1]
+    assert Path(dataset_spec.data_opener).read_text() == substra_runner.OPENER_SOURCE
+    assert dataset_spec.permissions.authorized_ids == ["HospA-MSP", "Agg-MSP"]
+    assert client.calls[2][1].path == folder and client.calls[2][2] is True
+    written = yaml.safe_load(keys_file.read_text())
+    assert written["aggregator_organization"] == "Agg-MSP"
+    assert written["sites"]["hospital_a"] == entry
+    assert (folder / "site.json").exists()
+
+
+def test_remote_run_submits_the_plan_polls_and_downloads(small, tmp_path, wheel):
+    demo, _ = small
+    client = FakeClient()
+    downloads = []
+
+    def download(client, compute_plan_key, round_idx):
+        downloads.append((compute_plan_key, round_idx))
+        return {"done": True}
+
+    strategy = _remote_strategy(demo)
+    run = substra_runner.run_remote(
+        strategy, {"aggregator": {"url": "https://x", "token": "t"}}, _keys(["a", "b"]),
+        workdir=tmp_path, wheel=wheel, poll_seconds=0.0,
+        client_factory=lambda entry, name: client, download=download)
+    plan = record_plan(_remote_strategy(demo), ["a-MSP", "b-MSP"], "Agg-MSP")
+    functions = [c for c in client.calls if c[0] == "add_function"]
+    submitted = [c for c in client.calls if c[0] == "add_compute_plan"]
+    polls = [c for c in client.calls if c[0] == "get_compute_plan"]
+    assert len(functions) == plan.facts()["distinct_functions"]
+    assert len(submitted) == 1 and len(submitted[0][1].tasks) == len(plan.tasks)
+    workers = {t.worker for t in submitted[0][1].tasks}
+    assert workers == {"a-MSP", "b-MSP", "Agg-MSP"}
+    assert [p[2] for p in polls] == ["PLAN_STATUS_DOING", "PLAN_STATUS_DONE"]
+    assert downloads == [(submitted[0][1].key, plan.final_round)]
+    assert run.shared_state == {"done": True}
+    assert run.facts["sequential_steps"] == plan.sequential_steps
+
+
+def test_remote_failure_names_task_and_organisation(small, tmp_path, wheel):
+    demo, _ = small
+    failed = types.SimpleNamespace(key="task-42", worker="b-MSP",
+                                   function=types.SimpleNamespace(name="local_moments"))
+    client = FakeClient(statuses=["PLAN_STATUS_DOING", "PLAN_STATUS_FAILED"],
+                        failed_task=failed)
+    with pytest.raises(SiteTaskError, match=r"task-42 \(local_moments\).*b-MSP") as info:
+        substra_runner.run_remote(
+            _remote_strategy(demo), {"aggregator": {"url": "u", "token": "t"}},
+            _keys(["a", "b"]), workdir=tmp_path, wheel=wheel, poll_seconds=0.0,
+            client_factory=lambda entry, name: client, download=lambda **k: {})
+    assert info.value.site == "b-MSP" and info.value.step == "local_moments"
+
+
+def test_remote_timeout_and_bad_keys(small, tmp_path, wheel):
+    demo, _ = small
+    client = FakeClient(statuses=["PLAN_STATUS_DOING"])
+    with pytest.raises(FedDEError, match="still doing after 0 s"):
+        substra_runner.run_remote(
+            _remote_strategy(demo), {"aggregator": {"url": "u", "token": "t"}},
+            _keys(["a"]), workdir=tmp_path, wheel=wheel, poll_seconds=0.0, timeout=0.0,
+            client_factory=lambda entry, name: client, download=lambda **k: {})
+    bad = _keys(["a"])
+    del bad["sites"]["a"]["dataset_key"]
+    with pytest.raises(FedDEError, match=r"keys of site 'a' lack \['dataset_key'\]"):
+        substra_runner.run_remote(_remote_strategy(demo), {"aggregator": {"url": "u"}}, bad,
+                                  workdir=tmp_path, wheel=wheel)
+    with pytest.raises(FedDEError, match="need 'token'"):
+        substra_runner.make_client({"url": "https://x"}, "aggregator")
