@@ -35,6 +35,9 @@ MIN_MU = 0.5
 N_CANDIDATES = 2  # plain IRLS step and an accelerated (or damped) step
 BETA_TOL = 1e-8  # stop once the next step is below this (natural-log units)
 CLEARLY_BETTER = 0.5  # the accelerated candidate must halve the residual to be preferred
+MAX_THETA = 4.0  # largest Anderson mixing weight trusted
+FAR = 1e-3  # deviances differing by more than this (relative): far from the fixed point
+NOISE = 1e-11  # relative rounding noise of summed deviances
 
 
 def irls_alpha(state: dict, stage: str) -> np.ndarray:
@@ -145,8 +148,18 @@ def irls_update(fit: dict, tot: dict, p: int) -> dict:
     resid = nxt - cands
     size = np.abs(resid).max(axis=2)
     size = np.where(np.isfinite(size), size, np.inf)
-    k = np.where(size[:, 1:].min(axis=1) < CLEARLY_BETTER * size[:, 0],
-                 1 + np.argmin(size[:, 1:], axis=1), 0) if K > 1 else np.zeros(G, dtype=int)
+    # far from the solution (candidates' penalised deviances differ by more than 1e-3,
+    # relative) the deviance judges them: it catches an overshooting step; near the solution
+    # the fixed-point residual does, so the iteration ends at DESeq2's fixed point even where
+    # floored means make the deviance non-stationary there. Ties go to the plain IRLS step.
+    pen = tot["deviance"] + np.einsum("gkp,p,gkp->gk", cands, lam, cands)
+    pen = np.where(np.isfinite(pen), pen, np.inf)
+    by_dev = np.where(pen[:, 1:].min(axis=1) < pen[:, 0] - NOISE * (np.abs(pen[:, 0]) + 1.0),
+                      1 + np.argmin(pen[:, 1:], axis=1), 0)
+    by_res = np.where(size[:, 1:].min(axis=1) < CLEARLY_BETTER * size[:, 0],
+                      1 + np.argmin(size[:, 1:], axis=1), 0)
+    far = np.abs(pen[:, 0] - pen.min(axis=1)) > FAR * (np.abs(pen[:, 0]) + 1.0)
+    k = np.where(far, by_dev, by_res) if K > 1 else np.zeros(G, dtype=int)
     x, r, dev = cands[rows, k], resid[rows, k], tot["deviance"][rows, k]
     upd = lambda key, new: np.where(  # noqa: E731
         active.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, fit[key])
@@ -180,7 +193,10 @@ def irls_update(fit: dict, tot: dict, p: int) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         theta = np.where(denom > 0, (dr * r).sum(axis=1) / denom, np.nan)
     anderson = plain - theta[:, None] * (dx + dr)
-    second = np.where((np.isfinite(theta) & ~first)[:, None], anderson, x + 0.5 * r)
+    # Anderson with a bounded mixing weight; otherwise (no history, or a wild weight) a half
+    # step, which guards against overshooting
+    tame = np.isfinite(theta) & (np.abs(theta) <= MAX_THETA) & ~first
+    second = np.where(tame[:, None], anderson, x + 0.5 * r)
     new = np.stack([plain, second], axis=1)[:, :K]
     still = ~fit["stopped"]
     fit["candidates"] = np.where(still[:, None, None], np.nan_to_num(new),
