@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -111,3 +112,23 @@ def test_size_factors_never_leave_the_site():
                 arr.shape[0] == len(study.genes)
     assert "size_factors" not in res.state
     assert isinstance(res.results(), pd.DataFrame)
+
+
+@pytest.mark.parametrize("test", ["Wald", "LRT"])
+def test_every_message_is_a_sum_over_samples(test):
+    """Additivity: in every round, site A's message + site B's message equals the message of
+    A and B merged into one site. A maximum, a quantile or a single sample's value would not
+    add up; a per-sample array would not even have a site-independent shape."""
+    study, sites = _two_sites(n_small=9, n_large=61)
+    kw = dict(levels=study.levels, genes=study.genes, record_messages=True, min_cell_size=0,
+              test=test, reduced="~ batch" if test == "LRT" else None)
+    fed = fed_de.deseq2(sites, study.design, **kw)
+    merged = fed_de.deseq2({"merged": ad.concat(list(sites.values()))}, study.design, **kw)
+    parts = {name: [m for m in fed.facts["messages"] if m["site"] == name] for name in sites}
+    whole = merged.facts["messages"]
+    assert len(whole) == len(parts["small"]) == len(parts["large"])
+    for i, m in enumerate(whole):
+        for key, value in m["message"].items():
+            summed = sum(np.asarray(parts[n][i]["message"][key]) for n in sites)
+            np.testing.assert_allclose(summed, np.asarray(value), rtol=1e-7, atol=1e-9,
+                                       err_msg=f"{m['step']}:{key}")
