@@ -81,21 +81,32 @@ def fitted_mu(X: np.ndarray, beta: np.ndarray, sf: np.ndarray, min_mu: float) ->
 
 
 def nb_deviance(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray,
-                lgamma_y1: np.ndarray | None = None) -> np.ndarray:
+                lgamma_y1: np.ndarray | None = None,
+                lgamma_ratio: np.ndarray | None = None) -> np.ndarray:
     """``-2 * sum_i log NB(y_i; mu_i, alpha)`` per gene (DESeq2's ``dnbinom_mu``).
 
-    ``lgamma_y1`` (per-gene sum of ``lgamma(y + 1)``) may be passed to skip recomputing it.
+    ``lgamma_y1`` (per-gene sum of ``lgamma(y + 1)``) and ``lgamma_ratio`` (per-gene sum of
+    ``lgamma(y + 1/alpha) - lgamma(1/alpha)``, see :func:`lgamma_ratio`) do not depend on the
+    means and may be passed to skip recomputing them.
     """
     r = 1.0 / alpha
+    if lgamma_ratio is None:
+        lgamma_ratio = nb_lgamma_ratio(y, alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
-        logp = (gammaln(y + r) - gammaln(r) - r * np.log1p(mu / r)
-                + y * (np.log(mu) - np.log(mu + r))).sum(axis=0)
+        logp = (y * (np.log(mu) - np.log(mu + r)) - r * np.log1p(mu / r)).sum(axis=0)
     if lgamma_y1 is None:
         lgamma_y1 = gammaln(y + 1.0).sum(axis=0)
-    return -2.0 * (logp - lgamma_y1)
+    return -2.0 * (logp + lgamma_ratio - lgamma_y1)
 
 
-def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None) -> dict:
+def nb_lgamma_ratio(y: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Per-gene sum of ``lgamma(y + 1/alpha) - lgamma(1/alpha)`` (the mean-free part)."""
+    r = 1.0 / alpha
+    return gammaln(y + r).sum(axis=0) - y.shape[0] * gammaln(r)
+
+
+def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None,
+                  lgamma_ratio=None) -> dict:
     """One IRLS iteration's sums at ``beta``: packed ``X^T W X``, ``X^T W z``, deviance.
 
     ``z = log(mu / sf) + (y - mu) / mu`` and ``w = mu / (1 + alpha mu)`` with ``mu`` floored,
@@ -105,7 +116,7 @@ def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None) ->
     w = mu / (1.0 + alpha * mu)
     z = np.log(mu / sf[:, None]) + (y - mu) / mu
     return {"xtwx": gram(X, w), "xtwz": (w * z).T @ X,
-            "deviance": nb_deviance(y, mu, alpha, lgamma_y1)}
+            "deviance": nb_deviance(y, mu, alpha, lgamma_y1, lgamma_ratio)}
 
 
 def solve_ridge(xtwx_packed: np.ndarray, rhs: np.ndarray, lam: np.ndarray) -> np.ndarray:
@@ -161,18 +172,24 @@ def _disp_block(y, mu, X, log_alpha) -> dict:
     mu = mu[:, :, None]
     alpha = np.exp(log_alpha)[None]
     r = 1.0 / alpha
-    mr = mu + r
-    # l(r) = lgamma(y+r) - lgamma(r) - y log(mu+r) - r log(1 + mu/r)
-    ll = gammaln(y + r) - gammaln(r) - y * np.log(mr) - r * np.log1p(mu / r)
-    dl_dr = digamma(y + r) - digamma(r) - np.log1p(mu / r) - (y + r) / mr + 1.0
-    d2l_dr2 = (trigamma(y + r) - trigamma(r) - 1.0 / mr - (mu - y) / mr**2 + 1.0 / r)
+    t = y + r
+    q = mu / r
+    l1 = np.log1p(q)  # log(1 + mu/r); log(mu + r) = log(r) + l1
+    inv_mr = 1.0 / (mu + r)
+    # l(r) = lgamma(y+r) - lgamma(r) - y log(mu+r) - r log(1 + mu/r). Differences such as
+    # digamma(y+r) - digamma(r) are taken per element, before summing over samples: summing
+    # first would cancel large terms and make sums from different sites disagree in the last
+    # digits more than the per-element form does.
+    ll = gammaln(t) - gammaln(r) - y * (np.log(r) + l1) - r * l1
+    dl_dr = digamma(t) - digamma(r) - l1 - t * inv_mr + 1.0
+    d2l = trigamma(t) - trigamma(r) - inv_mr - (mu - y) * inv_mr * inv_mr + 1.0 / r
+    ll_sum, dl_sum, d2l_sum = ll.sum(axis=0), dl_dr.sum(axis=0), d2l.sum(axis=0)
     # theta = log(alpha), r = exp(-theta): dl/dtheta = -r l_r; d2l/dtheta2 = r l_r + r^2 l_rr
-    d1 = -r * dl_dr
-    d2 = r * dl_dr + r * r * d2l_dr2
+    r0 = r[0]
     w = mu / (1.0 + alpha * mu)
     dw = -alpha * w * w
     d2w = dw + 2.0 * alpha * alpha * w**3
-    return {"ll": ll.sum(axis=0), "d1": d1.sum(axis=0), "d2": d2.sum(axis=0),
+    return {"ll": ll_sum, "d1": -r0 * dl_sum, "d2": r0 * dl_sum + r0 * r0 * d2l_sum,
             "A": gram(X, w), "A1": gram(X, dw), "A2": gram(X, d2w)}
 
 

@@ -93,10 +93,11 @@ class IRLSMixin:
         y = self.counts(site)[:, idx]
         sf = self.local["size_factors"]
         lgy1 = self.lgamma_y1(site)[idx]
+        lgr = nb.nb_lgamma_ratio(y, alpha)  # mean-free part: once for every candidate
         out = {"xtwx": np.zeros((G, K, nb.n_packed(p))), "xtwz": np.zeros((G, K, p)),
                "deviance": np.zeros((G, K))}
         for k in range(K):
-            part = nb.irls_summands(y, X, sf, cands[:, k], alpha, MIN_MU, lgy1)
+            part = nb.irls_summands(y, X, sf, cands[:, k], alpha, MIN_MU, lgy1, lgr)
             for key, value in part.items():
                 out[key][idx, k] = value
         return out
