@@ -108,6 +108,18 @@ def _check_method_params(params: dict, where: str) -> None:
             )
 
 
+def _call(method, org: str, step: str, ledger: RunLedger, what: str, **kwargs):
+    """Run a task's method; errors name the organisation and step and keep partial facts."""
+    try:
+        return method(**kwargs)
+    except FedDEError as err:
+        err.site, err.step, err.facts = org, step, ledger.facts()
+        raise
+    except Exception as err:
+        raise SiteTaskError(f"{what}: {type(err).__name__}: {err}", site=org, step=step,
+                            facts=ledger.facts()) from err
+
+
 def _rebuild(remote_struct):
     """The RemoteStruct as a remote node unpickles it (constructor args only)."""
     return cloudpickle.loads(cloudpickle.dumps(remote_struct))
@@ -161,19 +173,10 @@ class StrictTrainDataNode:
             kwargs["shared_state"] = pf.get_shared(local_state.key)
         if pf.progress is not None:
             pf.progress(step, self.organization_id, round_idx)
-        try:
-            out = getattr(instance, step)(
-                data_from_opener=self._site, _skip=True, **kwargs, **rs._method_parameters
-            )
-        except FedDEError as err:
-            err.site, err.step, err.facts = self.organization_id, step, ledger.facts()
-            raise
-        except Exception as err:
-            raise SiteTaskError(
-                f"task {step!r} failed at site {self.organization_id!r}: "
-                f"{type(err).__name__}: {err}",
-                site=self.organization_id, step=step, facts=ledger.facts(),
-            ) from err
+        out = _call(getattr(instance, step), self.organization_id, step, ledger,
+                    f"task {step!r} failed at site {self.organization_id!r}",
+                    data_from_opener=self._site, _skip=True, **kwargs,
+                    **rs._method_parameters)
         n_bytes = pf.put_shared(op_id, out)
         path = pf.workdir / f"local-{op_id}"
         instance.save_local_state(path)
@@ -229,16 +232,9 @@ class StrictAggregationNode:
         instance = _rebuild(rs).get_instance()
         if pf.progress is not None:
             pf.progress(step, self.organization_id, round_idx)
-        try:
-            out = getattr(instance, step)(shared_states=states, _skip=True, **rs._method_parameters)
-        except FedDEError as err:
-            err.site, err.step, err.facts = self.organization_id, step, ledger.facts()
-            raise
-        except Exception as err:
-            raise SiteTaskError(
-                f"aggregation {step!r} failed: {type(err).__name__}: {err}",
-                site=self.organization_id, step=step, facts=ledger.facts(),
-            ) from err
+        out = _call(getattr(instance, step), self.organization_id, step, ledger,
+                    f"aggregation {step!r} failed", shared_states=states, _skip=True,
+                    **rs._method_parameters)
         op_id = str(uuid.uuid4())
         n_bytes = pf.put_shared(op_id, out)
         ledger.tasks += 1
