@@ -4,7 +4,7 @@ from fed_de.design import Study, make_study
 
 __version__ = "0.1.0"
 
-__all__ = ["Study", "make_study", "__version__", "deseq2", "size_factors"]
+__all__ = ["Study", "make_study", "__version__", "deseq2", "size_factors", "screen"]
 
 
 def __getattr__(name):
@@ -13,4 +13,8 @@ def __getattr__(name):
         from fed_de import api
 
         return getattr(api, name)
+    if name == "screen":
+        from fed_de import screen_api
+
+        return screen_api.screen
     raise AttributeError(f"module 'fed_de' has no attribute {name!r}")

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fed_de.cli_args import parse_sites
+
 app = typer.Typer(add_completion=False, help="Federated differential expression (DESeq2-grade).")
 console = Console()
 
@@ -34,19 +36,7 @@ def demo(
 
 
 def _parse_sites(site: list[str]) -> dict[str, Path]:
-    sites = {}
-    for item in site:
-        if "=" not in item:
-            raise typer.BadParameter(f"--site expects NAME=PATH, got {item!r}")
-        name, path = item.split("=", 1)
-        if name in sites:
-            raise typer.BadParameter(f"site name {name!r} given twice")
-        if not Path(path).exists():
-            raise typer.BadParameter(f"site {name!r}: {path} does not exist")
-        sites[name] = Path(path)
-    if not sites:
-        raise typer.BadParameter("give at least one --site NAME=PATH")
-    return sites
+    return parse_sites(site)
 
 
 def _parse_levels(levels: list[str]) -> dict[str, list[str]]:
@@ -279,6 +269,14 @@ def print_facts(facts: dict, title: str = "Run facts") -> None:
     table.add_row("wall seconds", f"{facts['wall_seconds']:.3f}")
     console.print(table)
 
+
+def _register_screen() -> None:
+    from fed_de.screen_cli import screen_command
+
+    app.command("screen")(screen_command)
+
+
+_register_screen()
 
 if __name__ == "__main__":  # pragma: no cover
     app()

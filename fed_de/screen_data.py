@@ -140,7 +140,7 @@ class ScreenSite:
                 if lo == hi:
                     continue
             X = self.adata.X[start:stop]
-            X = sp.csr_matrix(X) if not sp.isspmatrix_csr(X) else X
+            X = X if sp.issparse(X) and X.format == "csr" else sp.csr_matrix(X)
             if self._gene_index is not None:
                 X = X[:, self._gene_index]
             X = sp.csr_matrix(X, dtype=np.float64)

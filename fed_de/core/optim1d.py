@@ -84,3 +84,11 @@ def _converged(state: dict, lo: float, hi: float) -> np.ndarray:
     at_lo = (x <= lo) & (g <= 0)
     at_hi = (x >= hi) & (g >= 0)
     return small | at_lo | at_hi | ~np.isfinite(state["f"])
+
+
+def add_log_normal_prior(f, g, h, points: np.ndarray, prior: dict | None):
+    """Add a normal prior on log(alpha) (mean per gene, common variance) to f, g, h."""
+    if prior is None:
+        return f, g, h
+    dev = points - prior["mean"][:, None]
+    return f - 0.5 * dev**2 / prior["var"], g - dev / prior["var"], h - 1.0 / prior["var"]

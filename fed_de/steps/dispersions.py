@@ -47,12 +47,7 @@ def objective(tot: dict, points: np.ndarray, p: int, prior: dict | None = None):
     """Objective, gradient, curvature at ``points`` from summed site messages."""
     cr, cr1, cr2 = nb.cox_reid(tot["A"], tot["A1"], tot["A2"], p)
     f, g, h = tot["ll"] + cr, tot["d1"] + cr1, tot["d2"] + cr2
-    if prior is not None:
-        dev = points - prior["mean"][:, None]
-        f = f - 0.5 * dev**2 / prior["var"]
-        g = g - dev / prior["var"]
-        h = h - 1.0 / prior["var"]
-    return f, g, h
+    return optim1d.add_log_normal_prior(f, g, h, points, prior)
 
 
 class DispersionsMixin:

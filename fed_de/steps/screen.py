@@ -143,10 +143,9 @@ class ScreenSetupMixin:
     def _codes(self, site: ScreenSite) -> tuple[np.ndarray, np.ndarray]:
         """Group (0 control, p + 1, -1 unused) and design cell of every cell of the site."""
         st = self.screen
-        labels = site.obs_column(st.perturbation_column).to_numpy()
-        index = {lab: i + 1 for i, lab in enumerate(st.perturbations)}
-        index[st.control] = 0
-        q = np.array([index.get(lab, -1) for lab in labels], dtype=np.int64)
+        labels = site.obs_column(st.perturbation_column)
+        q = pd.Categorical(labels, categories=[st.control, *st.perturbations]).codes
+        q = q.astype(np.int64)  # -1: a label the study does not test (left out)
         levels = np.zeros((site.n_samples, len(st.factors)), dtype=np.int64)
         for f, (name, lv) in enumerate(st.factors):
             if f == 0 and st.site_factor:

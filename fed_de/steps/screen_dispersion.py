@@ -29,16 +29,15 @@ from fed_de.core.optim1d import STEP_FRACTIONS
 from fed_de.screen_data import ScreenSite
 from fed_de.steps.base import sends, sum_messages
 from fed_de.steps.dispersion_init import MIN_DISP
-from fed_de.steps.dispersions import (
-    ANCHORS,
-    START_OFFSETS,
-    finish_genewise,
-    finish_map,
-    log_bounds,
-)
+from fed_de.steps.dispersions import finish_genewise, finish_map, log_bounds
 from fed_de.steps.screen import tracked
 
 DISP_KEYS = ("ll", "d1", "d2", "A", "A1", "A2")
+#: First gene-wise round: the moments estimate and its neighbours (log scale), and anchors
+#: across the range (the bounds, and dispersions 1e-3, 0.1, 10) so that every gene's maximum
+#: is bracketed at once.
+START_OFFSETS = (0.0, -1.0, 1.0)
+ANCHORS = (None, float(np.log(1e-3)), float(np.log(0.1)), float(np.log(10.0)), None)
 
 
 class ScreenDispersionMixin:
@@ -68,13 +67,17 @@ class ScreenDispersionMixin:
         means = state["disp_means"][:, idx]
         pts = np.nan_to_num(points[idx])
         min_mu = float(self.options.get("min_mu", core.MIN_MU))
-        acc: dict = {}
+        # genes whose no-count sums come from power sums of size factors (most of them)
+        moments = core.sf_moments(sf, groups, D)
+        series = core.series_genes(moments, means[:, :, None] * np.exp(pts)[None], means,
+                                   min_mu)
+        acc = core.disp_series_summands(moments, means, pts, series)
         for start, X in site.chunks(rows):
             sl = slice(start, start + X.shape[0])
             part = core.disp_summands(X[:, idx] if idx.size < G else X, sf[sl], groups[sl],
-                                      means, pts, min_mu)
+                                      means, pts, min_mu, dense=~series)
             for k, v in part.items():
-                acc[k] = acc[k] + v if k in acc else v
+                acc[k] += v
         for k, v in acc.items():
             out[k][idx] = v
         return out
@@ -143,8 +146,7 @@ class ScreenDispersionMixin:
         lo, hi = log_bounds(max_disp)
         x0 = np.log(alpha_hat)
         pts = x0[:, None] + np.asarray(START_OFFSETS)[None, :]
-        anchors = [lo if a is None and i == 0 else hi if a is None else a
-                   for i, a in enumerate(ANCHORS)]
+        anchors = [lo if i == 0 else hi if a is None else a for i, a in enumerate(ANCHORS)]
         pts = np.column_stack([pts, np.broadcast_to(anchors, (x0.shape[0], len(anchors)))])
         state["disp_points"] = np.clip(pts, lo, hi)
         state["disp_active"] = ~all_zero
@@ -183,9 +185,10 @@ class ScreenDispersionMixin:
         tot = sum_messages(messages, list(DISP_KEYS))
         lo, hi = log_bounds(prev["max_disp"])
         points = prev["disp_points"]
-        f, g, h = core.disp_objective(tot, points)
-        f = np.where(prev["disp_active"][:, None], f, -np.inf)
+        f0, g, h = core.disp_objective(tot, points)
+        f = np.where(prev["disp_active"][:, None], f0, -np.inf)
         hist = core.search_start(points, f, g, h)
+        f = f0
         state = dict(prev)
         state.update(gw_hist=hist, gw_start_f=f[:, 0], gw_start_g=g[:, 0], gw_start_h=h[:, 0])
         self._propose(state, hist, lo, hi)
@@ -220,7 +223,8 @@ class ScreenDispersionMixin:
         """Last gene-wise round; trend, prior; start of the MAP search (or, without
         shrinkage, the final dispersions and the start of the fit)."""
         state = self.agg_screen_disp_step(shared_states, phase="genewise", _skip=True)
-        state["gw_search"] = state.pop("genewise_best")
+        best = state.pop("genewise_best")
+        state["gw_search"] = dict(best, x=best["estimate"])
         finish_genewise(state, state["n_disp_groups"], self.options.get("fit_type", "parametric"))
         if not self.options.get("shrink", True):
             state.update(disp_map=state["disp_gene"], dispersion=state["disp_gene"],
@@ -244,7 +248,8 @@ class ScreenDispersionMixin:
     def agg_screen_disp_finish_map(self, shared_states: list[dict]) -> dict:
         """Last MAP update; final dispersions; start of the fit."""
         state = self.agg_screen_disp_step(shared_states, phase="map", _skip=True)
-        state["map_search"] = state.pop("map_best")
+        best = state.pop("map_best")
+        state["map_search"] = dict(best, x=best["estimate"])
         finish_map(state)
         self.start_fit(state)
         return state

@@ -10,14 +10,17 @@ does not depend on the number of perturbations.
 Both run in the same rounds: the effects are updated with the exact coupled Newton step
 ``beta += (u - sum h x' db) / sum h`` (``db``: the control coefficients' move in that
 round), so they track the control fit and stop with it. Starts are Poisson fits from the
-round-2 sums (exact for alpha = 0), so a few rounds reach |step| < 1e-8.
+round-2 sums (exact for alpha = 0); a Newton step below 1e-5 is the last one taken (what
+remains is ~1e-10), which the third round usually reaches. Genes whose control fit and
+effects have all stopped are not computed again (sent as zeros) until the last round.
 
 Round Fk  local : control sums (log likelihood, score, observed information), per-
                   perturbation sums (score, observed information times design rows)
           agg   : safeguarded Newton step of the control fit (step halving on a falling
                   likelihood), coupled Newton step of every effect
-Last round  local : the same, plus the Fisher information of the control fit and each
-                  perturbation's ``sum w x`` (its Wald standard error)
+Last round  local : the same for genes still moving, and for every gene the Fisher
+                  information of the control fit and each perturbation's ``sum w x`` at
+                  the final point (its Wald standard error)
             agg   : the last update; Wald tests, BH per perturbation
 The standard error is the sampling variance of the effect fitted against the frozen control
 fit (:func:`fed_de.core.screen.frozen_wald_se`).
@@ -64,38 +67,58 @@ class ScreenFitMixin:
         G, p = fit["b"].shape
         P = beta.shape[0]
         T = XX.shape[1]
-        active = ~fit["done"] | (~state["pert_done"]).any(axis=0)
-        idx = np.arange(G) if final else np.flatnonzero(active)
         out = {"ctrl_ll": np.zeros(G), "ctrl_score": np.zeros((G, p)),
                "ctrl_hess": np.zeros((G, T)), "pert_score": np.zeros((P, G)),
                "pert_hx": np.zeros((P, G, p))}
-        if final:
-            out.update(ctrl_info=np.zeros((G, T)), pert_wx=np.zeros((P, G, p)))
-        if idx.size == 0:
-            return out
         site = self.site_view(site)
+        active = np.flatnonzero(~fit["done"] | (~state["pert_done"]).any(axis=0))
+        w = None
+        if active.size:  # Newton sums of the genes still moving
+            both = final and active.size > G // 2  # one pass for the Newton and Wald sums
+            acc = self._pass(site, state, np.arange(G) if both else active, with_uh=True,
+                             with_w=both)
+            if acc["u"].shape[-1] == G:
+                active = np.arange(G)
+            w = acc.get("w")
+            u, h = acc["u"], acc["h"]
+            out["ctrl_ll"][active] = acc["ll"].sum(axis=0)
+            out["ctrl_score"][active] = np.einsum("cg,cj->gj", u[0], Xc)
+            out["ctrl_hess"][active] = np.einsum("cg,ct->gt", h[0], XX)
+            out["pert_score"][:, active] = u[1:].sum(axis=1)
+            out["pert_hx"][:, active] = np.einsum("pcg,cj->pgj", h[1:], Xc)
+        if final:  # Fisher weights of every gene at the final point
+            if w is None:
+                w = self._pass(site, state, np.arange(G), with_uh=False, with_w=True)["w"]
+            out["ctrl_info"] = np.einsum("cg,ct->gt", w[0], XX)
+            out["pert_wx"] = np.einsum("pcg,cj->pgj", w[1:], Xc)
+        return out
+
+    def _pass(self, site: ScreenSite, state: dict, idx: np.ndarray, with_uh: bool,
+              with_w: bool) -> dict:
+        """One pass over the site's cells: fit sums of the genes ``idx``."""
+        G = state["fit"]["b"].shape[0]
         q, c, Q, C = self.cell_groups()
         sf = self.local["sf"]
-        table = core.mean_table(Xc, fit["b"][idx], beta[:, idx])
+        if idx.size > G // 2:  # cheaper to compute every gene than to select columns
+            idx = np.arange(G)
+        table = core.mean_table(self.screen.fit_design, state["fit"]["b"][idx],
+                                state["beta"][:, idx])
         alpha = state["alpha_fit"][idx]
         min_mu = float(self.options.get("min_mu", core.MIN_MU))
-        acc: dict = {}
+        code = np.where(q >= 0, q * C + c, -1)
+        moments = core.sf_moments(sf, code, Q * C)
+        flat = table.reshape(Q * C, -1)
+        series = core.series_genes(moments, (flat * alpha)[:, :, None], flat, min_mu)
+        acc = core.fit_series_summands(moments, table, alpha, series, with_uh=with_uh,
+                                       with_w=with_w)
         for start, X in site.chunks(np.flatnonzero(q >= 0)):
             sl = slice(start, start + X.shape[0])
             part = core.fit_summands(X[:, idx] if idx.size < G else X, sf[sl], q[sl], c[sl],
-                                     table, alpha, with_w=final, min_mu=min_mu)
+                                     table, alpha, with_uh=with_uh, with_w=with_w,
+                                     min_mu=min_mu, dense=~series)
             for k, v in part.items():
-                acc[k] = acc[k] + v if k in acc else v
-        u, h = acc["u"], acc["h"]
-        out["ctrl_ll"][idx] = acc["ll"].sum(axis=0)
-        out["ctrl_score"][idx] = np.einsum("cg,cj->gj", u[0], Xc)
-        out["ctrl_hess"][idx] = np.einsum("cg,ct->gt", h[0], XX)
-        out["pert_score"][:, idx] = u[1:].sum(axis=1)
-        out["pert_hx"][:, idx] = np.einsum("pcg,cj->pgj", h[1:], Xc)
-        if final:
-            out["ctrl_info"][idx] = np.einsum("cg,ct->gt", acc["w"][0], XX)
-            out["pert_wx"][:, idx] = np.einsum("pcg,cj->pgj", acc["w"][1:], Xc)
-        return out
+                acc[k] = acc[k] + v
+        return acc
 
     @remote_data
     @sends(ctrl_ll=("G",), ctrl_score=("G", "p"), ctrl_hess=("G", "T"),
@@ -126,7 +149,8 @@ class ScreenFitMixin:
         state = dict(prev)
         state["fit"] = new_fit
         state["beta"] = np.where(frozen, prev["beta"], beta)
-        state["pert_done"] = frozen | ((np.abs(step) < core.TOL) & new_fit["done"][None, :])
+        state["pert_done"] = frozen | ((np.abs(step) < core.DONE_STEP)
+                                       & new_fit["done"][None, :])
         return state
 
     @remote

@@ -64,13 +64,15 @@ class ScreenRankTestsMixin:
         self.local["sf"] = self.screen_size_factors(shared_state)
         out = self._filter_sums(self.screen_group_sums(site, log_values=True))
         q, c, Q, C = self.cell_groups()
-        sf = self.local["sf"]
+        # rank y / (raw factor): the same order as y / s, without the global scale, so
+        # counts whose ratios are equal stay exactly tied whatever the scale's last bits
+        raw = self.local["sf_raw"] if "sf_raw" in self.local else self.local["lib"]
         vals, cols, qs, cs = [], [], [], []
         for start, X in site.chunks(np.flatnonzero(q >= 0)):
             rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr)) + start
             keep = q[rows] >= 0
             rows = rows[keep]
-            vals.append(X.data[keep] / sf[rows])
+            vals.append(X.data[keep] / raw[rows])
             cols.append(X.indices[keep].astype(np.int64))
             qs.append(q[rows])
             cs.append(c[rows])

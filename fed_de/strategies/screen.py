@@ -21,9 +21,8 @@ import numpy as np
 
 from fed_de.core.optim1d import STEP_FRACTIONS
 from fed_de.steps.base import FedBase, PlanCursor
-from fed_de.steps.dispersions import ANCHORS, START_OFFSETS
 from fed_de.steps.screen import ScreenSetupMixin, ScreenStudy
-from fed_de.steps.screen_dispersion import ScreenDispersionMixin
+from fed_de.steps.screen_dispersion import ANCHORS, START_OFFSETS, ScreenDispersionMixin
 from fed_de.steps.screen_fit import ScreenFitMixin
 from fed_de.steps.screen_tests import ScreenRankTestsMixin
 
