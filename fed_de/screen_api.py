@@ -235,6 +235,23 @@ def declare_screen(sites: list[ScreenSite], perturbation_column: str, control: s
                        and site_effects and len(sites) > 1)
 
 
+def _run_on_substra(strategy, loaded: list, workdir, progress) -> tuple[dict, dict]:
+    """The screen strategy, unchanged, on substra's subprocess backend."""
+    import tempfile
+    from pathlib import Path
+
+    from fed_de.screen_data import SCREEN_OPENER_SOURCE, write_screen_site_folder
+    from fed_de.simulation.substra_runner import run_subprocess
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="fed_de_screen_"))
+    sub = run_subprocess(strategy, loaded, workdir=workdir, progress=progress,
+                         opener_source=SCREEN_OPENER_SOURCE,
+                         write_site=write_screen_site_folder)
+    facts = dict(sub.facts)
+    facts.update(backend="subprocess", workdir=str(workdir))
+    return sub.shared_state, facts
+
+
 def screen(
     sites: Mapping,
     *,
@@ -265,6 +282,8 @@ def screen(
     measure_memory: bool = False,
     record_messages: bool = False,
     progress=None,
+    backend: str = "simulation",
+    workdir=None,
 ) -> ScreenResult:
     """Test every perturbation against the shared control across sites, moving no cell.
 
@@ -306,6 +325,10 @@ def screen(
         Trace the peak memory of every site task (tracemalloc; slows the run a little).
     record_messages, progress
         Keep every message (privacy tests); progress callback ``(step, org, round)``.
+    backend, workdir
+        ``"simulation"`` (strict in-process, default) or ``"subprocess"`` (substra's
+        subprocess backend: one organisation per site, real functions and tasks; working
+        files under ``workdir``).
     """
     from fed_de.strategies.screen import ScreenStrategy
 
@@ -323,16 +346,23 @@ def screen(
                   min_mean_pert=min_mean_pert, min_cells_ctrl=min_cells_ctrl,
                   min_cells_pert=min_cells_pert, **dict(rounds or {}))
     strategy = ScreenStrategy(study.to_dict(), **params)
-    tracing = measure_memory and not tracemalloc.is_tracing()
-    if tracing:
-        tracemalloc.start()
-    try:
-        run = run_strict(strategy, loaded, record_messages=record_messages, progress=progress)
-    finally:
+    if backend not in ("simulation", "subprocess"):
+        raise ValueError(f"backend {backend!r}: screens run on 'simulation' or 'subprocess'")
+    if backend == "subprocess":
+        state, facts = _run_on_substra(strategy, loaded, workdir, progress)
+        measure_memory = record_messages = False
+    else:
+        tracing = measure_memory and not tracemalloc.is_tracing()
         if tracing:
-            tracemalloc.stop()
-    state = run.shared_state
-    facts = run.ledger.facts()
+            tracemalloc.start()
+        try:
+            run = run_strict(strategy, loaded, record_messages=record_messages,
+                             progress=progress)
+        finally:
+            if tracing:
+                tracemalloc.stop()
+        state = run.shared_state
+        facts = run.ledger.facts()
     facts["wall_seconds"] = round(time.perf_counter() - started, 4)
     G = len(study.genes)
     facts["bytes_per_gene_by_site"] = {k: round(v / G, 1)

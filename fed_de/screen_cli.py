@@ -60,6 +60,10 @@ def screen_command(
     measure_memory: Annotated[bool, typer.Option(
         "--measure-memory/--no-measure-memory",
         help="Trace each site's peak memory (tracemalloc; a little slower).")] = True,
+    backend: Annotated[str, typer.Option(
+        "--backend", help="simulation or subprocess (substra's real tasks).")] = "simulation",
+    workdir: Annotated[Path | None, typer.Option(
+        "--workdir", help="Run directory of the subprocess backend.")] = None,
 ) -> None:
     """Test every perturbation against the shared control across sites (no cell moves)."""
     from fed_de.errors import FedDEError
@@ -76,7 +80,8 @@ def screen_command(
                      covariates=list(covariate or []) or None, method=method,
                      size_factors=size_factors, dispersion=dispersion,
                      site_effects=site_effects, chunk_size=chunk_size, backed=backed,
-                     min_cell_size=min_cell_size, measure_memory=measure_memory)
+                     min_cell_size=min_cell_size, measure_memory=measure_memory,
+                     backend=backend, workdir=workdir)
     except (FedDEError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from None

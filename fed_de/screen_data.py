@@ -36,6 +36,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import substratools as tools
 
 from fed_de.errors import SiteDataError
 
@@ -183,6 +184,45 @@ def load_screen_site(source, name: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
                                 "site needs sparse CSR counts")
         return ScreenSite(name, adata, chunk_size)
     return load_screen_site(ad.read_h5ad(path), name, chunk_size)
+
+
+# -- substra: the screen site's opener and data sample folder --------------------------------
+SCREEN_OPENER_SOURCE = "from fed_de.screen_data import ScreenOpener  # noqa: F401\n"
+
+
+def write_screen_site_folder(site: ScreenSite, folder: Path) -> Path:
+    """Data sample folder of a screen site: ``site.h5ad`` (sparse) and ``site.json``."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    X = sp.vstack([block for _, block in site.chunks()]).tocsr() if site.n_samples else None
+    adata = ad.AnnData(X=X, obs=site.adata.obs.copy(),
+                       var=pd.DataFrame(index=list(site.genes)))
+    adata.write_h5ad(folder / "site.h5ad")
+    (folder / "site.json").write_text(json.dumps(
+        {"name": site.name, "chunk_size": site.chunk_size, "backed": site.backed}))
+    return folder
+
+
+class ScreenOpener(tools.Opener):
+    """substratools opener of a screen site: one folder with ``site.h5ad`` and ``site.json``."""
+
+    def get_data(self, folders):
+        """Open the site (backed when it was registered backed)."""
+        import json
+
+        if len(folders) != 1:
+            raise SiteDataError(f"a screen site is one data sample folder, got {len(folders)}")
+        folder = Path(folders[0])
+        meta = json.loads((folder / "site.json").read_text())
+        return load_screen_site(folder / "site.h5ad", meta["name"],
+                                int(meta.get("chunk_size", DEFAULT_CHUNK_SIZE)),
+                                bool(meta.get("backed", False)))
+
+    def fake_data(self, n_samples=None):
+        """Not supported: fed_de never runs on fake data."""
+        raise NotImplementedError("fed_de does not use fake data")
 
 
 # -- synthetic screen -------------------------------------------------------------------------

@@ -207,3 +207,20 @@ def test_remote_timeout_and_bad_keys(small, tmp_path, wheel):
                                   workdir=tmp_path, wheel=wheel)
     with pytest.raises(FedDEError, match="need 'token'"):
         substra_runner.make_client({"url": "https://x"}, "aggregator")
+
+
+def test_screen_runs_unchanged_on_subprocess_backend(tmp_path):
+    """The screen strategy on substra's subprocess backend equals its simulation (~1 min)."""
+    from fed_de.screen_api import COLUMNS, screen
+    from fed_de.screen_data import make_screen
+
+    scr = make_screen(n_cells=600, n_genes=25, n_perturbations=3, n_sites=2, seed=3)
+    kw = {"perturbation_column": "perturbation", "control": "non-targeting"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = screen(scr.sites, **kw, backend="subprocess", workdir=tmp_path)
+    sim = screen(scr.sites, **kw)
+    for key in COLUMNS:
+        np.testing.assert_allclose(real.arrays[key], sim.arrays[key], rtol=1e-12,
+                                   equal_nan=True, err_msg=key)
+    assert real.facts["sequential_steps"] == sim.facts["sequential_steps"] <= 30

@@ -70,11 +70,11 @@ def write_site_folder(site: SiteData, folder: Path) -> Path:
     return folder
 
 
-def write_opener(folder: Path) -> tuple[Path, Path]:
+def write_opener(folder: Path, source: str = OPENER_SOURCE) -> tuple[Path, Path]:
     """The opener script and dataset description every site registers."""
     folder.mkdir(parents=True, exist_ok=True)
     opener, description = folder / "opener.py", folder / "description.md"
-    opener.write_text(OPENER_SOURCE)
+    opener.write_text(source)
     description.write_text("fed_de site: counts (samples x genes) and sample metadata.\n")
     return opener, description
 
@@ -103,27 +103,30 @@ class SubstraRun:
 
 
 def run_subprocess(strategy, sites: list[SiteData], *, workdir: Path,
-                   wheel: Path | None = None, progress=None) -> SubstraRun:
+                   wheel: Path | None = None, progress=None,
+                   opener_source: str = OPENER_SOURCE, write_site=None) -> SubstraRun:
     """Execute ``strategy`` on substra's subprocess backend: real functions, datasets, tasks.
 
     One substra organisation per site plus the aggregator, each with its own client.
     Working files (site folders, wheel, experiment summary, substra's local worker) go under
-    ``workdir``, which the caller may delete afterwards.
+    ``workdir``, which the caller may delete afterwards. ``opener_source`` and
+    ``write_site(site, folder)`` let other kinds of site (screens) travel the same way.
     """
+    write_site = write_site or write_site_folder
     import substra
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     wheel = wheel or build_wheel(workdir / "dist")
-    opener, description = write_opener(workdir / "opener")
+    opener, description = write_opener(workdir / "opener", opener_source)
     names = [s.name for s in sites]
     clients = {n: substra.Client(client_name=n, backend_type="subprocess")
                for n in [*names, "aggregator"]}
     orgs = {n: c.organization_info().organization_id for n, c in clients.items()}
     keys = {}
     for site in sites:
-        folder = write_site_folder(site, workdir / "sites" / site.name)
+        folder = write_site(site, workdir / "sites" / site.name)
         keys[site.name] = register_dataset(clients[site.name], site.name, folder, opener,
                                            description, [orgs[site.name], orgs["aggregator"]])
     return _execute(strategy, clients["aggregator"], orgs, keys, workdir, wheel, started,
