@@ -201,8 +201,9 @@ def register_site(
     org: str = typer.Option(..., "--as", help="Entry of the credentials YAML to use."),
     aggregator_org: str = typer.Option(..., help="Organisation id of the aggregator."),
     keys: Path = typer.Option(Path("keys.yaml"), help="Keys YAML to write or update."),
+    kind: str = typer.Option("deseq2", help="deseq2 (bulk counts) or screen (cells, .h5ad)."),
 ) -> None:
-    """Register this hospital's dataset on its own Substra node and record its keys."""
+    """Register this site's dataset on its own Substra node and record its keys."""
     from fed_de.errors import FedDEError
     from fed_de.simulation.substra_runner import _load_yaml, make_client, register_site_remote
 
@@ -211,7 +212,7 @@ def register_site(
         if org not in creds:
             raise FedDEError(f"credentials have no entry {org!r} (entries: {list(creds)})")
         client = make_client(creds[org], org)
-        entry = register_site_remote(client, name, site, aggregator_org, keys)
+        entry = register_site_remote(client, name, site, aggregator_org, keys, kind=kind)
     except FedDEError as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(code=2) from None

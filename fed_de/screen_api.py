@@ -235,6 +235,29 @@ def declare_screen(sites: list[ScreenSite], perturbation_column: str, control: s
                        and site_effects and len(sites) > 1)
 
 
+def _declared_remote_study(keys, perturbation_column: str, control: str, covariates,
+                           perturbations, genes, levels, site_effects: bool) -> ScreenStudy:
+    """The screen study of a remote network: declared by the user, site names from keys."""
+    from fed_de.simulation.substra_runner import _load_yaml
+
+    if perturbations is None or genes is None:
+        raise ValueError("backend='remote' needs the study declared: perturbations= and genes=")
+    site_names = list(_load_yaml(keys).get("sites") or {})
+    if not site_names:
+        raise ValueError("the keys file lists no site (write it with fed-de register-site)")
+    factors = []
+    if site_effects and len(site_names) > 1:
+        factors.append([SITE_FACTOR, site_names])
+    for cov in covariates or []:
+        if not levels or cov not in levels:
+            raise ValueError(f"backend='remote' needs the levels of covariate {cov!r}")
+        factors.append([cov, [str(x) for x in levels[cov]]])
+    return ScreenStudy(genes=[str(g) for g in genes],
+                       perturbations=[str(p) for p in perturbations], control=str(control),
+                       perturbation_column=perturbation_column, factors=factors,
+                       site_factor=bool(factors) and factors[0][0] == SITE_FACTOR)
+
+
 def _run_on_substra(strategy, loaded: list, workdir, progress) -> tuple[dict, dict]:
     """The screen strategy, unchanged, on substra's subprocess backend."""
     import tempfile
@@ -284,6 +307,9 @@ def screen(
     progress=None,
     backend: str = "simulation",
     workdir=None,
+    credentials=None,
+    keys=None,
+    timeout: float | None = None,
 ) -> ScreenResult:
     """Test every perturbation against the shared control across sites, moving no cell.
 
@@ -326,19 +352,32 @@ def screen(
     record_messages, progress
         Keep every message (privacy tests); progress callback ``(step, org, round)``.
     backend, workdir
-        ``"simulation"`` (strict in-process, default) or ``"subprocess"`` (substra's
+        ``"simulation"`` (strict in-process, default), ``"subprocess"`` (substra's
         subprocess backend: one organisation per site, real functions and tasks; working
-        files under ``workdir``).
+        files under ``workdir``) or ``"remote"`` (a Substra network; ``sites`` is not given:
+        the cells stay at the sites).
+    credentials, keys, timeout
+        Remote backend: credentials YAML, keys YAML written by ``fed-de register-site --kind
+        screen`` (its site names are the study's sites), seconds to wait. The study must be
+        declared: ``perturbations``, ``genes`` and, with covariates, ``levels``.
     """
     from fed_de.strategies.screen import ScreenStrategy
 
     started = time.perf_counter()
-    loaded = load_screen_sites(sites, chunk_size, backed)
     if site_effects is None:
         site_effects = method == "nb_glm"
-    study = declare_screen(loaded, perturbation_column, control, covariates=covariates,
-                           perturbations=perturbations, genes=genes, levels=levels,
-                           site_effects=bool(site_effects))
+    if backend == "remote":
+        if sites:
+            raise ValueError("backend='remote': the cells stay at the sites; give keys=, "
+                             "not sites")
+        loaded = []
+        study = _declared_remote_study(keys, perturbation_column, control, covariates,
+                                       perturbations, genes, levels, bool(site_effects))
+    else:
+        loaded = load_screen_sites(sites, chunk_size, backed)
+        study = declare_screen(loaded, perturbation_column, control, covariates=covariates,
+                               perturbations=perturbations, genes=genes, levels=levels,
+                               site_effects=bool(site_effects))
     params = dict(method=method, size_factors=size_factors, dispersion=dispersion,
                   dispersion_cells=dispersion_cells, shrink=shrink, fit_type=fit_type,
                   min_mu=min_mu, min_cell_size=min_cell_size, min_pct_ctrl=min_pct_ctrl,
@@ -346,10 +385,22 @@ def screen(
                   min_mean_pert=min_mean_pert, min_cells_ctrl=min_cells_ctrl,
                   min_cells_pert=min_cells_pert, **dict(rounds or {}))
     strategy = ScreenStrategy(study.to_dict(), **params)
-    if backend not in ("simulation", "subprocess"):
-        raise ValueError(f"backend {backend!r}: screens run on 'simulation' or 'subprocess'")
+    if backend not in ("simulation", "subprocess", "remote"):
+        raise ValueError(f"backend {backend!r}: use 'simulation', 'subprocess' or 'remote'")
     if backend == "subprocess":
         state, facts = _run_on_substra(strategy, loaded, workdir, progress)
+        measure_memory = record_messages = False
+    elif backend == "remote":
+        import tempfile
+        from pathlib import Path
+
+        from fed_de.simulation.substra_runner import run_remote
+
+        workdir = Path(workdir or tempfile.mkdtemp(prefix="fed_de_screen_"))
+        sub = run_remote(strategy, credentials, keys, workdir=workdir, timeout=timeout,
+                         progress=progress)
+        state, facts = sub.shared_state, dict(sub.facts)
+        facts.update(backend="remote", workdir=str(workdir))
         measure_memory = record_messages = False
     else:
         tracing = measure_memory and not tracemalloc.is_tracing()

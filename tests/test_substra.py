@@ -224,3 +224,39 @@ def test_screen_runs_unchanged_on_subprocess_backend(tmp_path):
         np.testing.assert_allclose(real.arrays[key], sim.arrays[key], rtol=1e-12,
                                    equal_nan=True, err_msg=key)
     assert real.facts["sequential_steps"] == sim.facts["sequential_steps"] <= 30
+
+
+def test_screen_on_a_remote_network_with_a_fake_client(tmp_path, wheel):
+    """Screens: register-site with the screen opener, then a remote run (fake client)."""
+    from fed_de.screen_api import screen
+    from fed_de.screen_data import SCREEN_OPENER_SOURCE, make_screen, write_screen_site_folder
+    from fed_de.screen_data import load_screen_site as load
+
+    scr = make_screen(n_cells=300, n_genes=12, n_perturbations=2, n_sites=2, seed=4)
+    keys_file = tmp_path / "keys.yaml"
+    for name, adata in scr.sites.items():
+        folder = write_screen_site_folder(load(adata, name), tmp_path / "data" / name)
+        client = FakeClient(org=f"{name}-MSP")
+        substra_runner.register_site_remote(client, name, folder, "Agg-MSP", keys_file,
+                                            tmp_path / "work", kind="screen")
+        assert Path(client.calls[1][1].data_opener).read_text() == SCREEN_OPENER_SOURCE
+    agg = FakeClient(org="Agg-MSP")
+    seen = []
+
+    def download(client, compute_plan_key, round_idx):
+        seen.append(round_idx)
+        raise RuntimeError("stop after download")  # the fake network computes nothing
+
+    from unittest import mock
+
+    with mock.patch.object(substra_runner, "make_client", lambda entry, name: agg), \
+            mock.patch("substrafl.model_loading.download_aggregate_shared_state", download), \
+            pytest.raises(RuntimeError, match="stop after download"):
+        screen(None, perturbation_column="perturbation", control="non-targeting",
+               perturbations=scr.perturbations, genes=scr.genes, backend="remote",
+               credentials={"aggregator": {"url": "u", "token": "t"}}, keys=keys_file,
+               workdir=tmp_path / "run")
+    submitted = [c for c in agg.calls if c[0] == "add_compute_plan"]
+    assert len(submitted) == 1 and seen
+    workers = {t.worker for t in submitted[0][1].tasks}
+    assert workers == {f"{n}-MSP" for n in scr.sites} | {"Agg-MSP"}

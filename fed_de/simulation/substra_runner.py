@@ -259,16 +259,31 @@ def make_client(entry: dict, name: str):
 
 
 def register_site_remote(client, name: str, site_folder: Path, aggregator_org: str,
-                         keys_file: Path | None = None, workdir: Path | None = None) -> dict:
+                         keys_file: Path | None = None, workdir: Path | None = None,
+                         kind: str = "deseq2") -> dict:
     """What ``fed-de register-site`` does on a hospital's own node; returns its keys entry.
 
     The site's data sample folder is uploaded to the hospital's own node only; the dataset is
     readable by the hospital and the aggregator organisation (which runs no data task on it).
+    ``kind="screen"`` registers the screen opener (one ``.h5ad`` of cells in the folder).
     """
     import yaml
 
     workdir = Path(workdir or site_folder.parent / ".fed_de")
-    opener, description = write_opener(workdir / "opener")
+    if kind == "screen":
+        from fed_de.screen_data import SCREEN_OPENER_SOURCE as source
+
+        h5 = sorted(site_folder.glob("*.h5ad"))
+        if len(h5) != 1:
+            raise FedDEError(f"site {name!r}: a screen site folder holds one .h5ad, found "
+                             f"{len(h5)} in {site_folder}")
+        if h5[0].name != "site.h5ad":
+            raise FedDEError(f"site {name!r}: name the file site.h5ad (found {h5[0].name})")
+    elif kind == "deseq2":
+        source = OPENER_SOURCE
+    else:
+        raise FedDEError(f"kind must be 'deseq2' or 'screen', not {kind!r}")
+    opener, description = write_opener(workdir / "opener", source)
     meta = site_folder / SITE_META
     if not meta.exists():
         meta.write_text(json.dumps({"name": name}))
@@ -286,7 +301,7 @@ def register_site_remote(client, name: str, site_folder: Path, aggregator_org: s
 
 def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "aggregator",
                wheel: Path | None = None, timeout: float | None = None,
-               poll_seconds: float = 10.0, progress=None, client_factory=make_client,
+               poll_seconds: float = 10.0, progress=None, client_factory=None,
                download=None) -> SubstraRun:
     """Submit ``strategy`` to a remote Substra network and wait for its result.
 
@@ -311,7 +326,7 @@ def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "
                    if not k.get(f)]
         if missing:
             raise FedDEError(f"keys of site {name!r} lack {missing}")
-    client = client_factory(creds[submitter], submitter)
+    client = (client_factory or make_client)(creds[submitter], submitter)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
