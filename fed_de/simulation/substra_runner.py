@@ -271,8 +271,9 @@ def register_site_remote(client, name: str, site_folder: Path, aggregator_org: s
 
     workdir = Path(workdir or site_folder.parent / ".fed_de")
     if kind == "screen":
-        from fed_de.screen_data import SCREEN_OPENER_SOURCE as source
+        from fed_de.screen_data import SCREEN_OPENER_SOURCE
 
+        source = SCREEN_OPENER_SOURCE
         h5 = sorted(site_folder.glob("*.h5ad"))
         if len(h5) != 1:
             raise FedDEError(f"site {name!r}: a screen site folder holds one .h5ad, found "
