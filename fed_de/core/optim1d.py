@@ -16,12 +16,6 @@ NOISE = 1e-12  # relative rounding noise of summed log likelihoods
 X_TOL = 1e-7  # converged when the Newton step is below this (log scale)
 
 
-def grid_points(x0: np.ndarray, lo: float, hi: float, n_grid: int) -> np.ndarray:
-    """Start point first, then an evenly spaced grid on ``[lo, hi]``: genes x (1 + n_grid)."""
-    grid = np.linspace(lo, hi, n_grid)
-    return np.column_stack([np.clip(x0, lo, hi), np.broadcast_to(grid, (x0.shape[0], n_grid))])
-
-
 def best_of(points, f, g, h) -> dict:
     """Best evaluated point per gene (NaN objective never wins)."""
     score = np.where(np.isfinite(f), f, -np.inf)

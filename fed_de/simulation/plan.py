@@ -33,6 +33,7 @@ class PlanRecord:
 
     tasks: list[PlannedTask] = field(default_factory=list)
     functions: set = field(default_factory=set)
+    depth: dict[str, int] = field(default_factory=dict)  # task key -> dependency depth
 
     @property
     def sequential_steps(self) -> int:
@@ -68,12 +69,11 @@ class _DryNode:
         self.data_sample_keys = data_sample_keys or [f"samples-{organization_id}"]
         self._record = record
         self._dims = dims
-        self._depth: dict[str, int] = {}
 
     def _add(self, method, parents, round_idx, message=None) -> str:
         key = str(uuid.uuid4())
-        depth = 1 + max((_DEPTH.get(p, 0) for p in parents), default=0)
-        _DEPTH[key] = depth
+        depth = 1 + max((self._record.depth.get(p, 0) for p in parents), default=0)
+        self._record.depth[key] = depth
         self._record.tasks.append(PlannedTask(key, self.organization_id, method,
                                               round_idx or 0, depth, message))
         return key
@@ -83,9 +83,6 @@ class _DryNode:
 
     def summary(self) -> dict:
         return {"organization_id": self.organization_id}
-
-
-_DEPTH: dict[str, int] = {}
 
 
 class DryTrainDataNode(_DryNode):

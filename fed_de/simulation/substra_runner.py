@@ -13,7 +13,6 @@ needs into a keys YAML.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -180,46 +179,28 @@ def wait_for(client, compute_plan_key: str, *, plan_tasks: int, progress=None,
         if status == "done":
             return
         if "fail" in status or "cancel" in status:
-            raise SiteTaskError(_failure_message(client, compute_plan_key, status),
-                                site=_failed_worker(client, compute_plan_key),
-                                step=_failed_function(client, compute_plan_key))
+            raise _failure(client, compute_plan_key, status)
         if deadline is not None and time.monotonic() > deadline:
             raise FedDEError(f"compute plan {compute_plan_key} still {status} after "
                              f"{timeout:.0f} s; it keeps running on the network")
         time.sleep(poll_seconds)
 
 
-def _failed_task(client, key: str):
+def _failure(client, key: str, status: str) -> SiteTaskError:
+    """The error of a failed plan, naming its first failed task, function and organisation."""
     try:
         tasks = client.list_task(filters={"compute_plan_key": [key], "status": ["STATUS_FAILED"]})
     except Exception:  # noqa: BLE001 - best effort: the error message is what matters
-        return None
-    return tasks[0] if tasks else None
-
-
-def _failed_worker(client, key: str) -> str:
-    task = _failed_task(client, key)
-    return getattr(task, "worker", "unknown") if task else "unknown"
-
-
-def _failed_function(client, key: str) -> str:
-    task = _failed_task(client, key)
-    fn = getattr(task, "function", None) if task else None
-    return getattr(fn, "name", "unknown") if fn else "unknown"
-
-
-def _failure_message(client, key: str, status: str) -> str:
-    task = _failed_task(client, key)
-    if task is None:
-        return f"compute plan {key} ended with status {status}"
-    return (f"compute plan {key} {status}: task {task.key} "
-            f"({_failed_function(client, key)}) failed at organisation {task.worker}; "
-            "see its logs with substra's client.get_logs(task_key)")
-
-
-def cleanup(workdir: Path) -> None:
-    """Remove a run directory made by :func:`run_subprocess`."""
-    shutil.rmtree(workdir, ignore_errors=True)
+        tasks = []
+    if not tasks:
+        return SiteTaskError(f"compute plan {key} ended with status {status}",
+                             site="unknown", step="unknown")
+    task = tasks[0]
+    fn = getattr(getattr(task, "function", None), "name", "unknown")
+    worker = getattr(task, "worker", "unknown")
+    return SiteTaskError(f"compute plan {key} {status}: task {task.key} ({fn}) failed at "
+                         f"organisation {worker}; see its logs with substra's "
+                         "client.get_logs(task_key)", site=worker, step=fn)
 
 
 # -- remote networks ----------------------------------------------------------------------

@@ -22,10 +22,10 @@ from substrafl.remote import remote, remote_data
 from fed_de.core import nb
 from fed_de.simulation.opener import SiteData
 from fed_de.steps.base import sends, sum_messages
+from fed_de.steps.irls import NOISE
 
 BOX = 30.0 * nb.LN2  # DESeq2's large = 30 on the log2 scale
 STEPS = (1.0, 0.25)
-NOISE = 1e-11
 
 
 def start_fallback(fit: dict, all_zero: np.ndarray) -> dict:

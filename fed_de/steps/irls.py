@@ -53,12 +53,11 @@ def start_irls(beta0: np.ndarray, frozen: np.ndarray, beta_alt: np.ndarray | Non
     if beta_alt is not None:
         ok = np.isfinite(beta_alt).all(axis=1) & (np.abs(beta_alt) <= LARGE_BETA).all(axis=1)
         cands[:, 1] = np.where((ok & ~frozen)[:, None], beta_alt, beta0)
-    return {"beta": beta0, "candidates": cands, "iter": 0, "accepted": np.zeros(G, dtype=int),
+    return {"beta": beta0, "candidates": cands, "accepted": np.zeros(G, dtype=int),
             "resid": np.zeros((G, p)), "beta_prev": np.zeros((G, p)),
             "resid_prev": np.zeros((G, p)), "dev_prev": np.full(G, np.nan),
             "converged": frozen.copy(), "stopped": frozen.copy(), "deseq2_rule": frozen.copy(),
-            "diverged": np.zeros(G, dtype=bool), "stagnant": np.zeros(G, dtype=bool),
-            "xtwx": np.full((G, nb.n_packed(p)), np.nan), "deviance": np.full(G, np.nan)}
+            "diverged": np.zeros(G, dtype=bool), "stagnant": np.zeros(G, dtype=bool)}
 
 
 class IRLSMixin:
@@ -172,8 +171,6 @@ def irls_update(fit: dict, tot: dict, p: int) -> dict:
     fit["beta_prev"] = upd("beta_prev", np.where(first[:, None], x, fit["beta"]))
     fit["resid_prev"] = upd("resid_prev", np.where(first[:, None], r, fit["resid"]))
     fit["beta"], fit["resid"] = upd("beta", x), upd("resid", r)
-    fit["xtwx"] = upd("xtwx", tot["xtwx"][rows, k])
-    fit["deviance"] = upd("deviance", dev)
     # DESeq2's rule between successive iterates; the start point is iterate 0
     change = np.abs(dev - fit["dev_prev"]) / (np.abs(dev) + 0.1)
     rule = active & (fit["accepted"] >= 2) & (change < IRLS_TOL)
@@ -202,5 +199,4 @@ def irls_update(fit: dict, tot: dict, p: int) -> dict:
     still = ~fit["stopped"]
     fit["candidates"] = np.where(still[:, None, None], np.nan_to_num(new),
                                  fit["beta"][:, None, :])
-    fit["iter"] += 1
     return fit

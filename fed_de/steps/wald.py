@@ -104,7 +104,6 @@ def contrast_results(state: dict, contrast: np.ndarray, *, alpha: float = 0.1,
         stat = state["lrt_stat"]
         pvalue = chi2.sf(np.maximum(stat, 0.0), state["lrt_df"])
     base_mean = state["base_mean"]
-    pvalue = np.where(np.isfinite(state.get("cooks_filter_pvalue", pvalue)), pvalue, np.nan)
     padj, _ = adjust_pvalues(base_mean, pvalue, alpha, independent_filtering)
     frame = pd.DataFrame({"baseMean": base_mean, "log2FoldChange": log2fc, "lfcSE": lfcse,
                           "stat": stat, "pvalue": pvalue, "padj": padj}, index=genes)
