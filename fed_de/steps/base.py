@@ -99,8 +99,10 @@ class FedBase(ComputePlanBuilder):
         levels = self.study.levels.values()
         n_cells = int(np.prod([len(v) for v in levels])) if self.study.levels else 1
         pr = self.reduced.n_coefs if self.reduced is not None else 1
+        # "A": open targets of an order-statistic search, announced by the aggregator (the
+        # same for every site, whatever its sample count)
         return {"G": len(self.study.genes), "p": p, "T": p * (p + 1) // 2, "C": n_cells,
-                "pr": pr, "Tr": pr * (pr + 1) // 2}
+                "pr": pr, "Tr": pr * (pr + 1) // 2, **getattr(self, "dyn_dims", {})}
 
     def save_local_state(self, path: Path) -> None:
         """Write the site's local state (kept at the site between tasks)."""
@@ -143,12 +145,23 @@ class PlanCursor:
         self.round_idx += 1
         return refs
 
-    def aggregate(self, method: Callable, refs: list, carry: bool = False, **method_params):
+    def fork(self) -> PlanCursor:
+        """A side chain starting from the current local and shared states (a parallel
+        branch of the plan: it adds no sequential step while it is shorter)."""
+        side = PlanCursor(self.train_nodes, self.agg, self.clean_models)
+        side.local_states, side.shared, side.round_idx = (list(self.local_states), self.shared,
+                                                          self.round_idx)
+        return side
+
+    def aggregate(self, method: Callable, refs: list, carry: bool = False,
+                  extra: list | None = None, **method_params):
         """Add the aggregation task over ``refs``; its output becomes the next shared state.
 
         With ``carry`` (and a previous aggregation), the aggregator also reads its own previous
         output, appended last: aggregations keep no state, so what they need travels this way.
+        ``extra`` refs (a side chain's result) come between the sites' and that one.
         """
+        refs = [*refs, *(extra or [])]
         if carry and self.shared is not None:
             refs = [*refs, self.shared]
         op = method(shared_states=refs, **method_params)
@@ -163,7 +176,8 @@ class PlanCursor:
         return self.shared
 
     def round(self, local_method: Callable, agg_method: Callable, carry: bool = False,
-              local_params: dict | None = None, agg_params: dict | None = None):
+              local_params: dict | None = None, agg_params: dict | None = None,
+              extra: list | None = None):
         """A local step at every site followed by its aggregation."""
         refs = self.local(local_method, **(local_params or {}))
-        return self.aggregate(agg_method, refs, carry=carry, **(agg_params or {}))
+        return self.aggregate(agg_method, refs, carry=carry, extra=extra, **(agg_params or {}))

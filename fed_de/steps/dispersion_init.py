@@ -102,7 +102,7 @@ class DispersionInitMixin:
         linear = (not self.study.continuous) and n_cells == p
         return {"base_mean": mean, "all_zero": all_zero, "moments_disp": moments,
                 "beta_lin": beta_lin, "sf_scale": c, "n_samples": n, "linear_mu": linear,
-                "xtx": tot["xtx"]}
+                "xtx": tot["xtx"], "xim": xim, "cell_counts": tot["cell_counts"]}
 
     @remote_data
     @sends(rough=("G",), xt_logy=("G", "p"), xt_loglin=("G", "p"))

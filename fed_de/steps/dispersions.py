@@ -161,13 +161,7 @@ def finish_genewise(state: dict, p: int, fit_type: str) -> None:
     """Gene-wise estimates, trend, prior variance, and the MAP search's starting state."""
     search, all_zero = state["gw_search"], state["all_zero"]
     max_disp = state["max_disp"]
-    alpha = np.exp(search["x"])
-    # DESeq2 keeps the rough estimate when the optimum does not beat the start by 1e-6
-    start_f = state["gw_start_f"]
-    no_increase = search["f"] < start_f + np.abs(start_f) / 1e6
-    stops = deseq2_stops_at_start(state["gw_start_g"], state["gw_start_h"])
-    alpha = np.where(no_increase | stops, state["alpha_init"], np.minimum(alpha, max_disp))
-    disp_gene = np.where(all_zero, np.nan, np.clip(alpha, MIN_DISP, max_disp))
+    disp_gene = genewise_estimates(state)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit = trend.fit_dispersion_trend(
@@ -193,6 +187,18 @@ def finish_genewise(state: dict, p: int, fit_type: str) -> None:
     lo, hi = log_bounds(max_disp)
     map_search["done"] |= optim1d._converged(map_search, lo, hi)
     state["map_search"] = map_search
+
+
+def genewise_estimates(state: dict) -> np.ndarray:
+    """Gene-wise dispersions from the finished search (DESeq2's ``noIncrease`` rule)."""
+    search, max_disp = state["gw_search"], state["max_disp"]
+    alpha = np.exp(search["x"])
+    # DESeq2 keeps the rough estimate when the optimum does not beat the start by 1e-6
+    start_f = state["gw_start_f"]
+    no_increase = search["f"] < start_f + np.abs(start_f) / 1e6
+    stops = deseq2_stops_at_start(state["gw_start_g"], state["gw_start_h"])
+    alpha = np.where(no_increase | stops, state["alpha_init"], np.minimum(alpha, max_disp))
+    return np.where(state["all_zero"], np.nan, np.clip(alpha, MIN_DISP, max_disp))
 
 
 def deseq2_stops_at_start(g0: np.ndarray, h0: np.ndarray, tol: float = 1e-6,

@@ -57,7 +57,8 @@ def start_irls(beta0: np.ndarray, frozen: np.ndarray, beta_alt: np.ndarray | Non
             "resid": np.zeros((G, p)), "beta_prev": np.zeros((G, p)),
             "resid_prev": np.zeros((G, p)), "dev_prev": np.full(G, np.nan),
             "converged": frozen.copy(), "stopped": frozen.copy(), "deseq2_rule": frozen.copy(),
-            "diverged": np.zeros(G, dtype=bool), "stagnant": np.zeros(G, dtype=bool)}
+            "diverged": np.zeros(G, dtype=bool), "stagnant": np.zeros(G, dtype=bool),
+            "xtwx_acc": np.zeros((G, nb.n_packed(p)))}
 
 
 class IRLSMixin:
@@ -176,6 +177,8 @@ def irls_update(fit: dict, tot: dict, p: int) -> dict:
     rule = active & (fit["accepted"] >= 2) & (change < IRLS_TOL)
     fit["deseq2_rule"] |= rule
     fit["dev_prev"] = upd("dev_prev", dev)
+    # X'WX at the accepted betas: the hat diagonals of Cook's distances need it
+    fit["xtwx_acc"] = upd("xtwx_acc", tot["xtwx"][rows, k])
     fit["accepted"] = fit["accepted"] + active
     with np.errstate(invalid="ignore"):
         done = active & fit["deseq2_rule"] & (np.abs(r).max(axis=1) < BETA_TOL)

@@ -102,7 +102,12 @@ class SizeFactorsMixin:
 
     # -- helpers ---------------------------------------------------------------------------
     def counts(self, site: SiteData) -> np.ndarray:
-        """Site counts aligned to the study's genes (rounded when the study asks for it)."""
+        """Site counts aligned to the study's genes (rounded when the study asks for it).
+
+        After Cook's replacement (closing round) the refit uses the replaced counts.
+        """
+        if "replaced_counts" in self.local:
+            return self.local["replaced_counts"]
         counts = aligned_counts(self.study, site)
         if self.options.get("round_counts", False):
             counts = np.round(counts)

@@ -93,7 +93,7 @@ def final_sums(state: dict, tot: dict, p: int, all_zero: np.ndarray) -> dict:
 def contrast_results(state: dict, contrast: np.ndarray, *, alpha: float = 0.1,
                      lfc_threshold: float = 0.0, alt_hypothesis: str = "greaterAbs",
                      independent_filtering: bool = True, genes=None,
-                     test: str = "Wald") -> pd.DataFrame:
+                     test: str = "Wald", cooks_filter: bool = True) -> pd.DataFrame:
     """DESeq2 ``results()`` table for a numeric contrast (natural-log coefficients in)."""
     c = np.asarray(contrast, dtype=float)
     lfc = state["beta"] @ c
@@ -103,6 +103,14 @@ def contrast_results(state: dict, contrast: np.ndarray, *, alpha: float = 0.1,
         # DESeq2: LFC and SE from the full model's Wald fit, statistic and p-value from the LRT
         stat = state["lrt_stat"]
         pvalue = chi2.sf(np.maximum(stat, 0.0), state["lrt_df"])
+    if "refit" in state:
+        # DESeq2: genes all zero after outlier replacement report LFC 0, SE 0, p-value 1
+        zero = state["refit"]["new_all_zero"]
+        log2fc, lfcse = np.where(zero, 0.0, log2fc), np.where(zero, 0.0, lfcse)
+        stat, pvalue = np.where(zero, 0.0, stat), np.where(zero, 1.0, pvalue)
+    if cooks_filter and "cooks_outlier" in state:
+        # DESeq2: p-values of genes whose largest Cook's distance passes the cutoff are NA
+        pvalue = np.where(state["cooks_outlier"], np.nan, pvalue)
     base_mean = state["base_mean"]
     padj, _ = adjust_pvalues(base_mean, pvalue, alpha, independent_filtering)
     frame = pd.DataFrame({"baseMean": base_mean, "log2FoldChange": log2fc, "lfcSE": lfcse,
