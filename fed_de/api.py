@@ -155,8 +155,13 @@ class DESeq2Result:
 
     def results(self, contrast: Contrast = None, *, alpha: float | None = None,
                 lfc_threshold: float = 0.0, alt_hypothesis: str = "greaterAbs",
-                independent_filtering: bool = True) -> pd.DataFrame:
-        """DESeq2 ``results()``: baseMean, log2FoldChange, lfcSE, stat, pvalue, padj."""
+                independent_filtering: bool = True, cooks_filter: bool = True
+                ) -> pd.DataFrame:
+        """DESeq2 ``results()``: baseMean, log2FoldChange, lfcSE, stat, pvalue, padj.
+
+        ``cooks_filter=False`` is DESeq2's ``cooksCutoff = FALSE`` (outlier genes keep their
+        p-values; replacement and refit, done in the fit, stay).
+        """
         from fed_de.steps.wald import contrast_results
 
         if contrast is None and self.contrasts:
@@ -165,7 +170,7 @@ class DESeq2Result:
             self.state, self.contrast_vector(contrast),
             alpha=self.alpha if alpha is None else alpha, lfc_threshold=lfc_threshold,
             alt_hypothesis=alt_hypothesis, independent_filtering=independent_filtering,
-            genes=self.genes, test=self.test,
+            genes=self.genes, test=self.test, cooks_filter=cooks_filter,
         )
 
     @property
@@ -214,6 +219,7 @@ def deseq2(
     rounds: Mapping[str, int] | None = None,
     test: str = "Wald",
     reduced: str | None = None,
+    cooks: bool = True,
     workdir: str | Path | None = None,
     credentials=None,
     keys=None,
@@ -261,6 +267,10 @@ def deseq2(
         ``"Wald"`` (default) or ``"LRT"`` with a nested ``reduced`` formula, e.g.
         ``reduced="~ batch"``: the statistic is the deviance difference, chi-squared with the
         difference in coefficients; log2FoldChange/lfcSE stay the full model's (as DESeq2).
+    cooks
+        DESeq2's Cook's outlier handling (default): p-values of genes with an outlier in a
+        design cell of >= 3 samples are NA; outliers in cells of >= 7 samples are replaced
+        and the gene refitted. ``False``: the plan without it (fewer steps and bytes).
     """
     from fed_de.strategies.deseq2 import DESeq2Strategy
 
@@ -278,7 +288,7 @@ def deseq2(
         study = declare_study(loaded, design, levels, genes)
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
                               min_cell_size=min_cell_size, round_counts=round_counts,
-                              test=test, reduced=reduced,
+                              test=test, reduced=reduced, cooks=cooks,
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
     if backend == "simulation":
         run = run_strict(strategy, loaded, record_messages=record_messages, progress=progress)
