@@ -36,6 +36,17 @@ def first_thresholds(n_genes: int, n_targets: int, k: int) -> np.ndarray:
     return np.broadcast_to(grid, (n_genes, n_targets, k)).copy()
 
 
+def scaled_thresholds(center: np.ndarray, n_targets: int, k: int, lo_dec: float,
+                      hi_dec: float) -> np.ndarray:
+    """Initial thresholds around a per-gene scale: 0, then a log grid from
+    ``center * 10**lo_dec`` to ``center * 10**hi_dec`` (values beyond are still found: the
+    outer sub-intervals are refined like the others)."""
+    grid = np.concatenate([[0.0], np.logspace(lo_dec, hi_dec, k - 1)])
+    center = np.where(np.isfinite(center) & (center > 0), center, 1.0)
+    out = center[:, None, None] * grid[None, None, :]
+    return np.broadcast_to(out, (center.size, n_targets, k)).copy()
+
+
 def interval_sums(x: np.ndarray, thresholds: np.ndarray) -> dict:
     """Site side: per gene and target, counts, sums and sums of squares of the values in each
     of the ``K + 1`` sub-intervals ``(-inf, t1], (t1, t2], ..., (tK, inf)``.

@@ -34,8 +34,19 @@ def sends(**schema: tuple) -> Callable:
     def decorator(fn: Callable) -> Callable:
         @wraps(fn)
         def wrapper(self, data_from_opener, shared_state=None, **kwargs):
-            out = fn(self, data_from_opener, shared_state, **kwargs)
-            check_message(out, schema, self.dims(), site=data_from_opener.name, step=fn.__name__)
+            depth = getattr(self, "_sends_depth", 0)  # a message method may extend another
+            self._sends_depth = depth + 1
+            try:
+                out = fn(self, data_from_opener, shared_state, **kwargs)
+            finally:
+                self._sends_depth = depth
+            dims = self.dims()
+            rows = shared_state.get("compact_rows") if isinstance(shared_state, dict) else None
+            if rows is not None and depth == 0:  # only the genes the aggregator asked for (e.g. a refit)
+                out = {k: np.asarray(v)[rows] if schema[k][:1] == ("G",) else v
+                       for k, v in out.items()}
+                dims = {**dims, "G": len(rows)}
+            check_message(out, schema, dims, site=data_from_opener.name, step=fn.__name__)
             return out
 
         wrapper.message_schema = schema
@@ -67,11 +78,26 @@ def check_message(message: dict, schema: dict, dims: dict, *, site: str, step: s
             )
 
 
-def sum_messages(messages: list[dict], keys: list[str] | None = None) -> dict:
-    """Sum the sites' messages key by key (fixed site order: reproducible sums)."""
+def sum_messages(messages: list[dict], keys: list[str] | None = None,
+                 prev: dict | None = None) -> dict:
+    """Sum the sites' messages key by key (fixed site order: reproducible sums).
+
+    When the previous shared state restricted the messages to ``compact_rows`` (genes),
+    the sums are scattered back to all genes (zeros elsewhere).
+    """
     keys = keys if keys is not None else list(messages[0])
-    return {k: np.sum([np.asarray(m[k], dtype=np.float64) for m in messages], axis=0)
-            for k in keys}
+    tot = {k: np.sum([np.asarray(m[k], dtype=np.float64) for m in messages], axis=0)
+           for k in keys}
+    rows = prev.get("compact_rows") if prev is not None else None
+    if rows is None:
+        return tot
+    G = len(prev["all_zero"])
+    out = {}
+    for k, v in tot.items():
+        full = np.zeros((G,) + v.shape[1:])
+        full[rows] = v
+        out[k] = full
+    return out
 
 
 class FedBase(ComputePlanBuilder):

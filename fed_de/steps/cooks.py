@@ -33,7 +33,7 @@ from fed_de.steps.dispersion_init import design_cells
 from fed_de.steps.irls import MIN_MU
 from fed_de.steps.wald import final_beta
 
-K_THRESHOLDS = 15
+K_THRESHOLDS = 7
 
 
 def cell_index(study, site: SiteData) -> np.ndarray:
@@ -83,10 +83,11 @@ class CooksMixin:
         active = np.append(use_cells, replace)
         G = len(self.study.genes)
         return {"sf_scale": prev["sf_scale"], "base_mean": prev["base_mean"],
+                "moments_disp": prev["moments_disp"],
                 "robust": {"groups_active": active, "ranks": ranks, "C": C,
                            "scales": np.array([cooks.cell_trim(int(s))[1] for s in n_cells]),
                            "phase": "A"},
-                "order_search": _start_search(G, active)}
+                "order_search": _start_search(prev["base_mean"], active, (-2.0, 2.0))}
 
     @remote_data
     @sends(count=("A", "K1"), sum=("A", "K1"), sumsq=("A", "K1"))
@@ -175,7 +176,10 @@ class CooksMixin:
             rob.update(phase="B", cell_means=tm[:, :NG - 1], replace_mean=tm[:, NG - 1])
             active_b = rob["groups_active"].copy()
             active_b[-1] = False  # B: cells only
-            state["order_search"] = _start_search(G, active_b)
+            # squared errors scale with the variance (moments: mean + alpha mean^2)
+            m = prev["base_mean"]
+            var = np.maximum(np.nan_to_num(prev["moments_disp"]), 0.0) * m * m + m
+            state["order_search"] = _start_search(var, active_b, (-3.0, 2.0))
         else:
             counted = rob["groups_active"][:NG - 1]
             cell_var = (rob["scales"][None, :] * tm[:, :NG - 1])[:, counted]
@@ -289,11 +293,11 @@ class CooksMixin:
         return state
 
 
-def _start_search(G: int, groups_active: np.ndarray) -> dict:
-    T = 2 * groups_active.size
+def _start_search(center: np.ndarray, groups_active: np.ndarray, decades: tuple) -> dict:
+    G, T = center.size, 2 * groups_active.size
     done = np.broadcast_to(~np.repeat(groups_active, 2), (G, T)).copy()
-    return {"thresholds": order_stats.first_thresholds(G, T, K_THRESHOLDS), "done": done,
-            "state": None}
+    return {"thresholds": order_stats.scaled_thresholds(center, T, K_THRESHOLDS, *decades),
+            "done": done, "state": None}
 
 
 def _values(search: dict) -> np.ndarray:

@@ -114,7 +114,7 @@ class IRLSMixin:
     def agg_irls(self, shared_states: list[dict], stage: str = "final") -> dict:
         """Keep the best candidate, test convergence, propose the next candidates."""
         *messages, prev = shared_states
-        tot = sum_messages(messages)
+        tot = sum_messages(messages, prev=prev)
         state = dict(prev)
         state[f"irls_{stage}"] = irls_update(prev[f"irls_{stage}"], tot, self.study.n_coefs)
         if "xtwx_r" in tot:  # LRT: the reduced model's fit advances in the same round

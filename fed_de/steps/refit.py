@@ -77,6 +77,8 @@ class RefitMixin:
         mask = ~refit
         state.update(start)
         state["all_zero"] = mask
+        # the refit's messages carry the refitted genes only
+        state["compact_rows"] = np.flatnonzero(refit)
         state["alpha_init"] = state["alpha_hat"]
         warm = np.nan_to_num(prev["irls_mu"]["beta"]) if prev.get("irls_mu_rounds") else None
         frozen = mask | bool(state["linear_mu"])
@@ -99,7 +101,7 @@ class RefitMixin:
     def agg_refit_disp_start(self, shared_states: list[dict]) -> dict:
         """Start both searches from the first round's points (the MAP one with the prior)."""
         *messages, prev = shared_states
-        tot = sum_messages(messages, list(DISP_SUMS))
+        tot = sum_messages(messages, list(DISP_SUMS), prev)
         lo, hi = log_bounds(prev["max_disp"])
         points, p = prev["disp_points"], self.study.n_coefs
         f, g, h = objective(tot, points, p)
@@ -119,7 +121,7 @@ class RefitMixin:
     def agg_refit_disp_step(self, shared_states: list[dict], last: bool = False) -> dict:
         """Update both searches; after the last round, the final dispersions."""
         *messages, prev = shared_states
-        tot = sum_messages(messages, list(DISP_SUMS))
+        tot = sum_messages(messages, list(DISP_SUMS), prev)
         lo, hi = log_bounds(prev["max_disp"])
         points, p = prev["disp_points"], self.study.n_coefs
         K = points.shape[1] // 2
@@ -166,6 +168,7 @@ class RefitMixin:
             new["lrt_stat"] = state["irls_reduced"]["dev_prev"] - fit["dev_prev"]
             new["lrt_converged"] = state["irls_reduced"]["converged"] & ~mask
         pass1 = state.pop("pass1")
+        state.pop("compact_rows")
         for key in RESULT_KEYS:
             if key not in pass1:
                 continue

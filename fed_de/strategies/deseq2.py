@@ -35,7 +35,7 @@ GENEWISE_ROUNDS = 4
 MAP_ROUNDS = 3
 FINAL_ROUNDS = 8
 FALLBACK_ROUNDS = 1
-ROBUST_ROUNDS = 9  # per order-statistic search of the side chain (not sequential steps)
+ROBUST_ROUNDS = 11  # per order-statistic search of the side chain (off the critical path)
 REFIT_MU_ROUNDS = 3
 REFIT_DISP_ROUNDS = 4
 REFIT_FINAL_ROUNDS = 4
@@ -91,9 +91,12 @@ class DESeq2Strategy(FedBase, SizeFactorsMixin, DispersionInitMixin, IRLSMixin,
 
     def dims(self) -> dict[str, int]:
         """Message sizes: genes, coefficients, and the dispersion search's points per gene."""
-        return {**super().dims(), "K0": len(START_OFFSETS) + len(ANCHORS),
-                "K": len(STEP_FRACTIONS), "KB": N_CANDIDATES, "KF": len(FALLBACK_STEPS),
-                "K1": K_THRESHOLDS + 1, "NG": super().dims()["C"] + 1}
+        base = super().dims()
+        out = {**base, "K0": len(START_OFFSETS) + len(ANCHORS),
+               "K": len(STEP_FRACTIONS), "KB": N_CANDIDATES, "KF": len(FALLBACK_STEPS),
+               "K1": K_THRESHOLDS + 1, "NG": base["C"] + 1}
+        out.setdefault("A", base["G"] * 2 * out["NG"])  # at most: every search target open
+        return out
 
     def with_cooks(self) -> bool:
         """Cook's step in the plan: asked for, and a factor design (see ``cooks_applicable``)."""
