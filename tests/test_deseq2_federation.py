@@ -138,24 +138,31 @@ def test_federated_equals_one_site(fits, n_sites):
 def test_sequential_steps_multi_factor(fits):
     for n in (1, 3, 5):
         facts = fits[n].facts
-        assert facts["sequential_steps"] <= 60, facts["sequential_steps"]
+        # the whole pipeline, Cook's replacement and refit included
+        assert facts["sequential_steps"] <= 80, facts["sequential_steps"]
         # the plan does not depend on the number of sites
         assert facts["sequential_steps"] == fits[1].facts["sequential_steps"]
 
 
 @pytest.mark.parametrize("n_sites", [1, 3, 5])
 def test_task_count_matches_rounds(fits, n_sites):
-    """Each round is one task per site, then one aggregation that depends on all of them."""
+    """Each round is one task per site, then one aggregation that depends on all of them; the
+    Cook's side chain adds its own rounds (and a start aggregation) beside the main chain."""
+    from fed_de.strategies.deseq2 import ROBUST_ROUNDS
+
     facts = fits[n_sites].facts
     steps = facts["sequential_steps"]
     assert steps % 2 == 0
-    assert facts["tasks"] == steps // 2 * (n_sites + 1)
+    side = 2 * (ROBUST_ROUNDS + 1)
+    assert facts["tasks"] == (steps // 2 + side) * (n_sites + 1) + 1
     assert facts["n_sites"] == n_sites
 
 
 def test_bytes_per_gene_two_coefficients(study):
     sites = as_float_sites(study.sites)
-    result = deseq2(sites, "~ condition", levels={"condition": study.levels["condition"]})
+    # the Wald pipeline (Cook's off); with Cook's: test_bytes_per_gene_with_cooks
+    result = deseq2(sites, "~ condition", levels={"condition": study.levels["condition"]},
+                    cooks=False)
     facts = result.facts
     assert facts["n_genes"] >= 1000
     per_gene = facts["bytes_per_gene_by_site"]
@@ -166,6 +173,17 @@ def test_bytes_per_gene_two_coefficients(study):
     for name, sent in facts["bytes_sent_by_site"].items():
         assert per_gene[name] == pytest.approx(sent / facts["n_genes"])
     assert facts["sequential_steps"] <= 60
+
+
+def test_bytes_per_gene_with_cooks(study):
+    """Cook's robust dispersions need exact trimmed cell statistics: an 8-way order-statistic
+    search per gene, cell and bounding rank (the refit sends the refitted genes only)."""
+    sites = as_float_sites(study.sites)
+    facts = deseq2(sites, "~ condition",
+                   levels={"condition": study.levels["condition"]}).facts
+    assert len(set(facts["bytes_sent_by_site"].values())) == 1
+    assert max(facts["bytes_per_gene_by_site"].values()) <= 24 * 1024
+    assert facts["sequential_steps"] <= 80
 
 
 # ---- 3. contrasts ----------------------------------------------------------------------------

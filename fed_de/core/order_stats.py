@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+TIE = 1e-12  # relative: values this close to a bounding value are that value
 LOG_LO, LOG_HI = -3.0, 7.0  # first bracket (log10) above the explicit zero threshold
 
 
@@ -116,10 +117,15 @@ def _subdivide(lo: np.ndarray, hi: np.ndarray, k: int) -> np.ndarray:
 
 
 def trimmed_sum_parts(x: np.ndarray, v_lo: np.ndarray, v_hi: np.ndarray) -> dict:
-    """Site side, once both bounding values are known: sums that give the trimmed mean."""
-    inside = (x > v_lo[None]) & (x < v_hi[None])
-    return {"sum_inside": (x * inside).sum(axis=0), "n_le_lo": (x <= v_lo[None]).sum(axis=0)
-            .astype(float), "n_lt_hi": (x < v_hi[None]).sum(axis=0).astype(float)}
+    """Site side, once both bounding values are known: sums that give the trimmed mean.
+
+    A bounding value is a mean of equal values summed over sites, exact to rounding; values
+    within 1e-12 (relative) of it count as equal to it, so every site decides alike.
+    """
+    lo, hi = v_lo * (1 + TIE) + 1e-300, v_hi * (1 - TIE) - 1e-300
+    inside = (x > lo[None]) & (x < hi[None])
+    return {"sum_inside": (x * inside).sum(axis=0), "n_le_lo": (x <= lo[None]).sum(axis=0)
+            .astype(float), "n_lt_hi": (x < hi[None]).sum(axis=0).astype(float)}
 
 
 def trimmed_mean(parts: dict, v_lo: np.ndarray, v_hi: np.ndarray, lo: int, hi: int
