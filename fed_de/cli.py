@@ -81,6 +81,8 @@ def run(
     round_counts: bool = typer.Option(False, help="Round non-integer counts instead of refusing."),
     test: str = typer.Option("Wald", "--test", help="Wald or LRT."),
     reduced: str | None = typer.Option(None, "--reduced", help="Reduced design for the LRT."),
+    cooks: bool = typer.Option(True, "--cooks/--no-cooks",
+                               help="DESeq2's Cook's outlier filtering, replacement and refit."),
     backend: str = typer.Option("simulation", help="simulation, subprocess or remote."),
     workdir: Path | None = typer.Option(None, help="Run directory of the substra backends."),
     credentials: Path | None = typer.Option(None, help="Remote: credentials YAML."),
@@ -104,7 +106,7 @@ def run(
     gene_list = genes.read_text().split() if genes else None
     if plan_only:
         _print_plan(sites, design, _parse_levels(levels) or None, gene_list, keys, test,
-                    reduced, size_factors, min_cell_size)
+                    reduced, size_factors, min_cell_size, cooks)
         return
     started = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -122,7 +124,7 @@ def run(
                 sites, design, contrasts=[contrast] if contrast else None, alpha=alpha,
                 levels=_parse_levels(levels) or None, size_factors=size_factors,
                 fit_type=fit_type, min_cell_size=min_cell_size, round_counts=round_counts,
-                progress=progress, test=test, reduced=reduced, backend=backend,
+                progress=progress, test=test, reduced=reduced, cooks=cooks, backend=backend,
                 workdir=workdir, credentials=credentials, keys=keys, timeout=timeout,
                 genes=gene_list,
             )
@@ -142,6 +144,11 @@ def run(
     facts["contrast"] = list(contrast) if contrast else res.study.coef_names[-1]
     facts["alpha"] = alpha
     facts["test"] = test
+    facts["cooks"] = cooks
+    if "refit" in res.state:
+        facts["cooks_outliers_filtered"] = int(res.state["cooks_outlier"].sum())
+        facts["genes_refitted"] = int(res.state["refit"]["genes"].sum())
+        facts["genes_replaced_now_zero"] = int(res.state["refit"]["new_all_zero"].sum())
     if reduced:
         facts["reduced"] = reduced
     facts["package_versions"] = package_versions()
@@ -153,7 +160,7 @@ def run(
 
 
 def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
-                min_cell_size) -> None:
+                min_cell_size, cooks=True) -> None:
     """``--plan-only``: steps, tasks, distinct functions, and each site's messages."""
     from fed_de.api import declare_study, load_sites
     from fed_de.design import make_study
@@ -172,7 +179,7 @@ def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
             raise typer.BadParameter("--plan-only with --keys needs --genes")
         study = make_study(design, genes, levels or {})
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, test=test,
-                              reduced=reduced, min_cell_size=min_cell_size)
+                              reduced=reduced, min_cell_size=min_cell_size, cooks=cooks)
     rec = record_plan(strategy, names)
     facts = rec.facts()
     console.print(f"[bold]plan[/]: {facts['sequential_steps']} sequential steps, "

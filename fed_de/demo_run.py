@@ -94,10 +94,9 @@ def _pydeseq2(study, alpha: float) -> pd.DataFrame:
     counts = pd.DataFrame(np.asarray(pooled.X), index=pooled.obs_names, columns=pooled.var_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dds = DeseqDataSet(counts=counts, metadata=pooled.obs, design=study.design, quiet=True,
-                           refit_cooks=False)
+        # defaults: Cook's filtering and refit on, as in fed_de (and DESeq2)
+        dds = DeseqDataSet(counts=counts, metadata=pooled.obs, design=study.design, quiet=True)
         dds.deseq2()
-        stats = DeseqStats(dds, contrast=list(CONTRAST), alpha=alpha, quiet=True,
-                           cooks_filter=False)
+        stats = DeseqStats(dds, contrast=list(CONTRAST), alpha=alpha, quiet=True)
         stats.summary()
     return stats.results_df

@@ -4,9 +4,8 @@ Part 1 compares ``fed_de.deseq2`` run over several sites with the R reference ou
 ``tests/data``: R DESeq2 1.34.0 (PyDESeq2's own test references, ``r134/``) and DESeq2 1.38.3
 (``r138/``, ``r_extra/deseq2/``). The tolerance is PyDESeq2's test tolerance against the same
 files: maximum relative error < 0.02, identical NaN patterns. Size factors must agree to 1e-8.
-R's ``results()`` applies Cook's filtering, which fed_de does not implement yet; on these
-datasets it flags no gene (the R 1.38.3 runs refit no gene and ``cooks.csv`` filters none), so
-it changes nothing here.
+Both R and fed_de apply Cook's filtering and refit (on these datasets they flag and refit no
+gene; outlier cases: ``tests/test_cooks.py``).
 
 Measured maximum relative errors, federated (3 sites) vs R 1.38.3. ``large_counts`` has only 8
 samples and the disclosure rule needs ``p + 1 = 3`` samples per site, so it runs on 2 sites

@@ -39,10 +39,13 @@ def wheel(tmp_path_factory):
 
 
 def test_subprocess_backend_equals_simulation(small, tmp_path):
-    """Full pipeline, 2 sites, on substra's subprocess backend (~63 tasks, ~2 minutes)."""
+    """Full pipeline, 2 sites, on substra's subprocess backend, Cook's side chain (a fork of
+    the sites' local states that rejoins at an aggregation) and refit included; their round
+    counts are cut to keep the test at ~100 tasks, ~3 minutes."""
     demo, sites = small
     kw = dict(levels={"condition": ["A", "B"]}, genes=demo.genes,
-              contrasts=[("condition", "B", "A")])
+              contrasts=[("condition", "B", "A")],
+              rounds={"robust": 3, "refit_disp": 2, "refit_final": 2})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         real = fed_de.deseq2(sites, "~ condition", backend="subprocess", workdir=tmp_path, **kw)

@@ -41,8 +41,10 @@ def sends(**schema: tuple) -> Callable:
             finally:
                 self._sends_depth = depth
             dims = self.dims()
-            rows = shared_state.get("compact_rows") if isinstance(shared_state, dict) else None
-            if rows is not None and depth == 0:  # only the genes the aggregator asked for (e.g. a refit)
+            rows = (shared_state.get("compact_rows") if isinstance(shared_state, dict)
+                    else None)
+            # only the genes the aggregator asked for (a refit), by the outermost method
+            if rows is not None and depth == 0:
                 out = {k: np.asarray(v)[rows] if schema[k][:1] == ("G",) else v
                        for k, v in out.items()}
                 dims = {**dims, "G": len(rows)}

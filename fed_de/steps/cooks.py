@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from substrafl.remote import remote, remote_data
 
-from fed_de.core import cooks, nb, order_stats
+from fed_de.core import cooks, order_stats
 from fed_de.design import check_covariates, design_matrix
 from fed_de.simulation.opener import SiteData
 from fed_de.steps.base import sends, sum_messages
@@ -81,7 +81,6 @@ class CooksMixin:
         ranks = np.array([order_stats.trim_ranks(int(s), t) if s > 0 else (1, 1)
                           for s, t in zip(sizes, trims, strict=True)], dtype=float)
         active = np.append(use_cells, replace)
-        G = len(self.study.genes)
         return {"sf_scale": prev["sf_scale"], "base_mean": prev["base_mean"],
                 "moments_disp": prev["moments_disp"],
                 "robust": {"groups_active": active, "ranks": ranks, "C": C,
