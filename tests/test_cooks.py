@@ -181,3 +181,34 @@ def test_cooks_off_is_the_wald_pipeline():
               levels={"group": ["X", "Y"], "condition": ["A", "B", "C"]})
     assert "refit" not in fit.state
     assert fit.facts["sequential_steps"] == 58
+
+
+def test_cli_run_reports_cooks_and_steps(tmp_path):
+    """``fed-de run`` on the injected-outlier study as 3 CSV sites: run.json reports the
+    sequential steps (<= 80) and the Cook's decisions; ``--no-cooks`` drops the step."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fed_de.cli import app
+
+    counts = pd.read_csv(COOKS / "counts.csv", index_col=0)
+    meta = pd.read_csv(COOKS / "metadata.csv", index_col=0)
+    args = ["run", "--design", "~ batch + condition", "--contrast", "condition", "B", "A",
+            "--levels", "batch=b1,b2", "--levels", "condition=A,B", "--min-cell-size", "0"]
+    for s in ("h1", "h2", "h3"):
+        idx = meta.index[meta["site"] == s]
+        (tmp_path / s).mkdir()
+        counts.loc[idx].to_csv(tmp_path / s / "counts.csv")
+        meta.loc[idx].to_csv(tmp_path / s / "metadata.csv")
+        args += ["--site", f"{s}={tmp_path / s}"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    facts = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert facts["sequential_steps"] <= 80
+    assert (facts["genes_refitted"], facts["cooks_outliers_filtered"]) == (6, 4)
+    table = pd.read_csv(tmp_path / "out" / "results.csv", index_col=0)
+    assert list(table.index[table["pvalue"].isna()]) == ["g7", "g8", "g9", "g10"]
+    res = CliRunner().invoke(app, [*args, "--no-cooks", "--out", str(tmp_path / "plain")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "plain" / "run.json").read_text())["sequential_steps"] == 58
