@@ -212,3 +212,24 @@ def test_cli_run_reports_cooks_and_steps(tmp_path):
     res = CliRunner().invoke(app, [*args, "--no-cooks", "--out", str(tmp_path / "plain")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "plain" / "run.json").read_text())["sequential_steps"] == 58
+
+
+def test_every_cooks_and_refit_message_is_a_sum_over_samples():
+    """Additivity on a run that replaces and refits: the three sites' messages add up to the
+    message of the pooled site, round by round (side chain, Cook's round and refit included);
+    a Cook's value, a maximum or one sample's count would not."""
+    kw = dict(levels=LEVELS, record_messages=True)
+    fed = run(injected_sites(True), "~ batch + condition", **kw)
+    one = run(injected_sites(False), "~ batch + condition", **kw)
+    assert fed.state["refit"]["n_refit"] == 6
+    parts = {s: [m for m in fed.facts["messages"] if m["site"] == s] for s in ("h1", "h2", "h3")}
+    whole = one.facts["messages"]
+    assert len(whole) == len(parts["h1"])
+    steps = {m["step"] for m in whole}
+    assert {"local_robust_sums", "local_robust_parts", "local_wald_cooks",
+            "local_disp_pair"} <= steps
+    for i, m in enumerate(whole):
+        for key, value in m["message"].items():
+            summed = sum(np.asarray(parts[s][i]["message"][key]) for s in parts)
+            np.testing.assert_allclose(summed, np.asarray(value), rtol=1e-7, atol=1e-9,
+                                       err_msg=f"{m['step']}:{key}")
