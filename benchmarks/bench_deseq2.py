@@ -288,7 +288,12 @@ def format_table(report: dict) -> str:
         lambda r: f"{r['fed_de_seconds_min']:.2f} / {r['pydeseq2_seconds_min']:.2f}")
     if "pydeseq2_cooks_seconds" in report["results"][0]:
         row("PyDESeq2 seconds (default, Cook's)", lambda r: f"{r['pydeseq2_cooks_seconds']:.2f}")
-        row("ratio fed/PyDESeq2 default", lambda r: f"{r['ratio_fed_over_pydeseq2_cooks']:.3f}")
+        row("fed_de seconds with Cook's", lambda r: f"{r['fed_de_cooks_seconds']:.2f}")
+        row("ratio fed/PyDESeq2, both with Cook's",
+            lambda r: f"{r['ratio_fed_cooks_over_pydeseq2_cooks']:.3f}")
+        row("steps / bytes per gene per site with Cook's",
+            lambda r: f"{r['fed_de_cooks_sequential_steps']} / "
+                      f"{_fmt_bytes(r['fed_de_cooks_max_bytes_per_gene_per_site'])}")
     row("sequential steps", lambda r: str(r["sequential_steps"]))
     row("tasks", lambda r: str(r["tasks"]))
     row("bytes sent per site (max)", lambda r: _fmt_bytes(max(r["bytes_sent_by_site"].values())))
