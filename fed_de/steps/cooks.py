@@ -26,22 +26,14 @@ import numpy as np
 from substrafl.remote import remote, remote_data
 
 from fed_de.core import cooks, order_stats
-from fed_de.design import check_covariates, design_matrix
+from fed_de.design import design_matrix
 from fed_de.simulation.opener import SiteData
 from fed_de.steps.base import sends, sum_messages
-from fed_de.steps.dispersion_init import design_cells
+from fed_de.steps.dispersion_init import cell_index, design_cells
 from fed_de.steps.irls import MIN_MU
 from fed_de.steps.wald import final_beta
 
 K_THRESHOLDS = 7
-
-
-def cell_index(study, site: SiteData) -> np.ndarray:
-    """Declared design cell of each of the site's samples (factor designs)."""
-    cells = {"\x1f".join(c): i for i, c in enumerate(design_cells(study))}
-    frame = check_covariates(study, site.obs, site.name)[list(study.levels)]
-    keys = frame.astype(str).agg("\x1f".join, axis=1)
-    return np.array([cells[k] for k in keys], dtype=int)
 
 
 def cell_design_rows(study, model=None) -> np.ndarray:

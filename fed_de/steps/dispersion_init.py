@@ -58,6 +58,14 @@ def design_cells(study) -> list[tuple]:
     return list(itertools.product(*study.levels.values()))
 
 
+def cell_index(study, site: SiteData) -> np.ndarray:
+    """Index in :func:`design_cells` of each of the site's samples (factor designs)."""
+    cells = {"\x1f".join(c): i for i, c in enumerate(design_cells(study))}
+    frame = check_covariates(study, site.obs, site.name)[list(study.levels)]
+    keys = frame.astype(str).agg("\x1f".join, axis=1)
+    return np.array([cells[k] for k in keys], dtype=int)
+
+
 class DispersionInitMixin:
     """Moments, rough dispersions and IRLS starting values."""
 
@@ -162,9 +170,7 @@ class DispersionInitMixin:
         return state
 
     def _cell_counts(self, site: SiteData) -> np.ndarray:
-        cells = design_cells(self.study)
         if not self.study.levels:
             return np.zeros(1)
-        frame = check_covariates(self.study, site.obs, site.name)[list(self.study.levels)]
-        counts = frame.astype(str).agg("\x1f".join, axis=1).value_counts()
-        return np.array([float(counts.get("\x1f".join(c), 0)) for c in cells])
+        cells = cell_index(self.study, site)
+        return np.bincount(cells, minlength=len(design_cells(self.study))).astype(float)

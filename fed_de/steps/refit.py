@@ -49,8 +49,8 @@ class RefitMixin:
     def agg_wald_cooks(self, shared_states: list[dict]) -> dict:
         """First fit's covariance; Cook's filtering and replacement decisions; refit start."""
         *messages, prev = shared_states
-        state = self.agg_wald(shared_states, _skip=True)
         tot = sum_messages(messages)
+        state = self.close_fit(prev, tot)
         ck = state["cooks"]
         all_zero = state["all_zero"]
         n, p = int(round(state["n_samples"])), self.study.n_coefs

@@ -55,7 +55,10 @@ class WaldMixin:
     def agg_wald(self, shared_states: list[dict]) -> dict:
         """Convergence flags and the coefficient covariance of every gene."""
         *messages, prev = shared_states
-        tot = sum_messages(messages)
+        return self.close_fit(prev, sum_messages(messages))
+
+    def close_fit(self, prev: dict, tot: dict) -> dict:
+        """:meth:`agg_wald` from the summed messages."""
         state = dict(prev)
         state.update(final_sums(prev, tot, self.study.n_coefs, prev["all_zero"]))
         if "deviance_r" in tot:  # LRT: deviance difference, chi-squared on the df difference
