@@ -1,6 +1,6 @@
 """Benchmark: fed_de's federated screen (3-site simulation) against crispyx pooled, one script.
 
-On a seeded synthetic screen (:func:`fed_de.screen_data.make_screen`: ~90 % zeros, library
+On a seeded synthetic screen (:func:`fed_de.screening.data.make_screen`: ~90 % zeros, library
 size and site depth variation, a per-gene batch effect per site, null perturbations,
 knock-down targets and off-target effects), this script measures:
 
@@ -56,11 +56,11 @@ import anndata as ad  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
-from fed_de.screen_api import screen  # noqa: E402
-from fed_de.screen_data import make_screen  # noqa: E402
-from fed_de.simulation.plan import record_plan  # noqa: E402
-from fed_de.steps.screen import ScreenStudy  # noqa: E402
-from fed_de.strategies.screen import ScreenStrategy  # noqa: E402
+from fed_de.backends.plan import record_plan  # noqa: E402
+from fed_de.screening.api import screen  # noqa: E402
+from fed_de.screening.data import make_screen  # noqa: E402
+from fed_de.screening.setup import ScreenStudy  # noqa: E402
+from fed_de.screening.strategy import ScreenStrategy  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 KW = {"perturbation_column": "perturbation", "control": "non-targeting"}

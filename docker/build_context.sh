@@ -8,7 +8,7 @@ mkdir -p "$out"
 python -m pip wheel --no-deps -q -w "$out" "$here"
 python - "$out/requirements.txt" <<'PY'
 import sys
-from fed_de.simulation.substra_runner import exact_pins
+from fed_de.backends.substra import exact_pins
 pins = exact_pins() + ["substrafl==1.0.0", "substra==1.0.0", "substratools==1.0.0"]
 open(sys.argv[1], "w").write("\n".join(pins) + "\n")
 print("\n".join(pins))

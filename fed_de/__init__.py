@@ -14,7 +14,7 @@ def __getattr__(name):
 
         return getattr(api, name)
     if name == "screen":
-        from fed_de import screen_api
+        from fed_de.screening import api
 
-        return screen_api.screen
+        return api.screen
     raise AttributeError(f"module 'fed_de' has no attribute {name!r}")

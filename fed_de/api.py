@@ -1,4 +1,4 @@
-"""The Python entry points: ``fed_de.size_factors`` and ``fed_de.deseq2``."""
+"""The Python entry points of the bulk pipeline: ``fed_de.size_factors`` and ``fed_de.deseq2``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fed_de.backends import check_backend, run
+from fed_de.bulk.results import DESeq2Result
 from fed_de.design import Study, formula_variables, make_study
-from fed_de.simulation.opener import SiteData, load_site
-from fed_de.simulation.strict import run_strict
-
-BACKENDS = ("simulation", "subprocess", "remote")
+from fed_de.site import SiteData, load_site
 
 
 def load_sites(sites: Mapping) -> list[SiteData]:
@@ -66,7 +65,7 @@ def size_factors(
     backend: str = "simulation",
 ) -> SizeFactorResult:
     """Federated median-of-ratios size factors (``kind="ratio"`` or ``"poscounts"``)."""
-    from fed_de.strategies.size_factors import SizeFactorsStrategy
+    from fed_de.bulk.strategy import SizeFactorsStrategy
 
     if backend != "simulation":
         raise ValueError("size_factors() runs in simulation; the substra backends run the "
@@ -74,131 +73,15 @@ def size_factors(
     loaded = load_sites(sites)
     study = declare_study(loaded, design, levels, genes)
     strategy = SizeFactorsStrategy(study.to_dict(), size_factors=kind, min_cell_size=min_cell_size)
-    run = run_strict(strategy, loaded)
-    sf = {s.name: pd.Series(run.local_states[s.name]["size_factors"], index=list(s.samples),
+    done = run(strategy, loaded)
+    sf = {s.name: pd.Series(done.local_states[s.name].size_factors, index=list(s.samples),
                             name="size_factor") for s in loaded}
-    bm = pd.Series(np.asarray(run.shared_state["base_mean"]), index=study.genes, name="baseMean")
-    return SizeFactorResult(size_factors=sf, base_mean=bm, facts=run.ledger.facts())
+    bm = pd.Series(np.asarray(done.state.start.base_mean), index=study.genes, name="baseMean")
+    return SizeFactorResult(size_factors=sf, base_mean=bm, facts=done.facts)
 
 
 def _needs_levels(design: str) -> bool:
     return bool(formula_variables(design))
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
-
-
-Contrast = tuple | list | np.ndarray | str | None
-
-
-@dataclass
-class DESeq2Result:
-    """A federated DESeq2 fit: gene-level state at the aggregator, contrasts on demand.
-
-    Attributes
-    ----------
-    study
-        The declared study.
-    state
-        Final shared state (per-gene arrays only; nothing sample-level).
-    facts
-        Run facts: sequential steps, tasks, bytes per site and aggregator, wall time.
-    contrasts
-        Contrasts requested at fit time (``results()`` accepts any other).
-    alpha
-        Default significance level for independent filtering.
-    """
-
-    study: Study
-    state: dict
-    facts: dict
-    contrasts: list = field(default_factory=list)
-    alpha: float = 0.1
-    test: str = "Wald"
-
-    @property
-    def genes(self) -> list[str]:
-        """The study's genes, in order."""
-        return list(self.study.genes)
-
-    def contrast_vector(self, contrast: Contrast = None) -> np.ndarray:
-        """Numeric contrast for ``None`` (last coefficient, as DESeq2), a coefficient name,
-        ``(factor, level, reference)``, or a numeric vector over the coefficients."""
-        from fed_de.core.testing import contrast_vector
-
-        names = self.study.coef_names
-        if contrast is None:
-            contrast = names[-1]
-        if isinstance(contrast, str):
-            if contrast not in names:
-                raise ValueError(f"coefficient {contrast!r} unknown; coefficients are {names}")
-            return np.eye(len(names))[names.index(contrast)]
-        if isinstance(contrast, (tuple, list)) and len(contrast) == 3 and all(
-                isinstance(c, str) for c in contrast):
-            factor, level, ref = contrast
-            if factor not in self.study.levels:
-                raise ValueError(f"contrast factor {factor!r} is not a factor of the design "
-                                 f"(factors: {list(self.study.levels)})")
-            lv = self.study.levels[factor]
-            for x in (level, ref):
-                if x not in lv:
-                    raise ValueError(f"contrast level {x!r} is not a level of {factor!r} "
-                                     f"(levels: {lv})")
-            return contrast_vector(names, factor, level, ref, lv[0])
-        vec = np.asarray(contrast, dtype=float)
-        if vec.shape != (len(names),):
-            raise ValueError(f"a numeric contrast needs {len(names)} values, one per "
-                             f"coefficient {names}; got shape {vec.shape}")
-        return vec
-
-    def results(self, contrast: Contrast = None, *, alpha: float | None = None,
-                lfc_threshold: float = 0.0, alt_hypothesis: str = "greaterAbs",
-                independent_filtering: bool = True, cooks_filter: bool = True
-                ) -> pd.DataFrame:
-        """DESeq2 ``results()``: baseMean, log2FoldChange, lfcSE, stat, pvalue, padj.
-
-        ``cooks_filter=False`` is DESeq2's ``cooksCutoff = FALSE`` (outlier genes keep their
-        p-values; replacement and refit, done in the fit, stay).
-        """
-        from fed_de.steps.wald import contrast_results
-
-        if contrast is None and self.contrasts:
-            contrast = self.contrasts[0]
-        return contrast_results(
-            self.state, self.contrast_vector(contrast),
-            alpha=self.alpha if alpha is None else alpha, lfc_threshold=lfc_threshold,
-            alt_hypothesis=alt_hypothesis, independent_filtering=independent_filtering,
-            genes=self.genes, test=self.test, cooks_filter=cooks_filter,
-        )
-
-    @property
-    def dispersions(self) -> pd.DataFrame:
-        """Gene-level dispersion table: gene-wise, trend, MAP, final, outlier flag."""
-        s = self.state
-        frame = pd.DataFrame({
-            "baseMean": s["base_mean"], "genewise": s["disp_gene"], "trend": s["disp_fit"],
-            "MAP": s["disp_map"], "final": s["dispersion"], "outlier": s["disp_outlier"],
-            "allZero": s["all_zero"], "betaConv": s["beta_converged"],
-        }, index=self.genes)
-        frame.index.name = "gene"
-        return frame
-
-    @property
-    def coefficients(self) -> pd.DataFrame:
-        """log2-scale coefficients (DESeq2's ``coef(dds)``)."""
-        frame = pd.DataFrame(self.state["beta"] / np.log(2), index=self.genes,
-                             columns=self.study.coef_names)
-        frame.index.name = "gene"
-        return frame
-
-    @property
-    def trend(self) -> dict:
-        """Dispersion trend type, coefficients, and prior variance."""
-        s = self.state
-        return {"fit_type": s["trend_type"], "coefficients": s["trend_coefficients"].tolist(),
-                "var_log_disp_ests": s["var_log_disp_ests"], "disp_prior_var": s["disp_prior_var"]}
 
 
 def deseq2(
@@ -272,9 +155,9 @@ def deseq2(
         design cell of >= 3 samples are NA; outliers in cells of >= 7 samples are replaced
         and the gene refitted. ``False``: the plan without it (fewer steps and bytes).
     """
-    from fed_de.strategies.deseq2 import DESeq2Strategy
+    from fed_de.bulk.strategy import DESeq2Strategy
 
-    _check_backend(backend)
+    check_backend(backend)
     if backend == "remote":
         if sites:
             raise ValueError("backend='remote': the data stays at the hospitals; give keys= "
@@ -290,31 +173,15 @@ def deseq2(
                               min_cell_size=min_cell_size, round_counts=round_counts,
                               test=test, reduced=reduced, cooks=cooks,
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
-    if backend == "simulation":
-        run = run_strict(strategy, loaded, record_messages=record_messages, progress=progress)
-        state, facts = run.shared_state, run.ledger.facts()
-    else:
-        import tempfile
-
-        from fed_de.simulation import substra_runner
-
-        workdir = Path(workdir or tempfile.mkdtemp(prefix="fed_de_substra_"))
-        if backend == "subprocess":
-            sub = substra_runner.run_subprocess(strategy, loaded, workdir=workdir,
-                                                progress=progress)
-        else:
-            sub = substra_runner.run_remote(strategy, credentials, keys, workdir=workdir,
-                                            timeout=timeout, progress=progress)
-        state, facts = sub.shared_state, dict(sub.facts)
-        facts["workdir"] = str(workdir)
-        facts["backend"] = backend
+    done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials, keys=keys,
+               timeout=timeout, progress=progress,
+               record_messages=record_messages and backend == "simulation")
+    facts = done.facts
     facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
                  min_cell_size=min_cell_size,
                  bytes_per_gene_by_site={k: v / len(study.genes)
                                          for k, v in facts["bytes_sent_by_site"].items()})
-    if record_messages and backend == "simulation":
-        facts["messages"] = run.ledger.messages
-    result = DESeq2Result(study=study, state=state, facts=facts,
+    result = DESeq2Result(study=study, state=done.state, facts=facts,
                           contrasts=list(contrasts or []), alpha=alpha, test=test)
     for c in result.contrasts:
         result.contrast_vector(c)  # fail now on an unknown factor/level

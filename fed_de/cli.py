@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fed_de.cli_args import parse_sites
+from fed_de.cli_common import parse_sites, print_facts
 
 app = typer.Typer(add_completion=False, help="Federated differential expression (DESeq2-grade).")
 console = Console()
@@ -145,10 +145,10 @@ def run(
     facts["alpha"] = alpha
     facts["test"] = test
     facts["cooks"] = cooks
-    if "refit" in res.state:
-        facts["cooks_outliers_filtered"] = int(res.state["cooks_outlier"].sum())
-        facts["genes_refitted"] = int(res.state["refit"]["genes"].sum())
-        facts["genes_replaced_now_zero"] = int(res.state["refit"]["new_all_zero"].sum())
+    if res.cooks:
+        facts["cooks_outliers_filtered"] = int(res.cooks["outlier"].sum())
+        facts["genes_refitted"] = int(res.cooks["refitted"].sum())
+        facts["genes_replaced_now_zero"] = int(res.cooks["new_all_zero"].sum())
     if reduced:
         facts["reduced"] = reduced
     facts["package_versions"] = package_versions()
@@ -156,16 +156,16 @@ def run(
     n_sig = int((table["padj"] < alpha).sum())
     console.print(f"{len(table)} genes, {n_sig} with padj < {alpha}; wrote results.csv, "
                   f"dispersions.csv, run.json to {out}")
-    print_facts(facts)
+    print_facts(facts, console=console)
 
 
 def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
                 min_cell_size, cooks=True) -> None:
     """``--plan-only``: steps, tasks, distinct functions, and each site's messages."""
     from fed_de.api import declare_study, load_sites
+    from fed_de.backends.plan import record_plan
+    from fed_de.bulk.strategy import DESeq2Strategy
     from fed_de.design import make_study
-    from fed_de.simulation.plan import record_plan
-    from fed_de.strategies.deseq2 import DESeq2Strategy
 
     if sites:
         loaded = load_sites(sites)
@@ -211,8 +211,8 @@ def register_site(
     kind: str = typer.Option("deseq2", help="deseq2 (bulk counts) or screen (cells, .h5ad)."),
 ) -> None:
     """Register this site's dataset on its own Substra node and record its keys."""
+    from fed_de.backends.substra import _load_yaml, make_client, register_site_remote
     from fed_de.errors import FedDEError
-    from fed_de.simulation.substra_runner import _load_yaml, make_client, register_site_remote
 
     try:
         creds = _load_yaml(credentials)
@@ -263,23 +263,8 @@ def validate(
         raise typer.Exit(code=1)
 
 
-def print_facts(facts: dict, title: str = "Run facts") -> None:
-    """A small table of a run's steps, tasks and bytes."""
-    table = Table(title=title)
-    table.add_column("fact")
-    table.add_column("value", justify="right")
-    table.add_row("sequential steps", str(facts["sequential_steps"]))
-    table.add_row("tasks", str(facts["tasks"]))
-    table.add_row("distinct functions", str(facts.get("distinct_functions", "")))
-    for site, b in facts["bytes_sent_by_site"].items():
-        table.add_row(f"bytes sent by {site}", f"{b:,}")
-    table.add_row("bytes sent by aggregator", f"{facts['bytes_sent_by_aggregator']:,}")
-    table.add_row("wall seconds", f"{facts['wall_seconds']:.3f}")
-    console.print(table)
-
-
 def _register_screen() -> None:
-    from fed_de.screen_cli import screen_command
+    from fed_de.screening.cli import screen_command
 
     app.command("screen")(screen_command)
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 import fed_de
+from fed_de.cli_common import print_facts
 from fed_de.demo_data import make_demo_study
 
 CONTRAST = ("condition", "B", "A")
@@ -24,8 +25,6 @@ def run_demo(n_samples: int = 150, n_genes: int = 5000, seed: int = 0,
     The pooled reference is fed_de on the concatenated data as one site (the claim is that
     federation changes nothing), and PyDESeq2 on the pooled data when it is installed.
     """
-    from fed_de.cli import print_facts
-
     console = console or Console()
     study = make_demo_study(n_samples=n_samples, n_genes=n_genes, seed=seed)
     sizes = {k: v.n_obs for k, v in study.sites.items()}
@@ -68,7 +67,7 @@ def run_demo(n_samples: int = 150, n_genes: int = 5000, seed: int = 0,
                   f"{report['false_discovery_proportion']:.3f}")
     for name in ("vs_pooled_fed_de", "vs_pooled_pydeseq2"):
         console.print(f"agreement {name.replace('_', ' ')}: {report[name]}")
-    print_facts(fed.facts)
+    print_facts(fed.facts, console=console)
     report["facts"] = fed.facts
     if out is not None:
         res.reset_index().to_csv(out / "results.csv", index=False)

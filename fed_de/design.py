@@ -8,6 +8,7 @@ identical columns (all zeros for that level).
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -183,6 +184,50 @@ def check_covariates(study: Study, obs: pd.DataFrame, site: str) -> pd.DataFrame
         frame[name] = values.to_numpy()
     return pd.DataFrame(frame, index=obs.index)
 
+
+
+def design_cells(study: Study) -> list[tuple]:
+    """Every combination of declared factor levels (the study's design cells)."""
+    return list(itertools.product(*study.levels.values()))
+
+
+def cell_index(study: Study, obs: pd.DataFrame, site: str = "site") -> np.ndarray:
+    """Index in :func:`design_cells` of each sample (factor designs)."""
+    cells = {"\x1f".join(c): i for i, c in enumerate(design_cells(study))}
+    frame = check_covariates(study, obs, site)[list(study.levels)]
+    keys = frame.astype(str).agg("\x1f".join, axis=1)
+    return np.array([cells[k] for k in keys], dtype=int)
+
+
+def cell_design_rows(study: Study, model: Study | None = None) -> np.ndarray:
+    """Row of ``model``'s design matrix (default: the study's) for every declared cell of
+    ``study`` (cells x coefficients)."""
+    obs = pd.DataFrame(design_cells(study), columns=list(study.levels))
+    return design_matrix(model or study, obs, "cells")
+
+
+def check_full_rank(xtx: np.ndarray, names: list[str]) -> None:
+    """Refuse a design that is rank deficient over all sites together.
+
+    Only the summed Gram matrix is used, so no site's own rank is revealed. The columns
+    involved in each linear dependency are named.
+    """
+    scale = np.sqrt(np.clip(np.diag(xtx), 1e-300, None))
+    corr = xtx / np.outer(scale, scale)
+    vals, vecs = np.linalg.eigh(corr)
+    null = vals < 1e-10 * max(vals.max(), 1.0)
+    if not null.any():
+        return
+    groups = []
+    for v in vecs[:, null].T:
+        cols = [names[i] for i in np.flatnonzero(np.abs(v) > 1e-6)]
+        groups.append(" + ".join(cols))
+    raise DesignError(
+        "the design matrix is not full rank over all sites together: these columns are "
+        f"linearly dependent: {'; '.join(groups)}. A level may be absent from every site, "
+        "or two terms may be confounded (e.g. batch nested in condition); remove or merge "
+        "terms or levels in the design"
+    )
 
 def _rhs(design: str) -> str:
     design = design.strip()

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from fed_de.design import Study, check_covariates, design_matrix
+from fed_de.design import Study, check_covariates, check_full_rank, design_matrix
 from fed_de.errors import DisclosureError, SiteDataError
-from fed_de.simulation.opener import SiteData
+from fed_de.site import SiteData
 
 
 def aligned_counts(study: Study, site: SiteData) -> np.ndarray:
@@ -127,7 +127,6 @@ def validate_sites(sites: dict, study: Study, *, min_cell_size: int = 3,
     aggregator checks on the summed Gram matrix).
     """
     from fed_de.errors import FedDEError
-    from fed_de.steps.dispersion_init import check_full_rank
 
     rows, xtx = [], np.zeros((study.n_coefs, study.n_coefs))
     for name, site in sites.items():

@@ -80,9 +80,9 @@ def test_injected_outliers_flag_replace_and_refit_as_r(injected):
     genes = np.array(fed.study.genes)
     # the same genes replaced, refitted, filtered and emptied as R
     r_replace = ref["replace"].fillna(False).astype(bool).to_numpy()
-    np.testing.assert_array_equal(fed.state["refit"]["replace"], r_replace)
-    assert list(genes[fed.state["refit"]["genes"]]) == [f"g{i}" for i in range(1, 7)]
-    assert list(genes[fed.state["refit"]["new_all_zero"]]) == ["g11"]
+    np.testing.assert_array_equal(fed.state.refit.replace, r_replace)
+    assert list(genes[fed.state.refit.genes]) == [f"g{i}" for i in range(1, 7)]
+    assert list(genes[fed.state.refit.new_all_zero]) == ["g11"]
     assert list(res.index[res["pvalue"].isna()]) == ["g7", "g8", "g9", "g10"]
     assert list(ref.index[ref["pvalue"].isna()]) == ["g7", "g8", "g9", "g10"]
     # values: refitted genes tightly, the whole table within the Wald tolerance
@@ -105,9 +105,8 @@ def test_injected_outliers_federated_equals_one_site(injected):
     for col in COLUMNS:
         np.testing.assert_array_equal(a[col].isna(), b[col].isna())
         np.testing.assert_allclose(b[col], a[col], rtol=1e-6, atol=0, err_msg=col)
-    for key in ("genes", "replace", "new_all_zero"):
-        np.testing.assert_array_equal(one.state["refit"][key], fed.state["refit"][key])
-    np.testing.assert_array_equal(one.state["cooks_outlier"], fed.state["cooks_outlier"])
+    for key in ("refitted", "replace", "new_all_zero", "outlier"):
+        np.testing.assert_array_equal(one.cooks[key], fed.cooks[key])
     # the whole pipeline, Cook's refit included, within the 80-step budget
     assert fed.facts["sequential_steps"] <= 80
     assert one.facts["sequential_steps"] == fed.facts["sequential_steps"]
@@ -136,9 +135,9 @@ def test_multi_factor_outliers_match_r(multi_outliers, version):
     errors = assert_results_close(res, ref, tol=TOL)
     assert errors["baseMean"] < 1e-12  # gene7's baseMean after replacement, exactly
     genes = np.array(multi_outliers.study.genes)
-    assert list(genes[multi_outliers.state["refit"]["genes"]]) == ["gene7"]
-    assert list(genes[multi_outliers.state["refit"]["replace"]]) == ["gene1", "gene6", "gene7"]
-    assert not multi_outliers.state["cooks_outlier"].any()
+    assert list(genes[multi_outliers.state.refit.genes]) == ["gene7"]
+    assert list(genes[multi_outliers.state.refit.replace]) == ["gene1", "gene6", "gene7"]
+    assert not multi_outliers.state.genes.cooks_outlier.any()
     # the refitted gene tightly
     assert max_rel_err(res.loc[["gene7"], "pvalue"], ref.loc[["gene7"], "pvalue"]) < 1e-4
 
@@ -173,13 +172,13 @@ def test_continuous_outliers_match_r134():
     ref = pd.read_csv(DATA / "r134" / "continuous" / "r_test_res_outliers.csv", index_col=0)
     res = fit.results("measurement")
     assert_results_close(res, ref)
-    assert "refit" not in fit.state  # no design cell repeats: nothing to replace or filter
+    assert fit.state.refit is None  # no design cell repeats: nothing to replace or filter
 
 
 def test_cooks_off_is_the_wald_pipeline():
     fit = run(synthetic_outliers(), "~group + condition", cooks=False,
               levels={"group": ["X", "Y"], "condition": ["A", "B", "C"]})
-    assert "refit" not in fit.state
+    assert fit.state.refit is None
     assert fit.facts["sequential_steps"] == 58
 
 
@@ -221,13 +220,16 @@ def test_every_cooks_and_refit_message_is_a_sum_over_samples():
     kw = dict(levels=LEVELS, record_messages=True)
     fed = run(injected_sites(True), "~ batch + condition", **kw)
     one = run(injected_sites(False), "~ batch + condition", **kw)
-    assert fed.state["refit"]["n_refit"] == 6
+    assert fed.state.refit.n_refit == 6
     parts = {s: [m for m in fed.facts["messages"] if m["site"] == s] for s in ("h1", "h2", "h3")}
     whole = one.facts["messages"]
     assert len(whole) == len(parts["h1"])
     steps = {m["step"] for m in whole}
-    assert {"local_robust_sums", "local_robust_parts", "local_wald_cooks",
-            "local_disp_pair"} <= steps
+    assert {"robust_sums", "robust_parts", "closing_sums"} <= steps
+    # the closing round carries the Cook's counts; the refit's paired searches 6 points
+    assert any("cooks.n_out" in m["message"] for m in whole)
+    assert any(m["message"].get("ll", np.zeros((0, 0))).shape[1:] == (6,) and
+               m["message"]["ll"].shape[0] == 6 for m in whole)
     for i, m in enumerate(whole):
         for key, value in m["message"].items():
             summed = sum(np.asarray(parts[s][i]["message"][key]) for s in parts)

@@ -148,8 +148,9 @@ def test_sequential_steps_multi_factor(fits):
 def test_task_count_matches_rounds(fits, n_sites):
     """Each round is one task per site, then one aggregation that depends on all of them; the
     Cook's side chain adds its own rounds (and a start aggregation) beside the main chain."""
-    from fed_de.strategies.deseq2 import ROBUST_ROUNDS
+    from fed_de.bulk.state import DESeq2Options
 
+    ROBUST_ROUNDS = DESeq2Options().robust_rounds
     facts = fits[n_sites].facts
     steps = facts["sequential_steps"]
     assert steps % 2 == 0

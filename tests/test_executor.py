@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from substrafl.remote import remote, remote_data
 
+from fed_de.backends.simulation import run_strict
 from fed_de.design import make_study
 from fed_de.errors import SiteTaskError
-from fed_de.simulation.opener import load_site
-from fed_de.simulation.strict import run_strict
-from fed_de.steps.base import FedBase, PlanCursor
+from fed_de.screening._old_base import FedBase, PlanCursor
+from fed_de.site import load_site
 from tests.conftest import split_sites
 
 

@@ -10,7 +10,7 @@ import pytest
 import fed_de
 from fed_de.demo_data import make_demo_study
 from fed_de.errors import DisclosureError, MessageSchemaError
-from fed_de.steps.base import check_message
+from fed_de.screening._old_base import check_message
 
 
 def _two_sites(n_small: int = 7, n_large: int = 70, n_genes: int = 120):
@@ -25,6 +25,18 @@ def _two_sites(n_small: int = 7, n_large: int = 70, n_genes: int = 120):
     large_idx = np.random.default_rng(0).choice(rest, n_large, replace=False)
     return study, {"small": pooled[np.sort(small_idx)].copy(),
                    "large": pooled[np.sort(large_idx)].copy()}
+
+
+def _state_arrays(obj, name="state"):
+    """Every array in a (nested dataclass) run state."""
+    if isinstance(obj, np.ndarray):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _state_arrays(v, f"{name}.{k}")
+    elif hasattr(obj, "__dataclass_fields__"):
+        for k in obj.__dataclass_fields__:
+            yield from _state_arrays(getattr(obj, k), f"{name}.{k}")
 
 
 def _array_leaves(message: dict):
@@ -58,11 +70,11 @@ def test_no_message_carries_a_per_sample_array():
     # study sizes; points per gene; sub-intervals of the order-statistic search (8); design
     # cells (+1); and the number of refitted genes (the refit sends those genes only)
     allowed = {G, p, p * (p + 1) // 2, 1, 2, 3, 5, 6, 8, n_cells + 1,
-               res.state["refit"]["n_refit"]}
+               res.state.refit.n_refit}
     for m in res.facts["messages"]:
         n = sites[m["site"]].n_obs
         for key, arr in _array_leaves(m["message"]):
-            if m["step"] == "local_robust_sums":
+            if m["step"] == "robust_sums":
                 # (open search targets, sub-intervals): targets are (gene, cell, rank) triples
                 # the aggregator announced, the same list for every site
                 assert arr.shape[1:] == (8,), (m["step"], key, arr.shape)
@@ -120,7 +132,11 @@ def test_size_factors_never_leave_the_site():
         for _key, arr in _array_leaves(m["message"]):
             assert arr.ndim == 0 or arr.shape[0] != sites[m["site"]].n_obs or \
                 arr.shape[0] == len(study.genes)
-    assert "size_factors" not in res.state
+    # nothing sample-level in the aggregator's final state either: no array has a site's
+    # sample count as a dimension
+    sizes = {a.n_obs for a in sites.values()} - {len(study.genes)}
+    for name, arr in _state_arrays(res.state):
+        assert not sizes & set(np.shape(arr)), (name, np.shape(arr))
     assert isinstance(res.results(), pd.DataFrame)
 
 

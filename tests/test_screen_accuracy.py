@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fed_de.screen_api import screen
-from fed_de.screen_data import make_screen
+from fed_de.screening.api import screen
+from fed_de.screening.data import make_screen
 
 KW = {"perturbation_column": "perturbation", "control": "non-targeting"}
 

@@ -12,8 +12,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fed_de.screen_cli import screen_command
-from fed_de.screen_data import make_screen
+from fed_de.screening.cli import screen_command
+from fed_de.screening.data import make_screen
 
 app = typer.Typer()
 app.command("screen")(screen_command)

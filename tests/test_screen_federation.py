@@ -15,11 +15,11 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from fed_de.screen_api import COLUMNS, screen
-from fed_de.screen_data import make_screen
-from fed_de.simulation.plan import record_plan
-from fed_de.steps.screen import ScreenStudy
-from fed_de.strategies.screen import ScreenStrategy
+from fed_de.backends.plan import record_plan
+from fed_de.screening.api import COLUMNS, screen
+from fed_de.screening.data import make_screen
+from fed_de.screening.setup import ScreenStudy
+from fed_de.screening.strategy import ScreenStrategy
 
 KW = {"perturbation_column": "perturbation", "control": "non-targeting"}
 

@@ -128,16 +128,16 @@ def test_unknown_contrast_factor_or_level(demo):
 
 
 def test_failing_site_task_names_site_and_step_and_keeps_partial_facts(demo, monkeypatch):
-    from fed_de.steps import dispersion_init
+    from fed_de.bulk.state import Site
 
-    def boom(self, site):
+    def boom(self):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(dispersion_init.DispersionInitMixin, "_cell_counts", boom)
-    with pytest.raises(SiteTaskError, match=r"local_moments.*'hospital_a'.*disk full") as info:
+    monkeypatch.setattr(Site, "cells", boom)
+    with pytest.raises(SiteTaskError, match=r"moment_sums.*'hospital_a'.*disk full") as info:
         _run(demo.sites, demo)
     assert info.value.site == "hospital_a"
-    assert info.value.step == "local_moments"
+    assert info.value.step == "moment_sums"
     assert info.value.facts["tasks"] == 4  # round 1 ran; nothing of round 2 was sent
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from fed_de.simulation.substra_runner import build_wheel, exact_pins
+from fed_de.backends.substra import build_wheel, exact_pins
 
 
 def test_wheel_installs_with_exact_pins_and_runs(tmp_path):

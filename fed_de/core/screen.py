@@ -463,7 +463,9 @@ def disp_objective(tot: dict, points: np.ndarray, prior: dict | None = None):
     """Cox-Reid adjusted (and optionally prior-penalised) objective, gradient and curvature."""
     cr, cr1, cr2 = cox_reid_diag(tot["A"], tot["A1"], tot["A2"])
     f, g, h = tot["ll"] + cr, tot["d1"] + cr1, tot["d2"] + cr2
-    return add_log_normal_prior(f, g, h, points, prior)
+    if prior is None:
+        return f, g, h
+    return add_log_normal_prior(f, g, h, points, prior["mean"], prior["var"])
 
 
 def shrink_log_dispersion(disp_gene: np.ndarray, disp_fit: np.ndarray, prior_var: float,

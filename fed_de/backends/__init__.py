@@ -1,0 +1,66 @@
+"""Where a strategy runs: one :func:`run` for every backend.
+
+- ``simulation`` (:mod:`.simulation`): the strict in-process executor (default, CI);
+- ``subprocess`` (:mod:`.substra`): substra's subprocess backend, real registered functions,
+  datasets and tasks on this machine;
+- ``remote`` (:mod:`.substra`): a Substra network of hospitals.
+:mod:`.plan` records a plan without running it (``--plan-only``, the substra backends' facts);
+:mod:`.opener` is the substratools opener the sites register.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("simulation", "subprocess", "remote")
+
+
+@dataclass
+class Run:
+    """A finished run: the final shared state, the run facts, and (simulation) what each
+    site keeps at the end."""
+
+    state: Any
+    facts: dict
+    local_states: dict = field(default_factory=dict)
+
+
+def check_backend(backend: str) -> None:
+    """Refuse an unknown backend, naming the ones there are."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
+
+
+def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, credentials=None,
+        keys=None, timeout: float | None = None, progress=None, record_messages: bool = False,
+        opener_source: str | None = None, write_site=None, prefix: str = "fed_de_") -> Run:
+    """Run ``strategy`` over ``sites`` (simulation, subprocess) or a remote network's
+    registered datasets (``keys``); ``opener_source`` and ``write_site`` let other kinds of
+    site (screens) travel the substra backends."""
+    check_backend(backend)
+    if backend == "simulation":
+        from fed_de.backends.simulation import run_strict
+
+        sim = run_strict(strategy, sites, record_messages=record_messages, progress=progress)
+        facts = sim.ledger.facts()
+        if record_messages:
+            facts["messages"] = sim.ledger.messages
+        return Run(sim.shared_state, facts, sim.local_states)
+    from fed_de.backends import substra
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix=prefix + "substra_"))
+    if backend == "subprocess":
+        extra = {"opener_source": opener_source} if opener_source else {}
+        if write_site is not None:
+            extra["write_site"] = write_site
+        sub = substra.run_subprocess(strategy, sites, workdir=workdir, progress=progress,
+                                     **extra)
+    else:
+        sub = substra.run_remote(strategy, credentials, keys, workdir=workdir,
+                                 timeout=timeout, progress=progress)
+    facts = dict(sub.facts)
+    facts.update(workdir=str(workdir), backend=backend)
+    return Run(sub.shared_state, facts)

@@ -1,0 +1,144 @@
+"""Dry run of a compute plan: tasks, dependencies and declared messages, nothing executed.
+
+Used for ``--plan-only`` and for the run facts of the substra backends (where the platform,
+not fed_de, executes the tasks): sequential steps, tasks, distinct functions, and the bytes
+each site sends, computed from the declared message schemas.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+from substrafl.nodes.references.local_state import LocalStateRef
+from substrafl.nodes.references.shared_state import SharedStateRef
+
+from fed_de.federation.calls import describe, site_message_type
+from fed_de.federation.messages import declared_shapes
+
+
+@dataclass
+class PlannedTask:
+    """One task of the plan."""
+
+    key: str
+    worker: str
+    method: str
+    round_idx: int
+    depth: int
+    message: dict | None = None  # key -> shape, for local tasks
+
+
+@dataclass
+class PlanRecord:
+    """Every task of a plan, in submission order."""
+
+    tasks: list[PlannedTask] = field(default_factory=list)
+    functions: set = field(default_factory=set)
+    depth: dict[str, int] = field(default_factory=dict)  # task key -> dependency depth
+
+    @property
+    def sequential_steps(self) -> int:
+        """Longest chain of dependent tasks."""
+        return max((t.depth for t in self.tasks), default=0)
+
+    def bytes_by_site(self) -> dict[str, int]:
+        """Raw payload bytes (float64) each site sends, from the declared schemas."""
+        out: dict[str, int] = {}
+        for t in self.tasks:
+            if t.message is not None:
+                n = sum(int(np.prod(shape)) for shape in t.message.values()) * 8
+                out[t.worker] = out.get(t.worker, 0) + n
+        return out
+
+    @property
+    def final_round(self) -> int:
+        """Round index of the last aggregation (what to download)."""
+        return max(t.round_idx for t in self.tasks if t.message is None)
+
+    def facts(self) -> dict:
+        """Facts of the plan (bytes are schema payloads, without pickle framing)."""
+        return {"sequential_steps": self.sequential_steps, "tasks": len(self.tasks),
+                "distinct_functions": len(self.functions),
+                "bytes_sent_by_site": self.bytes_by_site()}
+
+
+class _DryNode:
+    def __init__(self, organization_id: str, record: PlanRecord, dims: dict,
+                 data_manager_key: str = "", data_sample_keys: list | None = None):
+        self.organization_id = organization_id
+        self.data_manager_key = data_manager_key or f"opener-{organization_id}"
+        self.data_sample_keys = data_sample_keys or [f"samples-{organization_id}"]
+        self._record = record
+        self._dims = dims
+
+    def _add(self, method, parents, round_idx, message=None) -> str:
+        key = str(uuid.uuid4())
+        depth = 1 + max((self._record.depth.get(p, 0) for p in parents), default=0)
+        self._record.depth[key] = depth
+        self._record.tasks.append(PlannedTask(key, self.organization_id, method,
+                                              round_idx or 0, depth, message))
+        return key
+
+    def register_operations(self, *args, **kwargs):
+        return None
+
+    def summary(self) -> dict:
+        return {"organization_id": self.organization_id}
+
+
+class DryTrainDataNode(_DryNode):
+    """Records local tasks and the shapes of the messages they declare."""
+
+    def init_states(self, *args, **kwargs) -> LocalStateRef:
+        return LocalStateRef(key=str(uuid.uuid4()), init=True)
+
+    def update_states(self, operation, *, authorized_ids=None, round_idx=None,
+                      aggregation_id=None, clean_models=False, local_state=None):
+        rs = operation.remote_struct
+        self._record.functions.add(rs)
+        parents = []
+        if local_state is not None and not local_state.init:
+            parents.append(local_state.key)
+        if operation.shared_state is not None:
+            parents.append(operation.shared_state.key)
+        cls = site_message_type(rs._method_parameters)
+        if cls is not None:
+            message = declared_shapes(cls, self._dims)
+        else:  # a step declared with the older ``sends`` schema (screens)
+            method = getattr(rs._cls, rs._method_name)
+            schema = getattr(method, "message_schema", None) or getattr(
+                getattr(method, "__wrapped__", None), "message_schema", {})
+            message = {k: _shape(v, self._dims) for k, v in schema.items()}
+        key = self._add(describe(rs._method_name, rs._method_parameters), parents, round_idx,
+                        message)
+        return LocalStateRef(key), SharedStateRef(key)
+
+
+class DryAggregationNode(_DryNode):
+    """Records aggregation tasks."""
+
+    def update_states(self, operation, *, authorized_ids=None, round_idx=None,
+                      clean_models=False):
+        rs = operation.remote_struct
+        self._record.functions.add(rs)
+        parents = [r.key for r in (operation.shared_states or [])]
+        return SharedStateRef(self._add(describe(rs._method_name, rs._method_parameters),
+                                        parents, round_idx))
+
+
+def _shape(symbols: tuple, dims: dict) -> tuple:
+    symbols = symbols[:-1] if symbols and symbols[-1] == "bool" else symbols
+    return tuple(dims[s] if isinstance(s, str) else int(s) for s in symbols)
+
+
+def record_plan(strategy, site_names: list[str], aggregator: str = "aggregator") -> PlanRecord:
+    """Build ``strategy``'s plan over named sites without executing anything."""
+    record = PlanRecord()
+    dims = strategy.dims()
+    nodes = [DryTrainDataNode(name, record, dims) for name in site_names]
+    strategy.build_compute_plan(train_data_nodes=nodes,
+                                aggregation_node=DryAggregationNode(aggregator, record, dims),
+                                evaluation_strategy=None, num_rounds=None, clean_models=True)
+    return record

@@ -1,0 +1,323 @@
+"""Run a fed_de strategy on real Substra: the subprocess backend here, or a remote network.
+
+The strategy is the one the simulator runs, unchanged. Each site is an organisation that
+registers its own dataset (fed_de's opener + one data sample folder) with its own client; the
+aggregator is one more organisation. fed_de itself travels as a prebuilt wheel through
+substrafl's ``Dependency`` with exact pins, not as a copy of the repository.
+
+Remote networks: clients come from a credentials YAML; datasets are registered beforehand by
+each hospital on its own node (``fed-de register-site``), which writes the keys the study
+needs into a keys YAML.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from fed_de.backends.plan import record_plan
+from fed_de.errors import FedDEError, SiteTaskError
+from fed_de.site import SITE_META, SiteData
+
+OPENER_SOURCE = "from fed_de.backends.opener import FedDEOpener  # noqa: F401\n"
+PINNED = ("numpy", "scipy", "pandas", "anndata", "formulaic", "joblib", "typer", "rich")
+
+
+def exact_pins() -> list[str]:
+    """``name==version`` of the packages whose objects travel between nodes (this env)."""
+    return [f"{name}=={version(name)}" for name in PINNED]
+
+
+def build_wheel(dest: Path, source: Path | None = None) -> Path:
+    """Build fed_de's wheel into ``dest`` (from the installed source tree)."""
+    source = source or Path(__file__).resolve().parents[2]
+    if not (source / "pyproject.toml").exists():
+        raise FedDEError(f"cannot build the fed_de wheel: no pyproject.toml in {source}; "
+                         "pass wheel= with a prebuilt fed_de wheel")
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(dest), str(source)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wheels = sorted(dest.glob("fed_de-*.whl"))
+    if not wheels:
+        raise FedDEError(f"building the fed_de wheel in {dest} produced no wheel")
+    return wheels[-1]
+
+
+def dependency(wheel: Path):
+    """substrafl ``Dependency`` shipping the fed_de wheel with exact pins."""
+    from substrafl.dependency import Dependency
+
+    return Dependency(local_installable_dependencies=[wheel], pypi_dependencies=exact_pins())
+
+
+def write_site_folder(site: SiteData, folder: Path) -> Path:
+    """A data sample folder for one site: ``site.h5ad`` and ``site.json`` (its name)."""
+    import anndata as ad
+
+    folder.mkdir(parents=True, exist_ok=True)
+    adata = ad.AnnData(X=site.counts, obs=site.obs)
+    adata.var_names = list(site.genes)
+    adata.obs_names = list(site.samples)
+    adata.write_h5ad(folder / "site.h5ad")
+    (folder / SITE_META).write_text(json.dumps({"name": site.name}))
+    return folder
+
+
+def write_opener(folder: Path, source: str = OPENER_SOURCE) -> tuple[Path, Path]:
+    """The opener script and dataset description every site registers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    opener, description = folder / "opener.py", folder / "description.md"
+    opener.write_text(source)
+    description.write_text("fed_de site: counts (samples x genes) and sample metadata.\n")
+    return opener, description
+
+
+def register_dataset(client, name: str, folder: Path, opener: Path, description: Path,
+                     authorized_ids: list[str]) -> dict:
+    """Register one site's dataset and data sample with that site's own client."""
+    from substra.sdk.schemas import DataSampleSpec, DatasetSpec, Permissions
+
+    perms = Permissions(public=False, authorized_ids=authorized_ids)
+    dataset_key = client.add_dataset(DatasetSpec(
+        name=f"fed_de-{name}", data_opener=opener, type="fed_de-site", description=description,
+        permissions=perms, logs_permission=perms))
+    sample_key = client.add_data_sample(
+        DataSampleSpec(data_manager_keys=[dataset_key], path=folder), local=True)
+    return {"dataset_key": dataset_key, "data_sample_keys": [sample_key]}
+
+
+@dataclass
+class SubstraRun:
+    """What a substra run returns: the final shared state and the run facts."""
+
+    shared_state: dict
+    facts: dict
+    compute_plan_key: str
+
+
+def run_subprocess(strategy, sites: list[SiteData], *, workdir: Path,
+                   wheel: Path | None = None, progress=None,
+                   opener_source: str = OPENER_SOURCE, write_site=None) -> SubstraRun:
+    """Execute ``strategy`` on substra's subprocess backend: real functions, datasets, tasks.
+
+    One substra organisation per site plus the aggregator, each with its own client.
+    Working files (site folders, wheel, experiment summary, substra's local worker) go under
+    ``workdir``, which the caller may delete afterwards. ``opener_source`` and
+    ``write_site(site, folder)`` let other kinds of site (screens) travel the same way.
+    """
+    write_site = write_site or write_site_folder
+    import substra
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    wheel = wheel or build_wheel(workdir / "dist")
+    opener, description = write_opener(workdir / "opener", opener_source)
+    names = [s.name for s in sites]
+    clients = {n: substra.Client(client_name=n, backend_type="subprocess")
+               for n in [*names, "aggregator"]}
+    orgs = {n: c.organization_info().organization_id for n, c in clients.items()}
+    keys = {}
+    for site in sites:
+        folder = write_site(site, workdir / "sites" / site.name)
+        keys[site.name] = register_dataset(clients[site.name], site.name, folder, opener,
+                                           description, [orgs[site.name], orgs["aggregator"]])
+    return _execute(strategy, clients["aggregator"], orgs, keys, workdir, wheel, started,
+                    progress=progress)
+
+
+def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel: Path,
+             started: float, progress=None, poll_seconds: float = 5.0,
+             timeout: float | None = None, download=None) -> SubstraRun:
+    from substrafl.experiment import execute_experiment
+    from substrafl.model_loading import download_aggregate_shared_state
+    from substrafl.nodes import AggregationNode, TrainDataNode
+
+    download = download or download_aggregate_shared_state
+    nodes = [TrainDataNode(organization_id=orgs[name], data_manager_key=k["dataset_key"],
+                           data_sample_keys=list(k["data_sample_keys"]))
+             for name, k in keys.items()]
+    plan = record_plan(strategy, [orgs[n] for n in keys], orgs["aggregator"])
+    if progress is not None:
+        progress("submitting compute plan", orgs["aggregator"], 0)
+    cp = execute_experiment(
+        client=agg_client, strategy=strategy, train_data_nodes=nodes,
+        aggregation_node=AggregationNode(orgs["aggregator"]),
+        experiment_folder=workdir / "experiment", dependencies=dependency(wheel),
+        clean_models=False, name=f"fed_de-{type(strategy).__name__}")
+    wait_for(agg_client, cp.key, plan_tasks=len(plan.tasks), progress=progress,
+             poll_seconds=poll_seconds, timeout=timeout)
+    state = download(client=agg_client, compute_plan_key=cp.key, round_idx=plan.final_round)
+    facts = plan.facts()
+    names = {v: k for k, v in orgs.items()}
+    facts["bytes_sent_by_site"] = {names.get(k, k): v
+                                   for k, v in facts["bytes_sent_by_site"].items()}
+    facts.update(wall_seconds=round(time.perf_counter() - started, 3),
+                 bytes_note="schema payloads (float64), without pickle framing",
+                 compute_plan_key=cp.key)
+    return SubstraRun(shared_state=state, facts=facts, compute_plan_key=cp.key)
+
+
+def wait_for(client, compute_plan_key: str, *, plan_tasks: int, progress=None,
+             poll_seconds: float = 5.0, timeout: float | None = None) -> None:
+    """Poll a compute plan until it ends; raise naming the failed task and organisation."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        cp = client.get_compute_plan(compute_plan_key)
+        # enum (ComputePlanStatus.done) or raw value (PLAN_STATUS_DONE) -> "done"
+        status = str(getattr(cp, "status", "")).split(".")[-1].lower()
+        status = status.replace("plan_status_", "")
+        if progress is not None:
+            done = getattr(cp, "done_count", None)
+            progress(f"compute plan {status} ({done}/{plan_tasks} tasks)", "substra", 0)
+        if status == "done":
+            return
+        if "fail" in status or "cancel" in status:
+            raise _failure(client, compute_plan_key, status)
+        if deadline is not None and time.monotonic() > deadline:
+            raise FedDEError(f"compute plan {compute_plan_key} still {status} after "
+                             f"{timeout:.0f} s; it keeps running on the network")
+        time.sleep(poll_seconds)
+
+
+def _failure(client, key: str, status: str) -> SiteTaskError:
+    """The error of a failed plan, naming its first failed task, function and organisation."""
+    try:
+        tasks = client.list_task(filters={"compute_plan_key": [key], "status": ["STATUS_FAILED"]})
+    except Exception:  # noqa: BLE001 - best effort: the error message is what matters
+        tasks = []
+    if not tasks:
+        return SiteTaskError(f"compute plan {key} ended with status {status}",
+                             site="unknown", step="unknown")
+    task = tasks[0]
+    fn = getattr(getattr(task, "function", None), "name", "unknown")
+    worker = getattr(task, "worker", "unknown")
+    return SiteTaskError(f"compute plan {key} {status}: task {task.key} ({fn}) failed at "
+                         f"organisation {worker}; see its logs with substra's "
+                         "client.get_logs(task_key)", site=worker, step=fn)
+
+
+# -- remote networks ----------------------------------------------------------------------
+def _load_yaml(source) -> dict:
+    import yaml
+
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise FedDEError(f"{path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise FedDEError(f"{path} must hold a mapping")
+    return data
+
+
+def make_client(entry: dict, name: str):
+    """substra client for one organisation of a credentials YAML entry.
+
+    ``entry``: ``url`` and either ``token`` or ``username`` + ``password``; optional
+    ``insecure: true`` for self-signed test networks.
+    """
+    import substra
+
+    if "url" not in entry:
+        raise FedDEError(f"credentials for {name!r} lack 'url'")
+    kwargs = {"url": entry["url"], "backend_type": "remote", "client_name": name,
+              "insecure": bool(entry.get("insecure", False))}
+    if entry.get("token"):
+        kwargs["token"] = entry["token"]
+    elif entry.get("username") and entry.get("password"):
+        kwargs.update(username=entry["username"], password=entry["password"])
+    else:
+        raise FedDEError(f"credentials for {name!r} need 'token' or 'username' and 'password'")
+    return substra.Client(**kwargs)
+
+
+def register_site_remote(client, name: str, site_folder: Path, aggregator_org: str,
+                         keys_file: Path | None = None, workdir: Path | None = None,
+                         kind: str = "deseq2") -> dict:
+    """What ``fed-de register-site`` does on a hospital's own node; returns its keys entry.
+
+    The site's data sample folder is uploaded to the hospital's own node only; the dataset is
+    readable by the hospital and the aggregator organisation (which runs no data task on it).
+    ``kind="screen"`` registers the screen opener (one ``.h5ad`` of cells in the folder).
+    """
+    import yaml
+
+    workdir = Path(workdir or site_folder.parent / ".fed_de")
+    if kind == "screen":
+        from fed_de.screening.data import SCREEN_OPENER_SOURCE
+
+        source = SCREEN_OPENER_SOURCE
+        h5 = sorted(site_folder.glob("*.h5ad"))
+        if len(h5) != 1:
+            raise FedDEError(f"site {name!r}: a screen site folder holds one .h5ad, found "
+                             f"{len(h5)} in {site_folder}")
+        if h5[0].name != "site.h5ad":
+            raise FedDEError(f"site {name!r}: name the file site.h5ad (found {h5[0].name})")
+    elif kind == "deseq2":
+        source = OPENER_SOURCE
+    else:
+        raise FedDEError(f"kind must be 'deseq2' or 'screen', not {kind!r}")
+    opener, description = write_opener(workdir / "opener", source)
+    meta = site_folder / SITE_META
+    if not meta.exists():
+        meta.write_text(json.dumps({"name": name}))
+    org = client.organization_info().organization_id
+    entry = {"organization_id": org,
+             **register_dataset(client, name, site_folder, opener, description,
+                                [org, aggregator_org])}
+    if keys_file is not None:
+        keys = _load_yaml(keys_file) if Path(keys_file).exists() else {}
+        keys.setdefault("aggregator_organization", aggregator_org)
+        keys.setdefault("sites", {})[name] = entry
+        Path(keys_file).write_text(yaml.safe_dump(keys, sort_keys=False))
+    return entry
+
+
+def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "aggregator",
+               wheel: Path | None = None, timeout: float | None = None,
+               poll_seconds: float = 10.0, progress=None, client_factory=None,
+               download=None) -> SubstraRun:
+    """Submit ``strategy`` to a remote Substra network and wait for its result.
+
+    Parameters
+    ----------
+    credentials
+        YAML path or dict: organisation name -> {url, token | username + password}; the
+        ``submitter`` entry's client submits the plan and downloads the result.
+    keys
+        YAML path or dict written by ``fed-de register-site``: ``aggregator_organization``
+        and ``sites`` -> {name: {organization_id, dataset_key, data_sample_keys}}.
+    """
+    creds, keys = _load_yaml(credentials), _load_yaml(keys)
+    if submitter not in creds:
+        raise FedDEError(f"credentials have no entry {submitter!r} (entries: {list(creds)})")
+    sites = keys.get("sites") or {}
+    if not sites or "aggregator_organization" not in keys:
+        raise FedDEError("the keys file needs 'aggregator_organization' and at least one site "
+                         "under 'sites' (write it with fed-de register-site)")
+    for name, k in sites.items():
+        missing = [f for f in ("organization_id", "dataset_key", "data_sample_keys")
+                   if not k.get(f)]
+        if missing:
+            raise FedDEError(f"keys of site {name!r} lack {missing}")
+    client = (client_factory or make_client)(creds[submitter], submitter)
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    wheel = wheel or build_wheel(workdir / "dist")
+    orgs = {name: k["organization_id"] for name, k in sites.items()}
+    orgs["aggregator"] = keys["aggregator_organization"]
+    return _execute(strategy, client, orgs,
+                    {n: {"dataset_key": k["dataset_key"],
+                         "data_sample_keys": list(k["data_sample_keys"])}
+                     for n, k in sites.items()},
+                    workdir, wheel, started, progress=progress, poll_seconds=poll_seconds,
+                    timeout=timeout, download=download)

@@ -1,0 +1,111 @@
+"""Closing round of the fit: sums at the final coefficients, the covariance, and the per-gene
+results.
+
+Round W  site : packed X'WX and deviance at the final betas and dispersions; the LRT's
+                reduced-model deviance; with Cook's, the Cook's counts and the refit's
+                starting sums (:func:`fed_de.bulk.cooks.cooks_counts`)      -> ClosingSums
+         agg  : DESeq2's stopping rule for genes still iterating, the Fisher-information
+                covariance with DESeq2's ridge, (X'WX + L)^-1 X'WX (X'WX + L)^-1, and the
+                per-gene results (:func:`close_fit`)
+Contrasts, Wald statistics, p-values and adjusted p-values are computed from the per-gene
+results at the aggregator, for any number of contrasts, with no further round
+(:mod:`fed_de.bulk.results`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fed_de.bulk import cooks
+from fed_de.bulk.cooks import CooksCounts, cooks_counts
+from fed_de.bulk.state import CooksSetup, Dispersions, FitStart, GeneResults, Site
+from fed_de.core import nb
+from fed_de.core.fallback import FallbackFit
+from fed_de.core.irls import MIN_MU, IRLSFit
+from fed_de.federation.calls import aggregator_step, site_step
+from fed_de.federation.messages import Message, part, sums
+from fed_de.federation.strategy import Phase, Round
+
+
+class ReducedDeviance(Message):
+    """The LRT reduced model's deviance at its final coefficients."""
+
+    deviance: np.ndarray = sums("G")
+
+
+class ClosingSums(Message):
+    """X'WX and deviance at the final fit (+ LRT deviance, + Cook's counts)."""
+
+    xtwx: np.ndarray = sums("G", "T")
+    deviance: np.ndarray = sums("G")
+    reduced: ReducedDeviance | None = part()
+    cooks: CooksCounts | None = part()
+
+
+def final_beta(irls_final: IRLSFit, fallback: FallbackFit | None):
+    """Final coefficients: IRLS, or the fallback refit for genes IRLS left unconverged."""
+    beta = np.nan_to_num(irls_final.beta)
+    if fallback is None:
+        return beta, np.zeros(beta.shape[0], dtype=bool)
+    return np.where(fallback.refitted[:, None], fallback.beta, beta), fallback.refitted
+
+
+@site_step
+def closing_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_final: IRLSFit,
+                 fallback: FallbackFit | None, irls_reduced: IRLSFit | None,
+                 cooks: CooksSetup | None) -> ClosingSums:
+    """X'WX and deviance at the final coefficients; the variants' parts."""
+    beta, _ = final_beta(irls_final, fallback)
+    alpha = np.nan_to_num(dispersions.final, nan=1.0)
+    X, sf = site.kept.design, site.kept.size_factors
+    y = site.counts()
+    mu = nb.fitted_mu(X, beta, sf, MIN_MU)  # DESeq2's floored means (fitBeta)
+    w = mu / (1.0 + alpha * mu)
+    out = ClosingSums(xtwx=nb.gram(X, w), deviance=nb.nb_deviance(y, mu, alpha))
+    if irls_reduced is not None:
+        beta_r = np.nan_to_num(irls_reduced.beta)
+        mu_r = nb.fitted_mu(site.kept.design_reduced, beta_r, sf, MIN_MU)
+        out.reduced = ReducedDeviance(deviance=nb.nb_deviance(y, mu_r, alpha,
+                                                              site.lgamma_y1()))
+    if cooks is not None:  # after the sums above: they use the counts before replacement
+        out.cooks = cooks_counts(site, cooks, beta, alpha, irls_final.xtwx_acc, start.skip)
+    return out
+
+
+def final_sums(irls_final: IRLSFit, fallback: FallbackFit | None, xtwx: np.ndarray,
+               deviance: np.ndarray, p: int, all_zero: np.ndarray) -> dict:
+    """Coefficients, covariance, deviance and convergence flags of the final fit."""
+    # the last IRLS round already judged the accepted betas: genes still iterating did not
+    # converge within the unrolled rounds (DESeq2's betaConv = FALSE, refitted by the fallback)
+    converged = irls_final.deseq2_rule | irls_final.converged
+    beta, refitted = final_beta(irls_final, fallback)
+    beta = np.where(all_zero[:, None], np.nan, beta)
+    cov = nb.wald_covariance(np.where(all_zero[:, None], 1.0, xtwx), nb.ridge(p))
+    cov[all_zero] = np.nan
+    return {"beta": beta, "beta_cov": cov,
+            "deviance": np.where(all_zero, np.nan, deviance),
+            "beta_converged": converged & ~all_zero, "refitted_optim": refitted & ~all_zero}
+
+
+@aggregator_step(writes=("genes",))
+def close_fit(sums: ClosingSums, start: FitStart, dispersions: Dispersions,
+              irls_final: IRLSFit, fallback: FallbackFit | None,
+              irls_reduced: IRLSFit | None, study, reduced) -> dict:
+    """Convergence flags, the coefficient covariance, and every gene's results."""
+    all_zero = start.skip
+    fit = final_sums(irls_final, fallback, sums.xtwx, sums.deviance, study.n_coefs, all_zero)
+    genes = GeneResults(base_mean=start.base_mean, all_zero=all_zero,
+                        dispersions=dispersions, **fit)
+    if sums.reduced is not None:  # LRT: deviance difference, chi-squared on the df difference
+        genes.lrt_stat = np.where(all_zero, np.nan, sums.reduced.deviance - sums.deviance)
+        genes.lrt_df = study.n_coefs - reduced.n_coefs
+        genes.lrt_converged = irls_reduced.converged & ~all_zero
+    return {"genes": genes}
+
+
+def phase(with_cooks: bool) -> Phase:
+    """The closing round; with Cook's it joins the side chain and decides on outliers."""
+    if not with_cooks:
+        return Phase("closing", rounds=[Round(closing_sums, [close_fit])])
+    return Phase("closing", opening=[cooks.join], join=True,
+                 rounds=[Round(closing_sums, [close_fit, cooks.decide])])

@@ -1,0 +1,137 @@
+"""Federated IRLS for the NB GLM (DESeq2's ``fitBeta``), unrolled to a fixed number of rounds.
+
+Each round  site : at every candidate betas of a gene, the packed X'WX, X'Wz and the deviance
+                   (the ``fitBeta`` sums, :func:`irls_sums`); genes that stopped are sent as
+                   zeros (fixed shape)
+            agg  : :func:`fed_de.core.irls.irls_update` (the acceleration and stopping rules
+                   are documented there)
+``stage`` names the fit: ``"mu"`` (the means of the dispersion estimates, with the rough
+dispersions) or ``"final"`` (with the final dispersions; the LRT's reduced model advances in
+the same rounds, its sums in the ``reduced`` part of the message).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fed_de.bulk import fallback, rough
+from fed_de.bulk.state import Dispersions, FitStart, Site, Totals
+from fed_de.core import nb
+from fed_de.core.irls import MIN_MU, IRLSFit, irls_update, start_irls
+from fed_de.federation.calls import aggregator_step, call, site_step
+from fed_de.federation.messages import Message, part, sums
+from fed_de.federation.strategy import Phase, Round
+
+
+class FitSums(Message):
+    """``fitBeta`` sums at each candidate of each gene."""
+
+    xtwx: np.ndarray = sums("G", "KB", "T")
+    xtwz: np.ndarray = sums("G", "KB", "p")
+    deviance: np.ndarray = sums("G", "KB")
+
+
+class ReducedFitSums(Message):
+    """The same for the LRT's reduced model."""
+
+    xtwx: np.ndarray = sums("G", "KB", "Tr")
+    xtwz: np.ndarray = sums("G", "KB", "pr")
+    deviance: np.ndarray = sums("G", "KB")
+
+
+class IRLSSums(Message):
+    """One IRLS round: the fit's sums, and the reduced model's (LRT, final stage)."""
+
+    full: FitSums = part()
+    reduced: ReducedFitSums | None = part()
+
+
+def _fit_sums(site: Site, fit: IRLSFit, alpha: np.ndarray, X: np.ndarray) -> dict:
+    """The sums of one fit; only genes still iterating are computed."""
+    idx = np.flatnonzero(~fit.stopped)
+    G, K, p = fit.candidates.shape
+    cands = fit.candidates[idx]
+    alpha = np.nan_to_num(alpha, nan=1.0)[idx]
+    y = site.counts()[:, idx]
+    sf = site.kept.size_factors
+    lgy1 = site.lgamma_y1()[idx]
+    lgr = nb.nb_lgamma_ratio(y, alpha)  # mean-free part: once for every candidate
+    out = {"xtwx": np.zeros((G, K, nb.n_packed(p))), "xtwz": np.zeros((G, K, p)),
+           "deviance": np.zeros((G, K))}
+    for k in range(K):
+        summands = nb.irls_summands(y, X, sf, cands[:, k], alpha, MIN_MU, lgy1, lgr)
+        for key, value in summands.items():
+            out[key][idx, k] = value
+    return out
+
+
+def fit_alpha(stage: str, start: FitStart, dispersions: Dispersions | None) -> np.ndarray:
+    """Dispersions a stage fits with: the rough ones (``mu``) or the final ones."""
+    return start.alpha_hat if stage == "mu" else dispersions.final
+
+
+@site_step
+def irls_sums(site: Site, start: FitStart, dispersions: Dispersions | None,
+              irls_mu: IRLSFit | None, irls_final: IRLSFit | None,
+              irls_reduced: IRLSFit | None, stage: str = "final") -> IRLSSums:
+    """IRLS sums at each candidate of ``stage`` (and of the reduced model, LRT)."""
+    fit = irls_mu if stage == "mu" else irls_final
+    alpha = fit_alpha(stage, start, dispersions)
+    full = FitSums(**_fit_sums(site, fit, alpha, site.kept.design))
+    reduced = None
+    if stage == "final" and irls_reduced is not None:
+        reduced = ReducedFitSums(**_fit_sums(site, irls_reduced, dispersions.final,
+                                             site.kept.design_reduced))
+    return IRLSSums(full=full, reduced=reduced)
+
+
+@aggregator_step(writes=("irls_mu", "irls_final", "irls_reduced"))
+def irls_step(sums: IRLSSums, irls_mu: IRLSFit | None, irls_final: IRLSFit | None,
+              irls_reduced: IRLSFit | None, study, reduced, stage: str = "final") -> dict:
+    """Keep the best candidate, test convergence, propose the next candidates."""
+    fit = irls_mu if stage == "mu" else irls_final
+    s = sums.full
+    out = {f"irls_{stage}": irls_update(fit, s.xtwx, s.xtwz, s.deviance, study.n_coefs)}
+    if sums.reduced is not None:  # LRT: the reduced model's fit advances in the same round
+        r = sums.reduced
+        out["irls_reduced"] = irls_update(irls_reduced, r.xtwx, r.xtwz, r.deviance,
+                                          reduced.n_coefs)
+    return out
+
+
+@aggregator_step(writes=("irls_mu",))
+def start_mu_fit(totals: Totals, start: FitStart) -> dict:
+    """The IRLS of the dispersion-fit means, unless the linear fit serves (cell means)."""
+    frozen = start.skip | bool(totals.linear_mu)
+    return {"irls_mu": start_irls(start.beta_init, frozen, start.beta_alt)}
+
+
+@aggregator_step(writes=("irls_final", "irls_reduced"))
+def start_final_fit(start: FitStart, irls_mu: IRLSFit) -> dict:
+    """The final IRLS, warm-started from the dispersion-fit betas (or the cell-means start);
+    the LRT's reduced fit runs in the same rounds."""
+    warm = irls_mu.beta if start.mu_rounds else start.beta_alt
+    warm = np.where(np.isfinite(warm), warm, start.beta_init)
+    out = {"irls_final": start_irls(warm, start.skip, start.beta_init)}
+    if start.beta_init_reduced is not None:
+        out["irls_reduced"] = start_irls(start.beta_init_reduced, start.skip,
+                                         start.beta_alt_reduced)
+    return out
+
+
+def mu_fit_phase(mu_rounds: int) -> Phase:
+    """Rough dispersions and IRLS starts, then the IRLS of the dispersion-fit means."""
+    mu = [Round(call(irls_sums, stage="mu"), [call(irls_step, stage="mu")])] * mu_rounds
+    return Phase("mu_fit", rounds=[
+        Round(rough.rough_sums, [call(rough.rough_start, mu_rounds=mu_rounds), start_mu_fit]),
+        *mu])
+
+
+def final_fit_phase(final_rounds: int, fallback_rounds: int) -> Phase:
+    """The final IRLS (from the final dispersions), then the fallback of unconverged genes."""
+    step = Round(call(irls_sums, stage="final"), [call(irls_step, stage="final")])
+    rounds = [Round(step.local, list(step.steps)) for _ in range(final_rounds)]
+    rounds[-1].steps.append(fallback.fallback_begin)
+    rounds += [Round(fallback.fallback_sums, [fallback.fallback_step])
+               for _ in range(fallback_rounds)]
+    return Phase("final_fit", opening=[start_final_fit], rounds=rounds)

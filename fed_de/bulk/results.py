@@ -1,0 +1,173 @@
+"""DESeq2's ``results()`` from the per-gene results at the aggregator, and the fit object.
+
+Contrasts, Wald statistics, p-values, Cook's filtering, independent filtering and adjusted
+p-values need no round: :func:`contrast_results` computes them from
+:class:`~fed_de.bulk.state.GeneResults` for any number of contrasts. :class:`DESeq2Result` is
+what :func:`fed_de.deseq2` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.stats import chi2
+
+from fed_de.bulk.state import GeneResults, Refit, RunState
+from fed_de.core.testing import adjust_pvalues, contrast_vector, wald_test
+from fed_de.design import Study
+
+Contrast = tuple | list | np.ndarray | str | None
+
+
+def contrast_results(genes: GeneResults, contrast: np.ndarray, *, refit: Refit | None = None,
+                     alpha: float = 0.1, lfc_threshold: float = 0.0,
+                     alt_hypothesis: str = "greaterAbs", independent_filtering: bool = True,
+                     names=None, test: str = "Wald", cooks_filter: bool = True
+                     ) -> pd.DataFrame:
+    """DESeq2 ``results()`` table for a numeric contrast (natural-log coefficients in)."""
+    c = np.asarray(contrast, dtype=float)
+    lfc = genes.beta @ c
+    se = np.sqrt(np.einsum("i,gij,j->g", c, genes.beta_cov, c))
+    log2fc, lfcse, stat, pvalue = wald_test(lfc, se, lfc_threshold, alt_hypothesis)
+    if test == "LRT":
+        # DESeq2: LFC and SE from the full model's Wald fit, statistic and p-value from the LRT
+        stat = genes.lrt_stat
+        pvalue = chi2.sf(np.maximum(stat, 0.0), genes.lrt_df)
+    if refit is not None:
+        # DESeq2: genes all zero after outlier replacement report LFC 0, SE 0, p-value 1
+        zero = refit.new_all_zero
+        log2fc, lfcse = np.where(zero, 0.0, log2fc), np.where(zero, 0.0, lfcse)
+        stat, pvalue = np.where(zero, 0.0, stat), np.where(zero, 1.0, pvalue)
+    if cooks_filter and genes.cooks_outlier is not None:
+        # DESeq2: p-values of genes whose largest Cook's distance passes the cutoff are NA
+        pvalue = np.where(genes.cooks_outlier, np.nan, pvalue)
+    padj, _ = adjust_pvalues(genes.base_mean, pvalue, alpha, independent_filtering)
+    frame = pd.DataFrame({"baseMean": genes.base_mean, "log2FoldChange": log2fc,
+                          "lfcSE": lfcse, "stat": stat, "pvalue": pvalue, "padj": padj},
+                         index=names)
+    frame.index.name = "gene"
+    return frame
+
+
+@dataclass
+class DESeq2Result:
+    """A federated DESeq2 fit: per-gene results at the aggregator, contrasts on demand.
+
+    Attributes
+    ----------
+    study
+        The declared study.
+    state
+        The final run state (per-gene arrays only; nothing sample-level).
+    facts
+        Run facts: sequential steps, tasks, bytes per site and aggregator, wall time.
+    contrasts
+        Contrasts requested at fit time (``results()`` accepts any other).
+    alpha
+        Default significance level for independent filtering.
+    test
+        ``"Wald"`` or ``"LRT"``.
+    """
+
+    study: Study
+    state: RunState
+    facts: dict
+    contrasts: list = field(default_factory=list)
+    alpha: float = 0.1
+    test: str = "Wald"
+
+    @property
+    def genes(self) -> list[str]:
+        """The study's genes, in order."""
+        return list(self.study.genes)
+
+    @property
+    def gene_results(self) -> GeneResults:
+        """Per-gene results (coefficients, covariance, dispersions, flags)."""
+        return self.state.genes
+
+    def contrast_vector(self, contrast: Contrast = None) -> np.ndarray:
+        """Numeric contrast for ``None`` (last coefficient, as DESeq2), a coefficient name,
+        ``(factor, level, reference)``, or a numeric vector over the coefficients."""
+        names = self.study.coef_names
+        if contrast is None:
+            contrast = names[-1]
+        if isinstance(contrast, str):
+            if contrast not in names:
+                raise ValueError(f"coefficient {contrast!r} unknown; coefficients are {names}")
+            return np.eye(len(names))[names.index(contrast)]
+        if isinstance(contrast, (tuple, list)) and len(contrast) == 3 and all(
+                isinstance(c, str) for c in contrast):
+            factor, level, ref = contrast
+            if factor not in self.study.levels:
+                raise ValueError(f"contrast factor {factor!r} is not a factor of the design "
+                                 f"(factors: {list(self.study.levels)})")
+            lv = self.study.levels[factor]
+            for x in (level, ref):
+                if x not in lv:
+                    raise ValueError(f"contrast level {x!r} is not a level of {factor!r} "
+                                     f"(levels: {lv})")
+            return contrast_vector(names, factor, level, ref, lv[0])
+        vec = np.asarray(contrast, dtype=float)
+        if vec.shape != (len(names),):
+            raise ValueError(f"a numeric contrast needs {len(names)} values, one per "
+                             f"coefficient {names}; got shape {vec.shape}")
+        return vec
+
+    def results(self, contrast: Contrast = None, *, alpha: float | None = None,
+                lfc_threshold: float = 0.0, alt_hypothesis: str = "greaterAbs",
+                independent_filtering: bool = True, cooks_filter: bool = True
+                ) -> pd.DataFrame:
+        """DESeq2 ``results()``: baseMean, log2FoldChange, lfcSE, stat, pvalue, padj.
+
+        ``cooks_filter=False`` is DESeq2's ``cooksCutoff = FALSE`` (outlier genes keep their
+        p-values; replacement and refit, done in the fit, stay).
+        """
+        if contrast is None and self.contrasts:
+            contrast = self.contrasts[0]
+        return contrast_results(
+            self.state.genes, self.contrast_vector(contrast), refit=self.state.refit,
+            alpha=self.alpha if alpha is None else alpha, lfc_threshold=lfc_threshold,
+            alt_hypothesis=alt_hypothesis, independent_filtering=independent_filtering,
+            names=self.genes, test=self.test, cooks_filter=cooks_filter,
+        )
+
+    @property
+    def dispersions(self) -> pd.DataFrame:
+        """Gene-level dispersion table: gene-wise, trend, MAP, final, outlier flag."""
+        g = self.state.genes
+        d = g.dispersions
+        frame = pd.DataFrame({
+            "baseMean": g.base_mean, "genewise": d.gene, "trend": d.fit, "MAP": d.map,
+            "final": d.final, "outlier": d.outlier, "allZero": g.all_zero,
+            "betaConv": g.beta_converged,
+        }, index=self.genes)
+        frame.index.name = "gene"
+        return frame
+
+    @property
+    def coefficients(self) -> pd.DataFrame:
+        """log2-scale coefficients (DESeq2's ``coef(dds)``)."""
+        frame = pd.DataFrame(self.state.genes.beta / np.log(2), index=self.genes,
+                             columns=self.study.coef_names)
+        frame.index.name = "gene"
+        return frame
+
+    @property
+    def trend(self) -> dict:
+        """Dispersion trend type, coefficients, and prior variance."""
+        t = self.state.trend
+        return {"fit_type": t.fit_type, "coefficients": t.coefficients.tolist(),
+                "var_log_disp_ests": t.var_log_disp_ests, "disp_prior_var": t.prior_var}
+
+    @property
+    def cooks(self) -> dict:
+        """Cook's decisions: genes filtered, replaced, refitted, all zero after replacement
+        (empty without Cook's)."""
+        genes, refit = self.state.genes, self.state.refit
+        if refit is None:
+            return {}
+        return {"outlier": genes.cooks_outlier, "replace": refit.replace,
+                "refitted": refit.genes, "new_all_zero": refit.new_all_zero}

@@ -1,0 +1,74 @@
+"""Rough dispersions and IRLS starts: the round that opens the fit (``mu_fit`` phase).
+
+Round 3  site : final size factors (the ``poscounts`` rescaling), then the sum of
+                ((y - mu)^2 - mu) / mu^2 with the linear-fit means floored at 1
+                (``roughDispEstimate``) and X' log(normalised + 0.1) (the IRLS start); the
+                LRT adds the reduced model's starting sums                -> RoughSums
+         agg  : ``alpha_hat = clip(min(rough, moments), minDisp, maxDisp)`` and the IRLS
+                starts                                                  (:func:`rough_start`)
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from fed_de.bulk.state import FitStart, Site, Totals
+from fed_de.core import moments as mom
+from fed_de.core import nb
+from fed_de.federation.calls import aggregator_step, site_step
+from fed_de.federation.messages import Message, part, sums
+
+
+class ReducedStartSums(Message):
+    """The LRT reduced model's IRLS starting sums."""
+
+    xr_logy: np.ndarray = sums("G", "pr")
+    xr_loglin: np.ndarray = sums("G", "pr")
+    xrtxr: np.ndarray = sums("Tr")
+
+
+class RoughSums(Message):
+    """Round 3: rough-dispersion sums and the sums of the two IRLS starts."""
+
+    rough: np.ndarray = sums("G")
+    xt_logy: np.ndarray = sums("G", "p")
+    xt_loglin: np.ndarray = sums("G", "p")
+    reduced: ReducedStartSums | None = part()
+
+
+@site_step
+def rough_sums(site: Site, totals: Totals, start: FitStart) -> RoughSums:
+    """Final size factors; rough-dispersion sums and the log-linear IRLS starts."""
+    sf = site.kept.size_factors_raw / totals.sf_scale
+    site.kept.size_factors = sf
+    X = site.kept.design
+    norm = site.counts() / sf[:, None]
+    lin = X @ start.beta_lin.T
+    mu = np.maximum(lin, 1.0)
+    rough = (((norm - mu) ** 2 - mu) / mu**2).sum(axis=0)
+    reduced = None
+    if site.reduced is not None:
+        Xr = site.kept.design_reduced
+        reduced = ReducedStartSums(xr_logy=np.log(norm + 0.1).T @ Xr,
+                                   xr_loglin=np.log(np.maximum(lin, 0.1)).T @ Xr,
+                                   xrtxr=nb.gram(Xr, np.ones(Xr.shape[0])))
+    return RoughSums(rough=rough, xt_logy=np.log(norm + 0.1).T @ X,
+                     xt_loglin=np.log(np.maximum(lin, 0.1)).T @ X, reduced=reduced)
+
+
+@aggregator_step(writes=("totals", "start"))
+def rough_start(sums: RoughSums, totals: Totals, start: FitStart, study,
+                mu_rounds: int = 0) -> dict:
+    """``alpha_hat`` (start of the dispersion search) and the IRLS starting betas."""
+    alpha_hat, max_disp, beta0, beta_alt = mom.rough_start(
+        sums.rough, start.moments_disp, totals.n_samples, study.n_coefs, totals.xtx,
+        sums.xt_logy, sums.xt_loglin)
+    new = {"alpha_hat": alpha_hat, "beta_init": beta0, "beta_alt": beta_alt,
+           "mu_rounds": mu_rounds}
+    if sums.reduced is not None:
+        r = sums.reduced
+        new["beta_init_reduced"], new["beta_alt_reduced"] = mom.reduced_starts(
+            r.xrtxr, r.xr_logy, r.xr_loglin)
+    return {"totals": replace(totals, max_disp=max_disp), "start": replace(start, **new)}

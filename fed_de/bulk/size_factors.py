@@ -1,0 +1,175 @@
+"""Federated median-of-ratios size factors and baseMean (DESeq2 ``ratio`` / ``poscounts``).
+
+Round 1  site : validates its data, keeps its design matrix; sum of log positive counts and
+                number of zeros per gene, sample count          -> :class:`LogSums`
+         agg  : log geometric means over all samples of all sites (:func:`log_means`)
+Round 2  site : each sample's size factor (kept at the site); per-gene sums of normalised
+                counts and their squares, sum of 1/sf, X'X, X'(normalised counts), and the
+                number of samples in each declared design cell          -> MomentSums
+         agg  : baseMean, DESeq2's moments dispersion, the least-squares fit on normalised
+                counts (``linearModelMu``), the linear-mu shortcut of cell-means designs, the
+                full-rank check (:func:`moments`); every sum is rescaled exactly here for
+                ``poscounts`` (the sites apply the rescaling at the next round)
+The size factors never leave their site. The size-factor-only strategy
+(``fed_de.size_factors``) uses :func:`normalised_sums` / :func:`base_means` at round 2, then
+:func:`rescale_size_factors` (nothing sent).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fed_de.bulk.state import FitStart, Site, Totals
+from fed_de.core import moments as mom
+from fed_de.core import nb
+from fed_de.core import size_factors as sf_core
+from fed_de.design import check_full_rank, design_cells, design_matrix
+from fed_de.errors import SiteDataError
+from fed_de.federation.calls import aggregator_step, site_step
+from fed_de.federation.messages import Message, sums
+from fed_de.federation.strategy import Phase, Round
+from fed_de.validation import validate_site
+
+
+class LogSums(Message):
+    """Round 1: per-gene sums of log positive counts, zero counts, and the sample count."""
+
+    sum_log: np.ndarray = sums("G")
+    n_zero: np.ndarray = sums("G")
+    n_samples: float = sums()
+
+
+class MomentSums(Message):
+    """Round 2: the sums behind baseMean, the moments dispersion and the linear fit."""
+
+    sum_norm: np.ndarray = sums("G")
+    sum_norm_sq: np.ndarray = sums("G")
+    sum_inv_sf: float = sums()
+    sum_log_sf: float = sums()
+    n_samples: float = sums()
+    xtx: np.ndarray = sums("T")
+    xty: np.ndarray = sums("G", "p")
+    cell_counts: np.ndarray = sums("C")
+
+
+class NormalisedSums(Message):
+    """Per-gene sums of normalised counts, and the sums that rescale size factors."""
+
+    sum_norm: np.ndarray = sums("G")
+    sum_log_sf: float = sums()
+    n_samples: float = sums()
+
+
+class Nothing(Message):
+    """A site step that sends nothing."""
+
+
+@site_step
+def log_sums(site: Site) -> LogSums:
+    """Validate the site, keep its design matrix, send per-gene log-count sums."""
+    kept, data = site.kept, site.data
+    kept.design = validate_site(site.study, data, min_cell_size=site.options.min_cell_size,
+                                round_counts=site.options.round_counts)
+    if site.reduced is not None:
+        kept.design_reduced = design_matrix(site.reduced, data.obs, data.name)
+    sum_log, n_zero = sf_core.log_count_sums(site.counts())
+    return LogSums(sum_log=sum_log, n_zero=n_zero, n_samples=float(data.n_samples))
+
+
+@aggregator_step(writes=("totals",))
+def log_means(sums: LogSums, options) -> dict:
+    """Log geometric means over every sample of every site."""
+    log_means = sf_core.log_geometric_means(sums.sum_log, sums.n_zero, sums.n_samples,
+                                            options.size_factors)
+    return {"totals": Totals(n_samples=float(sums.n_samples), log_geo_means=log_means)}
+
+
+def compute_size_factors(site: Site, log_geo_means: np.ndarray) -> np.ndarray:
+    """Raw size factors of this site's samples (kept at the site, never sent)."""
+    sf = sf_core.median_ratio_factors(site.counts(), log_geo_means, site.options.size_factors)
+    bad = ~np.isfinite(sf) | (sf <= 0)
+    if bad.any():
+        samples = [site.data.samples[i] for i in np.flatnonzero(bad)[:5]]
+        raise SiteDataError(
+            f"site {site.name!r}: sample(s) {samples} share no expressed gene with the "
+            "study's geometric means, so no size factor exists; check these samples' "
+            "counts (empty library?) or remove them"
+        )
+    site.kept.size_factors_raw = sf
+    site.kept.size_factors = sf  # final for 'ratio'; rescaled later for 'poscounts'
+    return sf
+
+
+def size_factor_scale(kind: str, sum_log_sf: float, n_samples: float) -> float:
+    """``poscounts`` divides size factors by their geometric mean; ``ratio`` does not."""
+    if kind == "poscounts":
+        return float(np.exp(sum_log_sf / n_samples))
+    return 1.0
+
+
+@site_step
+def normalised_sums(site: Site, totals: Totals) -> NormalisedSums:
+    """Size factors at the site; per-gene sums of counts over raw size factors."""
+    sf = compute_size_factors(site, totals.log_geo_means)
+    norm = site.counts() / sf[:, None]
+    return NormalisedSums(sum_norm=norm.sum(axis=0), sum_log_sf=float(np.log(sf).sum()),
+                          n_samples=float(site.data.n_samples))
+
+
+@aggregator_step(writes=("totals", "start"))
+def base_means(sums: NormalisedSums, options) -> dict:
+    """baseMean per gene (mean of normalised counts over all samples)."""
+    n = float(sums.n_samples)
+    scale = size_factor_scale(options.size_factors, sums.sum_log_sf, n)
+    # size factors are divided by scale, so normalised counts are multiplied by it
+    base_mean = sums.sum_norm * scale / n
+    return {"totals": Totals(n_samples=n, sf_scale=scale),
+            "start": FitStart(base_mean=base_mean, skip=base_mean == 0)}
+
+
+@site_step
+def rescale_size_factors(site: Site, totals: Totals) -> Nothing:
+    """Apply the global rescaling to this site's size factors (nothing is sent)."""
+    site.kept.size_factors = site.kept.size_factors_raw / totals.sf_scale
+    return Nothing()
+
+
+@site_step
+def moment_sums(site: Site, totals: Totals) -> MomentSums:
+    """Size factors, then the sums behind baseMean, moments and the linear fit."""
+    sf = compute_size_factors(site, totals.log_geo_means)
+    X = site.kept.design
+    norm = site.counts() / sf[:, None]
+    n = site.data.n_samples
+    cell_counts = (np.bincount(site.cells(), minlength=len(design_cells(site.study)))
+                   .astype(float) if site.study.levels else np.zeros(1))
+    return MomentSums(sum_norm=norm.sum(axis=0), sum_norm_sq=(norm * norm).sum(axis=0),
+                      sum_inv_sf=float((1.0 / sf).sum()), sum_log_sf=float(np.log(sf).sum()),
+                      n_samples=float(n), xtx=nb.gram(X, np.ones(n)), xty=norm.T @ X,
+                      cell_counts=cell_counts)
+
+
+@aggregator_step(writes=("totals", "start"))
+def moments(sums: MomentSums, study, options) -> dict:
+    """baseMean, moments dispersion, linear fit; decide DESeq2's linear-mu shortcut."""
+    n, p = sums.n_samples, study.n_coefs
+    c = size_factor_scale(options.size_factors, sums.sum_log_sf, n)
+    m = mom.moments(sums.sum_norm, sums.sum_norm_sq, sums.sum_inv_sf, n, c)
+    xtx = nb.unpack(sums.xtx, p)
+    check_full_rank(xtx, study.coef_names)
+    beta_lin = np.linalg.solve(xtx, (sums.xty * c).T).T
+    # DESeq2 uses the linear fit for mu when the design has as many distinct rows as
+    # coefficients (a cell-means design); with continuous terms rows are distinct.
+    n_cells = int((sums.cell_counts > 0).sum())
+    linear = (not study.continuous) and n_cells == p
+    totals = Totals(n_samples=n, sf_scale=c, xtx=sums.xtx, xim=m["xim"],
+                    cell_counts=sums.cell_counts, linear_mu=linear)
+    start = FitStart(base_mean=m["base_mean"], skip=m["base_mean"] == 0,
+                     moments_disp=m["moments_disp"], beta_lin=beta_lin)
+    return {"totals": totals, "start": start}
+
+
+def phase() -> Phase:
+    """Size factors, baseMean, moments and the linear fit: two rounds."""
+    return Phase("size_factors", rounds=[Round(log_sums, [log_means]),
+                                         Round(moment_sums, [moments])])

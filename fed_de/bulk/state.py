@@ -1,0 +1,253 @@
+"""The typed state of a federated DESeq2 run: what the aggregator sends, what a site keeps.
+
+The aggregator's output is one :class:`RunState`, read by the next round's site steps and by
+the next aggregation; each part is written by one step module (named below) and read by the
+steps whose signatures name it. A site keeps a :class:`SiteState` between its tasks; site steps
+see it through :class:`Site`, together with the site's data, the study and the options.
+
+=================  ==========================================  =======================
+part               holds                                       written by
+=================  ==========================================  =======================
+``totals``         study totals: n, size-factor scale, X'X,    size_factors, moments
+                   cell sizes, linear-mu shortcut, maxDisp
+``start``          one fit pass's genes and starting values:   moments (pass 1),
+                   baseMean, moments, rough dispersions,       refit (Cook's refit)
+                   IRLS starts, ``skip`` (genes left out)
+``irls_mu``        IRLS of the dispersion-fit means            irls
+``disp``           the dispersion searches and their points    dispersions, refit
+``dispersions``    gene-wise, trend value, MAP, final          dispersions, refit
+``trend``          trend type/coefficients, prior variance     dispersions
+``irls_final``     the final IRLS (``irls_reduced``: LRT)      irls
+``fallback``       refit of genes IRLS left unconverged        fallback
+``genes``          per-gene results: everything results()      closing (refit merges)
+                   reads
+``cooks``          what the closing round's Cook's counts need cooks (joins side chain)
+``refit``          Cook's decisions and the refit's genes      cooks
+``rows``           genes the sites' messages carry (refit)     refit
+``robust``         side chain: exact trimmed statistics        cooks
+=================  ==========================================  =======================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import gammaln
+
+from fed_de.core.dispersion import Prior, Trend
+from fed_de.core.fallback import FallbackFit
+from fed_de.core.irls import IRLSFit
+from fed_de.core.optim1d import Search
+from fed_de.design import Study, cell_index
+from fed_de.site import SiteData
+from fed_de.validation import aligned_counts
+
+
+@dataclass(frozen=True)
+class DESeq2Options:
+    """The options of a run, shipped to every node (plain scalars)."""
+
+    size_factors: str = "ratio"
+    fit_type: str = "parametric"
+    min_cell_size: int = 3
+    round_counts: bool = False
+    test: str = "Wald"
+    reduced: str | None = None
+    cooks: bool = True
+    mu_rounds: int = 8
+    genewise_rounds: int = 4
+    map_rounds: int = 3
+    final_rounds: int = 8
+    fallback_rounds: int = 1
+    robust_rounds: int = 11
+    refit_mu_rounds: int = 3
+    refit_disp_rounds: int = 4
+    refit_final_rounds: int = 4
+
+
+# -- what the aggregator sends -----------------------------------------------------------------
+@dataclass
+class Totals:
+    """Study-level totals over every sample of every site."""
+
+    n_samples: float
+    log_geo_means: np.ndarray | None = None  # round 1: median-of-ratios reference
+    sf_scale: float = 1.0  # poscounts: size factors are divided by it
+    xtx: np.ndarray | None = None  # packed X'X
+    xim: float | None = None  # mean of 1/size factor
+    cell_counts: np.ndarray | None = None  # samples per declared design cell
+    linear_mu: bool = False  # cell-means design: DESeq2 uses the linear fit for mu
+    max_disp: float | None = None  # DESeq2's maxDisp = max(10, n)
+
+
+@dataclass
+class FitStart:
+    """One fit pass's genes and starting values (pass 1, or the Cook's refit)."""
+
+    base_mean: np.ndarray
+    skip: np.ndarray  # genes left out of this pass: all zero, or (refit) not refitted
+    moments_disp: np.ndarray | None = None
+    beta_lin: np.ndarray | None = None  # least squares on normalised counts
+    alpha_hat: np.ndarray | None = None  # rough dispersions: start of the gene-wise search
+    beta_init: np.ndarray | None = None  # IRLS start: log(normalised counts + 0.1) fit
+    beta_alt: np.ndarray | None = None  # second start: log of the linear fit
+    beta_init_reduced: np.ndarray | None = None  # LRT: the reduced model's starts
+    beta_alt_reduced: np.ndarray | None = None
+    mu_rounds: int = 0  # IRLS rounds of the dispersion-fit means (0: linear mu)
+
+
+@dataclass
+class DispSearch:
+    """The dispersion searches: where the sites evaluate next, and the searches' states."""
+
+    points: np.ndarray  # genes x K log(alpha) points
+    active: np.ndarray  # genes still searching (the others are sent as zeros)
+    genewise: Search | None = None
+    map: Search | None = None
+    start_f: np.ndarray | None = None  # objective at the rough start (DESeq2's noIncrease)
+    start_g: np.ndarray | None = None
+    start_h: np.ndarray | None = None
+    prior: Prior | None = None
+
+
+@dataclass
+class Dispersions:
+    """DESeq2's dispersion columns (dispGeneEst, dispFit, dispMAP, dispersion, dispOutlier)."""
+
+    gene: np.ndarray | None = None
+    fit: np.ndarray | None = None
+    map: np.ndarray | None = None
+    final: np.ndarray | None = None
+    outlier: np.ndarray | None = None
+
+
+@dataclass
+class GeneResults:
+    """Per-gene results of the fit: everything ``results()`` and the tables read."""
+
+    base_mean: np.ndarray
+    all_zero: np.ndarray
+    dispersions: Dispersions
+    beta: np.ndarray  # natural-log coefficients
+    beta_cov: np.ndarray
+    deviance: np.ndarray
+    beta_converged: np.ndarray
+    refitted_optim: np.ndarray
+    lrt_stat: np.ndarray | None = None
+    lrt_df: int | None = None
+    lrt_converged: np.ndarray | None = None
+    cooks_outlier: np.ndarray | None = None  # p-values NA (Cook's filtering)
+
+
+@dataclass
+class CooksSetup:
+    """What the closing round's Cook's distances need (joined from the side chain)."""
+
+    active: bool
+    alpha: np.ndarray  # robust dispersion per gene
+    replace_mean: np.ndarray  # 0.2-trimmed mean of normalised counts (replacement)
+    unfinished: int
+    cutoff: float
+    cells_3: np.ndarray  # cells of >= 3 samples: outliers there filter the gene
+    cells_replace: np.ndarray  # cells of >= 7 samples: outliers there are replaced
+
+
+@dataclass
+class Refit:
+    """Cook's replacement decisions and the refit of the replaced genes."""
+
+    genes: np.ndarray  # refitted
+    new_all_zero: np.ndarray  # all zero after replacement (DESeq2's nowZero)
+    replace: np.ndarray  # some sample above the cutoff (DESeq2's replace)
+    n_refit: int
+    start: FitStart | None = None  # the refit's starting values (installed by refit.begin)
+
+
+@dataclass
+class RobustSearch:
+    """Side chain: exact trimmed cell means / variances by order-statistic searches."""
+
+    groups_active: np.ndarray
+    ranks: np.ndarray
+    n_cells: int
+    scales: np.ndarray
+    phase: str  # "A": normalised counts; "B": squared errors
+    search: dict  # thresholds, done, state (fed_de.core.order_stats)
+    cell_means: np.ndarray | None = None
+    replace_mean: np.ndarray | None = None
+    alpha: np.ndarray | None = None
+    unfinished: int = 0
+
+
+@dataclass
+class RunState:
+    """The aggregator's output: every part a later step reads (see the module table)."""
+
+    totals: Totals | None = None
+    start: FitStart | None = None
+    irls_mu: IRLSFit | None = None
+    disp: DispSearch | None = None
+    dispersions: Dispersions | None = None
+    trend: Trend | None = None
+    irls_final: IRLSFit | None = None
+    irls_reduced: IRLSFit | None = None
+    fallback: FallbackFit | None = None
+    genes: GeneResults | None = None
+    cooks: CooksSetup | None = None
+    refit: Refit | None = None
+    rows: np.ndarray | None = None
+    robust: RobustSearch | None = None
+
+
+# -- what a site keeps ---------------------------------------------------------------------
+@dataclass
+class SiteState:
+    """What a site keeps between its tasks; none of it is ever sent."""
+
+    design: np.ndarray | None = None
+    design_reduced: np.ndarray | None = None
+    cells: np.ndarray | None = None  # each sample's design cell
+    size_factors_raw: np.ndarray | None = None
+    size_factors: np.ndarray | None = None
+    mu_disp: np.ndarray | None = None  # means of the dispersion fit
+    lgamma_y1: np.ndarray | None = None  # per-gene sum of lgamma(y + 1) (a cache)
+    replaced_counts: np.ndarray | None = None  # after Cook's replacement
+
+
+@dataclass
+class Site:
+    """What a site step works with: the site's data, what it keeps, the study, the options."""
+
+    data: SiteData
+    kept: SiteState
+    study: Study
+    options: DESeq2Options
+    reduced: Study | None = None
+
+    @property
+    def name(self) -> str:
+        """The site's name."""
+        return self.data.name
+
+    def counts(self) -> np.ndarray:
+        """Counts aligned to the study's genes (rounded when the study asks for it); after
+        Cook's replacement, the replaced counts."""
+        if self.kept.replaced_counts is not None:
+            return self.kept.replaced_counts
+        counts = aligned_counts(self.study, self.data)
+        if self.options.round_counts:
+            counts = np.round(counts)
+        return counts
+
+    def lgamma_y1(self) -> np.ndarray:
+        """Per-gene sum of lgamma(y + 1) (a constant of the deviance), cached."""
+        if self.kept.lgamma_y1 is None:
+            self.kept.lgamma_y1 = gammaln(self.counts() + 1.0).sum(axis=0)
+        return self.kept.lgamma_y1
+
+    def cells(self) -> np.ndarray:
+        """Each sample's declared design cell, cached."""
+        if self.kept.cells is None:
+            self.kept.cells = cell_index(self.study, self.data.obs, self.data.name)
+        return self.kept.cells

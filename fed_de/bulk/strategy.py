@@ -1,0 +1,209 @@
+"""``DESeq2Strategy``: the DESeq2 pipeline as one substrafl compute plan, written as phases.
+
+=================  ===================================================  ======================
+phase              rounds (a site step at every site, then aggregation)  module
+=================  ===================================================  ======================
+size_factors       log-count sums -> geometric means; size factors,     size_factors, moments
+                   moments, linear fit
+mu_fit             rough dispersions, IRLS start; IRLS of the           moments, irls
+                   dispersion-fit means (``mu_rounds``; none for
+                   cell-means designs)
+genewise           Cox-Reid searches (``genewise_rounds``)              dispersions
+trend_prior_map    trend, prior (no round); MAP searches                dispersions
+                   (``map_rounds``)
+final_fit          IRLS (``final_rounds``; LRT: the reduced model in    irls, fallback
+                   the same rounds); fallback of unconverged genes
+                   (``fallback_rounds``)
+robust (side)      exact trimmed statistics for Cook's, in parallel     cooks
+                   from after size_factors
+closing            X'WX and deviance at the final fit; with Cook's,     closing, cooks
+                   the Cook's counts and decisions
+refit              Cook's refit of replaced genes                       refit
+tests              contrasts, Wald/LRT, Cook's filter, independent      results
+                   filtering, BH: at the aggregator, no round
+=================  ===================================================  ======================
+
+Each phase's opening aggregator steps run in the previous phase's last aggregation (see
+:class:`fed_de.federation.strategy.Phase`), so "finish A, start B" costs no round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fed_de.bulk import closing, cooks, dispersions, irls, refit
+from fed_de.bulk import size_factors as sfs
+from fed_de.bulk.state import DESeq2Options, RunState, Site, SiteState
+from fed_de.core.dispersion import ANCHORS, START_OFFSETS
+from fed_de.core.fallback import STEPS as FALLBACK_STEPS
+from fed_de.core.irls import N_CANDIDATES
+from fed_de.core.optim1d import STEP_FRACTIONS
+from fed_de.design import Study, reduced_study
+from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, Round, run_phases
+
+OPTIONS = DESeq2Options()
+TESTS = ("Wald", "LRT")
+
+
+class _BulkStrategy(FedStrategy):
+    """What the bulk strategies share: the study, typed options, the site's view."""
+
+    def __init__(self, study: dict, **options):
+        super().__init__(study=study, **options)
+        self.study = Study.from_dict(study)
+        self.options = DESeq2Options(**options)
+        reduced = self.options.reduced
+        self.reduced = reduced_study(self.study, reduced) if reduced else None
+
+    def initial_state(self) -> RunState:
+        return RunState()
+
+    def new_kept(self) -> SiteState:
+        return SiteState()
+
+    def site_view(self, data) -> Site:
+        return Site(data=data, kept=self.kept, study=self.study, options=self.options,
+                    reduced=self.reduced)
+
+    def context(self) -> dict:
+        return {"study": self.study, "options": self.options, "reduced": self.reduced}
+
+    def dims(self) -> dict[str, int]:
+        """Message sizes: study sizes, and the most points per gene a request may name."""
+        p = self.study.n_coefs
+        levels = self.study.levels.values()
+        n_cells = int(np.prod([len(v) for v in levels])) if self.study.levels else 1
+        pr = self.reduced.n_coefs if self.reduced is not None else 1
+        G = len(self.study.genes)
+        n_points = max(len(START_OFFSETS) + len(ANCHORS), 2 * len(STEP_FRACTIONS))
+        return {"G": G, "p": p, "T": p * (p + 1) // 2, "C": n_cells, "pr": pr,
+                "Tr": pr * (pr + 1) // 2, "K": n_points, "KB": N_CANDIDATES,
+                "KF": len(FALLBACK_STEPS), "K1": cooks.K_THRESHOLDS + 1, "NG": n_cells + 1,
+                "A": G * 2 * (n_cells + 1)}
+
+    def request_dims(self, state: RunState) -> dict[str, int]:
+        """Sizes the aggregator's request names: points, candidates, open search targets."""
+        out = {}
+        if state.disp is not None:
+            out["K"] = state.disp.points.shape[1]
+        fit = state.irls_final if state.irls_final is not None else state.irls_mu
+        if fit is not None:
+            out["KB"] = fit.candidates.shape[1]
+        if state.fallback is not None:
+            out["KF"] = state.fallback.candidates.shape[1]
+        if state.robust is not None:
+            out["A"] = cooks.open_targets(state.robust)
+        return out
+
+
+class DESeq2Strategy(_BulkStrategy):
+    """Federated DESeq2 (Wald or LRT) with DESeq2's defaults.
+
+    Parameters
+    ----------
+    study
+        ``Study.to_dict()``: design, declared levels and genes.
+    size_factors
+        ``"ratio"`` or ``"poscounts"``.
+    fit_type
+        Dispersion trend: ``"parametric"`` (falls back to ``"mean"``) or ``"mean"``.
+    min_cell_size
+        Disclosure control (0 = off).
+    round_counts
+        Round non-integer counts instead of refusing them.
+    test, reduced
+        ``"Wald"``, or ``"LRT"`` against the nested ``reduced`` design.
+    cooks
+        Cook's distances, outlier replacement and refit (DESeq2's default); off: the plan of
+        the Wald pipeline alone.
+    mu_rounds, genewise_rounds, map_rounds, final_rounds, fallback_rounds, robust_rounds,
+    refit_mu_rounds, refit_disp_rounds, refit_final_rounds
+        Unrolled iteration counts (the plan is static; defaults measured, see
+        ``benchmarks/bench_rounds.py``).
+    """
+
+    def __init__(self, study: dict, size_factors: str = OPTIONS.size_factors,
+                 fit_type: str = OPTIONS.fit_type, min_cell_size: int = OPTIONS.min_cell_size,
+                 round_counts: bool = OPTIONS.round_counts,
+                 mu_rounds: int = OPTIONS.mu_rounds,
+                 genewise_rounds: int = OPTIONS.genewise_rounds,
+                 map_rounds: int = OPTIONS.map_rounds, final_rounds: int = OPTIONS.final_rounds,
+                 fallback_rounds: int = OPTIONS.fallback_rounds, test: str = OPTIONS.test,
+                 reduced: str | None = None, cooks: bool = OPTIONS.cooks,
+                 robust_rounds: int = OPTIONS.robust_rounds,
+                 refit_mu_rounds: int = OPTIONS.refit_mu_rounds,
+                 refit_disp_rounds: int = OPTIONS.refit_disp_rounds,
+                 refit_final_rounds: int = OPTIONS.refit_final_rounds):
+        if test not in TESTS:
+            raise ValueError(f"test must be 'Wald' or 'LRT', not {test!r}")
+        if test == "LRT" and not reduced:
+            raise ValueError("test='LRT' needs a reduced design, e.g. reduced='~ batch'")
+        super().__init__(study, size_factors=size_factors, fit_type=fit_type,
+                         min_cell_size=min_cell_size, round_counts=round_counts,
+                         mu_rounds=mu_rounds, genewise_rounds=genewise_rounds,
+                         map_rounds=map_rounds, final_rounds=final_rounds,
+                         fallback_rounds=fallback_rounds, test=test,
+                         reduced=reduced if test == "LRT" else None, cooks=bool(cooks),
+                         robust_rounds=robust_rounds, refit_mu_rounds=refit_mu_rounds,
+                         refit_disp_rounds=refit_disp_rounds,
+                         refit_final_rounds=refit_final_rounds)
+
+    def with_cooks(self) -> bool:
+        """Cook's step in the plan: asked for, and a factor design (see ``cooks_applicable``)."""
+        return self.options.cooks and cooks.cooks_applicable(self.study)
+
+    def saturated_design(self) -> bool:
+        """Cell-means design known from the study alone: DESeq2 then uses the linear fit."""
+        dims = self.dims()
+        return not self.study.continuous and dims["C"] == dims["p"]
+
+    def phases(self) -> list[Phase]:
+        """The plan: every phase, in order."""
+        o = self.options
+        mu_rounds = 0 if self.saturated_design() else o.mu_rounds
+        plan = [sfs.phase(), irls.mu_fit_phase(mu_rounds),
+                dispersions.genewise_phase(o.genewise_rounds),
+                dispersions.map_phase(o.map_rounds),
+                irls.final_fit_phase(o.final_rounds, o.fallback_rounds)]
+        if not self.with_cooks():
+            return [*plan, closing.phase(with_cooks=False)]
+        return [*plan, cooks.robust_phase(o.robust_rounds, fork_after="size_factors"),
+                closing.phase(with_cooks=True),
+                refit.phase(o.refit_mu_rounds if mu_rounds else 0, o.refit_disp_rounds,
+                            o.refit_final_rounds)]
+
+    def build_compute_plan(self, train_data_nodes, aggregation_node, evaluation_strategy=None,
+                           num_rounds=None, clean_models=True):
+        """Submit the phases; every loop runs its fixed number of rounds."""
+        plan = PlanCursor(self, train_data_nodes, aggregation_node, clean_models)
+        self.final_ref = run_phases(plan, self.phases())
+        self.n_rounds = plan.round_idx
+
+
+class SizeFactorsStrategy(_BulkStrategy):
+    """Median-of-ratios size factors and baseMean alone (``fed_de.size_factors``).
+
+    Parameters
+    ----------
+    study
+        ``Study.to_dict()``.
+    size_factors
+        ``"ratio"`` (DESeq2 default) or ``"poscounts"``.
+    min_cell_size
+        Disclosure control: smallest non-empty design cell a site accepts (0 = off).
+    """
+
+    def __init__(self, study: dict, size_factors: str = "ratio", min_cell_size: int = 3,
+                 round_counts: bool = False):
+        super().__init__(study, size_factors=size_factors, min_cell_size=min_cell_size,
+                         round_counts=round_counts)
+
+    def build_compute_plan(self, train_data_nodes, aggregation_node, evaluation_strategy=None,
+                           num_rounds=None, clean_models=True):
+        """Log sums, then size factors and baseMean; the sites then rescale theirs."""
+        plan = PlanCursor(self, train_data_nodes, aggregation_node, clean_models)
+        self.final_ref = run_phases(plan, [Phase("size_factors", rounds=[
+            Round(sfs.log_sums, [sfs.log_means]),
+            Round(sfs.normalised_sums, [sfs.base_means])])])
+        plan.local(sfs.rescale_size_factors)
+

@@ -1,0 +1,137 @@
+"""What a site sends: typed messages whose shapes are written in study sizes only.
+
+A message is a dataclass (subclass of :class:`Message`) whose fields are float64 arrays
+declared with :func:`sums`, or nested messages (``None`` where a variant is off: the LRT's
+reduced model, Cook's counts). Each array's shape is a tuple of dimension symbols: genes
+``G``, coefficients ``p``, packed p x p matrices ``T``, design cells ``C``, ... and sizes the
+aggregator announces in its request (points per gene ``K``, candidates ``KB``, open search
+targets ``A``). Never the site's sample count. The schema is read from the type, so what is
+declared is what is checked, summed and sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from fed_de.errors import MessageSchemaError
+
+
+def sums(*shape: str | int) -> Any:
+    """Declare a message field: a float64 array of the given symbolic shape (``()``: scalar)."""
+    return field(metadata={"shape": tuple(shape)})
+
+
+def part() -> Any:
+    """Declare a nested message (``None`` when the variant that sends it is off)."""
+    return field(default=None, metadata={"part": True})
+
+
+@dataclass
+class Message:
+    """Base of every message a site sends to the aggregator (subclasses are dataclasses)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        dataclass(cls)
+
+    @classmethod
+    def schema(cls) -> dict[str, tuple]:
+        """Declared shapes of the array fields (nested messages are not listed)."""
+        return {f.name: f.metadata["shape"] for f in fields(cls) if "shape" in f.metadata}
+
+
+def _is_array(f: Field) -> bool:
+    return "shape" in f.metadata
+
+
+def resolve(symbols: tuple, dims: dict[str, int]) -> tuple[int, ...]:
+    """Concrete shape of a symbolic one."""
+    return tuple(dims[s] if isinstance(s, str) else int(s) for s in symbols)
+
+
+def check_message(message: Message, dims: dict[str, int], *, site: str, step: str) -> None:
+    """Raise :class:`MessageSchemaError` unless ``message`` matches its declared schema."""
+    if not isinstance(message, Message):
+        raise MessageSchemaError(f"site {site!r}, {step}: a message must be a Message, not "
+                                 f"{type(message).__name__}; not sent")
+    for f in fields(message):
+        value = getattr(message, f.name)
+        if not _is_array(f):
+            if value is not None:
+                check_message(value, dims, site=site, step=f"{step}.{f.name}")
+            continue
+        shape = resolve(f.metadata["shape"], dims)
+        arr = np.asarray(value)
+        if arr.shape != shape or arr.dtype != np.float64:
+            raise MessageSchemaError(
+                f"site {site!r}, {step}: {f.name!r} has shape {arr.shape} dtype {arr.dtype}, "
+                f"declared {shape} float64; not sent"
+            )
+
+
+def arrays(message: Message, prefix: str = "") -> dict[str, np.ndarray]:
+    """The message's arrays by dotted name (nested parts flattened): for audits and tests."""
+    out = {}
+    for f in fields(message):
+        value = getattr(message, f.name)
+        if _is_array(f):
+            out[prefix + f.name] = np.asarray(value)
+        elif value is not None:
+            out.update(arrays(value, f"{prefix}{f.name}."))
+    return out
+
+
+def take_rows(message: Message, rows: np.ndarray) -> Message:
+    """The message restricted to genes ``rows`` (fields whose first dimension is ``G``)."""
+    kwargs = {}
+    for f in fields(message):
+        value = getattr(message, f.name)
+        if _is_array(f):
+            kwargs[f.name] = (np.asarray(value)[rows] if f.metadata["shape"][:1] == ("G",)
+                              else value)
+        else:
+            kwargs[f.name] = None if value is None else take_rows(value, rows)
+    return type(message)(**kwargs)
+
+
+def total(messages: list[Message], rows: np.ndarray | None = None,
+          n_genes: int | None = None) -> Message:
+    """Sum the sites' messages field by field, in site order (reproducible sums).
+
+    Messages restricted to genes ``rows`` are scattered back to all ``n_genes`` genes (zeros
+    elsewhere).
+    """
+    first = messages[0]
+    kwargs = {}
+    for f in fields(first):
+        values = [getattr(m, f.name) for m in messages]
+        if not _is_array(f):
+            kwargs[f.name] = None if values[0] is None else total(values, rows, n_genes)
+            continue
+        tot = np.sum([np.asarray(v, dtype=np.float64) for v in values], axis=0)
+        if rows is not None and f.metadata["shape"][:1] == ("G",):
+            full = np.zeros((n_genes,) + tot.shape[1:])
+            full[rows] = tot
+            tot = full
+        kwargs[f.name] = tot
+    return type(first)(**kwargs)
+
+
+def declared_shapes(cls: type, dims: dict[str, int], prefix: str = "") -> dict[str, tuple]:
+    """Every array a message of type ``cls`` may carry, by dotted name, with its shape (every
+    optional part included: an upper bound for variants that leave a part out)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        if _is_array(f):
+            out[prefix + f.name] = resolve(f.metadata["shape"], dims)
+            continue
+        for kind in typing.get_args(hints[f.name]) or (hints[f.name],):
+            if isinstance(kind, type) and issubclass(kind, Message):
+                out.update(declared_shapes(kind, dims, f"{prefix}{f.name}."))
+    return out

@@ -1,0 +1,256 @@
+"""The substrafl strategy base every fed_de pipeline derives from, and the plan cursor.
+
+A strategy has exactly two remote methods: :meth:`FedStrategy.local` runs the site step the
+plan names at a site, and :meth:`FedStrategy.aggregate` sums the sites' messages and runs the
+chain of aggregator steps the plan names (a chain composes "finish this step, start the next"
+in one task). The pipeline's order of rounds is written once, in the strategy's
+``build_compute_plan``, through :class:`PlanCursor`.
+
+What a site keeps between its tasks is a typed local state (:attr:`FedStrategy.kept`), written
+by ``save_local_state`` and read back by ``load_local_state``; what travels is a typed run state
+(aggregator output) and typed messages (site output).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from substrafl.compute_plan_builder import ComputePlanBuilder
+from substrafl.remote import remote, remote_data
+
+from fed_de.federation.calls import (
+    Call,
+    apply_aggregation,
+    as_call,
+    decode,
+    encode_chain,
+    invoke,
+)
+from fed_de.federation.messages import Message, check_message, take_rows, total
+
+
+class FedStrategy(ComputePlanBuilder):
+    """Base of fed_de strategies.
+
+    Subclasses set :meth:`initial_state`, :meth:`new_kept`, :meth:`site_view`, :meth:`dims`
+    and :meth:`context`, and write ``build_compute_plan`` with a :class:`PlanCursor`.
+    Every constructor argument goes to ``super().__init__``: the remote side rebuilds the
+    object from them.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.kept = self.new_kept()
+
+    # -- what subclasses define ----------------------------------------------------------------
+    def initial_state(self) -> Any:
+        """The run state before the first aggregation."""
+        raise NotImplementedError
+
+    def new_kept(self) -> Any:
+        """An empty local state."""
+        raise NotImplementedError
+
+    def site_view(self, data) -> Any:
+        """What a site step receives as ``site``: the site's data and what it keeps."""
+        raise NotImplementedError
+
+    def dims(self) -> dict[str, int]:
+        """Study-level sizes message shapes may use."""
+        raise NotImplementedError
+
+    def request_dims(self, state) -> dict[str, int]:
+        """Sizes the aggregator announces in its request (points per gene, ...)."""
+        return {}
+
+    def context(self) -> dict:
+        """Values every step may ask for by name besides the state parts (study, options)."""
+        return {}
+
+    # -- the two remote methods ------------------------------------------------------------
+    @remote_data
+    def local(self, data_from_opener, shared_state=None, site_step: str = "") -> Message:
+        """Run the site step ``site_step`` names; check its message against the declared
+        schema."""
+        ((fn, params),) = decode(site_step, "site")
+        state = shared_state if shared_state is not None else self.initial_state()
+        site = self.site_view(data_from_opener)
+        message = invoke(fn, state, {"site": site, **self.context()}, params)
+        dims = {**self.dims(), **self.request_dims(state)}
+        rows = getattr(state, "rows", None)
+        if rows is not None:  # the aggregator asked for these genes only (a refit)
+            message = take_rows(message, rows)
+            dims["G"] = len(rows)
+        check_message(message, dims, site=data_from_opener.name, step=fn.__name__)
+        return message
+
+    @remote
+    def aggregate(self, shared_states: list, steps: str = "") -> Any:
+        """Sum the sites' messages, then run the chain of aggregator steps ``steps`` names.
+
+        Inputs are the sites' messages, then (optionally) a side chain's final state, then the
+        previous run state (aggregations keep no state: it travels this way).
+        """
+        messages = [s for s in shared_states if isinstance(s, Message)]
+        states = [s for s in shared_states if not isinstance(s, Message)]
+        state = states[-1] if states else self.initial_state()
+        side = states[0] if len(states) > 1 else None
+        sums = None
+        if messages:
+            rows = getattr(state, "rows", None)
+            sums = total(messages, rows, len(self.study.genes) if rows is not None else None)
+        provided = {"sums": sums, "side": side, **self.context()}
+        for fn, params in decode(steps, "aggregator"):
+            state = apply_aggregation(fn, state, provided, params)
+        return state
+
+    # -- local state -----------------------------------------------------------------------
+    def save_local_state(self, path: Path) -> None:
+        """Write what the site keeps between tasks."""
+        with Path(path).open("wb") as fh:
+            pickle.dump(self.kept, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def load_local_state(self, path: Path):
+        """Read what the site kept from its previous task."""
+        with Path(path).open("rb") as fh:
+            self.kept = pickle.load(fh)
+        return self
+
+
+class PlanCursor:
+    """Builds the compute plan: nodes, the sites' current local states, the last shared
+    state, and the round index."""
+
+    def __init__(self, strategy: FedStrategy, train_data_nodes, aggregation_node,
+                 clean_models: bool = True):
+        self.strategy = strategy
+        self.train_nodes = list(train_data_nodes)
+        self.agg = aggregation_node
+        self.clean_models = clean_models
+        self.local_states = [None] * len(self.train_nodes)
+        self.shared = None
+        self.round_idx = 0
+
+    def local(self, step: Call | Callable) -> list:
+        """One task per site running ``step``; returns the sites' message refs."""
+        spec = as_call(step).encode()
+        refs = []
+        for i, node in enumerate(self.train_nodes):
+            op = self.strategy.local(data_samples=node.data_sample_keys,
+                                     shared_state=self.shared, site_step=spec)
+            self.local_states[i], ref = node.update_states(
+                op, local_state=self.local_states[i], round_idx=self.round_idx,
+                authorized_ids={node.organization_id},
+                aggregation_id=self.agg.organization_id, clean_models=self.clean_models)
+            refs.append(ref)
+        self.round_idx += 1
+        return refs
+
+    def aggregate(self, steps: Sequence[Call | Callable], refs: list,
+                  extra: list | None = None):
+        """The aggregation task over ``refs`` (then ``extra``, then the previous state)."""
+        refs = [*refs, *(extra or [])]
+        if self.shared is not None:
+            refs = [*refs, self.shared]
+        op = self.strategy.aggregate(shared_states=refs, steps=encode_chain(steps))
+        self.shared = self.agg.update_states(
+            op, round_idx=self.round_idx,
+            authorized_ids={n.organization_id for n in self.train_nodes}
+            | {self.agg.organization_id},
+            clean_models=self.clean_models)
+        self.round_idx += 1
+        return self.shared
+
+    def round(self, local: Call | Callable, steps: Sequence[Call | Callable],
+              extra: list | None = None):
+        """A site step at every site, then the aggregation chain ``steps``."""
+        return self.aggregate(steps, self.local(local), extra=extra)
+
+    def fork(self) -> PlanCursor:
+        """A side chain from the current states (parallel branch: adds no sequential step
+        while it is shorter than the main chain)."""
+        side = PlanCursor(self.strategy, self.train_nodes, self.agg, self.clean_models)
+        side.local_states, side.shared, side.round_idx = (list(self.local_states), self.shared,
+                                                          self.round_idx)
+        return side
+
+
+# -- the plan as named phases -------------------------------------------------------------------
+@dataclass
+class Round:
+    """A site step at every site, then a chain of aggregator steps.
+
+    ``join``: the aggregation also reads the final state of the side chain.
+    """
+
+    local: Call | Callable
+    steps: list
+    join: bool = False
+
+
+@dataclass
+class Phase:
+    """A named part of the plan.
+
+    ``opening`` aggregator steps start the phase without a round of their own: they run in
+    the previous phase's last aggregation ("finish A + start B" composed here, not inside the
+    steps); ``closing`` steps end it in its own last aggregation. A phase with ``fork_after``
+    is a side chain: it starts from the state after that phase and runs in parallel (it adds
+    no sequential step while it is shorter); the round marked ``join`` reads its result.
+    """
+
+    name: str
+    rounds: list[Round] = field(default_factory=list)
+    opening: list = field(default_factory=list)
+    closing: list = field(default_factory=list)
+    fork_after: str | None = None
+    join: bool = False
+
+
+def schedule(phases: Sequence[Phase]) -> list[tuple[str, Round]]:
+    """The main chain's rounds in order, each phase's opening and closing steps fused into
+    the aggregations that run them."""
+    out: list[tuple[str, Round]] = []
+    for phase in phases:
+        if phase.fork_after is not None:
+            continue
+        if phase.opening:
+            if not out:
+                raise ValueError(f"phase {phase.name!r} opens before any round")
+            name, last = out[-1]
+            out[-1] = (name, Round(last.local, [*last.steps, *phase.opening],
+                                   last.join or phase.join))
+        rounds = [Round(r.local, list(r.steps), r.join) for r in phase.rounds]
+        if phase.closing:
+            if rounds:
+                rounds[-1].steps.extend(phase.closing)
+            else:
+                name, last = out[-1]
+                out[-1] = (name, Round(last.local, [*last.steps, *phase.closing], last.join))
+        out.extend((phase.name, r) for r in rounds)
+    return out
+
+
+def run_phases(plan: PlanCursor, phases: Sequence[Phase]):
+    """Submit the plan's phases; returns the last aggregation's reference."""
+    sides = {p.fork_after: p for p in phases if p.fork_after is not None}
+    rounds = schedule(phases)
+    side_ref, ref = None, None
+    for i, (name, rnd) in enumerate(rounds):
+        ref = plan.round(rnd.local, rnd.steps, extra=[side_ref] if rnd.join else None)
+        phase_ends = i + 1 == len(rounds) or rounds[i + 1][0] != name
+        if phase_ends and name in sides:
+            side_ref = _run_side(plan.fork(), sides[name])
+    return ref
+
+
+def _run_side(side: PlanCursor, phase: Phase):
+    if phase.opening:
+        side.aggregate(phase.opening, [])
+    for rnd in phase.rounds:
+        side.round(rnd.local, rnd.steps)
+    return side.shared
