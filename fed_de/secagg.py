@@ -424,6 +424,8 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int, 
             f"last one used ({last}); refusing to reuse masks")
     if HEADER in message:
         raise SecAggError(f"{HEADER!r} is a reserved key")
+    if not all(isinstance(key, str) for key in message):
+        raise SecAggError("message keys must be strings")
     fmt = session.encoding
     n_parties = len(session.seeds) + 1
     out: dict = {}
