@@ -384,8 +384,8 @@ def _as_float_array(key: str, value) -> np.ndarray:
     return arr.astype(np.float64, copy=False)
 
 
-def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int, *,
-         stream: int = 0) -> dict:
+def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int | None = None,
+         *, stream: int = 0) -> dict:
     """Encode and mask a site's message for one round.
 
     Parameters
@@ -397,7 +397,8 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int, 
     round_tag
         The round's tag, the same at every site, strictly larger than any tag this session
         used in ``stream``. Take it from the static plan (the site's own code), not from the
-        aggregator, where possible.
+        aggregator. ``None``: one more than the last tag of ``stream`` (0 first); in a static
+        plan every site masks the same sequence of messages per stream, so the sites agree.
     stream
         An independent tag sequence, e.g. one per chain of local tasks whose local states are
         forked (each fork can only check its own tags; give each a fixed stream id in code).
@@ -415,9 +416,11 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int, 
     EncodingRangeError, SecAggError
         A value cannot be encoded (names the key); nothing is returned.
     """
+    last = session.last_tag.get(stream)
+    if round_tag is None:
+        round_tag = 0 if last is None else last + 1
     if not (0 <= stream < 2**32 and 0 <= round_tag < _MAX_TAG):
         raise SecAggError(f"stream {stream} / round tag {round_tag} out of range")
-    last = session.last_tag.get(stream)
     if last is not None and round_tag <= last:
         raise ReplayError(
             f"site {session.me!r}: round tag {round_tag} in stream {stream} is not above the "

@@ -203,6 +203,19 @@ def test_replayed_round_tag_is_refused():
         sa.mask({"x": np.ones(4)}, s2, 6)
 
 
+def test_sites_counting_their_own_tags_agree():
+    """With no tag given, each site takes one more than its last: a static plan's sites
+    agree without any input from the aggregator."""
+    sessions = _sessions(_names(3))
+    for expected in range(3):
+        masked = [sa.mask({"x": np.full(4, 2.0)}, s) for s in sessions.values()]
+        assert {m[sa.HEADER]["tag"] for m in masked} == {expected}
+        np.testing.assert_array_equal(sa.unmask_sum(masked)["x"], np.full(4, 6.0))
+    s = sessions["site00"]
+    sa.mask({"x": np.ones(1)}, s, 10)
+    assert sa.mask({"x": np.ones(1)}, s)[sa.HEADER]["tag"] == 11
+
+
 def test_why_the_guard_matters_a_replayed_mask_reveals_a_difference():
     """Bypassing the guard (a session rolled back) masks two messages alike: their
     difference, computed by the aggregator alone, is the difference of the site's data."""
