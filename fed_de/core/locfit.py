@@ -93,21 +93,37 @@ def _jacobi_eigen(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, p
 
 
+def _seqsum(a: np.ndarray, axis: int = 0) -> np.ndarray:
+    # Left-to-right accumulation, as locfit's C loops (np.sum is pairwise: other rounding).
+    return np.cumsum(a, axis=axis).take(-1, axis=axis) if a.shape[axis] else np.sum(a, axis)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    # locfit's innerprod: s = 0; s += a[i] * b[i] in order.
+    s = 0.0
+    for ai, bi in zip(a, b, strict=True):
+        s += ai * bi
+    return s
+
+
 def _solve_xtwx(z: np.ndarray, v: np.ndarray) -> np.ndarray:
     """``(X'WX)^{-1} v`` as locfit's ``jacob_solve`` with its default ``JAC_EIGD`` method.
 
     The matrix is scaled to unit diagonal, diagonalised, and components along eigenvalues
     ``<= 1e-8 * max(diag)`` are left undivided (that is what ``eig_solve`` does; it only
-    matters for a degenerate neighbourhood).
+    matters for a degenerate neighbourhood). Products are formed in locfit's order.
     """
+    p = z.shape[0]
     diag = np.diag(z)
-    dg = np.where(diag <= 0, 0.0, 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)))
-    rot, q = _jacobi_eigen(z * np.outer(dg, dg))
+    dg = np.array([0.0 if d <= 0 else 1.0 / math.sqrt(d) for d in diag])
+    scaled = z * (dg[:, None] * dg[None, :])
+    rot, q = _jacobi_eigen(scaled)
     evals = np.diag(rot)
     tol = _E_TOL * evals.max()
-    w = q.T @ (v * dg)
-    w = np.where(evals > tol, w / np.where(evals > tol, evals, 1.0), w)
-    return (q @ w) * dg
+    x = v * dg
+    w = np.array([_dot(q[:, i], x) for i in range(p)])
+    w = np.array([w[i] / evals[i] if evals[i] > tol else w[i] for i in range(p)])
+    return np.array([_dot(q[i, :], w) for i in range(p)]) * dg
 
 
 def _local_quadratic(
@@ -115,25 +131,29 @@ def _local_quadratic(
 ) -> np.ndarray:
     """Weighted least squares of ``y`` on ``[1, dx, dx^2/2]`` about ``x0`` (locfit's one step).
 
-    As ``reginit`` + ``max_nr``: start at the weighted mean, one Newton step. Returns
+    As ``reginit`` + ``max_nr`` + ``likereg``: start at the weighted mean of ``y``, one Newton
+    step. Sums run over the points of positive weight in data order, left to right, with
+    locfit's operand order, so the result agrees with R's to the last bits. Returns
     ``[value, slope, curvature]`` at ``x0``.
     """
     use = kernel_w > 0
     if not np.any(use):
         raise LocfitError("locfit: no points with non-zero weight")
     dx = x[use] - x0
-    w = kernel_w[use] * pw[use]
+    kw = kernel_w[use]
+    prior = pw[use]
     yy = y[use]
-    s0 = float(np.sum(w))
+    s0 = float(_seqsum(kw * prior))
     if s0 == 0:
         raise LocfitError("locfit: no observations with positive weight")
+    cf0 = float(_seqsum(kw * (prior * yy))) / s0
     basis = np.column_stack([np.ones_like(dx), dx, dx * dx / 2])
-    cf0 = float(np.sum(w * yy)) / s0
-    grad = basis.T @ (w * (yy - cf0))
-    xtwx = (basis * w[:, None]).T @ basis
-    coef = _solve_xtwx(xtwx, grad)
-    coef[0] += cf0
-    return coef
+    resid = prior * (yy - cf0)  # link[ZDLL] at the starting value
+    grad = _seqsum((basis * kw[:, None]) * resid[:, None])
+    c = kw * prior  # ww * link[ZDDLL]
+    xtwx = _seqsum((c[:, None, None] * basis[:, :, None]) * basis[:, None, :])
+    delta = _solve_xtwx(xtwx, grad)
+    return np.array([cf0, 0.0, 0.0]) + delta
 
 
 def _nn_bandwidth(dist: np.ndarray, alpha: float) -> float:
@@ -240,7 +260,7 @@ def locfit_fit(
         raise ValueError("x, y and weights must be finite")
 
     # Parametric component: a global weighted quadratic about the weighted mean of x.
-    xbar = float(np.sum(pw * x)) / float(np.sum(pw))
+    xbar = float(_seqsum(x * pw)) / float(_seqsum(pw))
     pc = _local_quadratic(x, y, pw, xbar, np.ones_like(x))
 
     lo, hi = float(x.min()), float(x.max())

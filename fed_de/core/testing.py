@@ -34,6 +34,7 @@ __all__ = [
     "r_quantile7",
     "independent_filtering",
     "adjust_pvalues",
+    "quantile_name",
 ]
 
 ALT_HYPOTHESES = ("greaterAbs", "lessAbs", "greater", "less")
@@ -463,6 +464,16 @@ def r_quantile7(x: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return qs
 
 
+def quantile_name(prob: float) -> str:
+    """The name R's ``quantile()`` gives a probability: ``formatC(100 * p, format = "fg",
+    digits = 7)`` followed by ``%`` (e.g. ``0.4135379694723289 -> "41.3538%"``)."""
+    if not math.isfinite(prob):
+        return ""
+    text = np.format_float_positional(100.0 * prob, precision=7, unique=False,
+                                      fractional=False, trim="-")
+    return f"{text}%"
+
+
 def _r_seq(start: float, stop: float, length: int) -> np.ndarray:
     # R's seq(from, to, length.out) for length > 2 with non-integer endpoints.
     if start == stop:
@@ -512,9 +523,11 @@ def independent_filtering(
     padj
         Adjusted p-values at the chosen threshold; NaN for filtered genes and NaN p-values.
     info
-        ``filterThreshold`` (base-mean cutoff), ``filterTheta``, ``numRej`` (per theta, int),
-        ``theta``, ``loFitY`` (lowess fit, in sorted-theta order as R's ``lo.fit$y``),
-        ``alpha``.
+        What R keeps in ``metadata(res)``: ``filterThreshold`` (base-mean cutoff),
+        ``filterThresholdName`` (its name in R, the quantile as ``"41.3538%"``),
+        ``filterTheta``, ``numRej`` and ``theta`` (R's ``filterNumRej`` table; ``numRej``
+        int), ``loFitY`` (lowess fit, in sorted-theta order as R's ``lo.fit$y``; ``lo.fit$x``
+        is ``theta`` sorted), ``alpha``. Plain floats and arrays, fit for a shared state.
 
     Raises
     ------
@@ -560,6 +573,7 @@ def independent_filtering(
     padj = _bh_within(pvalue, base_mean >= cutoffs[j])
     info = {
         "filterThreshold": float(cutoffs[j]),
+        "filterThresholdName": quantile_name(float(theta[j])),
         "filterTheta": float(theta[j]),
         "numRej": num_rej,
         "theta": theta,
