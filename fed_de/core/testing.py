@@ -28,6 +28,7 @@ from scipy.special import ndtr
 __all__ = [
     "ALT_HYPOTHESES",
     "wald_test",
+    "threshold_test",
     "contrast_vector",
     "p_adjust_bh",
     "r_lowess",
@@ -120,6 +121,26 @@ def wald_test(
 
     lfc = _LOG2E * lfc_nat
     se = _LOG2E * se_nat
+    stat, pvalue = threshold_test(lfc, se, thr, alt_hypothesis)
+    return lfc, se, stat, pvalue
+
+
+def threshold_test(
+    lfc: np.ndarray, se: np.ndarray, lfc_threshold: float = 0.0,
+    alt_hypothesis: str = "greaterAbs",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``stat`` and ``pvalue`` of ``results()`` from a log2 fold change and its standard error.
+
+    The formulas of :func:`wald_test`, on the log2 scale (inputs already checked there; here
+    only ``alt_hypothesis`` is). With ``lfc_threshold == 0`` and ``greaterAbs`` this is
+    ``nbinomWaldTest``'s ``LFC / SE`` and two-sided normal p-value, else ``results()``'s
+    recomputation (``newStat``, ``newPvalue``).
+    """
+    if alt_hypothesis not in ALT_HYPOTHESES:
+        raise ValueError(
+            f"alt_hypothesis {alt_hypothesis!r} unknown; use one of {', '.join(ALT_HYPOTHESES)}"
+        )
+    thr = float(lfc_threshold)
     with np.errstate(divide="ignore", invalid="ignore"):
         if thr == 0 and alt_hypothesis == "greaterAbs":
             stat = lfc / se
@@ -140,7 +161,7 @@ def wald_test(
         else:  # less
             stat = np.minimum((lfc + thr) / se, 0)
             pvalue = _upper_tail((-thr - lfc) / se)
-    return lfc, se, stat, pvalue
+    return stat, pvalue
 
 
 # ---------------------------------------------------------------------------------------------
