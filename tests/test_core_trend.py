@@ -130,19 +130,21 @@ def test_param2000_use_for_fit_and_all_zero_genes():
     assert res["disp_prior_var"] is None  # no design size given
 
 
-def test_parametric_failure_falls_back_to_mean_where_r_used_local():
+def test_parametric_failure_substitutes_local_as_r():
     genes, ref = _extra_case("paramfail")
-    assert ref["fitType"] == "local"  # R's parametric fit failed too
+    assert ref["fitType"] == "local"  # R's parametric fit failed and R used locfit
     with pytest.raises(TrendFitError):
         fit_parametric_trend(genes["baseMean"], genes["dispGeneEst"])
-    with pytest.warns(UserWarning, match="parametric dispersion fit failed.*fit_type='mean'"):
+    with pytest.warns(UserWarning, match="local regression fit was automatically substituted"):
         res = fit_dispersion_trend(genes["baseMean"], genes["dispGeneEst"], n_samples=10, n_coefs=2)
-    # R's local (locfit) trend is not ported: only the fallback behaviour is checked.
-    assert res["fit_type"] == "mean"
-    mean_disp = fit_mean_trend(genes["dispGeneEst"])
-    np.testing.assert_array_equal(res["coefficients"], [mean_disp])
-    np.testing.assert_array_equal(res["disp_fit"], np.full(len(genes), mean_disp))
-    assert res["disp_prior_var"] >= 0.25
+    assert res["fit_type"] == "local"
+    assert res["requested_fit_type"] == "parametric"
+    assert _rel(res["disp_fit"], genes["dispFit"]) <= 1e-9
+    assert _rel(res["var_log_disp_ests"], ref["varLogDispEsts"]) <= 1e-9
+    assert res["disp_prior_var"] == ref["dispPriorVar"] == 0.25
+    # the returned coefficients evaluate the same trend again (what a refit does)
+    np.testing.assert_array_equal(trend_values(res["coefficients"], genes["baseMean"]),
+                                  res["disp_fit"])
 
 
 @pytest.mark.parametrize("case", ["halve1", "halve2", "noconv", "plain", "maxit2"])
@@ -230,16 +232,20 @@ def test_use_for_fit_filter_matters_for_a_low_trend():
     assert _rel(unfiltered, coefs) > 0.05
 
 
-def test_fallback_to_mean_with_warning():
+def test_fallback_to_local_with_warning():
     # Dispersion growing with the mean: extraPois < 0, the parametric form cannot hold.
     rng = np.random.default_rng(4)
     mu = 10 ** rng.uniform(0, 4, 500)
     disp = 0.01 * np.sqrt(mu) * np.exp(rng.normal(0, 0.3, 500))
-    with pytest.warns(UserWarning, match="falling back to fit_type='mean'"):
+    with pytest.warns(UserWarning, match="local regression fit was automatically substituted"):
         res = fit_dispersion_trend(mu, disp)
-    assert res["fit_type"] == "mean"
-    assert res["coefficients"].shape == (1,)
-    assert res["coefficients"][0] == pytest.approx(np.mean(disp), rel=1e-12)  # n < 1000: no trim
+    assert res["fit_type"] == "local"
+    local = fit_dispersion_trend(mu, disp, fit_type="local")
+    np.testing.assert_array_equal(res["coefficients"], local["coefficients"])
+    np.testing.assert_array_equal(res["disp_fit"], local["disp_fit"])
+    # the local trend follows the rising dispersions (the mean trend would be flat)
+    lo, hi = mu < 10, mu > 1000
+    assert np.median(res["disp_fit"][hi]) > 5 * np.median(res["disp_fit"][lo])
 
 
 def test_explicit_mean_fit_emits_no_warning():
@@ -372,4 +378,4 @@ def test_fit_dispersion_trend_errors():
     with pytest.raises(ValueError, match="2 orders of magnitude"):
         fit_dispersion_trend(mu, np.array([1e-8, 1e-7, 5e-7]))
     with pytest.raises(ValueError, match="fit_type"):
-        fit_dispersion_trend(mu, np.array([0.5, 0.2, 0.1]), fit_type="local")
+        fit_dispersion_trend(mu, np.array([0.5, 0.2, 0.1]), fit_type="loess")

@@ -28,12 +28,14 @@ from scipy.special import ndtr
 __all__ = [
     "ALT_HYPOTHESES",
     "wald_test",
+    "threshold_test",
     "contrast_vector",
     "p_adjust_bh",
     "r_lowess",
     "r_quantile7",
     "independent_filtering",
     "adjust_pvalues",
+    "quantile_name",
 ]
 
 ALT_HYPOTHESES = ("greaterAbs", "lessAbs", "greater", "less")
@@ -119,6 +121,26 @@ def wald_test(
 
     lfc = _LOG2E * lfc_nat
     se = _LOG2E * se_nat
+    stat, pvalue = threshold_test(lfc, se, thr, alt_hypothesis)
+    return lfc, se, stat, pvalue
+
+
+def threshold_test(
+    lfc: np.ndarray, se: np.ndarray, lfc_threshold: float = 0.0,
+    alt_hypothesis: str = "greaterAbs",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``stat`` and ``pvalue`` of ``results()`` from a log2 fold change and its standard error.
+
+    The formulas of :func:`wald_test`, on the log2 scale (inputs already checked there; here
+    only ``alt_hypothesis`` is). With ``lfc_threshold == 0`` and ``greaterAbs`` this is
+    ``nbinomWaldTest``'s ``LFC / SE`` and two-sided normal p-value, else ``results()``'s
+    recomputation (``newStat``, ``newPvalue``).
+    """
+    if alt_hypothesis not in ALT_HYPOTHESES:
+        raise ValueError(
+            f"alt_hypothesis {alt_hypothesis!r} unknown; use one of {', '.join(ALT_HYPOTHESES)}"
+        )
+    thr = float(lfc_threshold)
     with np.errstate(divide="ignore", invalid="ignore"):
         if thr == 0 and alt_hypothesis == "greaterAbs":
             stat = lfc / se
@@ -139,7 +161,7 @@ def wald_test(
         else:  # less
             stat = np.minimum((lfc + thr) / se, 0)
             pvalue = _upper_tail((-thr - lfc) / se)
-    return lfc, se, stat, pvalue
+    return stat, pvalue
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +485,16 @@ def r_quantile7(x: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return qs
 
 
+def quantile_name(prob: float) -> str:
+    """The name R's ``quantile()`` gives a probability: ``formatC(100 * p, format = "fg",
+    digits = 7)`` followed by ``%`` (e.g. ``0.4135379694723289 -> "41.3538%"``)."""
+    if not math.isfinite(prob):
+        return ""
+    text = np.format_float_positional(100.0 * prob, precision=7, unique=False,
+                                      fractional=False, trim="-")
+    return f"{text}%"
+
+
 def _r_seq(start: float, stop: float, length: int) -> np.ndarray:
     # R's seq(from, to, length.out) for length > 2 with non-integer endpoints.
     if start == stop:
@@ -512,9 +544,11 @@ def independent_filtering(
     padj
         Adjusted p-values at the chosen threshold; NaN for filtered genes and NaN p-values.
     info
-        ``filterThreshold`` (base-mean cutoff), ``filterTheta``, ``numRej`` (per theta, int),
-        ``theta``, ``loFitY`` (lowess fit, in sorted-theta order as R's ``lo.fit$y``),
-        ``alpha``.
+        What R keeps in ``metadata(res)``: ``filterThreshold`` (base-mean cutoff),
+        ``filterThresholdName`` (its name in R, the quantile as ``"41.3538%"``),
+        ``filterTheta``, ``numRej`` and ``theta`` (R's ``filterNumRej`` table; ``numRej``
+        int), ``loFitY`` (lowess fit, in sorted-theta order as R's ``lo.fit$y``; ``lo.fit$x``
+        is ``theta`` sorted), ``alpha``. Plain floats and arrays, fit for a shared state.
 
     Raises
     ------
@@ -560,6 +594,7 @@ def independent_filtering(
     padj = _bh_within(pvalue, base_mean >= cutoffs[j])
     info = {
         "filterThreshold": float(cutoffs[j]),
+        "filterThresholdName": quantile_name(float(theta[j])),
         "filterTheta": float(theta[j]),
         "numRej": num_rej,
         "theta": theta,

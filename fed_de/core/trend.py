@@ -8,6 +8,7 @@ R sources ported (DESeq2 1.38.3, ``R/core.R`` and ``R/methods.R``; ``stats::glm.
 * ``parametricDispersionFit``      -> :func:`fit_parametric_trend`
 * ``glm(..., family=Gamma("identity"))`` -> :func:`gamma_identity_glm`
 * ``estimateDispersionsFit``       -> :func:`fit_dispersion_trend`, :func:`fit_mean_trend`
+* ``localDispersionFit`` (locfit)    -> :func:`fed_de.core.locfit.local_dispersion_fit`
 * ``dispersionFunction<-`` setter  -> :func:`var_log_disp_ests`
 * ``estimateDispersionsPriorVar``  -> :func:`disp_prior_variance`
 * ``estimateDispersionsMAP`` (outlier rule) -> :func:`disp_outliers`
@@ -24,6 +25,8 @@ import warnings
 
 import numpy as np
 from scipy.special import polygamma
+
+from fed_de.core.locfit import local_dispersion_fit, local_trend_values
 
 __all__ = [
     "TrendFitError",
@@ -337,32 +340,46 @@ def fit_mean_trend(disp_gene: np.ndarray, min_disp: float = 1e-8) -> float:
     return _r_mean(x)
 
 
-def trend_values(coefs: np.ndarray, base_mean: np.ndarray) -> np.ndarray:
+def trend_values(
+    coefs: np.ndarray, base_mean: np.ndarray, fit_type: str | None = None
+) -> np.ndarray:
     """Evaluate a dispersion trend at each gene's mean.
 
     Parameters
     ----------
     coefs : np.ndarray
-        ``[asymptDisp, extraPois]`` for a parametric trend, or ``[meanDisp]`` for a mean trend.
+        ``[asymptDisp, extraPois]`` for a parametric trend, ``[meanDisp]`` for a mean trend,
+        or a packed locfit model (:func:`fed_de.core.locfit.local_dispersion_fit`, at least
+        13 values) for a local trend: what :func:`fit_dispersion_trend` returns as
+        ``coefficients``.
     base_mean : np.ndarray
         Mean of normalised counts per gene.
+    fit_type : {"parametric", "mean", "local"}, optional
+        The trend type; by default inferred from the length of ``coefs``.
 
     Returns
     -------
     np.ndarray
-        ``asymptDisp + extraPois / base_mean`` (or ``meanDisp``); NaN where ``base_mean`` is not
-        finite or ``<= 0`` (R's all-zero genes, whose ``dispFit`` is ``NA``).
+        ``asymptDisp + extraPois / base_mean``, ``meanDisp``, or the local fit's
+        ``exp(predict(fit, log(base_mean)))``; NaN where ``base_mean`` is not finite or
+        ``<= 0`` (R's all-zero genes, whose ``dispFit`` is ``NA``).
     """
     coefs = np.atleast_1d(np.asarray(coefs, dtype=float))
     base_mean = np.asarray(base_mean, dtype=float)
+    if fit_type is None:
+        fit_type = {1: "mean", 2: "parametric"}.get(coefs.size, "local")
     valid = _valid_mean(base_mean)
-    if coefs.size == 2:
+    if fit_type == "parametric" and coefs.size == 2:
         with np.errstate(divide="ignore", invalid="ignore"):
             values = coefs[0] + coefs[1] / base_mean
-    elif coefs.size == 1:
+    elif fit_type == "mean" and coefs.size == 1:
         values = np.full(base_mean.shape, coefs[0])
+    elif fit_type == "local":
+        values = local_trend_values(coefs, base_mean)
     else:
-        raise ValueError("coefs must hold 2 (parametric) or 1 (mean) values")
+        raise ValueError(
+            "coefs must hold 2 (parametric) or 1 (mean) values, or a packed locfit model "
+            f"(local); got {coefs.size} values for fit_type={fit_type!r}")
     return np.where(valid, values, np.nan)
 
 
@@ -711,9 +728,10 @@ def fit_dispersion_trend(
 ) -> dict:
     """Fit the dispersion trend and its prior width, as DESeq2's ``estimateDispersionsFit``.
 
-    Deviation from R: when ``fit_type="parametric"`` fails, R substitutes a local
-    (``locfit``) regression; locfit is not ported, so this falls back to ``fit_type="mean"``
-    and emits a ``UserWarning`` naming the reason. ``fit_type="local"`` is not supported.
+    As R 1.38: when ``fit_type="parametric"`` fails (:class:`TrendFitError`), the local
+    (locfit) fit is substituted and a ``UserWarning`` carrying R's note is emitted; the
+    returned ``fit_type`` is then ``"local"`` and ``requested_fit_type`` stays
+    ``"parametric"``. A local fit that locfit itself cannot make raises, as R stops.
 
     Parameters
     ----------
@@ -724,7 +742,7 @@ def fit_dispersion_trend(
     min_disp : float, default 1e-8
         DESeq2's ``minDisp`` for the trend fit. As in R, ``varLogDispEsts`` and
         ``dispPriorVar`` always use 1e-8.
-    fit_type : {"parametric", "mean"}, default "parametric"
+    fit_type : {"parametric", "local", "mean"}, default "parametric"
         Trend type.
     n_samples, n_coefs : int, optional
         Design size ``m x p``, needed for ``disp_prior_var``; ``None`` leaves it ``None``.
@@ -734,8 +752,10 @@ def fit_dispersion_trend(
     Returns
     -------
     dict
-        ``fit_type`` ("parametric" or "mean", after any fallback); ``coefficients``
-        (``[asymptDisp, extraPois]`` or ``[meanDisp]``); ``disp_fit`` (trend per gene, NaN for
+        ``fit_type`` (the trend used: "parametric", "local" or "mean");
+        ``requested_fit_type``; ``coefficients`` (``[asymptDisp, extraPois]``, ``[meanDisp]``,
+        or the packed locfit model of :func:`fed_de.core.locfit.locfit_fit`; all three are
+        evaluated again by :func:`trend_values`); ``disp_fit`` (trend per gene, NaN for
         all-zero genes); ``var_log_disp_ests``; ``disp_prior_var`` (float or ``None``).
 
     Raises
@@ -743,13 +763,17 @@ def fit_dispersion_trend(
     ValueError
         Unknown ``fit_type``, or no gene-wise estimate above ``100 * min_disp`` (R stops:
         the usual curve fits cannot work).
+    fed_de.core.locfit.LocfitError
+        The local fit fails where R's ``locfit`` stops.
     """
     base_mean = np.asarray(base_mean, dtype=float).ravel()
     disp_gene = np.asarray(disp_gene, dtype=float).ravel()
     if base_mean.shape != disp_gene.shape:
         raise ValueError("base_mean and disp_gene differ in length")
-    if fit_type not in ("parametric", "mean"):
-        raise ValueError(f"unsupported fit_type {fit_type!r}: use 'parametric' or 'mean'")
+    if fit_type not in ("parametric", "local", "mean"):
+        raise ValueError(
+            f"unsupported fit_type {fit_type!r}: use 'parametric', 'local' or 'mean'")
+    requested = fit_type
     # R only ever sees the non-all-zero genes.
     disp_nz = np.where(_valid_mean(base_mean), disp_gene, np.nan)
     with np.errstate(invalid="ignore"):
@@ -766,22 +790,26 @@ def fit_dispersion_trend(
             coefs = fit_parametric_trend(base_mean, disp_nz, min_disp=min_disp)
         except TrendFitError as exc:
             warnings.warn(
-                f"{exc}; the trend y = a/x + b does not capture the dispersions, falling back "
-                "to fit_type='mean' (R would substitute a local regression fit)",
+                f"{exc}; fitType='parametric', but the dispersion trend was not well captured "
+                "by the function: y = a/x + b, and a local regression fit was automatically "
+                "substituted (as DESeq2)",
                 UserWarning,
                 stacklevel=2,
             )
-            fit_type = "mean"
-    if fit_type == "mean":
+            fit_type = "local"
+    if fit_type == "local":
+        coefs = local_dispersion_fit(base_mean, disp_nz, min_disp=min_disp)
+    elif fit_type == "mean":
         coefs = np.array([fit_mean_trend(disp_nz, min_disp=min_disp)])
 
-    disp_fit = trend_values(coefs, base_mean)
+    disp_fit = trend_values(coefs, base_mean, fit_type)
     var_log = var_log_disp_ests(disp_nz, disp_fit)
     prior_var = None
     if n_samples is not None and n_coefs is not None:
         prior_var = disp_prior_variance(disp_nz, disp_fit, var_log, n_samples, n_coefs, seed=seed)
     return {
         "fit_type": fit_type,
+        "requested_fit_type": requested,
         "coefficients": coefs,
         "disp_fit": disp_fit,
         "var_log_disp_ests": var_log,
