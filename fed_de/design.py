@@ -65,6 +65,11 @@ class Study:
         """Number of design columns (p)."""
         return len(self.coef_names)
 
+    @property
+    def intercept_only(self) -> bool:
+        """The design is ``~ 1`` (DESeq2 does not fit it: see :mod:`fed_de.core.lrt`)."""
+        return self.coef_names == ["Intercept"]
+
 
 def formula_variables(design: str) -> list[str]:
     """Variables a formula needs from the sample metadata, in formula order."""

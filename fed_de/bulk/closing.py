@@ -1,9 +1,11 @@
 """Closing round of the fit: sums at the final coefficients, the covariance, and the per-gene
 results.
 
-Round W  site : packed X'WX and deviance at the final betas and dispersions; the LRT's
-                reduced-model deviance; with Cook's, the Cook's counts and the refit's
-                starting sums (:func:`fed_de.bulk.cooks.cooks_counts`)      -> ClosingSums
+Round W  site : packed X'WX and the deviance (-2 log likelihood with unfloored means, R's
+                ``logLike``) at the final betas and dispersions; the LRT's reduced-model
+                deviance (for ``~ 1`` at DESeq2's ``log(baseMean)``); with Cook's, the
+                Cook's counts and the refit's starting sums
+                (:func:`fed_de.bulk.cooks.cooks_counts`)                   -> ClosingSums
          agg  : DESeq2's stopping rule for genes still iterating, the Fisher-information
                 covariance with DESeq2's ridge, (X'WX + L)^-1 X'WX (X'WX + L)^-1, and the
                 per-gene results (:func:`close_fit`)
@@ -19,7 +21,7 @@ import numpy as np
 from fed_de.bulk import cooks
 from fed_de.bulk.cooks import CooksCounts, cooks_counts
 from fed_de.bulk.state import CooksSetup, Dispersions, FitStart, GeneResults, Site
-from fed_de.core import nb
+from fed_de.core import lrt, nb
 from fed_de.core.fallback import FallbackFit
 from fed_de.core.irls import MIN_MU, IRLSFit
 from fed_de.federation.calls import aggregator_step, site_step
@@ -28,7 +30,7 @@ from fed_de.federation.strategy import Phase, Round
 
 
 class ReducedDeviance(Message):
-    """The LRT reduced model's deviance at its final coefficients."""
+    """The LRT reduced model's deviance (-2 log likelihood) at its final coefficients."""
 
     deviance: np.ndarray = sums("G")
 
@@ -40,6 +42,25 @@ class ClosingSums(Message):
     deviance: np.ndarray = sums("G")
     reduced: ReducedDeviance | None = part()
     cooks: CooksCounts | None = part()
+
+
+def reduced_beta(start: FitStart, irls_reduced: IRLSFit | None) -> np.ndarray:
+    """The reduced model's coefficients: its IRLS fit, or, for ``~ 1``, DESeq2's shortcut
+    ``log(baseMean)`` (``fitNbinomGLMs`` does not fit an intercept-only model)."""
+    if irls_reduced is None:
+        return lrt.intercept_only_beta(np.where(start.skip, 1.0, start.base_mean))
+    return np.nan_to_num(irls_reduced.beta)
+
+
+def deviances(site: Site, beta: np.ndarray, beta_r: np.ndarray | None,
+              alpha: np.ndarray) -> dict:
+    """-2 log likelihood of the full (and reduced) model with unfloored means, as R's
+    ``fitNbinomGLMs`` returns ``logLike`` (the 0.5 floor is only inside the IRLS)."""
+    sf, X = site.kept.size_factors, site.kept.design
+    Xr = site.kept.design_reduced if beta_r is not None else X
+    out = lrt.lrt_site_deviances(site.counts(), sf, X, beta, Xr,
+                                 beta_r if beta_r is not None else beta, alpha)
+    return out if beta_r is not None else {"deviance": out["deviance"]}
 
 
 def final_beta(irls_final: IRLSFit, fallback: FallbackFit | None):
@@ -58,15 +79,13 @@ def closing_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_fin
     beta, _ = final_beta(irls_final, fallback)
     alpha = np.nan_to_num(dispersions.final, nan=1.0)
     X, sf = site.kept.design, site.kept.size_factors
-    y = site.counts()
     mu = nb.fitted_mu(X, beta, sf, MIN_MU)  # DESeq2's floored means (fitBeta)
     w = mu / (1.0 + alpha * mu)
-    out = ClosingSums(xtwx=nb.gram(X, w), deviance=nb.nb_deviance(y, mu, alpha))
-    if irls_reduced is not None:
-        beta_r = np.nan_to_num(irls_reduced.beta)
-        mu_r = nb.fitted_mu(site.kept.design_reduced, beta_r, sf, MIN_MU)
-        out.reduced = ReducedDeviance(deviance=nb.nb_deviance(y, mu_r, alpha,
-                                                              site.lgamma_y1()))
+    lrt_on = site.reduced is not None
+    dev = deviances(site, beta, reduced_beta(start, irls_reduced) if lrt_on else None, alpha)
+    out = ClosingSums(xtwx=nb.gram(X, w), deviance=dev["deviance"])
+    if lrt_on:
+        out.reduced = ReducedDeviance(deviance=dev["deviance_r"])
     if cooks is not None:  # after the sums above: they use the counts before replacement
         out.cooks = cooks_counts(site, cooks, beta, alpha, irls_final.xtwx_acc, start.skip)
     return out
@@ -97,9 +116,11 @@ def close_fit(sums: ClosingSums, start: FitStart, dispersions: Dispersions,
     genes = GeneResults(base_mean=start.base_mean, all_zero=all_zero,
                         dispersions=dispersions, **fit)
     if sums.reduced is not None:  # LRT: deviance difference, chi-squared on the df difference
-        genes.lrt_stat = np.where(all_zero, np.nan, sums.reduced.deviance - sums.deviance)
         genes.lrt_df = study.n_coefs - reduced.n_coefs
-        genes.lrt_converged = irls_reduced.converged & ~all_zero
+        stat, _ = lrt.lrt_test(sums.deviance, sums.reduced.deviance, genes.lrt_df)
+        genes.lrt_stat = np.where(all_zero, np.nan, stat)
+        conv = irls_reduced.converged if irls_reduced is not None else np.ones_like(all_zero)
+        genes.lrt_converged = conv & ~all_zero
     return {"genes": genes}
 
 

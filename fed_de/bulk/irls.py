@@ -16,7 +16,7 @@ import numpy as np
 
 from fed_de.bulk import fallback, rough
 from fed_de.bulk.state import Dispersions, FitStart, Site, Totals
-from fed_de.core import nb
+from fed_de.core import lrt, nb
 from fed_de.core.irls import MIN_MU, IRLSFit, irls_update, start_irls
 from fed_de.federation.calls import aggregator_step, call, site_step
 from fed_de.federation.messages import Message, part, sums
@@ -39,11 +39,20 @@ class ReducedFitSums(Message):
     deviance: np.ndarray = sums("G", "KB")
 
 
+class RawDeviances(Message):
+    """-2 log likelihood with unfloored means (R's ``logLike``) at each candidate of the full
+    and the reduced model: the LRT of a fit that ends without a closing round (the refit)."""
+
+    full: np.ndarray = sums("G", "KB")
+    reduced: np.ndarray = sums("G", "KB")
+
+
 class IRLSSums(Message):
     """One IRLS round: the fit's sums, and the reduced model's (LRT, final stage)."""
 
     full: FitSums = part()
     reduced: ReducedFitSums | None = part()
+    raw: RawDeviances | None = part()
 
 
 def _fit_sums(site: Site, fit: IRLSFit, alpha: np.ndarray, X: np.ndarray) -> dict:
@@ -70,11 +79,30 @@ def fit_alpha(stage: str, start: FitStart, dispersions: Dispersions | None) -> n
     return start.alpha_hat if stage == "mu" else dispersions.final
 
 
+def _raw_deviances(site: Site, start: FitStart, fit: IRLSFit, irls_reduced: IRLSFit | None,
+                   alpha: np.ndarray) -> RawDeviances:
+    """Unfloored deviances of both models at every candidate (genes of this fit pass)."""
+    G, K, _ = fit.candidates.shape
+    out = {"full": np.zeros((G, K)), "reduced": np.zeros((G, K))}
+    idx = np.flatnonzero(~start.skip)
+    alpha = np.nan_to_num(alpha, nan=1.0)[idx]
+    y, sf = site.counts()[:, idx], site.kept.size_factors
+    X, Xr = site.kept.design, site.kept.design_reduced
+    for k in range(K):
+        beta_r = (irls_reduced.candidates[idx, k] if irls_reduced is not None
+                  else lrt.intercept_only_beta(start.base_mean[idx]))
+        dev = lrt.lrt_site_deviances(y, sf, X, fit.candidates[idx, k], Xr, beta_r, alpha)
+        out["full"][idx, k], out["reduced"][idx, k] = dev["deviance"], dev["deviance_r"]
+    return RawDeviances(**out)
+
+
 @site_step
 def irls_sums(site: Site, start: FitStart, dispersions: Dispersions | None,
               irls_mu: IRLSFit | None, irls_final: IRLSFit | None,
-              irls_reduced: IRLSFit | None, stage: str = "final") -> IRLSSums:
-    """IRLS sums at each candidate of ``stage`` (and of the reduced model, LRT)."""
+              irls_reduced: IRLSFit | None, stage: str = "final",
+              raw: bool = False) -> IRLSSums:
+    """IRLS sums at each candidate of ``stage`` (and of the reduced model, LRT); with
+    ``raw``, both models' unfloored deviances at the candidates too."""
     fit = irls_mu if stage == "mu" else irls_final
     alpha = fit_alpha(stage, start, dispersions)
     full = FitSums(**_fit_sums(site, fit, alpha, site.kept.design))
@@ -82,7 +110,8 @@ def irls_sums(site: Site, start: FitStart, dispersions: Dispersions | None,
     if stage == "final" and irls_reduced is not None:
         reduced = ReducedFitSums(**_fit_sums(site, irls_reduced, dispersions.final,
                                              site.kept.design_reduced))
-    return IRLSSums(full=full, reduced=reduced)
+    raw_part = _raw_deviances(site, start, fit, irls_reduced, alpha) if raw else None
+    return IRLSSums(full=full, reduced=reduced, raw=raw_part)
 
 
 @aggregator_step(writes=("irls_mu", "irls_final", "irls_reduced"))

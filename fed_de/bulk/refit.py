@@ -34,8 +34,9 @@ from fed_de.bulk.state import (
     Totals,
 )
 from fed_de.core import dispersion as dcore
-from fed_de.core import nb, optim1d, trend
+from fed_de.core import lrt, nb, optim1d
 from fed_de.core.irls import IRLSFit, start_irls
+from fed_de.core.trend import trend_values
 from fed_de.federation.calls import aggregator_step, call
 from fed_de.federation.strategy import Phase, Round
 
@@ -48,16 +49,12 @@ def begin(refit: Refit, irls_mu: IRLSFit, totals: Totals, trend) -> dict:
     warm = np.nan_to_num(irls_mu.beta) if new.mu_rounds else None
     frozen = mask | bool(totals.linear_mu)
     mu_fit = start_irls(new.beta_alt, frozen, warm if warm is not None else new.beta_init)
-    disp_fit = np.where(mask, np.nan, trend_values(trend.coefficients, new.base_mean))
+    disp_fit = np.where(mask, np.nan, trend_values(trend.coefficients, new.base_mean,
+                                                   trend.fit_type))
     return {"start": new, "rows": np.flatnonzero(refit.genes), "irls_mu": mu_fit,
             "disp": DispSearch(points=dcore.initial_points(new.alpha_hat, totals.max_disp),
                                active=~mask),
             "dispersions": Dispersions(fit=disp_fit)}
-
-
-def trend_values(coefficients: np.ndarray, base_mean: np.ndarray) -> np.ndarray:
-    """The first fit's trend at the refit's baseMean."""
-    return trend.trend_values(coefficients, base_mean)
 
 
 def _propose_pair(disp: DispSearch, lo: float, hi: float) -> DispSearch:
@@ -117,9 +114,11 @@ def pair_finish(disp: DispSearch, dispersions: Dispersions, trend, start: FitSta
 
 @aggregator_step(writes=("genes", "rows"))
 def finish(genes: GeneResults, refit: Refit, start: FitStart, dispersions: Dispersions,
-           irls_final: IRLSFit, irls_reduced: IRLSFit | None, study) -> dict:
+           irls_final: IRLSFit, irls_reduced: IRLSFit | None, study, sums=None) -> dict:
     """Covariance at the accepted coefficients; the refitted genes' values replace the first
-    fit's; genes all zero after replacement get DESeq2's ``nowZero`` values."""
+    fit's; genes all zero after replacement get DESeq2's ``nowZero`` values. With the LRT,
+    the last round's ``sums`` hold both models' deviances at every candidate: those at the
+    accepted coefficients give the statistic."""
     fit, mask, p = irls_final, start.skip, study.n_coefs
     sel = refit.genes
     new = {
@@ -131,9 +130,14 @@ def finish(genes: GeneResults, refit: Refit, start: FitStart, dispersions: Dispe
         "beta_converged": (fit.deseq2_rule | fit.converged) & ~mask,
         "refitted_optim": np.zeros_like(mask),
     }
-    if irls_reduced is not None and genes.lrt_stat is not None:
-        new["lrt_stat"] = irls_reduced.dev_prev - fit.dev_prev
-        new["lrt_converged"] = irls_reduced.converged & ~mask
+    if sums is not None and sums.raw is not None:
+        dev = _at_accepted(sums.raw.full, fit)
+        dev_r = (_at_accepted(sums.raw.reduced, irls_reduced) if irls_reduced is not None
+                 else sums.raw.reduced[:, 0])
+        new["deviance"] = dev
+        new["lrt_stat"] = lrt.lrt_test(dev, dev_r, genes.lrt_df)[0]
+        conv = irls_reduced.converged if irls_reduced is not None else np.ones_like(mask)
+        new["lrt_converged"] = conv & ~mask
     gone = refit.new_all_zero
 
     def merge(old, value, scrub=True):
@@ -156,8 +160,14 @@ def finish(genes: GeneResults, refit: Refit, start: FitStart, dispersions: Dispe
             "rows": None}
 
 
-def phase(mu_rounds: int, disp_rounds: int, final_rounds: int) -> Phase:
-    """The refit of the replaced genes: mu-IRLS, paired dispersion searches, final IRLS."""
+def _at_accepted(values: np.ndarray, fit: IRLSFit) -> np.ndarray:
+    """Per gene, the value at the candidate the last update accepted (its coefficients)."""
+    return values[np.arange(values.shape[0]), fit.picked]
+
+
+def phase(mu_rounds: int, disp_rounds: int, final_rounds: int, lrt_test: bool) -> Phase:
+    """The refit of the replaced genes: mu-IRLS, paired dispersion searches, final IRLS (the
+    LRT's last round also carries both models' deviances)."""
     rounds = [Round(call(irls_sums, stage="mu"), [call(irls_step, stage="mu")])
               for _ in range(mu_rounds)]
     rounds.append(Round(call(disp_sums, first=True), [pair_start]))
@@ -165,6 +175,8 @@ def phase(mu_rounds: int, disp_rounds: int, final_rounds: int) -> Phase:
                for i in range(disp_rounds - 1)]
     rounds[-1].steps += [pair_finish, start_final_fit]
     rounds += [Round(call(irls_sums, stage="final"), [call(irls_step, stage="final")])
-               for _ in range(final_rounds)]
-    rounds[-1].steps.append(finish)
+               for _ in range(final_rounds - 1)]
+    last = call(irls_sums, stage="final", raw=True) if lrt_test else call(irls_sums,
+                                                                          stage="final")
+    rounds.append(Round(last, [call(irls_step, stage="final"), finish]))
     return Phase("refit", opening=[begin], rounds=rounds)

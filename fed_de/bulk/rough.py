@@ -3,7 +3,8 @@
 Round 3  site : final size factors (the ``poscounts`` rescaling), then the sum of
                 ((y - mu)^2 - mu) / mu^2 with the linear-fit means floored at 1
                 (``roughDispEstimate``) and X' log(normalised + 0.1) (the IRLS start); the
-                LRT adds the reduced model's starting sums                -> RoughSums
+                LRT adds the reduced model's starting sums (none for a reduced ``~ 1``,
+                which DESeq2 does not fit)                                -> RoughSums
          agg  : ``alpha_hat = clip(min(rough, moments), minDisp, maxDisp)`` and the IRLS
                 starts                                                  (:func:`rough_start`)
 """
@@ -49,7 +50,7 @@ def rough_sums(site: Site, totals: Totals, start: FitStart) -> RoughSums:
     mu = np.maximum(lin, 1.0)
     rough = (((norm - mu) ** 2 - mu) / mu**2).sum(axis=0)
     reduced = None
-    if site.reduced is not None:
+    if site.reduced is not None and not site.reduced.intercept_only:
         Xr = site.kept.design_reduced
         reduced = ReducedStartSums(xr_logy=np.log(norm + 0.1).T @ Xr,
                                    xr_loglin=np.log(np.maximum(lin, 0.1)).T @ Xr,

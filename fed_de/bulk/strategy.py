@@ -170,7 +170,7 @@ class DESeq2Strategy(_BulkStrategy):
         return [*plan, cooks.robust_phase(o.robust_rounds, fork_after="size_factors"),
                 closing.phase(with_cooks=True),
                 refit.phase(o.refit_mu_rounds if mu_rounds else 0, o.refit_disp_rounds,
-                            o.refit_final_rounds)]
+                            o.refit_final_rounds, o.test == "LRT")]
 
     def build_compute_plan(self, train_data_nodes, aggregation_node, evaluation_strategy=None,
                            num_rounds=None, clean_models=True):

@@ -60,6 +60,7 @@ class IRLSFit:
     diverged: np.ndarray
     stagnant: np.ndarray
     xtwx_acc: np.ndarray
+    picked: np.ndarray
 
 
 def start_irls(beta0: np.ndarray, frozen: np.ndarray,
@@ -79,7 +80,7 @@ def start_irls(beta0: np.ndarray, frozen: np.ndarray,
                    resid_prev=np.zeros((G, p)), dev_prev=np.full(G, np.nan),
                    converged=frozen.copy(), stopped=frozen.copy(), deseq2_rule=frozen.copy(),
                    diverged=np.zeros(G, dtype=bool), stagnant=np.zeros(G, dtype=bool),
-                   xtwx_acc=np.zeros((G, nb.n_packed(p))))
+                   xtwx_acc=np.zeros((G, nb.n_packed(p))), picked=np.zeros(G, dtype=int))
 
 
 def irls_update(fit: IRLSFit, xtwx: np.ndarray, xtwz: np.ndarray, deviance: np.ndarray,
@@ -110,6 +111,7 @@ def irls_update(fit: IRLSFit, xtwx: np.ndarray, xtwz: np.ndarray, deviance: np.n
     size = np.where(np.isfinite(size), size, np.inf)
     k = _choose(deviance, cands, size, lam) if K > 1 else np.zeros(G, dtype=int)
     x, r, dev = cands[rows, k], resid[rows, k], deviance[rows, k]
+    fit["picked"] = np.where(active, k, 0)
 
     def upd(key, new):
         return np.where(active.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, fit[key])
