@@ -13,7 +13,8 @@
 #                     log(2) * (MLE, SE) as lfcShrink(type = "apeglm") passes them)
 # pasilla also: VST (blind = FALSE) with the parametric, mean and local trends (every 10th gene),
 # plotPCA(returnData = TRUE) and prcomp() of the top-500 genes.
-# synthetic (PyDESeq2's single-factor data): trend coefficients behind its r_vst*.csv files.
+# synthetic (PyDESeq2's single-factor data): size factors and the trend coefficients behind
+# R 1.34's r_vst.csv (blind), r_vst_with_design.csv (blind = FALSE), r_mean_vst.csv (blind, mean).
 suppressMessages(library(DESeq2))
 suppressMessages(library(jsonlite))
 
@@ -149,16 +150,10 @@ blind_fit <- function(fitType) {
   b <- estimateDispersionsGeneEst(b, quiet = TRUE)
   estimateDispersionsFit(b, quiet = TRUE, fitType = fitType)
 }
-blind <- varianceStabilizingTransformation(dds, blind = TRUE)
 syn$blind_parametric <- as.list(attr(dispersionFunction(blind_fit("parametric")), "coefficients"))
-blind_mean <- varianceStabilizingTransformation(dds, blind = TRUE, fitType = "mean")
 syn$blind_mean <- attr(dispersionFunction(blind_fit("mean")), "mean")
 dds <- estimateDispersions(dds, quiet = TRUE)
-with_design <- varianceStabilizingTransformation(dds, blind = FALSE)
 syn$design_parametric <- as.list(attr(dispersionFunction(dds), "coefficients"))
-write_gz(as.data.frame(assay(blind)), "synthetic/vst_blind_138.csv.gz")
-write_gz(as.data.frame(assay(blind_mean)), "synthetic/vst_blind_mean_138.csv.gz")
-write_gz(as.data.frame(assay(with_design)), "synthetic/vst_design_138.csv.gz")
 writeLines(toJSON(syn, digits = NA, auto_unbox = TRUE, pretty = TRUE), "synthetic/vst.json")
 
 writeLines(capture.output(sessionInfo()), "sessionInfo.txt")
