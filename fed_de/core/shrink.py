@@ -10,18 +10,22 @@ apeglm (``lfcShrink(type="apeglm")``, apeglm's ``method="nbinomCR"``)
     ``log(size factors)`` and fixed dispersions: a Cauchy prior of scale ``S`` on the shrunk
     coefficient, ``N(0, 15^2)`` on every other one. ``S = min(sqrt(A), 1)`` with ``A`` the
     Efron-Morris estimate of the spread of the true effects from the MLEs and their standard
-    errors (:func:`apeglm_prior`). The posterior mode is found by safeguarded Newton steps on
-    the log posterior, whose likelihood part is a sum over samples
-    (:func:`nb_loglik_grad_hess`, site side; :func:`penalised_newton_step`, aggregator side).
-    The posterior SD comes from the Hessian at the mode (apeglm's Laplace approximation).
+    errors (:func:`apeglm_prior`). The exact posterior mode is found from the MLE by Newton-type
+    steps with the prior handled exactly and a line search spread over rounds; the likelihood
+    part is a sum over samples (:func:`nb_loglik_grad_hess`, site side;
+    :func:`penalised_newton_step`, aggregator side). The posterior SD comes from the Hessian at
+    the mode (apeglm's Laplace approximation). R's apeglm stops its optimiser early; its path
+    is replayed in :mod:`fed_de.core.apeglm_r` for comparison.
 
 normal (``lfcShrink(type="normal")``, DESeq2's 2014 ``betaPrior``)
     A zero-mean normal prior on every non-intercept coefficient, with variances matched to an
     upper quantile of the MLEs (:func:`normal_prior_var`), and the ridge-penalised IRLS of
-    DESeq2's ``fitBeta`` with ``lambda = 1 / betaPriorVar``; its summands are
-    :func:`fed_de.core.nb.irls_summands`, its update :func:`ridge_irls_update`, its standard
-    errors :func:`ridge_se`. Contrasts use DESeq2's expanded model matrix
-    (:func:`expanded_design`, :func:`expanded_prior_var`).
+    DESeq2's ``fitBeta`` with ``lambda = 1 / betaPriorVar``, either replayed round by round
+    (:func:`fed_de.core.nb.irls_summands`, :func:`ridge_irls_update`: R's path, ~15-25 rounds)
+    or solved by Newton's method on its fixed point (:func:`ridge_fixed_point_summands`,
+    :func:`ridge_newton_step`: 4-5 rounds from the MLE); standard errors :func:`ridge_se`.
+    Contrasts use DESeq2's expanded model matrix (:func:`expanded_design`,
+    :func:`expanded_prior_var`).
 
 Posterior summaries (:func:`posterior_summaries`): mean (= mode under the Laplace
 approximation), SD, local false sign rate, s-value, P(|LFC| > t), credible intervals.
@@ -44,6 +48,7 @@ __all__ = [
     "nb_loglik_grad_hess",
     "log_prior",
     "newton_init",
+    "surrogate_step",
     "penalised_newton_step",
     "posterior_sd",
     "relevel_transform",
@@ -250,8 +255,8 @@ def log_prior(beta: np.ndarray, shrink: int, scale: float,
 
 #: Relative size of rounding noise in a log posterior summed over samples and sites.
 NOISE = 1e-12
-#: Step lengths tried per round along the Newton direction (the first round, from a start
-#: whose posterior value is unknown, also evaluates the start itself: length 0).
+#: Step lengths tried per round along the step of :func:`surrogate_step` (the first round
+#: from :func:`newton_init` with ``xtwx`` tries 1, 1/2 and 0: the start itself).
 NEWTON_STEPS = (1.0, 0.5, 0.25)
 
 
@@ -262,10 +267,10 @@ def newton_init(beta0: np.ndarray, active: np.ndarray | None = None,
 
     Without ``xtwx`` the first round only evaluates ``beta0``. With ``xtwx``, the packed
     ``X^T W X`` of the fit that produced ``beta0`` (the last IRLS round's sums; Fisher
-    information of the likelihood there), the aggregator proposes a first scoring step at no
-    data cost: at the MLE the likelihood's gradient is ~0, so the step is
-    ``(xtwx - H_prior)^{-1} grad_prior``; the first round evaluates ``beta0 + t step`` for
-    ``t`` in (1, 1/2, 0), so the MLE itself stays a candidate. That saves one round.
+    information of the likelihood there), the aggregator proposes a first step at no data
+    cost: :func:`surrogate_step` with a zero likelihood gradient (the MLE's) and ``-xtwx`` as
+    its Hessian; the first round evaluates ``beta0 + t step`` for ``t`` in (1, 1/2, 0), so the
+    MLE itself stays a candidate. That saves one round.
 
     Parameters
     ----------
@@ -293,22 +298,69 @@ def newton_init(beta0: np.ndarray, active: np.ndarray | None = None,
     cands = np.repeat(beta[:, None, :], K, axis=1)
     step = np.zeros((G, p))
     if xtwx is not None:
-        _, g, hdiag = log_prior(beta, shrink, scale, no_shrink_scale)
-        b = beta[:, shrink]
-        hdiag[:, shrink] = np.minimum(hdiag[:, shrink], -2.0 / (scale**2 + b * b))
-        info = nb.unpack(np.nan_to_num(np.asarray(xtwx, dtype=float)), p)
-        info[:, np.arange(p), np.arange(p)] -= hdiag
-        ok = active & np.isfinite(info).all(axis=(1, 2))
-        step[ok] = np.linalg.solve(info[ok], g[ok][..., None])[..., 0]
+        info = np.nan_to_num(np.asarray(xtwx, dtype=float))
+        ok = active & np.isfinite(np.asarray(xtwx, dtype=float)).all(axis=1)
+        step[ok] = surrogate_step(beta[ok], np.zeros((ok.sum(), p)), -info[ok], shrink, scale,
+                                  no_shrink_scale)
         lengths = np.array([1.0, 0.5, 0.0])
         cands = beta[:, None, :] + lengths[None, :, None] * step[:, None, :]
     return {
         "beta": beta, "f": np.full(G, -np.inf), "active": active.copy(),
         "fitted": active.copy(), "converged": np.zeros(G, bool),
-        "step": step, "length": np.ones(G),
+        "step": step, "length": np.ones(G), "dirs": np.zeros((G, K, p)),
         "hess": np.full((G, nb.n_packed(p)), np.nan),
         "candidates": cands, "rounds": 0,
     }
+
+
+def surrogate_step(beta: np.ndarray, grad_lik: np.ndarray, hess_lik: np.ndarray, shrink: int,
+                   scale: float, no_shrink_scale: float = NO_SHRINK_SCALE) -> np.ndarray:
+    """Step to the maximum of the likelihood's quadratic model plus the exact log prior.
+
+    The model ``g^T d + d^T H d / 2 + log prior(beta + d)`` (``g``, ``H``: the likelihood's
+    gradient and packed Hessian at ``beta``) is maximised exactly: the other coefficients
+    enter quadratically (their prior is normal), so profiling them out leaves, in the shrunk
+    coefficient ``u``, ``a (u - u0) - b (u - u0)^2 / 2 - log(1 + u^2 / S^2)``, whose stationary
+    points are the real roots of a cubic; the highest one is taken. Where the posterior is
+    concave near the mode this is Newton's step to second order; far from it the Cauchy
+    prior's pull is followed exactly instead of through its (indefinite) curvature.
+    """
+    beta = np.asarray(beta, dtype=float)
+    G, p = beta.shape
+    s2, S2 = no_shrink_scale**2, scale**2
+    others = np.array([i for i in range(p) if i != shrink])
+    A = -nb.unpack(np.asarray(hess_lik, dtype=float), p)  # positive semi-definite
+    A[:, others, others] += 1.0 / s2
+    c = np.asarray(grad_lik, dtype=float).copy()
+    c[:, others] -= beta[:, others] / s2
+    Aoo = A[:, others[:, None], others[None, :]]
+    Aoj = A[:, others, shrink]
+    sol = np.linalg.solve(Aoo, np.stack([c[:, others], Aoj], axis=-1))  # (G, p-1, 2)
+    a = c[:, shrink] - np.einsum("go,go->g", Aoj, sol[..., 0])
+    b = A[:, shrink, shrink] - np.einsum("go,go->g", Aoj, sol[..., 1])  # Schur complement
+    u0 = beta[:, shrink]
+    al = a + b * u0
+    # -b u^3 + al u^2 - (b S^2 + 2) u + al S^2 = 0: roots as eigenvalues of the companion
+    comp = np.zeros((G, 3, 3))
+    comp[:, 0, :] = np.stack([al / b, -(b * S2 + 2.0) / b, al * S2 / b], axis=1)
+    comp[:, 1, 0] = comp[:, 2, 1] = 1.0
+    roots = np.linalg.eigvals(comp)
+    real = np.abs(roots.imag) <= 1e-7 * (1.0 + np.abs(roots.real))
+    u = roots.real
+    t = u - u0[:, None]
+    val = np.where(real, a[:, None] * t - 0.5 * b[:, None] * t * t - np.log1p(u * u / S2),
+                   -np.inf)
+    best = u[np.arange(G), np.argmax(val, axis=1)]
+    # polish the cubic's root (eigenvalues carry ~1e-15 relative error) by Newton on it
+    for _ in range(2):
+        f = -b * best**3 + al * best**2 - (b * S2 + 2.0) * best + al * S2
+        df = -3.0 * b * best**2 + 2.0 * al * best - (b * S2 + 2.0)
+        best = best - np.where(df != 0, f / df, 0.0)
+    dj = best - u0
+    step = np.empty((G, p))
+    step[:, shrink] = dj
+    step[:, others] = sol[..., 0] - sol[..., 1] * dj[:, None]
+    return step
 
 
 def penalised_newton_step(state: dict, ll: np.ndarray, grad: np.ndarray, hess: np.ndarray,
@@ -317,17 +369,16 @@ def penalised_newton_step(state: dict, ll: np.ndarray, grad: np.ndarray, hess: n
     """One aggregator round of the posterior-mode search.
 
     The sites evaluated :func:`nb_loglik_grad_hess` at ``state["candidates"]`` and their
-    outputs were summed. The best candidate (highest log posterior) is accepted if it does not
-    decrease the log posterior; from it a Newton step on the log posterior is computed, and the
-    next candidates are ``beta + t * step`` for the lengths in :data:`NEWTON_STEPS`. A rejected
-    round (no candidate improves) keeps ``beta`` and divides the step length by 8: a
-    backtracking line search spread over rounds, as in :mod:`fed_de.steps.fallback`.
+    outputs were summed. The best candidate (highest log posterior; the longest step unless a
+    shorter one is better beyond rounding noise) is accepted if it does not decrease the log
+    posterior. From it, :func:`surrogate_step` maximises the likelihood's quadratic model plus
+    the exact log prior (Newton's step near the mode; it follows the Cauchy prior's pull where
+    the posterior is not concave), and the next candidates are ``beta + t * step`` for the
+    lengths in :data:`NEWTON_STEPS`. A round where no candidate improves keeps ``beta`` and
+    divides the lengths by 8: a backtracking line search spread over rounds, as in
+    :mod:`fed_de.steps.fallback`.
 
-    Where the exact posterior Hessian is not negative definite (the Cauchy prior is not
-    log-concave beyond ``|b| > S``), the prior's curvature is replaced by that of its
-    quadratic majoriser, ``-2 / (S^2 + b^2)``.
-
-    A gene is converged when its Newton step is below ``tol`` (max abs, natural log) after an
+    A gene is converged when its step is below ``tol`` (max abs, natural log) after an
     accepted round; its candidates then stay at ``beta`` (evaluated again, masked).
 
     Parameters
@@ -352,7 +403,7 @@ def penalised_newton_step(state: dict, ll: np.ndarray, grad: np.ndarray, hess: n
     cands = state["candidates"]
     G, K, p = cands.shape
     rows = np.arange(G)
-    lp, lp_grad, lp_hdiag = log_prior(cands, shrink, scale, no_shrink_scale)
+    lp, _, lp_hdiag = log_prior(cands, shrink, scale, no_shrink_scale)
     f = np.where(np.isfinite(ll), ll + lp, -np.inf)
     # the longest step wins unless a shorter one is better by more than rounding noise: near
     # the mode the differences are noise, and picking by noise would slow Newton down
@@ -364,17 +415,13 @@ def penalised_newton_step(state: dict, ll: np.ndarray, grad: np.ndarray, hess: n
     acc = np.flatnonzero(accept)
     st["beta"][acc] = cands[acc, k[acc]]
     st["f"][acc] = best[acc]
-    g = grad[acc, k[acc]] + lp_grad[acc, k[acc]]
     H = nb.unpack(hess[acc, k[acc]], p)
     H[:, np.arange(p), np.arange(p)] += lp_hdiag[acc, k[acc]]
     st["hess"][acc] = nb.pack(H)
-    b = st["beta"][acc, shrink]
-    major = -2.0 / (scale**2 + b * b)
-    negH = -H
-    ok = np.all(np.linalg.eigvalsh(negH) > 0, axis=-1)
-    bad = np.flatnonzero(~ok)
-    negH[bad, shrink, shrink] += lp_hdiag[acc[bad], k[acc[bad]], shrink] - major[bad]
-    step = np.linalg.solve(negH, g[..., None])[..., 0]
+    step = surrogate_step(st["beta"][acc], grad[acc, k[acc]], hess[acc, k[acc]], shrink,
+                          scale, no_shrink_scale)
+    dirs = np.asarray(NEWTON_STEPS)[None, :, None] * step[:, None, :]
+    st["dirs"][acc] = dirs
     st["step"][acc] = step
     st["length"][acc] = 1.0
     rej = np.flatnonzero(state["active"] & ~accept)
@@ -383,8 +430,7 @@ def penalised_newton_step(state: dict, ll: np.ndarray, grad: np.ndarray, hess: n
     done[acc] = np.abs(step).max(axis=1) <= tol
     st["converged"] = state["converged"] | done
     st["active"] = state["active"] & ~done & (st["length"] > 1e-12)
-    lengths = st["length"][:, None] * np.asarray(NEWTON_STEPS)[None, :]
-    new = st["beta"][:, None, :] + lengths[..., None] * st["step"][:, None, :]
+    new = st["beta"][:, None, :] + st["length"][:, None, None] * st["dirs"]
     st["candidates"] = np.where(st["active"][:, None, None], new, st["beta"][:, None, :])
     st["rounds"] = state["rounds"] + 1
     return st
@@ -399,6 +445,7 @@ def posterior_sd(hess: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
     """
     H = nb.unpack(np.asarray(hess, dtype=float), p)
     finite = np.isfinite(H).all(axis=(1, 2))
+    finite[finite] &= np.abs(np.linalg.det(H[finite])) > 0
     cov = np.full(H.shape, np.nan)
     with np.errstate(invalid="ignore"):
         cov[finite] = np.linalg.inv(-H[finite])
