@@ -461,3 +461,21 @@ def test_apeglm_rounds_on_demo(demo_shrunk):
     err = np.abs(np.array(history) - st["mode"])[:, f]
     assert np.nanmax(err[4, :, 3]) <= 1e-8
     assert np.nanmax(err[5]) <= 1e-8
+
+
+def test_site_sums_are_chunked_over_genes_without_changing_them(monkeypatch):
+    rng = np.random.default_rng(0)
+    G, n = 700, 9
+    y = rng.poisson(20, (n, G)).astype(float)
+    X = np.column_stack([np.ones(n), np.arange(n) % 2])
+    log_sf = np.log(rng.uniform(0.5, 2, n))
+    beta = rng.normal(0, 1, (G, 3, 2)) + [3.0, 0.0]
+    alpha = rng.uniform(0.01, 0.5, G)
+    whole = sh.nb_loglik_grad_hess(y, X, log_sf, beta, alpha)
+    whole_r = sh.ridge_fixed_point_summands(y, X, log_sf, beta, alpha)
+    monkeypatch.setattr(nb, "GENE_CHUNK", 128)
+    for a, b in zip(sh.nb_loglik_grad_hess(y, X, log_sf, beta, alpha), whole, strict=True):
+        np.testing.assert_array_equal(a, b)
+    chunked = sh.ridge_fixed_point_summands(y, X, log_sf, beta, alpha)
+    for k, v in whole_r.items():
+        np.testing.assert_array_equal(chunked[k], v)

@@ -216,6 +216,12 @@ def nb_loglik_grad_hess(y: np.ndarray, X: np.ndarray, log_sf: np.ndarray, beta: 
         beta = beta[:, None, :]
     G, K, p = beta.shape
     off = np.asarray(log_sf, dtype=float)
+    if G > nb.GENE_CHUNK:  # bound the samples x genes x K temporaries
+        parts = [nb_loglik_grad_hess(y[:, sl], X, off if off.ndim == 1 else off[:, sl],
+                                     beta[sl], np.asarray(alpha)[sl])
+                 for sl in (slice(i, i + nb.GENE_CHUNK) for i in range(0, G, nb.GENE_CHUNK))]
+        out = tuple(np.concatenate([q[i] for q in parts]) for i in range(3))
+        return tuple(o[:, 0] for o in out) if single else out
     off = off[:, None, None] if off.ndim == 1 else off[:, :, None]
     eta = np.einsum("ip,gkp->igk", X, beta) + off  # samples x genes x K
     mu = np.exp(np.clip(eta, -700.0, 700.0))
@@ -805,6 +811,13 @@ def ridge_fixed_point_summands(y: np.ndarray, X: np.ndarray, log_sf: np.ndarray,
     single = beta.ndim == 2
     if single:
         beta = beta[:, None, :]
+    G = beta.shape[0]
+    if G > nb.GENE_CHUNK:  # bound the samples x genes x K temporaries
+        parts = [ridge_fixed_point_summands(y[:, sl], X, log_sf, beta[sl],
+                                            np.asarray(alpha)[sl], min_mu)
+                 for sl in (slice(i, i + nb.GENE_CHUNK) for i in range(0, G, nb.GENE_CHUNK))]
+        out = {k: np.concatenate([q[k] for q in parts]) for k in parts[0]}
+        return {k: v[:, 0] for k, v in out.items()} if single else out
     off = np.asarray(log_sf, dtype=float)[:, None, None]
     eta = np.einsum("ip,gkp->igk", X, beta) + off
     mu = np.exp(np.clip(eta, -700.0, 700.0))
