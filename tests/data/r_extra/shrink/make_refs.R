@@ -3,15 +3,17 @@
 #
 # Per dataset folder (pasilla: ~ type + condition; marioni: ~ run + tissue;
 # demo3: ~ batch + condition, fed_de.demo_data.make_demo_study(48, 400, seed=3), see make_data.py):
-#   mle.csv.gz        inputs as DESeq() left them, non-zero genes: baseMean, dispFit, dispersion
-#                     (final), replace (outliers replaced), MLE coefficients (log2) and their
-#                     standard errors (SE_*) except the intercept's
+#   mle.csv.gz        inputs as DESeq() left them, non-zero genes, 8 digits: dispersion (final),
+#                     MLE coefficients (log2) but the intercept, the standard error (SE_*) of the
+#                     first coefficient shrunk; where DESeq() replaced outliers also baseMean,
+#                     dispFit, replace
 #   size_factors.csv  sizeFactors(dds)
-#   normal_*.csv.gz   lfcShrink(type = "normal") log2FoldChange and lfcSE (every 4th gene)
-#   priors.json       betaPriorVar of every lfcShrink call; apeglm's prior variance for every
-#                     coefficient (apeglm::priorVar's estimator, with R's uniroot, on
-#                     log(2) * (MLE, SE) as lfcShrink(type = "apeglm") passes them)
-# pasilla also: VST (blind = FALSE) with the parametric, mean and local trends (every 10th gene),
+#   normal_*.csv.gz   lfcShrink(type = "normal") log2FoldChange and lfcSE (every 8th gene)
+#   priors.json       dispersion trend coefficients; betaPriorVar of every lfcShrink call;
+#                     apeglm's prior variance for the first coefficient (apeglm::priorVar's
+#                     estimator, with R's uniroot, on log(2) * (MLE, SE) as
+#                     lfcShrink(type = "apeglm") passes them)
+# pasilla also: VST (blind = FALSE) with the parametric, mean and local trends (every 20th gene),
 # plotPCA(returnData = TRUE) and prcomp() of the top-500 genes.
 # synthetic (PyDESeq2's single-factor data): size factors and the trend coefficients behind
 # R 1.34's r_vst.csv (blind), r_vst_with_design.csv (blind = FALSE), r_mean_vst.csv (blind, mean).
@@ -22,9 +24,9 @@ sig <- function(df, digits = 10) {
   for (j in seq_along(df)) if (is.numeric(df[[j]])) df[[j]] <- signif(df[[j]], digits)
   df
 }
-write_gz <- function(df, path) {
+write_gz <- function(df, path, digits = 10) {
   con <- gzfile(path, "w")
-  write.csv(sig(df), con, row.names = TRUE, quote = FALSE)
+  write.csv(sig(df, digits), con, row.names = TRUE, quote = FALSE)
   close(con)
 }
 
@@ -57,18 +59,25 @@ shrink_refs <- function(dir, design, factors, coefs, contrasts) {
   mc <- mcols(dds)
   rn <- resultsNames(dds)
   nz <- !mc$allZero
-  mle <- data.frame(baseMean = mc$baseMean, dispFit = mc$dispFit, dispersion = mc$dispersion,
-                    row.names = rownames(dds))
-  # genes whose outlier counts DESeq() replaced before refitting (lfcShrink fits the original counts)
-  mle$replace <- if (is.null(mc$replace)) 0L else as.integer(!is.na(mc$replace) & mc$replace)
+  mle <- data.frame(dispersion = mc$dispersion, row.names = rownames(dds))
+  # genes whose outlier counts DESeq() replaced before refitting (lfcShrink fits the original
+  # counts); their baseMean and dispFit are those of the replaced counts, so only then are
+  # baseMean and dispFit stored (otherwise: rowMeans(counts / sf), asymptDisp + extraPois / it)
+  replaced <- if (is.null(mc$replace)) rep(FALSE, nrow(dds)) else !is.na(mc$replace) & mc$replace
+  if (any(replaced)) {
+    mle$baseMean <- mc$baseMean
+    mle$dispFit <- mc$dispFit
+    mle$replace <- as.integer(replaced)
+  }
   for (nm in rn[-1]) mle[[nm]] <- mc[[nm]]
-  for (nm in rn[-1]) mle[[paste0("SE_", nm)]] <- mc[[paste0("SE_", nm)]]
-  write_gz(mle[nz, ], file.path(dir, "mle.csv.gz"))  # all-zero genes left out
+  mle[[paste0("SE_", coefs[1])]] <- mc[[paste0("SE_", coefs[1])]]
+  write_gz(mle[nz, ], file.path(dir, "mle.csv.gz"), digits = 8)  # all-zero genes left out
   write.csv(data.frame(sizeFactor = sizeFactors(dds)), file.path(dir, "size_factors.csv"),
             quote = FALSE)
-  # shrunken values for every 4th non-zero gene (file size); every replaced gene as well
-  keep <- nz & (seq_len(nrow(dds)) %% 4 == 1 | mle$replace == 1)
-  priors <- list(normal = list(), apeglm = list())
+  # shrunken values for every 8th non-zero gene (file size); every replaced gene as well
+  keep <- nz & (seq_len(nrow(dds)) %% 8 == 1 | replaced)
+  priors <- list(normal = list(), apeglm = list(),
+                 trend = as.list(attr(dispersionFunction(dds), "coefficients")))
   for (nm in coefs) {
     shr <- lfcShrink(dds, coef = nm, type = "normal", quiet = TRUE)
     write_gz(data.frame(log2FoldChange = shr$log2FoldChange, lfcSE = shr$lfcSE,
@@ -84,10 +93,8 @@ shrink_refs <- function(dir, design, factors, coefs, contrasts) {
              file.path(dir, paste0("normal_", key, ".csv.gz")))
     priors$normal[[key]] <- as.list(priorInfo(shr)$betaPriorVar)
   }
-  for (nm in rn[-1]) {
-    res <- results(dds, name = nm)
-    priors$apeglm[[nm]] <- ape_prior_var(log(2) * res$log2FoldChange, log(2) * res$lfcSE)
-  }
+  res <- results(dds, name = coefs[1])
+  priors$apeglm[[coefs[1]]] <- ape_prior_var(log(2) * res$log2FoldChange, log(2) * res$lfcSE)
   writeLines(toJSON(priors, digits = NA, auto_unbox = TRUE, pretty = TRUE),
              file.path(dir, "priors.json"))
   dds
@@ -104,22 +111,22 @@ invisible(shrink_refs("demo3", ~ batch + condition, c("batch", "condition"),
             list(c("batch", "b3", "b2"), c("condition", "B", "A"))))
 
 # --- VST and PCA on pasilla (blind = FALSE) -----------------------------------------------------
-every10 <- seq(1, nrow(pas), by = 10)
+every20 <- seq(1, nrow(pas), by = 20)
 vst_out <- list()
 vsd <- varianceStabilizingTransformation(pas, blind = FALSE)
-write_gz(as.data.frame(assay(vsd)[every10, ]), "pasilla/vst_parametric.csv.gz")
+write_gz(as.data.frame(assay(vsd)[every20, ]), "pasilla/vst_parametric.csv.gz")
 vst_out$parametric <- as.list(attr(dispersionFunction(pas), "coefficients"))
 
 pas_mean <- estimateDispersionsFit(pas, fitType = "mean", quiet = TRUE)
 vsd_mean <- varianceStabilizingTransformation(pas_mean, blind = FALSE)
-write_gz(as.data.frame(assay(vsd_mean)[every10, ]), "pasilla/vst_mean.csv.gz")
+write_gz(as.data.frame(assay(vsd_mean)[every20, ]), "pasilla/vst_mean.csv.gz")
 vst_out$mean <- attr(dispersionFunction(pas_mean), "mean")
 
 # local trend: the VST integrates 1 / sqrt(trend(x) x^2 + mean(1/sf) x) numerically on a grid;
 # the trend's values on that grid are stored so the integration can be checked on its own.
 pas_local <- estimateDispersionsFit(pas, fitType = "local", quiet = TRUE)
 vsd_local <- varianceStabilizingTransformation(pas_local, blind = FALSE)
-write_gz(as.data.frame(assay(vsd_local)[every10, ]), "pasilla/vst_local.csv.gz")
+write_gz(as.data.frame(assay(vsd_local)[every20, ]), "pasilla/vst_local.csv.gz")
 ncounts <- counts(pas_local, normalized = TRUE)
 xg <- sinh(seq(asinh(0), asinh(max(ncounts)), length.out = 1000))[-1]
 write_gz(data.frame(x = xg, trend = dispersionFunction(pas_local)(xg)), "pasilla/local_trend_grid.csv.gz")
