@@ -348,10 +348,18 @@ def test_normal_shrink_newton_matches_r(normal_case, kind):
     X, var = (d["X"], d["var"]) if kind == "standard" else (d["Xe"], d["var_e"])
     lam = sh.ridge_lambda(var)
     y, sf = d["y"], d["sf"]
+    Xs = d["X"]  # the unshrunken fit is the standard design's, whatever is shrunk
     ylog = np.log(y / sf[:, None] + 0.1)
-    beta0 = sh.ridge_irls_start(X.T @ X, ylog.T @ X, np.log(d["mle"].baseMean.to_numpy()))
-    mle = sh.ridge_irls_pooled(y, X, sf, d["disp"], nb.ridge(X.shape[1]), beta0)
-    fit = run_ridge_newton(d, X, lam, mle["beta"], mle["xtwx"])
+    beta0 = sh.ridge_irls_start(Xs.T @ Xs, ylog.T @ Xs, np.log(d["mle"].baseMean.to_numpy()))
+    mle = sh.ridge_irls_pooled(y, Xs, sf, d["disp"], nb.ridge(Xs.shape[1]), beta0)
+    start, info = mle["beta"], mle["xtwx"]
+    if kind == "expanded":  # map the standard fit and its X^T W X sums
+        M, E = sh.expanded_map(Xs, d["factors"])
+        np.testing.assert_array_equal(Xs @ M, X)
+        start = start @ E.T
+        np.testing.assert_allclose(X @ start.T, Xs @ mle["beta"].T, atol=1e-12)
+        info = nb.pack(np.einsum("pi,gpq,qj->gij", M, nb.unpack(info, Xs.shape[1]), M))
+    fit = run_ridge_newton(d, X, lam, start, info)
     assert fit["converged"].all() and fit["rounds"] <= 10
     for key, lfc, se in _shrunk_columns(d, fit, kind):
         ref = pd.read_csv(d["folder"] / f"normal_{key}.csv.gz", index_col=0)
@@ -360,7 +368,7 @@ def test_normal_shrink_newton_matches_r(normal_case, kind):
         assert np.max(np.abs(se[idx] - ref.lfcSE) / ref.lfcSE) < 2e-6
     n = y.shape[0]
     sites = np.array_split(np.random.default_rng(2).permutation(n), 3)
-    fed = run_ridge_newton(d, X, lam, mle["beta"], mle["xtwx"], sites=sites)
+    fed = run_ridge_newton(d, X, lam, start, info, sites=sites)
     # (the expanded matrix's own coefficients are ill-conditioned; its contrasts are not)
     for (_, l_f, s_f), (_, l_p, s_p) in zip(_shrunk_columns(d, fed, kind),
                                             _shrunk_columns(d, fit, kind), strict=True):

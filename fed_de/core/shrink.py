@@ -57,6 +57,7 @@ __all__ = [
     "wtd_quantile",
     "normal_prior_var",
     "expanded_design",
+    "expanded_map",
     "expanded_prior_var",
     "ridge_lambda",
     "ridge_irls_start",
@@ -661,6 +662,36 @@ def expanded_design(X: np.ndarray, factors: dict[str, list[int]], intercept: int
         cols.append(ref)
         cols.extend(X[:, c] for c in fc)
     return np.column_stack(cols), groups
+
+
+def expanded_map(X: np.ndarray, factors: dict[str, list[int]], intercept: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Linear maps between the standard and expanded designs (:func:`expanded_design`).
+
+    Returns ``M`` (p x p_e) with ``X_expanded = X @ M`` (a site never needs the expanded matrix
+    from its data: ``X^T W X`` sums map as ``M^T (X^T W X) M``) and ``E`` (p_e x p) with
+    ``X_expanded @ (E @ beta) = X @ beta`` (a standard fit mapped to the expanded coefficients,
+    reference levels at zero: the start of the expanded ridge fit).
+    """
+    p = X.shape[1]
+    Xe, groups = expanded_design(X, factors, intercept)
+    pe = Xe.shape[1]
+    in_factor = {c for cols in factors.values() for c in cols}
+    plain_std = [j for j in range(p) if j not in in_factor]
+    plain_exp = [j for j in range(pe) if all(j not in g for g in groups.values())]
+    M = np.zeros((p, pe))
+    E = np.zeros((pe, p))
+    for js, je in zip(plain_std, plain_exp, strict=True):
+        M[js, je] = 1.0
+        E[je, js] = 1.0
+    for f, cols in factors.items():
+        ref, rest = groups[f][0], groups[f][1:]
+        M[intercept, ref] = 1.0
+        for c, ce in zip(cols, rest, strict=True):
+            M[c, ref] = -1.0  # reference indicator = 1 - sum of the other levels'
+            M[c, ce] = 1.0
+            E[ce, c] = 1.0
+    return M, E
 
 
 def expanded_prior_var(beta_log2: np.ndarray, base_mean: np.ndarray, disp_fit: np.ndarray,
