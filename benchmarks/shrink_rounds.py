@@ -38,14 +38,14 @@ def main(n_samples: int = 150, n_genes: int = 5000) -> None:
         X = np.column_stack([np.ones(len(ob)), ob.batch == "b2", ob.batch == "b3",
                              ob.condition == "B"]).astype(float)
         data.append((np.asarray(a.X, float), X, sfr.size_factors[name].to_numpy()))
-    s = res.state
-    beta, disp, j = s["beta"], s["dispersion"], 3
-    ok = ~s["all_zero"] & np.isfinite(beta).all(axis=1)
+    s = res.gene_results
+    beta, disp, j = s.beta, s.dispersions.final, 3
+    ok = ~s.all_zero & np.isfinite(beta).all(axis=1)
     table = res.results()
     scale = sh.apeglm_prior(LN2 * table.log2FoldChange.to_numpy()[ok],
                             LN2 * table.lfcSE.to_numpy()[ok])
     info = np.full((len(beta), nb.n_packed(4)), np.nan)
-    info[ok] = nb.pack(np.linalg.inv(s["beta_cov"][ok]))
+    info[ok] = nb.pack(np.linalg.inv(s.beta_cov[ok]))
     st = sh.newton_init(np.where(ok[:, None], beta, np.nan), xtwx=info, shrink=j, scale=scale)
     hist = []
     while st["active"].any() and st["rounds"] < 30:

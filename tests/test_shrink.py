@@ -422,18 +422,18 @@ def shrink_demo(n_de: int | None) -> tuple[dict, np.ndarray, dict, list]:
     y = np.asarray(pooled.X, dtype=float)
     table = res.results()
     j = X.shape[1] - 1
-    beta = res.state["beta"]
-    ok = ~res.state["all_zero"] & np.isfinite(beta).all(axis=1)
+    beta = res.gene_results.beta
+    ok = ~res.gene_results.all_zero & np.isfinite(beta).all(axis=1)
     scale = sh.apeglm_prior(LN2 * table.log2FoldChange.to_numpy()[ok],
                             LN2 * table.lfcSE.to_numpy()[ok])
     info = np.full((len(beta), nb.n_packed(X.shape[1])), np.nan)
-    info[ok] = nb.pack(np.linalg.inv(res.state["beta_cov"][ok]))  # Fisher information at MLE
-    st, history = run_apeglm(y, X, np.log(sf), res.state["dispersion"], j, scale,
+    info[ok] = nb.pack(np.linalg.inv(res.gene_results.beta_cov[ok]))  # Fisher information at MLE
+    st, history = run_apeglm(y, X, np.log(sf), res.gene_results.dispersions.final, j, scale,
                              np.where(ok[:, None], beta, np.nan), info=info)
     sd, _ = sh.posterior_sd(st["hess"], X.shape[1])
     post = sh.posterior_summaries(st["beta"][:, j] / LN2, sd[:, j] / LN2, level=0.9)
     # the exact mode, for measuring: one more step from the converged point
-    _, g, h = sh.nb_loglik_grad_hess(y, X, np.log(sf), st["beta"], res.state["dispersion"])
+    _, g, h = sh.nb_loglik_grad_hess(y, X, np.log(sf), st["beta"], res.gene_results.dispersions.final)
     f = st["fitted"]
     mode = st["beta"].copy()
     mode[f] += sh.surrogate_step(st["beta"][f], g[f], h[f], j, scale)
