@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,8 @@ def size_factors(
                          "full pipeline through deseq2(backend=...)")
     loaded = load_sites(sites)
     study = declare_study(loaded, design, levels, genes)
-    strategy = SizeFactorsStrategy(study.to_dict(), size_factors=kind, min_cell_size=min_cell_size)
+    strategy = SizeFactorsStrategy(study.to_dict(), size_factors=kind, min_cell_size=min_cell_size,
+                                   n_sites=len(loaded))
     done = run(strategy, loaded)
     sf = {s.name: pd.Series(done.local_states[s.name].size_factors, index=list(s.samples),
                             name="size_factor") for s in loaded}
@@ -82,6 +84,24 @@ def size_factors(
 
 def _needs_levels(design: str) -> bool:
     return bool(formula_variables(design))
+
+
+def n_declared_sites(loaded: list, keys=None) -> int:
+    """The study's number of sites: those given, or those the keys file lists (remote)."""
+    if loaded:
+        return len(loaded)
+    from fed_de.backends.substra import _load_yaml
+
+    return len((_load_yaml(keys) or {}).get("sites") or {}) if keys is not None else 0
+
+
+def secure_option(asked: bool, n_sites: int) -> bool:
+    """Secure aggregation as asked; with two sites, say what it cannot hide."""
+    if asked and n_sites == 2:
+        warnings.warn("secure aggregation with two sites: each site can infer the other's "
+                      "sums (the total minus its own); the aggregator still sees totals only",
+                      stacklevel=3)
+    return bool(asked)
 
 
 def deseq2(
@@ -107,6 +127,7 @@ def deseq2(
     credentials=None,
     keys=None,
     timeout: float | None = None,
+    secure_aggregation: bool = True,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -154,6 +175,11 @@ def deseq2(
         DESeq2's Cook's outlier handling (default): p-values of genes with an outlier in a
         design cell of >= 3 samples are NA; outliers in cells of >= 7 samples are replaced
         and the gene refitted. ``False``: the plan without it (fewer steps and bytes).
+    secure_aggregation
+        Mask every message (pairwise masks that cancel in the sum over sites), so the
+        aggregator sees only cross-site totals; on by default from two sites (with two, each
+        site can infer the other's sums: a warning says so). ``False`` is for audits that
+        need each site's own messages.
     """
     from fed_de.bulk.strategy import DESeq2Strategy
 
@@ -169,9 +195,12 @@ def deseq2(
     else:
         loaded = load_sites(sites)
         study = declare_study(loaded, design, levels, genes)
+    n_sites = n_declared_sites(loaded, keys)
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
                               min_cell_size=min_cell_size, round_counts=round_counts,
                               test=test, reduced=reduced, cooks=cooks,
+                              secure_aggregation=secure_option(secure_aggregation, n_sites),
+                              n_sites=n_sites,
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
     done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials, keys=keys,
                timeout=timeout, progress=progress,
@@ -179,6 +208,7 @@ def deseq2(
     facts = done.facts
     facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
                  min_cell_size=min_cell_size,
+                 secure_aggregation=strategy.masks(n_sites),
                  bytes_per_gene_by_site={k: v / len(study.genes)
                                          for k, v in facts["bytes_sent_by_site"].items()})
     result = DESeq2Result(study=study, state=done.state, facts=facts,

@@ -28,6 +28,7 @@ import pandas as pd
 import pytest
 
 import fed_de
+from fed_de.federation.secure import KEY_ROUND_STEPS
 from tests.conftest import DATA, read_site_layout, split_sites
 from tests.test_deseq2_accuracy import TOL, assert_results_close, max_rel_err
 
@@ -107,9 +108,10 @@ def test_injected_outliers_federated_equals_one_site(injected):
         np.testing.assert_allclose(b[col], a[col], rtol=1e-6, atol=0, err_msg=col)
     for key in ("refitted", "replace", "new_all_zero", "outlier"):
         np.testing.assert_array_equal(one.cooks[key], fed.cooks[key])
-    # the whole pipeline, Cook's refit included, within the 80-step budget
-    assert fed.facts["sequential_steps"] <= 80
-    assert one.facts["sequential_steps"] == fed.facts["sequential_steps"]
+    # the whole pipeline, Cook's refit included, within the 80-step budget (+ the key round
+    # of secure aggregation, which one site does not need)
+    assert fed.facts["sequential_steps"] <= 80 + KEY_ROUND_STEPS
+    assert one.facts["sequential_steps"] + KEY_ROUND_STEPS == fed.facts["sequential_steps"]
 
 
 def synthetic_outliers(n_sites: int = 3):
@@ -179,7 +181,7 @@ def test_cooks_off_is_the_wald_pipeline():
     fit = run(synthetic_outliers(), "~group + condition", cooks=False,
               levels={"group": ["X", "Y"], "condition": ["A", "B", "C"]})
     assert fit.state.refit is None
-    assert fit.facts["sequential_steps"] == 58
+    assert fit.facts["sequential_steps"] == 58 + KEY_ROUND_STEPS
 
 
 def test_cli_run_reports_cooks_and_steps(tmp_path):
@@ -204,20 +206,21 @@ def test_cli_run_reports_cooks_and_steps(tmp_path):
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     facts = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert facts["sequential_steps"] <= 80
+    assert facts["sequential_steps"] <= 80 + KEY_ROUND_STEPS
     assert (facts["genes_refitted"], facts["cooks_outliers_filtered"]) == (6, 4)
     table = pd.read_csv(tmp_path / "out" / "results.csv", index_col=0)
     assert list(table.index[table["pvalue"].isna()]) == ["g7", "g8", "g9", "g10"]
     res = CliRunner().invoke(app, [*args, "--no-cooks", "--out", str(tmp_path / "plain")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "plain" / "run.json").read_text())["sequential_steps"] == 58
+    plain = json.loads((tmp_path / "plain" / "run.json").read_text())
+    assert plain["sequential_steps"] == 58 + KEY_ROUND_STEPS
 
 
 def test_every_cooks_and_refit_message_is_a_sum_over_samples():
     """Additivity on a run that replaces and refits: the three sites' messages add up to the
     message of the pooled site, round by round (side chain, Cook's round and refit included);
     a Cook's value, a maximum or one sample's count would not."""
-    kw = dict(levels=LEVELS, record_messages=True)
+    kw = dict(levels=LEVELS, record_messages=True, secure_aggregation=False)
     fed = run(injected_sites(True), "~ batch + condition", **kw)
     one = run(injected_sites(False), "~ batch + condition", **kw)
     assert fed.state.refit.n_refit == 6

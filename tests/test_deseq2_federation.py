@@ -39,6 +39,7 @@ import pytest
 
 import fed_de
 from fed_de.demo_data import make_demo_study
+from fed_de.federation.secure import KEY_ROUND_STEPS
 from tests.conftest import read_site_layout, split_sites
 
 ALPHA = 0.1
@@ -138,10 +139,12 @@ def test_federated_equals_one_site(fits, n_sites):
 def test_sequential_steps_multi_factor(fits):
     for n in (1, 3, 5):
         facts = fits[n].facts
-        # the whole pipeline, Cook's replacement and refit included
-        assert facts["sequential_steps"] <= 80, facts["sequential_steps"]
+        # the whole pipeline, Cook's replacement and refit included (+ the key round of
+        # secure aggregation from two sites on)
+        keys = KEY_ROUND_STEPS if n > 1 else 0
+        assert facts["sequential_steps"] <= 80 + keys, facts["sequential_steps"]
         # the plan does not depend on the number of sites
-        assert facts["sequential_steps"] == fits[1].facts["sequential_steps"]
+        assert facts["sequential_steps"] == fits[1].facts["sequential_steps"] + keys
 
 
 @pytest.mark.parametrize("n_sites", [1, 3, 5])
@@ -156,6 +159,7 @@ def test_task_count_matches_rounds(fits, n_sites):
     assert steps % 2 == 0
     side = 2 * (ROBUST_ROUNDS + 1)
     assert facts["tasks"] == (steps // 2 + side) * (n_sites + 1) + 1
+    assert facts["secure_aggregation"] == (n_sites > 1)
     assert facts["n_sites"] == n_sites
 
 
@@ -163,7 +167,7 @@ def test_bytes_per_gene_two_coefficients(study):
     sites = as_float_sites(study.sites)
     # the Wald pipeline (Cook's off); with Cook's: test_bytes_per_gene_with_cooks
     result = deseq2(sites, "~ condition", levels={"condition": study.levels["condition"]},
-                    cooks=False)
+                    cooks=False, secure_aggregation=False)
     facts = result.facts
     assert facts["n_genes"] >= 1000
     per_gene = facts["bytes_per_gene_by_site"]
@@ -174,14 +178,21 @@ def test_bytes_per_gene_two_coefficients(study):
     for name, sent in facts["bytes_sent_by_site"].items():
         assert per_gene[name] == pytest.approx(sent / facts["n_genes"])
     assert facts["sequential_steps"] <= 60
+    # secure aggregation: every value travels as three 64-bit words (fixed point)
+    masked = deseq2(sites, "~ condition", levels={"condition": study.levels["condition"]},
+                    cooks=False).facts
+    assert masked["secure_aggregation"]
+    for name, sent in masked["bytes_sent_by_site"].items():
+        assert 2.9 * facts["bytes_sent_by_site"][name] < sent < 3.1 * facts[
+            "bytes_sent_by_site"][name]
 
 
 def test_bytes_per_gene_with_cooks(study):
     """Cook's robust dispersions need exact trimmed cell statistics: an 8-way order-statistic
     search per gene, cell and bounding rank (the refit sends the refitted genes only)."""
     sites = as_float_sites(study.sites)
-    facts = deseq2(sites, "~ condition",
-                   levels={"condition": study.levels["condition"]}).facts
+    facts = deseq2(sites, "~ condition", levels={"condition": study.levels["condition"]},
+                   secure_aggregation=False).facts
     assert len(set(facts["bytes_sent_by_site"].values())) == 1
     assert max(facts["bytes_per_gene_by_site"].values()) <= 24 * 1024
     assert facts["sequential_steps"] <= 80

@@ -47,7 +47,7 @@ def _array_leaves(message: dict):
 def test_sites_of_7_and_70_samples_send_identical_shapes():
     study, sites = _two_sites()
     res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
-                        record_messages=True)
+                        record_messages=True, secure_aggregation=False)
     msgs = res.facts["messages"]
     by_site = {name: [m for m in msgs if m["site"] == name] for name in sites}
     small, large = by_site["small"], by_site["large"]
@@ -64,7 +64,7 @@ def test_sites_of_7_and_70_samples_send_identical_shapes():
 def test_no_message_carries_a_per_sample_array():
     study, sites = _two_sites(n_small=9, n_large=61)
     res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
-                        record_messages=True)
+                        record_messages=True, secure_aggregation=False)
     G, p = len(study.genes), len(res.study.coef_names)
     n_cells = int(np.prod([len(v) for v in study.levels.values()]))
     # study sizes; points per gene; sub-intervals of the order-statistic search (8); design
@@ -127,7 +127,7 @@ def test_too_few_samples_for_the_design_refuses():
 def test_size_factors_never_leave_the_site():
     study, sites = _two_sites()
     res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
-                        record_messages=True)
+                        record_messages=True, secure_aggregation=False)
     for m in res.facts["messages"]:
         for _key, arr in _array_leaves(m["message"]):
             assert arr.ndim == 0 or arr.shape[0] != sites[m["site"]].n_obs or \
@@ -146,8 +146,9 @@ def test_every_message_is_a_sum_over_samples(test):
     A and B merged into one site. A maximum, a quantile or a single sample's value would not
     add up; a per-sample array would not even have a site-independent shape."""
     study, sites = _two_sites(n_small=9, n_large=61)
-    kw = dict(levels=study.levels, genes=study.genes, record_messages=True, min_cell_size=0,
-              test=test, reduced="~ batch" if test == "LRT" else None)
+    kw = dict(levels=study.levels, genes=study.genes, record_messages=True,
+              secure_aggregation=False, min_cell_size=0, test=test,
+              reduced="~ batch" if test == "LRT" else None)
     fed = fed_de.deseq2(sites, study.design, **kw)
     merged = fed_de.deseq2({"merged": ad.concat(list(sites.values()))}, study.design, **kw)
     parts = {name: [m for m in fed.facts["messages"] if m["site"] == name] for name in sites}

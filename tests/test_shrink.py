@@ -433,7 +433,8 @@ def shrink_demo(n_de: int | None) -> tuple[dict, np.ndarray, dict, list]:
     sd, _ = sh.posterior_sd(st["hess"], X.shape[1])
     post = sh.posterior_summaries(st["beta"][:, j] / LN2, sd[:, j] / LN2, level=0.9)
     # the exact mode, for measuring: one more step from the converged point
-    _, g, h = sh.nb_loglik_grad_hess(y, X, np.log(sf), st["beta"], res.gene_results.dispersions.final)
+    alpha = res.gene_results.dispersions.final
+    _, g, h = sh.nb_loglik_grad_hess(y, X, np.log(sf), st["beta"], alpha)
     f = st["fitted"]
     mode = st["beta"].copy()
     mode[f] += sh.surrogate_step(st["beta"][f], g[f], h[f], j, scale)

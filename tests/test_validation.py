@@ -138,7 +138,8 @@ def test_failing_site_task_names_site_and_step_and_keeps_partial_facts(demo, mon
         _run(demo.sites, demo)
     assert info.value.site == "hospital_a"
     assert info.value.step == "moment_sums"
-    assert info.value.facts["tasks"] == 4  # round 1 ran; nothing of round 2 was sent
+    # the key round and round 1 ran (3 sites + the aggregator each); nothing of round 2 was sent
+    assert info.value.facts["tasks"] == 8
 
 
 def test_validate_command_reports_each_site(demo, tmp_path):

@@ -48,7 +48,9 @@ def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, cre
         facts = sim.ledger.facts()
         if record_messages:
             facts["messages"] = sim.ledger.messages
-        return Run(sim.shared_state, facts, sim.local_states)
+        # what each site keeps (the federation base saves it with the site's keyring)
+        kept = {k: v[0] if isinstance(v, tuple) else v for k, v in sim.local_states.items()}
+        return Run(sim.shared_state, facts, kept)
     from fed_de.backends import substra
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix=prefix + "substra_"))

@@ -25,6 +25,7 @@ part               holds                                       written by
 ``refit``          Cook's decisions and the refit's genes      cooks
 ``rows``           genes the sites' messages carry (refit)     refit
 ``robust``         side chain: exact trimmed statistics        cooks
+``secure``         relayed public keys (secure aggregation)    federation.secure
 =================  ==========================================  =======================
 """
 
@@ -40,6 +41,7 @@ from fed_de.core.fallback import FallbackFit
 from fed_de.core.irls import IRLSFit
 from fed_de.core.optim1d import Search
 from fed_de.design import Study, cell_index
+from fed_de.federation.secure import KeyRelay
 from fed_de.site import SiteData
 from fed_de.validation import aligned_counts
 
@@ -198,6 +200,7 @@ class RunState:
     refit: Refit | None = None
     rows: np.ndarray | None = None
     robust: RobustSearch | None = None
+    secure: KeyRelay | None = None
 
 
 # -- what a site keeps ---------------------------------------------------------------------

@@ -48,8 +48,10 @@ TESTS = ("Wald", "LRT")
 class _BulkStrategy(FedStrategy):
     """What the bulk strategies share: the study, typed options, the site's view."""
 
-    def __init__(self, study: dict, **options):
-        super().__init__(study=study, **options)
+    def __init__(self, study: dict, secure_aggregation: bool = True, n_sites: int = 0,
+                 **options):
+        super().__init__(study=study, secure_aggregation=secure_aggregation, n_sites=n_sites,
+                         **options)
         self.study = Study.from_dict(study)
         self.options = DESeq2Options(**options)
         reduced = self.options.reduced
@@ -120,6 +122,10 @@ class DESeq2Strategy(_BulkStrategy):
     refit_mu_rounds, refit_disp_rounds, refit_final_rounds
         Unrolled iteration counts (the plan is static; defaults measured, see
         ``benchmarks/bench_rounds.py``).
+    secure_aggregation, n_sites
+        Mask every message so the aggregator sees only cross-site totals (two sites or more;
+        :mod:`fed_de.federation.secure`), for a study of ``n_sites`` declared sites (a relay
+        with another number of keys is refused; 0: not checked).
     """
 
     def __init__(self, study: dict, size_factors: str = OPTIONS.size_factors,
@@ -133,7 +139,8 @@ class DESeq2Strategy(_BulkStrategy):
                  robust_rounds: int = OPTIONS.robust_rounds,
                  refit_mu_rounds: int = OPTIONS.refit_mu_rounds,
                  refit_disp_rounds: int = OPTIONS.refit_disp_rounds,
-                 refit_final_rounds: int = OPTIONS.refit_final_rounds):
+                 refit_final_rounds: int = OPTIONS.refit_final_rounds,
+                 secure_aggregation: bool = True, n_sites: int = 0):
         if test not in TESTS:
             raise ValueError(f"test must be 'Wald' or 'LRT', not {test!r}")
         if test == "LRT" and not reduced:
@@ -146,7 +153,8 @@ class DESeq2Strategy(_BulkStrategy):
                          reduced=reduced if test == "LRT" else None, cooks=bool(cooks),
                          robust_rounds=robust_rounds, refit_mu_rounds=refit_mu_rounds,
                          refit_disp_rounds=refit_disp_rounds,
-                         refit_final_rounds=refit_final_rounds)
+                         refit_final_rounds=refit_final_rounds,
+                         secure_aggregation=secure_aggregation, n_sites=n_sites)
 
     def with_cooks(self) -> bool:
         """Cook's step in the plan: asked for, and a factor design (see ``cooks_applicable``)."""
@@ -194,9 +202,11 @@ class SizeFactorsStrategy(_BulkStrategy):
     """
 
     def __init__(self, study: dict, size_factors: str = "ratio", min_cell_size: int = 3,
-                 round_counts: bool = False):
+                 round_counts: bool = False, secure_aggregation: bool = True,
+                 n_sites: int = 0):
         super().__init__(study, size_factors=size_factors, min_cell_size=min_cell_size,
-                         round_counts=round_counts)
+                         round_counts=round_counts, secure_aggregation=secure_aggregation,
+                         n_sites=n_sites)
 
     def build_compute_plan(self, train_data_nodes, aggregation_node, evaluation_strategy=None,
                            num_rounds=None, clean_models=True):

@@ -22,6 +22,7 @@ from typing import Any
 from substrafl.compute_plan_builder import ComputePlanBuilder
 from substrafl.remote import remote, remote_data
 
+from fed_de.federation import secure
 from fed_de.federation.calls import (
     Call,
     apply_aggregation,
@@ -42,9 +43,16 @@ class FedStrategy(ComputePlanBuilder):
     object from them.
     """
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, secure_aggregation: bool = True, n_sites: int = 0, **kwargs):
+        super().__init__(secure_aggregation=secure_aggregation, n_sites=n_sites, **kwargs)
+        self.secure_aggregation = bool(secure_aggregation)
+        self.n_sites = int(n_sites)
         self.kept = self.new_kept()
+        self.keyring = secure.Keyring()
+
+    def masks(self, n_nodes: int) -> bool:
+        """Secure aggregation in this plan: asked for, and more than one site."""
+        return self.secure_aggregation and n_nodes > 1
 
     # -- what subclasses define ----------------------------------------------------------------
     def initial_state(self) -> Any:
@@ -73,20 +81,26 @@ class FedStrategy(ComputePlanBuilder):
 
     # -- the two remote methods ------------------------------------------------------------
     @remote_data
-    def local(self, data_from_opener, shared_state=None, site_step: str = "") -> Message:
+    def local(self, data_from_opener, shared_state=None, site_step: str = "",
+              stream: int = 0):
         """Run the site step ``site_step`` names; check its message against the declared
-        schema."""
+        schema; mask it when secure aggregation is on (``stream``: the chain of tasks, so
+        forked chains never reuse a mask)."""
         ((fn, params),) = decode(site_step, "site")
         state = shared_state if shared_state is not None else self.initial_state()
         site = self.site_view(data_from_opener)
-        message = invoke(fn, state, {"site": site, **self.context()}, params)
+        message = invoke(fn, state, {"site": site, "keyring": self.keyring, **self.context()},
+                         params)
         dims = {**self.dims(), **self.request_dims(state)}
         rows = getattr(state, "rows", None)
         if rows is not None:  # the aggregator asked for these genes only (a refit)
             message = take_rows(message, rows)
             dims["G"] = len(rows)
         check_message(message, dims, site=data_from_opener.name, step=fn.__name__)
-        return message
+        relay = getattr(state, "secure", None)
+        if relay is None or isinstance(message, secure.KeyOffer):
+            return message
+        return secure.mask_message(message, self.keyring, relay, self.n_sites, stream)
 
     @remote
     def aggregate(self, shared_states: list, steps: str = "") -> Any:
@@ -95,29 +109,37 @@ class FedStrategy(ComputePlanBuilder):
         Inputs are the sites' messages, then (optionally) a side chain's final state, then the
         previous run state (aggregations keep no state: it travels this way).
         """
-        messages = [s for s in shared_states if isinstance(s, Message)]
-        states = [s for s in shared_states if not isinstance(s, Message)]
+        sent = (Message, secure.MaskedMessage)
+        messages = [s for s in shared_states if isinstance(s, sent)]
+        states = [s for s in shared_states if not isinstance(s, sent)]
         state = states[-1] if states else self.initial_state()
         side = states[0] if len(states) > 1 else None
+        offers = [m for m in messages if isinstance(m, secure.KeyOffer)]
+        masked = [m for m in messages if isinstance(m, secure.MaskedMessage)]
+        plain = [m for m in messages if not isinstance(m, secure.KeyOffer | secure.MaskedMessage)]
+        if masked and plain:
+            raise ValueError("some sites sent masked messages and others did not")
         sums = None
-        if messages:
+        if masked or plain:
             rows = getattr(state, "rows", None)
-            sums = total(messages, rows, len(self.study.genes) if rows is not None else None)
-        provided = {"sums": sums, "side": side, **self.context()}
+            n_genes = self.dims()["G"] if rows is not None else None
+            summed = [secure.unmask_total(masked)] if masked else plain
+            sums = total(summed, rows, n_genes)
+        provided = {"sums": sums, "side": side, "offers": offers, **self.context()}
         for fn, params in decode(steps, "aggregator"):
             state = apply_aggregation(fn, state, provided, params)
         return state
 
     # -- local state -----------------------------------------------------------------------
     def save_local_state(self, path: Path) -> None:
-        """Write what the site keeps between tasks."""
+        """Write what the site keeps between tasks (its keyring included)."""
         with Path(path).open("wb") as fh:
-            pickle.dump(self.kept, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump((self.kept, self.keyring), fh, protocol=pickle.HIGHEST_PROTOCOL)
 
     def load_local_state(self, path: Path):
         """Read what the site kept from its previous task."""
         with Path(path).open("rb") as fh:
-            self.kept = pickle.load(fh)
+            self.kept, self.keyring = pickle.load(fh)
         return self
 
 
@@ -126,7 +148,7 @@ class PlanCursor:
     state, and the round index."""
 
     def __init__(self, strategy: FedStrategy, train_data_nodes, aggregation_node,
-                 clean_models: bool = True):
+                 clean_models: bool = True, stream: int = 0):
         self.strategy = strategy
         self.train_nodes = list(train_data_nodes)
         self.agg = aggregation_node
@@ -134,14 +156,17 @@ class PlanCursor:
         self.local_states = [None] * len(self.train_nodes)
         self.shared = None
         self.round_idx = 0
+        self.stream = stream
+        self.forks = 0
 
     def local(self, step: Call | Callable) -> list:
         """One task per site running ``step``; returns the sites' message refs."""
         spec = as_call(step).encode()
+        extra = {"stream": self.stream} if self.stream else {}
         refs = []
         for i, node in enumerate(self.train_nodes):
             op = self.strategy.local(data_samples=node.data_sample_keys,
-                                     shared_state=self.shared, site_step=spec)
+                                     shared_state=self.shared, site_step=spec, **extra)
             self.local_states[i], ref = node.update_states(
                 op, local_state=self.local_states[i], round_idx=self.round_idx,
                 authorized_ids={node.organization_id},
@@ -173,7 +198,9 @@ class PlanCursor:
     def fork(self) -> PlanCursor:
         """A side chain from the current states (parallel branch: adds no sequential step
         while it is shorter than the main chain)."""
-        side = PlanCursor(self.strategy, self.train_nodes, self.agg, self.clean_models)
+        self.forks += 1
+        side = PlanCursor(self.strategy, self.train_nodes, self.agg, self.clean_models,
+                          stream=self.stream * 16 + self.forks)
         side.local_states, side.shared, side.round_idx = (list(self.local_states), self.shared,
                                                           self.round_idx)
         return side
@@ -236,9 +263,12 @@ def schedule(phases: Sequence[Phase]) -> list[tuple[str, Round]]:
 
 
 def run_phases(plan: PlanCursor, phases: Sequence[Phase]):
-    """Submit the plan's phases; returns the last aggregation's reference."""
+    """Submit the plan's phases (after the key round of secure aggregation); returns the last
+    aggregation's reference."""
     sides = {p.fork_after: p for p in phases if p.fork_after is not None}
     rounds = schedule(phases)
+    if plan.strategy.masks(len(plan.train_nodes)):
+        plan.round(secure.offer_key, [secure.relay_keys])
     side_ref, ref = None, None
     for i, (name, rnd) in enumerate(rounds):
         ref = plan.round(rnd.local, rnd.steps, extra=[side_ref] if rnd.join else None)

@@ -1,0 +1,137 @@
+"""Secure aggregation in the plan: a key round, masked messages, unmasked totals.
+
+With secure aggregation on (two sites or more), the plan opens with a key round: each site
+makes a fresh X25519 key pair (the private key stays in its local state) and offers its public
+key (:func:`offer_key`); the aggregator relays every key with a fresh run id
+(:func:`relay_keys`). From then on every message a site sends is encoded in fixed point and
+masked with pairwise masks that cancel in the sum over all sites (:mod:`fed_de.secagg`): the
+aggregator learns only the cross-site total of each message, never a site's own sums, sample
+count or cell sizes. A site is known to its peers only by its public key.
+
+With two sites each one can infer the other's sums (total minus its own); with one site there
+is nothing to hide from itself, and nothing is masked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import typing
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from fed_de import secagg
+from fed_de.errors import DisclosureError
+from fed_de.federation.calls import aggregator_step, site_step
+from fed_de.federation.messages import Message, arrays, sums
+
+
+KEY_ROUND_STEPS = 2  # the key round adds one site task and one aggregation to the chain
+
+
+class KeyOffer(Message):
+    """A site's public key (32 bytes as values 0..255): relayed, never summed."""
+
+    public_key: np.ndarray = sums(32)
+
+
+@dataclass
+class KeyRelay:
+    """Every site's public key and the run id, as the aggregator relays them."""
+
+    public_keys: tuple[bytes, ...]
+    run_id: bytes
+
+
+@dataclass
+class MaskedMessage:
+    """What a site sends when secure aggregation is on: its message encoded and masked.
+
+    ``kind`` names the message type (``module:Class``) so the aggregator can rebuild the sum.
+    """
+
+    kind: str
+    payload: dict
+
+
+@dataclass
+class Keyring:
+    """What a site keeps for secure aggregation: its key pair, then its session (the private
+    key is dropped once the pair seeds are derived)."""
+
+    private: bytes = b""
+    public: bytes = b""
+    session: secagg.SecAggSession | None = None
+
+
+def _site_id(public: bytes) -> str:
+    return public.hex()
+
+
+@site_step
+def offer_key(keyring: Keyring) -> KeyOffer:
+    """Make this run's key pair (kept at the site) and offer the public key."""
+    pair = secagg.new_keypair()
+    keyring.private, keyring.public, keyring.session = pair.private, pair.public, None
+    return KeyOffer(public_key=np.frombuffer(pair.public, dtype=np.uint8).astype(np.float64))
+
+
+@aggregator_step(writes=("secure",))
+def relay_keys(offers: list) -> dict:
+    """Relay every site's public key, and a fresh run id."""
+    keys = tuple(sorted(bytes(np.asarray(o.public_key, dtype=np.uint8)) for o in offers))
+    return {"secure": KeyRelay(public_keys=keys, run_id=os.urandom(16))}
+
+
+def mask_message(message: Message, keys: Keyring, relay: KeyRelay, n_sites: int,
+                 stream: int) -> MaskedMessage:
+    """Encode and mask a checked message (the session opens at the first message)."""
+    if keys.session is None:
+        if n_sites and len(relay.public_keys) != n_sites:
+            raise DisclosureError(
+                f"the aggregator relayed {len(relay.public_keys)} keys for a study of "
+                f"{n_sites} sites; nothing sent")
+        peers = {_site_id(k): k for k in relay.public_keys}
+        if _site_id(keys.public) not in peers:
+            raise DisclosureError("the aggregator's relay lacks this site's own key; nothing "
+                                  "sent")
+        keys.session = secagg.open_session(keys.private, peers, _site_id(keys.public),
+                                           relay.run_id)
+        keys.private = b""  # the session holds the pair seeds only
+    kind = f"{type(message).__module__}:{type(message).__qualname__}"
+    return MaskedMessage(kind=kind, payload=secagg.mask(arrays(message), keys.session,
+                                                        stream=stream))
+
+
+def unmask_total(masked: list[MaskedMessage]) -> Message:
+    """The sum of the sites' messages, rebuilt as its message type."""
+    kinds = {m.kind for m in masked}
+    if len(kinds) != 1:
+        raise ValueError(f"sites sent different messages in one round: {sorted(kinds)}")
+    module, _, name = masked[0].kind.partition(":")
+    if not module.startswith("fed_de."):
+        raise ValueError(f"{masked[0].kind} is not a fed_de message")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Message)):
+        raise ValueError(f"{masked[0].kind} is not a fed_de message")
+    return from_arrays(cls, secagg.unmask_sum([m.payload for m in masked]))
+
+
+def from_arrays(cls: type, flat: dict, prefix: str = "") -> Message:
+    """Inverse of :func:`fed_de.federation.messages.arrays`."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        key = prefix + f.name
+        if "shape" in f.metadata:
+            value = np.asarray(flat[key], dtype=np.float64)
+            kwargs[f.name] = value[()] if value.ndim == 0 else value
+            continue
+        if not any(k.startswith(key + ".") for k in flat):
+            kwargs[f.name] = None
+            continue
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],)
+                    if isinstance(t, type) and issubclass(t, Message))
+        kwargs[f.name] = from_arrays(kind, flat, key + ".")
+    return cls(**kwargs)
