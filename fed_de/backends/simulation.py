@@ -26,6 +26,7 @@ import pickle
 import tempfile
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,12 @@ class RunLedger:
 
 
 class _Platform:
-    """Where task outputs live between tasks (what substra's storage does)."""
+    """Where task outputs live between tasks (what substra's storage does).
+
+    An output is freed as soon as no reference to it is left in the plan being built (every
+    task that reads it has been declared, hence run): memory stays bounded by what the next
+    tasks can read, not by everything a run sent.
+    """
 
     def __init__(self, ledger: RunLedger, workdir: Path, progress=None):
         self.ledger = ledger
@@ -86,6 +92,26 @@ class _Platform:
         self.progress = progress
         self.last_aggregate: str | None = None
         self.last_local: dict[str, str] = {}
+        self._holders: dict[str, int] = {}
+
+    def hold(self, key: str, ref):
+        """Return ``ref``, freeing the output ``key`` once every such reference is gone."""
+        self._holders[key] = self._holders.get(key, 0) + 1
+        weakref.finalize(ref, self._release, key)
+        return ref
+
+    def _release(self, key: str) -> None:
+        left = self._holders.get(key, 1) - 1
+        if left:
+            self._holders[key] = left
+            return
+        self._holders.pop(key, None)
+        if key == self.last_aggregate or key in self.last_local.values():
+            return  # what the run returns
+        self.shared.pop(key, None)
+        path = self.local_paths.pop(key, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def put_shared(self, key: str, value: Any) -> int:
         try:
@@ -196,7 +222,7 @@ class StrictTrainDataNode:
                 {"site": self.organization_id, "step": step,
                  "message": arrays(msg) if isinstance(msg, Message) else msg, "bytes": n_bytes}
             )
-        return LocalStateRef(op_id), SharedStateRef(op_id)
+        return (pf.hold(op_id, LocalStateRef(op_id)), pf.hold(op_id, SharedStateRef(op_id)))
 
     def register_operations(self, *args, **kwargs) -> None:
         """Nothing to register in-process."""
@@ -245,7 +271,7 @@ class StrictAggregationNode:
         ledger.depth[op_id] = 1 + max((ledger.depth.get(r.key, 0) for r in refs), default=0)
         ledger.steps_log.append((ledger.depth[op_id], self.organization_id, step))
         pf.last_aggregate = op_id
-        return SharedStateRef(op_id)
+        return pf.hold(op_id, SharedStateRef(op_id))
 
     def register_operations(self, *args, **kwargs) -> None:
         """Nothing to register in-process."""
