@@ -123,6 +123,8 @@ def add_log_normal_prior(f, g, h, points: np.ndarray, mean: np.ndarray | None, v
 NEWTON_DONE = 1e-4
 #: Relative rounding noise of the bracketed search's summed objectives (ties below it).
 BRACKET_NOISE = 1e-11
+#: Points per gene a bracketed search proposes each round (Newton, Hermite root, midpoint).
+BRACKET_POINTS = 3
 
 
 @dataclass
@@ -224,13 +226,14 @@ def _hermite_root(a, b, ga, ha, gb, hb, iters: int = 60) -> np.ndarray:
     return a + 0.5 * (lo_t + hi_t) * L
 
 
-def bracket_propose(best: Bracket, lo: float, hi: float, k: int = 3) -> np.ndarray:
+def bracket_propose(best: Bracket, lo: float, hi: float,
+                    k: int = BRACKET_POINTS) -> np.ndarray:
     """Next points per gene inside the bracket (one end of which is the best point).
 
     When the Newton point from the best falls inside: the Newton point, the root of the cubic
     interpolating the derivative at both bracket ends (or a doubled Newton step while one end
     is a range bound), and the bracket's midpoint (which at least halves it). Otherwise the
-    bracket's quartiles. Done genes repeat their best point."""
+    bracket's quartiles. The first ``k`` of them; done genes repeat their best point."""
     a, b, xb = best.a, best.b, best.x
     step = np.nan_to_num(best.newton)
     span = b - a

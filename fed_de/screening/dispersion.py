@@ -38,7 +38,7 @@ from fed_de.core.dispersion import (
     genewise_estimates,
     log_bounds,
 )
-from fed_de.core.optim1d import STEP_FRACTIONS, Search
+from fed_de.core.optim1d import BRACKET_POINTS, Search
 from fed_de.core.screen_sums import series_genes, sf_moments
 from fed_de.federation.calls import aggregator_step, call, site_step
 from fed_de.federation.messages import Message, sums
@@ -58,9 +58,11 @@ from fed_de.screening.state import (
 #: is bracketed at once.
 START_OFFSETS = (0.0, -1.0, 1.0)
 ANCHORS = (None, float(np.log(1e-3)), float(np.log(0.1)), float(np.log(10.0)), None)
-#: Points per gene of the first round and of every later one.
-N_START_POINTS = len(START_OFFSETS) + len(ANCHORS)
-N_POINTS = len(STEP_FRACTIONS)
+
+
+def max_points() -> int:
+    """The most points per gene a dispersion round evaluates (the first round's)."""
+    return max(len(START_OFFSETS) + len(ANCHORS), BRACKET_POINTS)
 
 
 class DispSums(Message):
@@ -164,7 +166,7 @@ def _propose(disp: DispSearch, ev: optim1d.Evaluations, groups: DispersionGroups
     best = optim1d.bracket_best(ev, lo, hi)
     best.done |= groups.all_zero
     return replace(disp, **parts, best=best, active=~best.done,
-                   points=optim1d.bracket_propose(best, lo, hi, N_POINTS))
+                   points=optim1d.bracket_propose(best, lo, hi))
 
 
 @aggregator_step(writes=("disp",))

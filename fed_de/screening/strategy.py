@@ -129,7 +129,7 @@ class ScreenStrategy(FedStrategy):
         all_cells = self.options.dispersion_cells == "all"
         return {"G": G, "P": P, "C": C, "p": p, "T": p * (p + 1) // 2, "PC": P * C,
                 "D": C * (P + 1) if all_cells else C,
-                "K": max(dispersion.N_START_POINTS, dispersion.N_POINTS)}
+                "K": dispersion.max_points()}
 
     def request_dims(self, state: ScreenState) -> dict[str, int]:
         """Points per gene of this round's dispersion request."""
