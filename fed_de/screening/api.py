@@ -24,7 +24,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from fed_de.backends import check_backend, run
+from fed_de.backends import run
 from fed_de.core.screen_sums import MIN_MU
 from fed_de.errors import DesignError
 from fed_de.screening.data import (
@@ -374,7 +374,6 @@ def screen(
                   min_mean_pert=min_mean_pert, min_cells_ctrl=min_cells_ctrl,
                   min_cells_pert=min_cells_pert, **dict(rounds or {}))
     strategy = ScreenStrategy(study.to_dict(), **params)
-    check_backend(backend)
     simulation = backend == "simulation"
     tracing = simulation and measure_memory and not tracemalloc.is_tracing()
     if tracing:
