@@ -59,8 +59,8 @@ import scipy.sparse as sp  # noqa: E402
 from fed_de.backends.plan import record_plan  # noqa: E402
 from fed_de.screening.api import screen  # noqa: E402
 from fed_de.screening.data import make_screen  # noqa: E402
-from fed_de.screening.setup import ScreenStudy  # noqa: E402
 from fed_de.screening.strategy import ScreenStrategy  # noqa: E402
+from fed_de.screening.study import ScreenStudy  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 KW = {"perturbation_column": "perturbation", "control": "non-targeting"}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import numpy as np
 import pytest
+from substrafl.compute_plan_builder import ComputePlanBuilder
 from substrafl.remote import remote, remote_data
 
 from fed_de.backends.simulation import run_strict
 from fed_de.design import make_study
 from fed_de.errors import SiteTaskError
-from fed_de.screening._old_base import FedBase, PlanCursor
 from fed_de.site import load_site
 from tests.conftest import split_sites
 
@@ -24,11 +27,52 @@ def _study(synthetic):
     return make_study("~ condition", list(counts.columns), {"condition": ["A", "B"]}).to_dict()
 
 
-class Probe(FedBase):
-    """Tiny strategy exercising the executor; each test picks a plan."""
+class _Plan:
+    """Submits a probe's tasks: one local task per site, or one aggregation."""
+
+    def __init__(self, train_data_nodes, aggregation_node, clean_models: bool):
+        self.nodes, self.agg, self.clean = list(train_data_nodes), aggregation_node, clean_models
+        self.local_states = [None] * len(self.nodes)
+        self.shared, self.round_idx = None, 0
+
+    def local(self, method, **params) -> list:
+        refs = []
+        for i, node in enumerate(self.nodes):
+            op = method(data_samples=node.data_sample_keys, shared_state=self.shared, **params)
+            self.local_states[i], ref = node.update_states(
+                op, local_state=self.local_states[i], round_idx=self.round_idx,
+                authorized_ids={node.organization_id},
+                aggregation_id=self.agg.organization_id, clean_models=self.clean)
+            refs.append(ref)
+        self.round_idx += 1
+        return refs
+
+    def aggregate(self, method, refs: list):
+        self.shared = self.agg.update_states(
+            method(shared_states=refs), round_idx=self.round_idx,
+            authorized_ids={n.organization_id for n in self.nodes}
+            | {self.agg.organization_id}, clean_models=self.clean)
+        self.round_idx += 1
+        return self.shared
+
+
+class Probe(ComputePlanBuilder):
+    """Tiny strategy exercising the executor (its own remote methods, a dict local state);
+    each test picks a plan."""
 
     def __init__(self, study: dict, plan: str = "attribute"):
-        super().__init__(study, plan=plan)
+        super().__init__(study=study, plan=plan)
+        self.options = {"plan": plan}
+        self.local = {}
+
+    def save_local_state(self, path: Path) -> None:
+        with Path(path).open("wb") as fh:
+            pickle.dump(self.local, fh)
+
+    def load_local_state(self, path: Path):
+        with Path(path).open("rb") as fh:
+            self.local = pickle.load(fh)
+        return self
 
     @remote_data
     def set_attribute(self, data_from_opener, shared_state=None):
@@ -66,7 +110,7 @@ class Probe(FedBase):
 
     def build_compute_plan(self, train_data_nodes, aggregation_node, evaluation_strategy=None,
                            num_rounds=None, clean_models=True):
-        plan = PlanCursor(train_data_nodes, aggregation_node, clean_models)
+        plan = _Plan(train_data_nodes, aggregation_node, clean_models)
         kind = self.options["plan"]
         if kind == "attribute":
             plan.local(self.set_attribute)

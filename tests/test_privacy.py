@@ -10,7 +10,7 @@ import pytest
 import fed_de
 from fed_de.demo_data import make_demo_study
 from fed_de.errors import DisclosureError, MessageSchemaError
-from fed_de.screening._old_base import check_message
+from fed_de.federation.messages import Message, check_message, sums
 
 
 def _two_sites(n_small: int = 7, n_large: int = 70, n_genes: int = 120):
@@ -88,17 +88,19 @@ def test_no_message_carries_a_per_sample_array():
                 assert dim != n or n in allowed, (m["step"], key, arr.shape)
 
 
+class _GeneSums(Message):
+    s: np.ndarray = sums("G")
+
+
 def test_a_message_off_schema_is_not_sent():
     dims = {"G": 3, "p": 2}
-    check_message({"s": np.zeros(3)}, {"s": ("G",)}, dims, site="a", step="x")
+    check_message(_GeneSums(s=np.zeros(3)), dims, site="a", step="x")
     with pytest.raises(MessageSchemaError, match="not sent"):
-        check_message({"s": np.zeros(4)}, {"s": ("G",)}, dims, site="a", step="x")
-    with pytest.raises(MessageSchemaError, match="keys"):
-        check_message({"s": np.zeros(3), "extra": 1.0}, {"s": ("G",)}, dims, site="a",
-                      step="x")
+        check_message(_GeneSums(s=np.zeros(4)), dims, site="a", step="x")
+    with pytest.raises(MessageSchemaError, match="must be a Message"):
+        check_message({"s": np.zeros(3), "extra": 1.0}, dims, site="a", step="x")
     with pytest.raises(MessageSchemaError, match="dtype"):
-        check_message({"s": np.zeros(3, dtype=np.int64)}, {"s": ("G",)}, dims, site="a",
-                      step="x")
+        check_message(_GeneSums(s=np.zeros(3, dtype=np.int64)), dims, site="a", step="x")
 
 
 def test_small_design_cell_refuses_before_sending():

@@ -18,8 +18,8 @@ import pytest
 from fed_de.backends.plan import record_plan
 from fed_de.screening.api import COLUMNS, screen
 from fed_de.screening.data import make_screen
-from fed_de.screening.setup import ScreenStudy
 from fed_de.screening.strategy import ScreenStrategy
+from fed_de.screening.study import ScreenStudy
 
 KW = {"perturbation_column": "perturbation", "control": "non-targeting"}
 

@@ -24,11 +24,17 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from fed_de.backends.simulation import run_strict
-from fed_de.core.screen import MIN_MU
+from fed_de.backends import run
+from fed_de.core.screen_sums import MIN_MU
 from fed_de.errors import DesignError
-from fed_de.screening.data import DEFAULT_CHUNK_SIZE, ScreenSite, load_screen_site
-from fed_de.screening.setup import SITE_FACTOR, ScreenStudy
+from fed_de.screening.data import (
+    DEFAULT_CHUNK_SIZE,
+    SCREEN_OPENER_SOURCE,
+    ScreenSite,
+    load_screen_site,
+    write_screen_site_folder,
+)
+from fed_de.screening.study import SITE_FACTOR, ScreenStudy
 
 COLUMNS = ("baseMean", "log2FoldChange", "lfcSE", "stat", "pvalue", "padj")
 METHOD_NAMES = {"nb_glm": "nb_glm", "wilcoxon": "wilcoxon", "t_test": "t-test"}
@@ -258,23 +264,6 @@ def _declared_remote_study(keys, perturbation_column: str, control: str, covaria
                        site_factor=bool(factors) and factors[0][0] == SITE_FACTOR)
 
 
-def _run_on_substra(strategy, loaded: list, workdir, progress) -> tuple[dict, dict]:
-    """The screen strategy, unchanged, on substra's subprocess backend."""
-    import tempfile
-    from pathlib import Path
-
-    from fed_de.backends.substra import run_subprocess
-    from fed_de.screening.data import SCREEN_OPENER_SOURCE, write_screen_site_folder
-
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="fed_de_screen_"))
-    sub = run_subprocess(strategy, loaded, workdir=workdir, progress=progress,
-                         opener_source=SCREEN_OPENER_SOURCE,
-                         write_site=write_screen_site_folder)
-    facts = dict(sub.facts)
-    facts.update(backend="subprocess", workdir=str(workdir))
-    return sub.shared_state, facts
-
-
 def screen(
     sites: Mapping,
     *,
@@ -385,56 +374,41 @@ def screen(
                   min_mean_pert=min_mean_pert, min_cells_ctrl=min_cells_ctrl,
                   min_cells_pert=min_cells_pert, **dict(rounds or {}))
     strategy = ScreenStrategy(study.to_dict(), **params)
-    if backend not in ("simulation", "subprocess", "remote"):
-        raise ValueError(f"backend {backend!r}: use 'simulation', 'subprocess' or 'remote'")
-    if backend == "subprocess":
-        state, facts = _run_on_substra(strategy, loaded, workdir, progress)
-        measure_memory = record_messages = False
-    elif backend == "remote":
-        import tempfile
-        from pathlib import Path
-
-        from fed_de.backends.substra import run_remote
-
-        workdir = Path(workdir or tempfile.mkdtemp(prefix="fed_de_screen_"))
-        sub = run_remote(strategy, credentials, keys, workdir=workdir, timeout=timeout,
-                         progress=progress)
-        state, facts = sub.shared_state, dict(sub.facts)
-        facts.update(backend="remote", workdir=str(workdir))
-        measure_memory = record_messages = False
-    else:
-        tracing = measure_memory and not tracemalloc.is_tracing()
+    simulation = backend == "simulation"
+    tracing = simulation and measure_memory and not tracemalloc.is_tracing()
+    if tracing:
+        tracemalloc.start()
+    try:
+        done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials,
+                   keys=keys, timeout=timeout, progress=progress,
+                   record_messages=record_messages and simulation,
+                   opener_source=SCREEN_OPENER_SOURCE, write_site=write_screen_site_folder,
+                   prefix="fed_de_screen_")
+    finally:
         if tracing:
-            tracemalloc.start()
-        try:
-            run = run_strict(strategy, loaded, record_messages=record_messages,
-                             progress=progress)
-        finally:
-            if tracing:
-                tracemalloc.stop()
-        state = run.shared_state
-        facts = run.ledger.facts()
+            tracemalloc.stop()
+    state, facts = done.state, done.facts
     facts["wall_seconds"] = round(time.perf_counter() - started, 4)
     G = len(study.genes)
     facts["bytes_per_gene_by_site"] = {k: round(v / G, 1)
                                        for k, v in facts["bytes_sent_by_site"].items()}
-    if measure_memory:
+    if measure_memory and simulation:
         facts["peak_memory_by_site"] = {
-            s.name: {"task_peak_bytes": int(run.local_states[s.name].get("peak_bytes", 0)),
+            s.name: {"task_peak_bytes": done.local_states[s.name].peak_bytes,
                      "resident_counts_bytes": s.resident_bytes,
-                     "total_bytes": int(run.local_states[s.name].get("peak_bytes", 0))
-                     + s.resident_bytes} for s in loaded}
-    if record_messages:
-        facts["messages"] = run.ledger.messages
+                     "total_bytes": done.local_states[s.name].peak_bytes + s.resident_bytes}
+            for s in loaded}
     facts["site_effects"] = bool(study.site_factor)
-    gene_table = pd.DataFrame({"control_mean": state["ctrl_mean"]}, index=study.genes)
-    for key, col in (("disp_gene", "dispersion_genewise"), ("disp_fit", "dispersion_trend"),
-                     ("disp_map", "dispersion_map"), ("dispersion", "dispersion")):
-        if key in state:
-            gene_table[col] = state[key]
+    gene_table = pd.DataFrame({"control_mean": state.summary.ctrl_mean}, index=study.genes)
+    disp = state.dispersions
+    if disp is not None:
+        for col, values in (("dispersion_genewise", disp.gene), ("dispersion_trend", disp.fit),
+                            ("dispersion_map", disp.map), ("dispersion", disp.final)):
+            gene_table[col] = values
     gene_table.index.name = "gene"
+    results = state.results
     return ScreenResult(
-        study=study, method=method, arrays=state["results"], tested=state["tested"],
-        n_cells=pd.Series(state["n_pert"], index=study.perturbations, name="n_cells"),
-        n_control=int(state["n_ctrl"]), gene_table=gene_table, facts=facts,
-        converged=state.get("converged"), params=params)
+        study=study, method=method, arrays=results.arrays, tested=results.tested,
+        n_cells=pd.Series(state.summary.n_pert, index=study.perturbations, name="n_cells"),
+        n_control=int(state.summary.n_ctrl), gene_table=gene_table, facts=facts,
+        converged=results.converged, params=params)

@@ -1,40 +1,46 @@
-"""``ScreenStrategy``: a federated perturbation screen as one substrafl compute plan.
+"""``ScreenStrategy``: a federated perturbation screen as one substrafl compute plan, in phases.
 
-``method="nb_glm"`` (each line a round: a local task at every site, then an aggregation):
+``method="nb_glm"``:
 
-1.  library sizes (kept)                                  -> geometric-mean scale
-1b. (``poscounts``) median-of-ratios factors (kept)        -> their scale
-2.  size factors (kept); per-group sums                   -> filters, baseMean, moments,
-                                                             dispersion and fit starts
-3.  gene-wise Cox-Reid search (``genewise_rounds``)        -> trend, prior
-4.  MAP search (``map_rounds``)                            -> final dispersions
-5.  control fit + every perturbation effect (``fit_rounds``) -> Wald tests, BH
-``dispersion="moments"`` skips 3-4. With the defaults: 30 sequential steps (28 with
-``fit_rounds=5``), whatever the number of perturbations.
+=================  =================================================  =====================
+phase              rounds (a site step at every site, then aggregation) module
+=================  =================================================  =====================
+setup              checks, library sizes -> their global scale          setup
+size_factors       (``poscounts`` only) median-of-ratios factors ->     setup
+                   their scale
+sums               size factors (kept), per-group sums -> filters,      setup, dispersion,
+                   baseMean, dispersion groups, fit starts              fit
+genewise           Cox-Reid searches (``genewise_rounds``)              dispersion
+trend_prior_map    trend, prior (no round); MAP searches                dispersion
+                   (``map_rounds``; none without shrinkage; with
+                   ``dispersion="moments"`` all at the aggregator)
+fit                control fit and every effect (``fit_rounds``)        fit
+tests              Wald tests, BH (no round)                            fit
+=================  =================================================  =====================
 
-``method="wilcoxon"`` / ``"t_test"``: rounds 1 (1b) and one round of sums -> tests.
+``method="wilcoxon"`` / ``"t_test"``: setup, size_factors, then ``rank_tests`` (one round:
+the sums, then the tests; :mod:`~fed_de.screening.rank_tests`).
+
+Each phase's opening aggregator steps run in the previous phase's last aggregation (see
+:class:`fed_de.federation.strategy.Phase`), so "finish A, start B" costs no round. With the
+defaults: 28 sequential steps (30 with ``poscounts``), whatever the number of
+perturbations.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fed_de.core.optim1d import STEP_FRACTIONS
-from fed_de.screening._old_base import FedBase, PlanCursor
-from fed_de.screening.dispersion import ANCHORS, START_OFFSETS, ScreenDispersionMixin
-from fed_de.screening.fit import ScreenFitMixin
-from fed_de.screening.rank_tests import ScreenRankTestsMixin
-from fed_de.screening.setup import ScreenSetupMixin, ScreenStudy
+from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, run_phases
+from fed_de.screening import dispersion, fit, rank_tests, setup
+from fed_de.screening.state import ScreenOptions, ScreenSiteState, ScreenSiteView, ScreenState
+from fed_de.screening.study import ScreenStudy
 
 METHODS = ("nb_glm", "wilcoxon", "t_test")
-# measured on synthetic screens: see docs/screen.md
-GENEWISE_ROUNDS = 4
-MAP_ROUNDS = 3
-FIT_ROUNDS = 5
+OPTIONS = ScreenOptions()
 
 
-class ScreenStrategy(FedBase, ScreenSetupMixin, ScreenDispersionMixin, ScreenFitMixin,
-                     ScreenRankTestsMixin):
+class ScreenStrategy(FedStrategy):
     """Every perturbation of a screen against the shared control, across sites.
 
     Parameters
@@ -54,24 +60,29 @@ class ScreenStrategy(FedBase, ScreenSetupMixin, ScreenDispersionMixin, ScreenFit
     fit_type
         Dispersion trend: ``"parametric"`` or ``"mean"``.
     min_mu
-        Floor of fitted means (default :data:`fed_de.core.screen.MIN_MU`).
+        Floor of fitted means (default :data:`fed_de.core.screen_sums.MIN_MU`).
     min_cell_size
         Disclosure control: a site leaves out perturbation groups with fewer cells and
         refuses a design cell with fewer control cells (0 = off).
     min_pct_ctrl, min_pct_pert, min_mean_ctrl, min_mean_pert, min_cells_ctrl, min_cells_pert
-        Expression filters (see :func:`fed_de.core.screen.expression_filter`).
+        Expression filters (see :func:`fed_de.core.screen_testing.expression_filter`).
     genewise_rounds, map_rounds, fit_rounds
         Unrolled iteration counts (the plan is static).
     """
 
-    def __init__(self, study: dict, method: str = "nb_glm", size_factors: str = "library",
-                 dispersion: str = "cox-reid", dispersion_cells: str = "control",
-                 shrink: bool = True, fit_type: str = "parametric", min_mu: float = 1e-8,
-                 min_cell_size: int = 3, min_pct_ctrl: float = 0.01, min_pct_pert: float = 0.002,
-                 min_mean_ctrl: float = 0.05, min_mean_pert: float = 0.005,
-                 min_cells_ctrl: int = 1, min_cells_pert: int = 1,
-                 genewise_rounds: int = GENEWISE_ROUNDS, map_rounds: int = MAP_ROUNDS,
-                 fit_rounds: int = FIT_ROUNDS):
+    def __init__(self, study: dict, method: str = OPTIONS.method,
+                 size_factors: str = OPTIONS.size_factors, dispersion: str = OPTIONS.dispersion,
+                 dispersion_cells: str = OPTIONS.dispersion_cells, shrink: bool = OPTIONS.shrink,
+                 fit_type: str = OPTIONS.fit_type, min_mu: float = OPTIONS.min_mu,
+                 min_cell_size: int = OPTIONS.min_cell_size,
+                 min_pct_ctrl: float = OPTIONS.min_pct_ctrl,
+                 min_pct_pert: float = OPTIONS.min_pct_pert,
+                 min_mean_ctrl: float = OPTIONS.min_mean_ctrl,
+                 min_mean_pert: float = OPTIONS.min_mean_pert,
+                 min_cells_ctrl: int = OPTIONS.min_cells_ctrl,
+                 min_cells_pert: int = OPTIONS.min_cells_pert,
+                 genewise_rounds: int = OPTIONS.genewise_rounds,
+                 map_rounds: int = OPTIONS.map_rounds, fit_rounds: int = OPTIONS.fit_rounds):
         checks = {"method": (method, METHODS), "size_factors": (size_factors,
                   ("library", "poscounts")), "dispersion": (dispersion, ("cox-reid", "moments")),
                   "dispersion_cells": (dispersion_cells, ("control", "all"))}
@@ -80,61 +91,70 @@ class ScreenStrategy(FedBase, ScreenSetupMixin, ScreenDispersionMixin, ScreenFit
                 raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
         if genewise_rounds < 2 or map_rounds < 1 or fit_rounds < 1:
             raise ValueError("genewise_rounds >= 2, map_rounds >= 1 and fit_rounds >= 1")
-        super().__init__(study, method=method, size_factors=size_factors, dispersion=dispersion,
-                         dispersion_cells=dispersion_cells, shrink=bool(shrink),
-                         fit_type=fit_type, min_mu=float(min_mu), min_cell_size=int(min_cell_size),
-                         min_pct_ctrl=float(min_pct_ctrl), min_pct_pert=float(min_pct_pert),
-                         min_mean_ctrl=float(min_mean_ctrl), min_mean_pert=float(min_mean_pert),
-                         min_cells_ctrl=int(min_cells_ctrl), min_cells_pert=int(min_cells_pert),
-                         genewise_rounds=int(genewise_rounds), map_rounds=int(map_rounds),
-                         fit_rounds=int(fit_rounds))
+        options = dict(
+            method=method, size_factors=size_factors, dispersion=dispersion,
+            dispersion_cells=dispersion_cells, shrink=bool(shrink), fit_type=fit_type,
+            min_mu=float(min_mu), min_cell_size=int(min_cell_size),
+            min_pct_ctrl=float(min_pct_ctrl), min_pct_pert=float(min_pct_pert),
+            min_mean_ctrl=float(min_mean_ctrl), min_mean_pert=float(min_mean_pert),
+            min_cells_ctrl=int(min_cells_ctrl), min_cells_pert=int(min_cells_pert),
+            genewise_rounds=int(genewise_rounds), map_rounds=int(map_rounds),
+            fit_rounds=int(fit_rounds))
+        super().__init__(study=study, **options)
         self.screen = ScreenStudy.from_dict(study)
+        self.options = ScreenOptions(**options)
+
+    # -- what the base asks for ----------------------------------------------------------------
+    def initial_state(self) -> ScreenState:
+        return ScreenState()
+
+    def new_kept(self) -> ScreenSiteState:
+        return ScreenSiteState()
+
+    def site_view(self, data) -> ScreenSiteView:
+        """The site with chunks in the study's gene order."""
+        return ScreenSiteView(data=data.aligned_to(self.screen.genes), kept=self.kept,
+                              study=self.screen, options=self.options)
+
+    def context(self) -> dict:
+        return {"study": self.screen, "options": self.options}
 
     def dims(self) -> dict[str, int]:
-        """Message sizes: genes, perturbations, design cells, coefficients, points per gene."""
+        """Message sizes: genes, perturbations, design cells, coefficients, dispersion groups,
+        and the most points per gene a request may name."""
         st = self.screen
         G, P = len(st.genes), len(st.perturbations)
         C = int(np.prod(st.n_levels)) if st.factors else 1
         p = st.fit_design.shape[1]
-        all_cells = self.options["dispersion_cells"] == "all"
-        return {"G": G, "P": P, "C": C, "p": p, "T": p * (p + 1) // 2,
-                "K0": len(START_OFFSETS) + len(ANCHORS), "K": len(STEP_FRACTIONS),
-                "D": C * (P + 1) if all_cells else C, "PCa": P * C if all_cells else 0,
-                "Gp": G if self.options["size_factors"] == "poscounts" else 0}
+        all_cells = self.options.dispersion_cells == "all"
+        return {"G": G, "P": P, "C": C, "p": p, "T": p * (p + 1) // 2, "PC": P * C,
+                "D": C * (P + 1) if all_cells else C,
+                "K": dispersion.max_points()}
+
+    def request_dims(self, state: ScreenState) -> dict[str, int]:
+        """Points per gene of this round's dispersion request."""
+        return {"K": state.disp.points.shape[1]} if state.disp is not None else {}
+
+    # -- the plan ------------------------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        """The plan: every phase, in order."""
+        o = self.options
+        plan = [setup.setup_phase()]
+        if o.size_factors == "poscounts":
+            plan.append(setup.size_factors_phase())
+        if o.method != "nb_glm":
+            return [*plan, rank_tests.phase()]
+        plan.append(setup.sums_phase([dispersion.dispersion_groups, fit.fit_starts]))
+        if o.dispersion == "cox-reid":
+            plan += [dispersion.genewise_phase(o.genewise_rounds),
+                     dispersion.map_phase(o.map_rounds, o.shrink)]
+        else:
+            plan.append(dispersion.moments_phase())
+        return [*plan, fit.fit_phase(o.fit_rounds), fit.tests_phase()]
 
     def build_compute_plan(self, train_data_nodes, aggregation_node, evaluation_strategy=None,
                            num_rounds=None, clean_models=True):
-        """Chain the rounds; every loop runs its fixed number of rounds."""
-        opt = self.options
-        plan = PlanCursor(train_data_nodes, aggregation_node, clean_models)
-        plan.round(self.local_screen_setup, self.agg_screen_setup)
-        if opt["size_factors"] == "poscounts":
-            plan.round(self.local_screen_posfactors, self.agg_screen_posscale)
-        if opt["method"] == "t_test":
-            plan.round(self.local_screen_ttest, self.agg_screen_ttest)
-        elif opt["method"] == "wilcoxon":
-            plan.round(self.local_screen_wilcoxon, self.agg_screen_wilcoxon)
-        else:
-            self._nb_glm_rounds(plan)
+        """Submit the phases; every loop runs its fixed number of rounds."""
+        plan = PlanCursor(self, train_data_nodes, aggregation_node, clean_models)
+        self.final_ref = run_phases(plan, self.phases())
         self.n_rounds = plan.round_idx
-
-    def _nb_glm_rounds(self, plan: PlanCursor) -> None:
-        opt = self.options
-        plan.round(self.local_screen_sums, self.agg_screen_sums)
-        if opt["dispersion"] == "cox-reid":
-            plan.round(self.local_screen_disp_start, self.agg_screen_disp_start, carry=True)
-            for _ in range(opt["genewise_rounds"] - 2):
-                plan.round(self.local_screen_disp_eval, self.agg_screen_disp_step, carry=True,
-                           agg_params={"phase": "genewise"})
-            plan.round(self.local_screen_disp_eval, self.agg_screen_disp_finish_genewise,
-                       carry=True)
-            if opt["shrink"]:
-                for _ in range(opt["map_rounds"] - 1):
-                    plan.round(self.local_screen_disp_eval, self.agg_screen_disp_step,
-                               carry=True, agg_params={"phase": "map"})
-                plan.round(self.local_screen_disp_eval, self.agg_screen_disp_finish_map,
-                           carry=True)
-        for _ in range(opt["fit_rounds"] - 1):
-            plan.round(self.local_screen_fit, self.agg_screen_fit, carry=True)
-        self.final_ref = plan.round(self.local_screen_fit_final, self.agg_screen_fit_final,
-                                    carry=True)
