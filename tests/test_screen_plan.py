@@ -17,6 +17,7 @@ import pytest
 import fed_de
 from fed_de.backends.plan import record_plan
 from fed_de.federation.calls import as_call
+from fed_de.federation.secure import KEY_ROUND_STEPS
 from fed_de.federation.strategy import schedule
 from fed_de.screening.data import make_screen
 from fed_de.screening.strategy import ScreenStrategy
@@ -53,7 +54,8 @@ def test_rounds_per_phase(options, rounds):
     strategy = _strategy(**options)
     got = Counter(name for name, _ in schedule(strategy.phases()))
     assert dict(got) == rounds
-    assert record_plan(strategy, SITES).sequential_steps == 2 * sum(rounds.values())
+    keys = KEY_ROUND_STEPS if len(SITES) > 1 else 0  # secure aggregation's key round
+    assert record_plan(strategy, SITES).sequential_steps == 2 * sum(rounds.values()) + keys
 
 
 def test_fused_aggregations():
@@ -89,10 +91,11 @@ def test_perturbed_start_points_keep_schemas_and_answer(screen_sites, monkeypatc
                                                         constant, value):
     ref = fed_de.screen(screen_sites, **KW, dispersion_cells=cells)
     monkeypatch.setattr(f"fed_de.screening.dispersion.{constant}", value)
-    res = fed_de.screen(screen_sites, **KW, dispersion_cells=cells, record_messages=True)
+    res = fed_de.screen(screen_sites, **KW, dispersion_cells=cells, record_messages=True,
+                        secure_aggregation=False)
     first = next(m for m in res.facts["messages"] if m["step"] == "disp_sums")
     assert first["message"]["ll"].shape == (80, 9)  # one point more than the plan's 8
     for col in ("log2FoldChange", "lfcSE", "pvalue"):
         a, b = ref.arrays[col], res.arrays[col]
         np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=col)
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-12, err_msg=col)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=col)

@@ -26,7 +26,6 @@ from fed_de.errors import DisclosureError
 from fed_de.federation.calls import aggregator_step, site_step
 from fed_de.federation.messages import Message, arrays, sums
 
-
 KEY_ROUND_STEPS = 2  # the key round adds one site task and one aggregation to the chain
 
 

@@ -299,6 +299,7 @@ def screen(
     credentials=None,
     keys=None,
     timeout: float | None = None,
+    secure_aggregation: bool = True,
 ) -> ScreenResult:
     """Test every perturbation against the shared control across sites, moving no cell.
 
@@ -349,6 +350,9 @@ def screen(
         Remote backend: credentials YAML, keys YAML written by ``fed-de register-site --kind
         screen`` (its site names are the study's sites), seconds to wait. The study must be
         declared: ``perturbations``, ``genes`` and, with covariates, ``levels``.
+    secure_aggregation
+        Mask every message so the aggregator sees only cross-site totals (on by default from
+        two sites); ``False`` for audits that need each site's own messages.
     """
     from fed_de.screening.strategy import ScreenStrategy
 
@@ -373,7 +377,11 @@ def screen(
                   min_pct_pert=min_pct_pert, min_mean_ctrl=min_mean_ctrl,
                   min_mean_pert=min_mean_pert, min_cells_ctrl=min_cells_ctrl,
                   min_cells_pert=min_cells_pert, **dict(rounds or {}))
-    strategy = ScreenStrategy(study.to_dict(), **params)
+    from fed_de.api import n_declared_sites, secure_option
+
+    n_sites = n_declared_sites(loaded, keys)
+    strategy = ScreenStrategy(study.to_dict(), **params, n_sites=n_sites,
+                              secure_aggregation=secure_option(secure_aggregation, n_sites))
     simulation = backend == "simulation"
     tracing = simulation and measure_memory and not tracemalloc.is_tracing()
     if tracing:
@@ -392,6 +400,7 @@ def screen(
     G = len(study.genes)
     facts["bytes_per_gene_by_site"] = {k: round(v / G, 1)
                                        for k, v in facts["bytes_sent_by_site"].items()}
+    facts["secure_aggregation"] = strategy.masks(n_sites)
     if measure_memory and simulation:
         facts["peak_memory_by_site"] = {
             s.name: {"task_peak_bytes": done.local_states[s.name].peak_bytes,

@@ -39,6 +39,7 @@ from fed_de.core import screen_sums
 from fed_de.core.dispersion import Prior, Trend
 from fed_de.core.optim1d import Bracket, Evaluations
 from fed_de.core.screen_fit import ControlFit
+from fed_de.federation.secure import KeyRelay
 from fed_de.screening.data import ScreenSite
 from fed_de.screening.study import ScreenStudy
 
@@ -172,6 +173,7 @@ class ScreenState:
     trend: Trend | None = None
     fit: ScreenFit | None = None
     results: ScreenResults | None = None
+    secure: KeyRelay | None = None
 
 
 # -- what a site keeps -------------------------------------------------------------------------

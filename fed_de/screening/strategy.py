@@ -68,6 +68,9 @@ class ScreenStrategy(FedStrategy):
         Expression filters (see :func:`fed_de.core.screen_testing.expression_filter`).
     genewise_rounds, map_rounds, fit_rounds
         Unrolled iteration counts (the plan is static).
+    secure_aggregation, n_sites
+        Mask every message so the aggregator sees only cross-site totals (two sites or more),
+        for a study of ``n_sites`` declared sites (0: not checked).
     """
 
     def __init__(self, study: dict, method: str = OPTIONS.method,
@@ -82,7 +85,8 @@ class ScreenStrategy(FedStrategy):
                  min_cells_ctrl: int = OPTIONS.min_cells_ctrl,
                  min_cells_pert: int = OPTIONS.min_cells_pert,
                  genewise_rounds: int = OPTIONS.genewise_rounds,
-                 map_rounds: int = OPTIONS.map_rounds, fit_rounds: int = OPTIONS.fit_rounds):
+                 map_rounds: int = OPTIONS.map_rounds, fit_rounds: int = OPTIONS.fit_rounds,
+                 secure_aggregation: bool = True, n_sites: int = 0):
         checks = {"method": (method, METHODS), "size_factors": (size_factors,
                   ("library", "poscounts")), "dispersion": (dispersion, ("cox-reid", "moments")),
                   "dispersion_cells": (dispersion_cells, ("control", "all"))}
@@ -100,7 +104,8 @@ class ScreenStrategy(FedStrategy):
             min_cells_ctrl=int(min_cells_ctrl), min_cells_pert=int(min_cells_pert),
             genewise_rounds=int(genewise_rounds), map_rounds=int(map_rounds),
             fit_rounds=int(fit_rounds))
-        super().__init__(study=study, **options)
+        super().__init__(study=study, secure_aggregation=secure_aggregation, n_sites=n_sites,
+                         **options)
         self.screen = ScreenStudy.from_dict(study)
         self.options = ScreenOptions(**options)
 
