@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fed_de.backends import check_backend, run
+from fed_de.backends import check_backend, n_declared_sites, run, secure_option
 from fed_de.bulk.results import DESeq2Result
 from fed_de.design import Study, formula_variables, make_study
 from fed_de.site import SiteData, load_site
@@ -84,24 +83,6 @@ def size_factors(
 
 def _needs_levels(design: str) -> bool:
     return bool(formula_variables(design))
-
-
-def n_declared_sites(loaded: list, keys=None) -> int:
-    """The study's number of sites: those given, or those the keys file lists (remote)."""
-    if loaded:
-        return len(loaded)
-    from fed_de.backends.substra import _load_yaml
-
-    return len((_load_yaml(keys) or {}).get("sites") or {}) if keys is not None else 0
-
-
-def secure_option(asked: bool, n_sites: int) -> bool:
-    """Secure aggregation as asked; with two sites, say what it cannot hide."""
-    if asked and n_sites == 2:
-        warnings.warn("secure aggregation with two sites: each site can infer the other's "
-                      "sums (the total minus its own); the aggregator still sees totals only",
-                      stacklevel=3)
-    return bool(asked)
 
 
 def deseq2(

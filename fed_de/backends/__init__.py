@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,3 +67,21 @@ def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, cre
     facts = dict(sub.facts)
     facts.update(workdir=str(workdir), backend=backend)
     return Run(sub.shared_state, facts)
+
+
+def n_declared_sites(loaded: list, keys=None) -> int:
+    """The study's number of sites: those given, or those the keys file lists (remote)."""
+    if loaded:
+        return len(loaded)
+    from fed_de.backends.substra import _load_yaml
+
+    return len((_load_yaml(keys) or {}).get("sites") or {}) if keys is not None else 0
+
+
+def secure_option(asked: bool, n_sites: int) -> bool:
+    """Secure aggregation as asked; with two sites, say what it cannot hide."""
+    if asked and n_sites == 2:
+        warnings.warn("secure aggregation with two sites: each site can infer the other's "
+                      "sums (the total minus its own); the aggregator still sees totals only",
+                      stacklevel=3)
+    return bool(asked)

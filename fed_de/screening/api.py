@@ -377,7 +377,7 @@ def screen(
                   min_pct_pert=min_pct_pert, min_mean_ctrl=min_mean_ctrl,
                   min_mean_pert=min_mean_pert, min_cells_ctrl=min_cells_ctrl,
                   min_cells_pert=min_cells_pert, **dict(rounds or {}))
-    from fed_de.api import n_declared_sites, secure_option
+    from fed_de.backends import n_declared_sites, secure_option
 
     n_sites = n_declared_sites(loaded, keys)
     strategy = ScreenStrategy(study.to_dict(), **params, n_sites=n_sites,
