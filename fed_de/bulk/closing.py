@@ -95,9 +95,12 @@ def final_sums(irls_final: IRLSFit, fallback: FallbackFit | None, xtwx: np.ndarr
                deviance: np.ndarray, p: int, all_zero: np.ndarray) -> dict:
     """Coefficients, covariance, deviance and convergence flags of the final fit."""
     # the last IRLS round already judged the accepted betas: genes still iterating did not
-    # converge within the unrolled rounds (DESeq2's betaConv = FALSE, refitted by the fallback)
+    # converge within the unrolled rounds (DESeq2's betaConv = FALSE); genes the fallback
+    # refitted are converged once its search ended (DESeq2 1.38: TRUE when optim converges)
     converged = irls_final.deseq2_rule | irls_final.converged
     beta, refitted = final_beta(irls_final, fallback)
+    if fallback is not None:
+        converged = np.where(refitted, ~fallback.active, converged)
     beta = np.where(all_zero[:, None], np.nan, beta)
     cov = nb.wald_covariance(np.where(all_zero[:, None], 1.0, xtwx), nb.ridge(p))
     cov[all_zero] = np.nan

@@ -3,7 +3,8 @@
 Each round  site : log likelihood, gradient and observed information at each candidate
                    (:func:`fallback_sums`); genes that converged in IRLS are sent as zeros
             agg  : best candidate, next projected Newton step (:mod:`fed_de.core.fallback`)
-``betaConv`` stays FALSE for refitted genes, as in DESeq2.
+A refitted gene's ``betaConv`` is TRUE once its search has converged, as DESeq2 1.38 sets it
+when ``optim`` converges (``fitNbinomGLMsOptim``).
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ STEPS = (1.0, 0.25)
 class FallbackFit:
     """Where the refit stands: genes still searching (``active``), accepted ``beta`` and its
     penalised likelihood ``f``, the next ``candidates`` (G x K x p), the Newton ``step`` and
-    its ``scale``, and which genes are ``refitted`` (their betaConv stays FALSE, as DESeq2)."""
+    its ``scale``, and which genes are ``refitted`` (betaConv TRUE once ``active`` ends, as
+    DESeq2 1.38 sets it when optim converges)."""
 
     active: np.ndarray
     beta: np.ndarray
