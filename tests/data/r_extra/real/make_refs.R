@@ -143,6 +143,9 @@ for (study in names(real)) {
   write_table(data.frame(gene = rownames(dds), baseMean = res05$baseMean, res_cols(res05),
                          disp_cols(dds), co)[keep, ], study, "default.csv.gz")
   calls <- data.frame(gene = rownames(dds), calls_cols(res05, "default"))
+  # every gene's baseMean and p-value: the input of independent filtering
+  write_table(data.frame(gene = rownames(dds), baseMean = res05$baseMean,
+                         pvalue = res05$pvalue), study, "pvalues.csv.gz")
   write_table(ifilter_table(res05), study, "ifilter_alpha0.05.csv.gz")
   write_table(ifilter_table(res10), study, "ifilter_alpha0.1.csv.gz")
   # mcols(dds): iteration counts and convergence for every gene; deviance and maxCooks
