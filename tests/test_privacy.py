@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 import fed_de
+from fed_de.bulk.cooks import K_THRESHOLDS
 from fed_de.demo_data import make_demo_study
 from fed_de.errors import DisclosureError, MessageSchemaError
 from fed_de.federation.messages import Message, check_message, sums
@@ -67,17 +68,17 @@ def test_no_message_carries_a_per_sample_array():
                         record_messages=True, secure_aggregation=False)
     G, p = len(study.genes), len(res.study.coef_names)
     n_cells = int(np.prod([len(v) for v in study.levels.values()]))
-    # study sizes; points per gene; sub-intervals of the order-statistic search (8); design
-    # cells (+1); and the number of refitted genes (the refit sends those genes only)
+    # study sizes; points per gene; thresholds of the trimmed-mean search; design cells (+1);
+    # and the number of refitted genes (the refit sends those genes only)
     allowed = {G, p, p * (p + 1) // 2, 1, 2, 3, 5, 6, 8, n_cells + 1,
                res.state.refit.n_refit}
     for m in res.facts["messages"]:
         n = sites[m["site"]].n_obs
         for key, arr in _array_leaves(m["message"]):
             if m["step"] == "robust_sums":
-                # (open search targets, sub-intervals): targets are (gene, cell, rank) triples
-                # the aggregator announced, the same list for every site
-                assert arr.shape[1:] == (8,), (m["step"], key, arr.shape)
+                # (open search targets, thresholds): targets are (gene, group, boundary)
+                # triples the aggregator announced, the same list for every site
+                assert arr.shape[1:] == (K_THRESHOLDS,), (m["step"], key, arr.shape)
                 continue
             assert arr.dtype == np.float64, (m["step"], key)
             for dim in arr.shape:

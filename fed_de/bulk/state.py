@@ -40,6 +40,7 @@ from fed_de.core.dispersion import Prior, Trend
 from fed_de.core.fallback import FallbackFit
 from fed_de.core.irls import IRLSFit
 from fed_de.core.optim1d import Search
+from fed_de.core.trimmed import Search as ThresholdSearch
 from fed_de.design import Study, cell_index
 from fed_de.federation.secure import KeyRelay
 from fed_de.site import SiteData
@@ -62,7 +63,7 @@ class DESeq2Options:
     map_rounds: int = 3
     final_rounds: int = 8
     fallback_rounds: int = 1
-    robust_rounds: int = 11
+    robust_rounds: int = 10
     refit_mu_rounds: int = 3
     refit_disp_rounds: int = 4
     refit_final_rounds: int = 4
@@ -168,14 +169,16 @@ class Refit:
 
 @dataclass
 class RobustSearch:
-    """Side chain: exact trimmed cell means / variances by order-statistic searches."""
+    """Side chain: exact trimmed cell means / variances by counts-only threshold searches
+    (:mod:`fed_de.core.trimmed`)."""
 
-    groups_active: np.ndarray
-    ranks: np.ndarray
+    groups_active: np.ndarray  # design cells of >= 3 samples, then "all samples"
+    ranks: np.ndarray  # groups x (lo, hi): the trimmed set's ranks
+    sizes: np.ndarray  # samples per group
     n_cells: int
     scales: np.ndarray
     phase: str  # "A": normalised counts; "B": squared errors
-    search: dict  # thresholds, done, state (fed_de.core.order_stats)
+    search: ThresholdSearch | None  # two targets per group
     cell_means: np.ndarray | None = None
     replace_mean: np.ndarray | None = None
     alpha: np.ndarray | None = None

@@ -80,7 +80,7 @@ class _BulkStrategy(FedStrategy):
         n_points = max(len(START_OFFSETS) + len(ANCHORS), 2 * len(STEP_FRACTIONS))
         return {"G": G, "p": p, "T": p * (p + 1) // 2, "C": n_cells, "pr": pr,
                 "Tr": pr * (pr + 1) // 2, "K": n_points, "KB": N_CANDIDATES,
-                "KF": len(FALLBACK_STEPS), "K1": cooks.K_THRESHOLDS + 1, "NG": n_cells + 1,
+                "KF": len(FALLBACK_STEPS), "K1": cooks.K_THRESHOLDS, "NG": n_cells + 1,
                 "A": G * 2 * (n_cells + 1)}
 
     def request_dims(self, state: RunState) -> dict[str, int]:
