@@ -143,6 +143,7 @@ FAR = 0.35  # an accepted step this far outside the evaluated points is evaluate
 FAR_INSIDE = 1.0  # ... and one this far from any evaluated point inside them
 VALUE_TOL = 1e-7  # bound on the error of a final log(alpha) that the result uses
 FILL_MARGIN = 0.5  # support points reach this far beyond the predicted path
+FILL_AHEAD = 0.5  # ... and, ahead of its end, this fraction of its length
 FILL_GAP = 0.15  # ... and go only where evaluated points are farther apart
 MIN_GAP = 5e-3  # points asked for in one round are at least this far apart
 
@@ -278,8 +279,11 @@ def _pick_needed(steps: list, k: int, open_: np.ndarray, mem: dict) -> np.ndarra
             if all(abs(cand[j] - q) >= MIN_GAP for q in picked):
                 picked.append(float(cand[j]))
         span = pts[i, act[i]]
-        picked += _support(mem["x"][i], picked, span.min() - FILL_MARGIN,
-                           span.max() + FILL_MARGIN, k - len(picked))
+        # a search cut short by the surrogate may well go on: reach further ahead
+        ahead = max(FILL_MARGIN, FILL_AHEAD * abs(span[-1] - span[0]))
+        lo = span.min() - (ahead if span[-1] < span[0] else FILL_MARGIN)
+        hi = span.max() + (ahead if span[-1] > span[0] else FILL_MARGIN)
+        picked += _support(mem["x"][i], picked, lo, hi, k - len(picked))
         need[i, :len(picked)] = picked
     return need
 
@@ -340,7 +344,8 @@ FIRST_OFFSETS = (0.0, -0.3, 0.3, -0.8, 0.8, -1.6, 1.6, -3.0, 3.0, -5.0)
 FLOOR_ANCHORS = (-7.0, 2.0)  # range of the first points of a gene that starts at 1e-8
 POINTS_PER_ROUND = 12
 LATE_ROUND, LATE_POINTS = 2, 32  # from the third round the few genes still open take more
-GRID_WIDTH = 48  # points per round of a gene on fitDispGrid's grids (a few per cent)
+GRID_WIDTH = 80  # points per round of a gene on fitDispGrid's grids (a few per cent)
+SPEC_ITER = 30  # an open path predicted this long starts on the grid speculatively
 FINE_SUPPORT = 8  # support points over the expected fine grid, sent with the coarse one
 MAX_ROUNDS = 5
 STAGE_PATH, STAGE_COARSE, STAGE_FINE, STAGE_DONE = 0, 1, 2, 3
@@ -517,7 +522,8 @@ def _advance(state: dict) -> None:
         state["refit"] = np.where(on_path, grid, state["refit"])
         state["stage"] = np.where(settle, np.where(grid, STAGE_COARSE, STAGE_DONE),
                                   state["stage"])
-        spec = on_path & ~settle & grid
+        # long open paths often end at maxit: their grid starts early too
+        spec = on_path & ~settle & (grid | (path["iter"] >= SPEC_ITER))
         need = np.where((on_path & ~settle)[:, None], rep["need"], np.nan)
     need = _merge(need, _grid_round(state, spec, last))
     grids = spec.any() or (state["stage"] == STAGE_COARSE).any() or (

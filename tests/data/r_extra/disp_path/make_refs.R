@@ -15,15 +15,15 @@
 #
 # Studies: real_pasilla (~ type + condition), real_marioni (~ run + tissue) from ../shared, and
 # synth_small: a simulated 3 vs 3 study (~ condition, a cell-means design, so R takes the
-# linear-model means) made here with a fixed seed. Large studies keep every gene that is at or
-# near the floor (dispGeneEst < 1e-6), every gene R grid-refits or stops at maxit, and a seeded
-# random sample of the others, 2,000 genes in all; the scalars (trend, prior variance) are
-# those of the whole study.
+# linear-model means) made here with a fixed seed. A study with more than 1,500 non-zero genes
+# keeps a deterministic subset of them (pick_genes, below); its scalars (trend, prior
+# variance) are those of the whole study. With a second and third argument the script writes
+# elsewhere and keeps more genes (e.g. `... /work/shared/data /tmp/full 100000`: every gene).
 suppressMessages(library(DESeq2))
 args <- commandArgs(trailingOnly = TRUE)
 shared <- if (length(args)) args[1] else "/work/shared/data"
 out <- if (length(args) > 1) args[2] else "tests/data/r_extra/disp_path"
-keep_max <- if (length(args) > 2) as.integer(args[3]) else 2000L
+keep_max <- if (length(args) > 2) as.integer(args[3]) else 1500L
 fmt <- function(v) ifelse(is.na(v), "NA", sprintf("%.17g", v))
 write_gz <- function(df, file) {
   df[] <- lapply(df, function(col) if (is.numeric(col)) fmt(col) else col)
@@ -53,6 +53,27 @@ simulate_small <- function() {
   cts <- matrix(rnbinom(G * 6, mu = mu, size = 1 / disp), nrow = G)
   dimnames(cts) <- list(sprintf("gene%04d", seq_len(G)), sprintf("s%d", 1:6))
   list(counts = cts, meta = data.frame(condition = cond, row.names = colnames(cts)))
+}
+
+# deterministic gene subset: every grid refit and every gene whose start is not at the floor
+# but whose estimate is, then seeded samples of the hard cases (long gene-wise paths, long
+# MAP paths, large counts, starts at the floor), then of the rest, up to `keep` genes
+pick_genes <- function(genes, keep) {
+  set.seed(1)
+  floor_start <- genes$alpha_hat <= 1e-8 * (1 + 1e-9)
+  take <- genes$gw_refit | genes$map_refit | (genes$dispGeneEst < 1e-6 & !floor_start)
+  add <- function(take, pool, n) {
+    idx <- which(pool & !take)
+    if (length(idx) > n) idx <- idx[sample.int(length(idx), n)]
+    take[idx] <- TRUE
+    take
+  }
+  take <- add(take, genes$gw_iter >= 20 & !floor_start, 300)
+  take <- add(take, genes$map_iter >= 11, 300)
+  take <- add(take, genes$baseMean > 1000, 150)
+  take <- add(take, floor_start, 150)
+  take <- add(take, rep(TRUE, nrow(genes)), max(0, keep - sum(take)))
+  which(take)
 }
 
 run_study <- function(name, counts, meta, design, keep = keep_max) {
@@ -125,9 +146,8 @@ run_study <- function(name, counts, meta, design, keep = keep_max) {
     dispIter = mc$dispIter[nz], dispOutlier = mc$dispOutlier[nz],
     dispersion = mc$dispersion[nz])
   # gene subset: all floor / refit / maxit genes, then a seeded sample of the rest
-  special <- genes$dispGeneEst < 1e-6 | gw_refit | map_refit | gw$iter >= 100 | mp$iter >= 100
   pick <- seq_len(nrow(genes))
-  if (nrow(genes) > keep) pick <- pick_genes(genes, special, keep)
+  if (nrow(genes) > keep) pick <- pick_genes(genes, keep)
   d <- file.path(out, name)
   dir.create(d, showWarnings = FALSE, recursive = TRUE)
   write_gz(genes[pick, ], file.path(d, "genes.csv.gz"))
@@ -139,14 +159,14 @@ run_study <- function(name, counts, meta, design, keep = keep_max) {
             file.path(d, "design.csv"), row.names = FALSE, quote = FALSE)
   trend <- dispersionFunction(dds)
   write_gz(data.frame(n_genes_nonzero = sum(nz), n_kept = length(pick),
-                      n_special = sum(special), dispPriorVar = prior_var,
+                      dispPriorVar = prior_var,
                       varLogDispEsts = attr(trend, "varLogDispEsts"),
                       minDisp = minDisp, maxDisp = maxDisp,
                       linearMu = nlevels(DESeq2:::modelMatrixGroups(X)) == ncol(X)),
            file.path(d, "scalars.csv.gz"))
-  cat(sprintf("%s: %d nonzero genes, kept %d (%d special); gw refit %d, map refit %d, gw iter max %d, map iter max %d\n",
-              name, sum(nz), length(pick), sum(special), sum(gw_refit), sum(map_refit),
-              max(gw$iter), max(mp$iter)))
+  cat(sprintf("%s: %d nonzero genes, kept %d; gw refit %d, map refit %d, max iter %d / %d\n",
+              name, sum(nz), length(pick), sum(gw_refit), sum(map_refit), max(gw$iter),
+              max(mp$iter)))
   invisible(genes)
 }
 
