@@ -254,12 +254,14 @@ def test_scheme_equals_the_port():
 
 
 # -- (c) federated = one site -------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["real_pasilla", "synth_small"])
-def test_federated_equals_one_site(name):
+@pytest.mark.parametrize(("name", "n_sites"), [("real_pasilla", 3), ("real_pasilla", 2),
+                                              ("real_marioni", 3), ("synth_small", 3)])
+def test_federated_equals_one_site(name, n_sites):
+    """Sums over 2-3 sites of unequal size, added in reverse site order."""
     s = study(name)
     n = s["X"].shape[0]
-    rng = np.random.default_rng(7)
-    cut = np.sort(rng.choice(np.arange(1, n), size=2, replace=False))
+    rng = np.random.default_rng(7 + n_sites)
+    cut = np.sort(rng.choice(np.arange(1, n), size=n_sites - 1, replace=False))
     sites = np.split(rng.permutation(n), cut)[::-1]
     fed, one = scheme(name, sites=sites), scheme_cached(name)
     for key in ("gene", "map"):

@@ -141,11 +141,16 @@ def argmax_first(f: np.ndarray, noise: float = 0.0) -> np.ndarray:
 # -- following R's path on the surrogate ------------------------------------------------------
 FAR = 0.35  # an accepted step this far outside the evaluated points is evaluated
 FAR_INSIDE = 1.0  # ... and one this far from any evaluated point inside them
-VALUE_TOL = 1e-7  # bound on the error of a final log(alpha) that the result uses
+VALUE_TOL = 1e-8  # bound on the error of a final log(alpha) that the result uses
 FILL_MARGIN = 0.5  # support points reach this far beyond the predicted path
 FILL_AHEAD = 0.5  # ... and, ahead of its end, this fraction of its length
 FILL_GAP = 0.15  # ... and go only where evaluated points are farther apart
 MIN_GAP = 5e-3  # points asked for in one round are at least this far apart
+LADDER = 8  # backtracking proposals sent at once for a coin-toss Armijo test
+# A step that lands on the optimum gains ~kappa dlp^2 -> 0+: sums added in another order
+# (another site split) move that by ~1e-16 |lp|, to either side of R's threshold 0. The
+# threshold moves to -1e-14 |lp|, away from that cluster, so every split decides alike.
+ARMIJO_SLACK = 1e-14
 
 
 def replay(a0: np.ndarray, mem: dict, prior: dict | None, n_samples: int, k: int,
@@ -194,6 +199,10 @@ def _replay(a0: np.ndarray, mem: dict, prior: dict | None, n_samples: int, k: in
     sure = np.ones(G, dtype=bool)
     # every point of the path is a candidate for evaluation, the start included
     steps = [(a0, np.ones(G, dtype=bool), sur.SAFETY * (s0["ef"] + s0["eg"]))]
+    # a coin toss on the first gene-wise proposal decides iter == 1, hence a grid refit,
+    # unless the start is at the floor (where noIncrease keeps it below 10 * minDisp)
+    first_toss = np.zeros(G, dtype=bool) if genewise is None else (
+        a0 > np.log(10 * genewise["min_disp"]))
     while not path["done"].all():
         act = ~path["done"]
         prop, kappa = path_proposal(path)
@@ -201,12 +210,18 @@ def _replay(a0: np.ndarray, mem: dict, prior: dict | None, n_samples: int, k: in
         with np.errstate(invalid="ignore", over="ignore"):
             up = np.abs(1.0 + kappa * h_a) * ua + np.abs(kappa) * eps_g
         e = sur.error_bounds(s, prop, mem, n_samples, up)
-        ok = _certain_step(path, prop, kappa, s, e, ulp, eps_g, up)
+        ok, noisy = _certain_step(path, prop, kappa, s, e, ulp, eps_g, up,
+                                  first_toss & (path["iter"] == 0))
         bad = act & ~ok
         score = sur.SAFETY * (s["ef"] + np.abs(kappa) * s["eg"])
         steps.append((prop, act, np.where(bad & sure, np.inf, score)))
+        ladder = act & noisy & sure
+        if ladder.any():  # R's backtracking proposals after this one, all exact
+            for j in range(1, LADDER):
+                steps.append((path["a"] + kappa * 0.5**j * path["dlp"], ladder,
+                              np.full(G, np.inf)))
         sure &= ~bad
-        new = path_step(path, s["f"], s["g"])
+        new = path_step(path, s["f"], s["g"], noise=ARMIJO_SLACK)
         moved = act & (new["iter_accept"] > path["iter_accept"])
         ua = np.where(moved, up, ua)
         ulp = np.where(moved & (new["lp"] != path["lp"]), e["f"], ulp)
@@ -226,23 +241,31 @@ def _replay(a0: np.ndarray, mem: dict, prior: dict | None, n_samples: int, k: in
             "need": _pick_needed(steps, k, ~certain, mem)}
 
 
-def _certain_step(path, prop, kappa, s, e, ulp, eps_g, up) -> np.ndarray:
+def _certain_step(path, prop, kappa, s, e, ulp, eps_g, up, relevant) -> tuple:
     """Whether R's decisions at this proposal hold whatever the errors: the Armijo test,
-    then (on acceptance) ``change < dispTol`` and the ``min_log_alpha`` break. A decision
-    closer than rounding noise is R's coin toss: it is taken as certain."""
+    then (on acceptance) ``change < dispTol`` and the ``min_log_alpha`` break.
+
+    An Armijo test closer than rounding noise is a coin toss in R too; where the gene's
+    result depends on it (``relevant``: a first gene-wise step accepted with no gain makes
+    ``iter == 1``, a grid refit), it is decided by an evaluated value, as the port does,
+    else by the surrogate (the path's end moves by rounding noise at most). Returns
+    ``(ok, noisy)``; ``noisy``: a relevant coin toss on a point not evaluated yet.
+    """
     lp, dlp = path["lp"], path["dlp"]
     with np.errstate(invalid="ignore", over="ignore"):
-        margin = s["f"] - (lp + kappa * EPSILON * dlp**2)
+        margin = s["f"] - (lp + kappa * EPSILON * dlp**2) + ARMIJO_SLACK * (np.abs(lp) + 1.0)
         umargin = e["f"] + ulp + 2.0 * np.abs(kappa) * EPSILON * np.abs(dlp) * eps_g
         accept = margin >= 0
-        armijo = (np.abs(margin) > umargin) | (umargin < e["noise"])
+        toss = np.abs(margin) <= e["noise"]
+        noisy = toss & relevant & (e["dist"] > 0)
+        armijo = np.where(toss, ~noisy, np.abs(margin) > umargin)
         uchange = e["f"] + ulp
         tol = (np.abs(s["f"] - lp - DISP_TOL) > uchange) | (uchange < e["noise"])
         below = np.abs(prop - path["min_log_alpha"]) > up
     far = (e["dist"] > FAR_INSIDE) | (e["outside"] > FAR)
     ok = armijo & (~accept | (tol & below & ~far)) & np.isfinite(s["f"])
     # a proposal on the current point (kappa cut to 0 at a bound) is a certain accept
-    return ok | (prop == path["a"])
+    return ok | (prop == path["a"]), noisy
 
 
 def _certain_genewise(path, ulp_total, ua, noise, gw) -> tuple:
@@ -276,7 +299,8 @@ def _pick_needed(steps: list, k: int, open_: np.ndarray, mem: dict) -> np.ndarra
         for j in np.argsort(-sc, kind="stable"):
             if len(picked) == k or (sc[j] == 0.0 and picked):
                 break
-            if all(abs(cand[j] - q) >= MIN_GAP for q in picked):
+            gap = MIN_GAP if np.isfinite(sc[j]) else 1e-12  # must-haves only differ
+            if all(abs(cand[j] - q) >= gap for q in picked):
                 picked.append(float(cand[j]))
         span = pts[i, act[i]]
         # a search cut short by the surrogate may well go on: reach further ahead
