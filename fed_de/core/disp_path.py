@@ -192,8 +192,9 @@ def _replay(a0: np.ndarray, mem: dict, prior: dict | None, n_samples: int, k: in
             genewise: dict | None) -> dict:
     """:func:`replay` on the genes it is given."""
     G = a0.shape[0]
-    s0 = sur.surrogate(mem, a0, prior)
-    e0 = sur.error_bounds(s0, a0, mem, n_samples, 0.0)
+    ix = sur.index(mem)
+    s0 = _surrogate_at(ix, a0, prior, np.ones(G, dtype=bool))
+    e0 = sur.error_bounds(s0, a0, n_samples, 0.0)
     path = path_start(a0, s0["f"], s0["g"])
     ua, ulp, eps_g, h_a = np.zeros(G), e0["f"], e0["g"], s0["h"]
     sure = np.ones(G, dtype=bool)
@@ -206,10 +207,11 @@ def _replay(a0: np.ndarray, mem: dict, prior: dict | None, n_samples: int, k: in
     while not path["done"].all():
         act = ~path["done"]
         prop, kappa = path_proposal(path)
-        s = sur.surrogate(mem, prop, prior)
+        s = _surrogate_at(ix, prop, prior, act)
         with np.errstate(invalid="ignore", over="ignore"):
             up = np.abs(1.0 + kappa * h_a) * ua + np.abs(kappa) * eps_g
-        e = sur.error_bounds(s, prop, mem, n_samples, up)
+            e = sur.error_bounds(s, prop, n_samples, up)
+            own = sur.error_bounds(s, prop, n_samples, 0.0)  # the surrogate's own part
         ok, noisy = _certain_step(path, prop, kappa, s, e, ulp, eps_g, up,
                                   first_toss & (path["iter"] == 0))
         bad = act & ~ok
@@ -225,7 +227,7 @@ def _replay(a0: np.ndarray, mem: dict, prior: dict | None, n_samples: int, k: in
         moved = act & (new["iter_accept"] > path["iter_accept"])
         ua = np.where(moved, up, ua)
         ulp = np.where(moved & (new["lp"] != path["lp"]), e["f"], ulp)
-        eps_g = np.where(moved, e["g"], eps_g)
+        eps_g = np.where(moved, own["g"], eps_g)  # position errors go through ua
         h_a = np.where(moved, s["h"], h_a)
         path = new
     uses_a = np.ones(G, dtype=bool) if genewise is None else np.zeros(G, dtype=bool)
@@ -239,6 +241,17 @@ def _replay(a0: np.ndarray, mem: dict, prior: dict | None, n_samples: int, k: in
     certain = sure & precise
     return {"path": path, "ua": ua, "certain": certain,
             "need": _pick_needed(steps, k, ~certain, mem)}
+
+
+def _surrogate_at(ix: dict, x: np.ndarray, prior: dict | None, rows: np.ndarray) -> dict:
+    """:func:`disp_surrogate.surrogate` for the genes in ``rows`` (NaN for the others)."""
+    idx = np.flatnonzero(rows)
+    pri = None if prior is None else {"mean": prior["mean"][idx], "var": prior["var"]}
+    part = sur.surrogate(sur.index_rows(ix, idx), x[idx], pri)
+    out = {key: np.full(x.shape, np.nan) for key in part}
+    for key, val in part.items():
+        out[key][idx] = val
+    return out
 
 
 def _certain_step(path, prop, kappa, s, e, ulp, eps_g, up, relevant) -> tuple:
@@ -257,12 +270,12 @@ def _certain_step(path, prop, kappa, s, e, ulp, eps_g, up, relevant) -> tuple:
         umargin = e["f"] + ulp + 2.0 * np.abs(kappa) * EPSILON * np.abs(dlp) * eps_g
         accept = margin >= 0
         toss = np.abs(margin) <= e["noise"]
-        noisy = toss & relevant & (e["dist"] > 0)
+        noisy = toss & relevant & (s["dist"] > 0)
         armijo = np.where(toss, ~noisy, np.abs(margin) > umargin)
         uchange = e["f"] + ulp
         tol = (np.abs(s["f"] - lp - DISP_TOL) > uchange) | (uchange < e["noise"])
         below = np.abs(prop - path["min_log_alpha"]) > up
-    far = (e["dist"] > FAR_INSIDE) | (e["outside"] > FAR)
+    far = (s["dist"] > FAR_INSIDE) | (s["outside"] > FAR)
     ok = armijo & (~accept | (tol & below & ~far)) & np.isfinite(s["f"])
     # a proposal on the current point (kappa cut to 0 at a bound) is a certain accept
     return ok | (prop == path["a"]), noisy
@@ -287,46 +300,59 @@ def _pick_needed(steps: list, k: int, open_: np.ndarray, mem: dict) -> np.ndarra
     the path points with the largest surrogate errors (MIN_GAP apart, not yet evaluated),
     then support points over the predicted path's range where evaluated points are sparse."""
     pts = np.array([p for p, _, _ in steps]).T  # genes x steps
-    act = np.array([a for _, a, _ in steps]).T & np.isfinite(pts)
-    score = np.array([sc for _, _, sc in steps]).T
+    act = np.array([a for _, a, _ in steps]).T & np.isfinite(pts) & open_[:, None]
+    score = np.where(act, np.array([sc for _, _, sc in steps]).T, -np.inf)
     with np.errstate(invalid="ignore"):
         seen = (np.abs(pts[:, :, None] - mem["x"][:, None, :]) < 1e-12).any(axis=2)
-    cand_ok = act & ~seen
-    need = np.full((pts.shape[0], k), np.nan)
-    for i in np.flatnonzero(open_):
-        cand, sc = pts[i, cand_ok[i]], score[i, cand_ok[i]]
-        picked: list[float] = []
-        for j in np.argsort(-sc, kind="stable"):
-            if len(picked) == k or (sc[j] == 0.0 and picked):
-                break
-            gap = MIN_GAP if np.isfinite(sc[j]) else 1e-12  # must-haves only differ
-            if all(abs(cand[j] - q) >= gap for q in picked):
-                picked.append(float(cand[j]))
-        span = pts[i, act[i]]
-        # a search cut short by the surrogate may well go on: reach further ahead
-        ahead = max(FILL_MARGIN, FILL_AHEAD * abs(span[-1] - span[0]))
-        lo = span.min() - (ahead if span[-1] < span[0] else FILL_MARGIN)
-        hi = span.max() + (ahead if span[-1] > span[0] else FILL_MARGIN)
-        picked += _support(mem["x"][i], picked, lo, hi, k - len(picked))
-        need[i, :len(picked)] = picked
-    return need
+    score = np.where(seen, -np.inf, score)
+    G = pts.shape[0]
+    rows = np.arange(G)
+    need = np.full((G, k), np.nan)
+    for j in range(k):  # best remaining candidate, then drop those too close to it
+        best = np.argmax(score, axis=1)
+        top = score[rows, best]
+        take = (top > -np.inf) & ((top > 0) | (j == 0))
+        pick = np.where(take, pts[rows, best], np.nan)
+        need[:, j] = pick
+        gap = np.where(np.isinf(top), 1e-12, MIN_GAP)  # must-haves need only differ
+        with np.errstate(invalid="ignore"):
+            close = np.abs(pts - pick[:, None]) < gap[:, None]
+        score = np.where(close | ~take[:, None], -np.inf, score)
+    # support points ahead of (and around) the predicted path
+    first = pts[:, 0]
+    ends = np.where(act, pts, np.nan)
+    lo, hi = np.nanmin(np.where(act, pts, np.inf), axis=1), np.nanmax(
+        np.where(act, pts, -np.inf), axis=1)
+    last = ends[rows, np.maximum(act.shape[1] - 1 - np.argmax(act[:, ::-1], axis=1), 0)]
+    ahead = np.fmax(FILL_MARGIN, FILL_AHEAD * np.abs(last - first))
+    lo = lo - np.where(last < first, ahead, FILL_MARGIN)
+    hi = hi + np.where(last > first, ahead, FILL_MARGIN)
+    room = k - np.isfinite(need).sum(axis=1)
+    fill = _support(np.concatenate([mem["x"], need], axis=1), lo, hi, room)
+    return _pad(_merge(need, fill), k)
 
 
-def _support(xm: np.ndarray, picked: list, lo: float, hi: float, n: int) -> list:
-    """Up to ``n`` points in [lo, hi] filling the widest gaps between evaluated and picked
-    points: with nodes all along the predicted path, one round usually settles it."""
-    if n <= 0 or not np.isfinite(lo + hi):
-        return []
-    cand = np.linspace(max(lo, LOG_LO), min(hi, LOG_HI), 4 * n + 9)
-    have = np.concatenate([xm[np.isfinite(xm)], np.asarray(picked, dtype=float)])
-    out: list[float] = []
-    for _ in range(n):
-        ref = np.concatenate([have, out])
-        gap = np.abs(cand[:, None] - ref[None, :]).min(axis=1) if ref.size else cand * 0 + 1
-        j = int(np.argmax(gap))
-        if gap[j] < FILL_GAP:
-            break
-        out.append(float(cand[j]))
+def _support(have: np.ndarray, lo: np.ndarray, hi: np.ndarray, room: np.ndarray) -> np.ndarray:
+    """Up to ``room`` points per gene in [lo, hi], each in the widest remaining gap between
+    ``have`` and the points already chosen: with nodes all along the predicted path, one
+    round usually settles it. Genes with no finite range or room get none."""
+    G = lo.shape[0]
+    n = int(np.max(room, initial=0))
+    out = np.full((G, max(n, 0)), np.nan)
+    ok = np.isfinite(lo) & np.isfinite(hi) & (room > 0)
+    if n <= 0 or not ok.any():
+        return out
+    lo_, hi_ = np.clip(np.where(ok, lo, 0.0), LOG_LO, LOG_HI), np.clip(np.where(ok, hi, 0.0),
+                                                                      LOG_LO, LOG_HI)
+    cand = lo_[:, None] + (hi_ - lo_)[:, None] * np.linspace(0.0, 1.0, 4 * n + 9)[None, :]
+    with np.errstate(invalid="ignore"):
+        gap = np.nanmin(np.abs(cand[:, :, None] - have[:, None, :]), axis=2, initial=np.inf)
+    rows = np.arange(G)
+    for j in range(n):
+        best = np.argmax(gap, axis=1)
+        take = ok & (j < room) & (gap[rows, best] >= FILL_GAP)
+        out[:, j] = np.where(take, cand[rows, best], np.nan)
+        gap = np.fmin(gap, np.where(take[:, None], np.abs(cand - out[:, j:j + 1]), np.inf))
     return out
 
 
@@ -344,12 +370,12 @@ def grid_argmax(mem: dict, points: np.ndarray, prior: dict | None, n_samples: in
     F, E = np.full((G, Q), -np.inf), np.zeros((G, Q))
     rows = np.flatnonzero(todo)
     if rows.size:
-        sub = sur.memory_rows(mem, rows)
+        ix = sur.index(sur.memory_rows(mem, rows))
         pri = None if prior is None else {"mean": prior["mean"][rows], "var": prior["var"]}
         for q in range(Q):
             x = points[rows, q]
-            s = sur.surrogate(sub, x, pri)
-            e = sur.error_bounds(s, x, sub, n_samples, 0.0)
+            s = sur.surrogate(ix, x, pri)
+            e = sur.error_bounds(s, x, n_samples, 0.0)
             F[rows, q] = np.where(np.isfinite(s["f"]), s["f"], -np.inf)
             E[rows, q] = np.where(np.isfinite(e["f"]), e["f"], np.inf)
     best = argmax_first(F)
@@ -372,6 +398,7 @@ GRID_WIDTH = 80  # points per round of a gene on fitDispGrid's grids (a few per 
 SPEC_ITER = 30  # an open path predicted this long starts on the grid speculatively
 FINE_SUPPORT = 8  # support points over the expected fine grid, sent with the coarse one
 MAX_ROUNDS = 5
+PREFETCH_POINTS = 4  # MAP points per gene sent in a gene-wise round's free slots
 STAGE_PATH, STAGE_COARSE, STAGE_FINE, STAGE_DONE = 0, 1, 2, 3
 
 
@@ -494,7 +521,8 @@ def merge_points(points: np.ndarray, extra: np.ndarray, width: int) -> np.ndarra
     return _pad(_merge(points, extra), width)
 
 
-def prefetch_map(state: dict, disp_fit: np.ndarray, prior_var: float) -> np.ndarray:
+def prefetch_map(state: dict, disp_fit: np.ndarray, prior_var: float,
+                 k: int = PREFETCH_POINTS) -> np.ndarray:
     """Points the MAP search would ask first if it started now, from the gene-wise search's
     provisional result and a provisional trend (``disp_fit``, ``prior_var``).
 
@@ -506,9 +534,9 @@ def prefetch_map(state: dict, disp_fit: np.ndarray, prior_var: float) -> np.ndar
     a0 = np.log(np.where(state["active"], map_start(res["disp"], disp_fit), 1.0))
     prior = {"mean": np.log(np.where(state["active"], disp_fit, 1.0)), "var": prior_var}
     spec = start(a0, n_samples=state["n_samples"], max_disp=state["max_disp"], prior=prior,
-                 memory=state["memory"], active=state["active"], max_rounds=1,
-                 k=state["k"], k_late=state["k"], min_disp=state["min_disp"])
-    return propose(spec)
+                 memory=state["memory"], active=state["active"], max_rounds=1, k=k,
+                 k_late=k, min_disp=state["min_disp"])
+    return propose(spec)[:, :k]
 
 
 def _first_points(a0: np.ndarray, min_disp: float) -> np.ndarray:
@@ -600,13 +628,12 @@ def _fine_support(mem, need, pick, fine, wait, coarse) -> np.ndarray:
     delta = coarse[1] - coarse[0]
     floor_fine = np.linspace(coarse[0] - delta, coarse[0] + delta, GRID_N)
     out = np.full((need.shape[0], GRID_N + FINE_SUPPORT), np.nan)
-    for i in np.flatnonzero(wait):
-        if pick["best"][i] == 0 or pick["need"][i, 0]:
-            out[i, :GRID_N] = floor_fine  # flat to rounding noise: only evaluations decide
-        if pick["best"][i] != 0:
-            got = _support(mem["x"][i], list(need[i][np.isfinite(need[i])]),
-                           fine[i, 0], fine[i, -1], FINE_SUPPORT)
-            out[i, GRID_N:GRID_N + len(got)] = got
+    at_floor = wait & ((pick["best"] == 0) | pick["need"][:, 0])
+    out[at_floor, :GRID_N] = floor_fine  # flat to rounding noise: only evaluations decide
+    inner = wait & (pick["best"] != 0)
+    out[:, GRID_N:] = _pad(_support(np.concatenate([mem["x"], need], axis=1),
+                                    np.where(inner, fine[:, 0], np.nan), fine[:, -1],
+                                    np.where(inner, FINE_SUPPORT, 0)), FINE_SUPPORT)
     return out
 
 
