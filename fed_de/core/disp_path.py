@@ -1,10 +1,28 @@
-"""DESeq2's dispersion line search (``fitDisp``) and grid refit, step by step.
+"""DESeq2's dispersion searches, gene-wise and MAP, step for step, in few federated rounds.
 
-Port kept for exact agreement with R DESeq2 (src/DESeq2.cpp ``fitDisp``, ``fitDispGrid``;
-R/core.R ``estimateDispersionsGeneEst``, ``estimateDispersionsMAP``; R/wrappers.R
-``fitDispGridWrapper``). Everything is vectorised over genes; the objective is never computed
-here: callers pass its value ``f`` and first derivative ``g`` in ``log(alpha)`` at the points
-this module asks for.
+R's result is where its procedure stops, not the optimum: the line search ``fitDisp`` from
+its start (rough/moments estimate, or the MAP start), its Armijo backtracking, kappa rules,
+``dispTol`` and ``maxit``; ``noIncrease``; the grid refit ``fitDispGrid`` of the searches
+that did not converge; the bounds. This module reproduces that path.
+
+- The port (:func:`path_start`, :func:`path_proposal`, :func:`path_step`,
+  :func:`genewise_decisions`, :func:`map_decisions`, :func:`map_start`, :func:`coarse_grid`,
+  :func:`fine_grid`, :func:`grid_result`) is R's procedure, one evaluation per iteration,
+  kept for exact agreement with R DESeq2 1.38: src/DESeq2.cpp ``fitDisp``, ``fitDispGrid``;
+  R/core.R ``estimateDispersionsGeneEst``, ``estimateDispersionsMAP``; R/wrappers.R
+  ``fitDispGridWrapper``.
+- The round scheme (:func:`start`, :func:`propose`, :func:`update`, :func:`result`) follows
+  that path from evaluations batched in rounds. Each round the sites evaluate, at the points
+  asked, the summands of the Cox-Reid adjusted log likelihood; the aggregator keeps every
+  value ``f`` and derivatives ``g, h`` in log(alpha), interpolates between them
+  (:mod:`fed_de.core.disp_surrogate`), runs R's loop on that surrogate with error bounds,
+  and settles a gene when every decision of R's on its path (Armijo, dispTol, the
+  min_log_alpha break, noIncrease, the refit rule, the grid's argmax) holds whatever the
+  errors and the final log(alpha) is known to VALUE_TOL. Otherwise it asks for the points
+  that decide: the first uncertain decision, the path points with the largest errors, and
+  support points along and ahead of the predicted path.
+
+Everything is vectorised over genes; the objective is never computed here.
 """
 
 from __future__ import annotations
@@ -454,8 +472,7 @@ def start(a0: np.ndarray, *, n_samples: int, max_disp: float, prior: dict | None
         "evaluated": np.zeros(G, dtype=int),
     }
     if memory is None:
-        state["points"] = _pad(np.where(active[:, None], _first_points(a0, min_disp), np.nan),
-                               k)
+        state["points"] = np.where(active[:, None], _first_points(a0, min_disp), np.nan)
     else:
         _advance(state)
     return state

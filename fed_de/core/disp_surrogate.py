@@ -28,9 +28,10 @@ def memory_empty(G: int) -> dict:
 
 def memory_add(mem: dict, points: np.ndarray, f: np.ndarray, g: np.ndarray,
                h: np.ndarray) -> dict:
-    """Append a round's evaluations (genes x K); NaN points are not stored. Each gene's
-    points are kept left-aligned, so the width is the largest count of any gene."""
-    keep = np.isfinite(points)
+    """Append a round's evaluations (genes x K); NaN points, and points where the objective
+    is not finite, are not stored. Each gene's points are kept left-aligned, so the width
+    is the largest count of any gene."""
+    keep = np.isfinite(points) & np.isfinite(f) & np.isfinite(g) & np.isfinite(h)
     new = {"x": points, "f": f, "g": g, "h": h}
     both = {k: np.concatenate([mem[k], np.where(keep, v, np.nan)], axis=1)
             for k, v in new.items()}
