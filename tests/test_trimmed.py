@@ -76,3 +76,26 @@ def test_site_split_does_not_matter():
     a, _, _ = federated_trimmed_mean([x], 0.25)
     b, _, _ = federated_trimmed_mean([x[:3], x[3:9], x[9:]], 0.25)
     np.testing.assert_allclose(a, b, rtol=1e-14)
+
+
+def test_a_known_shared_value_closes_its_tie_at_once():
+    """Squared errors of zero counts all equal q**2, which the aggregator knows: thresholds
+    around it close that tie in the first round, and the trimmed mean stays exact."""
+    rng = np.random.default_rng(4)
+    n, G = 30, 300
+    x = rng.poisson(0.4, size=(n, G)) / rng.uniform(0.6, 1.6, size=(n, 1))
+    lo, hi = tr.trim_ranks(n, 0.125)
+    q = r_trimmed_mean(x, 0.125)
+    e = (x - q) ** 2
+    k = np.tile([lo - 1, hi], (G, 1))
+    s = tr.start(e.mean(axis=0), k, np.array([n, n]), 15, (-3.0, 2.0),
+                 known=np.column_stack([q ** 2, q ** 2]))
+    counts = np.stack([tr.count_below(e, s.thresholds[:, t]) for t in range(2)], axis=1)
+    s = tr.refine(s, counts)
+    zeros_at_boundary = np.array([(np.sort(e[:, g])[lo - 1] == q[g] ** 2) for g in range(G)])
+    assert zeros_at_boundary.sum() > 30 and s.done[zeros_at_boundary, 0].all()
+    while not s.done.all():
+        counts = np.stack([tr.count_below(e, s.thresholds[:, t]) for t in range(2)], axis=1)
+        s = tr.refine(s, counts)
+    got = tr.trimmed_mean(tr.trimmed_parts(e, s, s, 0, 1), s, s, 0, 1, lo, hi)
+    np.testing.assert_allclose(got, r_trimmed_mean(e, 0.125), rtol=1e-12)

@@ -100,13 +100,14 @@ def open_targets(robust: RobustSearch) -> int:
 
 
 def _start_search(center: np.ndarray, robust: RobustSearch, active: np.ndarray,
-                  decades: tuple) -> trimmed.Search:
+                  decades: tuple, known: np.ndarray | None = None) -> trimmed.Search:
     """Two targets per group (values below the trimmed set: ``lo - 1``; below its end: ``hi``);
-    groups not searched start done."""
+    groups not searched start done; ``known`` (genes x groups) a value shared by many."""
     G = center.size
     k = np.tile(np.column_stack([robust.ranks[:, 0] - 1, robust.ranks[:, 1]]).ravel(), (G, 1))
     sizes = np.repeat(robust.sizes, 2)
-    search = trimmed.start(center, k, sizes, K_THRESHOLDS, decades)
+    search = trimmed.start(center, k, sizes, K_THRESHOLDS, decades,
+                           None if known is None else np.repeat(known, 2, axis=1))
     search.done |= ~np.repeat(active, 2)[None, :]
     return search
 
@@ -218,8 +219,10 @@ def robust_means(sums: RobustParts, robust: RobustSearch, start: FitStart) -> di
         var = np.maximum(np.nan_to_num(start.moments_disp), 0.0) * m * m + m
         rob = replace(robust, phase="B", cell_means=tm[:, :n_groups - 1],
                       replace_mean=tm[:, n_groups - 1])
-        return {"robust": replace(rob, search=_start_search(var, rob, active_b,
-                                                            (-3.0, 2.0)))}
+        # a zero count's squared error is q**2: often shared by many samples of a cell
+        known = np.column_stack([tm[:, :n_groups - 1] ** 2, np.zeros(G)])
+        return {"robust": replace(rob, search=_start_search(var, rob, active_b, (-3.0, 2.0),
+                                                            known))}
     counted = robust.groups_active[:n_groups - 1]
     cell_var = (robust.scales[None, :] * tm[:, :n_groups - 1])[:, counted]
     return {"robust": replace(robust, alpha=cooks.robust_dispersion(cell_var, start.base_mean),

@@ -39,7 +39,6 @@ from scipy.special import gammaln
 from fed_de.core.dispersion import Prior, Trend
 from fed_de.core.fallback import FallbackFit
 from fed_de.core.irls import IRLSFit
-from fed_de.core.optim1d import Search
 from fed_de.core.trimmed import Search as ThresholdSearch
 from fed_de.design import Study, cell_index
 from fed_de.federation.secure import KeyRelay
@@ -58,14 +57,13 @@ class DESeq2Options:
     test: str = "Wald"
     reduced: str | None = None
     cooks: bool = True
-    mu_rounds: int = 8
+    mu_rounds: int = 6
     genewise_rounds: int = 4
-    map_rounds: int = 3
-    final_rounds: int = 8
+    map_rounds: int = 1
+    final_rounds: int = 6
     fallback_rounds: int = 1
-    robust_rounds: int = 10
+    robust_rounds: int = 6
     refit_mu_rounds: int = 3
-    refit_disp_rounds: int = 4
     refit_final_rounds: int = 4
 
 
@@ -98,19 +96,19 @@ class FitStart:
     beta_init_reduced: np.ndarray | None = None  # LRT: the reduced model's starts
     beta_alt_reduced: np.ndarray | None = None
     mu_rounds: int = 0  # IRLS rounds of the dispersion-fit means (0: linear mu)
+    cell_totals: np.ndarray | None = None  # normalised counts summed per design cell
 
 
 @dataclass
 class DispSearch:
-    """The dispersion searches: where the sites evaluate next, and the searches' states."""
+    """The dispersion searches (:mod:`fed_de.core.disp_path` states, their evaluated points
+    packed) and the (gene, log alpha) pairs the sites evaluate next."""
 
-    points: np.ndarray  # genes x K log(alpha) points
-    active: np.ndarray  # genes still searching (the others are sent as zeros)
-    genewise: Search | None = None
-    map: Search | None = None
-    start_f: np.ndarray | None = None  # objective at the rough start (DESeq2's noIncrease)
-    start_g: np.ndarray | None = None
-    start_h: np.ndarray | None = None
+    pair_gene: np.ndarray
+    pair_slot: np.ndarray
+    pair_point: np.ndarray
+    genewise: dict | None = None
+    map: dict | None = None
     prior: Prior | None = None
 
 
@@ -141,6 +139,7 @@ class GeneResults:
     lrt_df: int | None = None
     lrt_converged: np.ndarray | None = None
     cooks_outlier: np.ndarray | None = None  # p-values NA (Cook's filtering)
+    cell_totals: np.ndarray | None = None  # per design cell: which groups are all zero
 
 
 @dataclass

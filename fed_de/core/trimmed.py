@@ -62,7 +62,7 @@ class Search:
 
 
 def start(center: np.ndarray, k: np.ndarray, n: np.ndarray, n_thresholds: int,
-          decades: tuple[float, float]) -> Search:
+          decades: tuple[float, float], known: np.ndarray | None = None) -> Search:
     """Searches before the first round.
 
     Parameters
@@ -74,13 +74,22 @@ def start(center: np.ndarray, k: np.ndarray, n: np.ndarray, n_thresholds: int,
         Genes x targets: how many values each threshold must have below it.
     n
         Per target, how many values there are (``k == 0`` and ``k == n`` need no search).
+    known
+        Genes x targets, optional: a value many samples may share that the aggregator already
+        knows (the squared error of a zero count, ``q**2``): two thresholds just around it
+        close a tie there in the first round.
     """
     G, T = k.shape
     K = n_thresholds
     center = np.where(np.isfinite(center) & (center > 0), center, 1.0)
-    grid = np.concatenate([[0.0], np.logspace(*decades, K - 1)])
+    n_grid = K - 1 if known is None else K - 3
+    grid = np.concatenate([[0.0], np.logspace(*decades, n_grid)])
     thr = center[:, None, None] * grid[None, None, :] * np.ones((1, T, 1))
     thr[..., 0] = TINY
+    if known is not None:
+        v = np.where(np.isfinite(known) & (known > TINY), known, 2.0 * TINY)
+        around = np.stack([v * (1 - TIE_WIDTH / 4), v * (1 + TIE_WIDTH / 4)], axis=-1)
+        thr = np.sort(np.concatenate([thr, around], axis=-1), axis=-1)
     n = np.broadcast_to(np.asarray(n, dtype=float)[None, :], (G, T))
     done = (k <= 0) | (k >= n)
     tau = np.where(k <= 0, 0.0, np.where(k >= n, np.inf, np.nan))
