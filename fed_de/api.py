@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,22 @@ def size_factors(
     return SizeFactorResult(size_factors=sf, base_mean=bm, facts=done.facts)
 
 
+def check_disclosure_options(min_cell_size: int, min_pooled_cell_size: int,
+                             n_sites: int) -> None:
+    """Refuse a pooled-cell minimum the attack breaks; warn between 10 and 14."""
+    if min_cell_size <= 0 or n_sites < 2 or min_pooled_cell_size >= 15:
+        return
+    if min_pooled_cell_size < 10:
+        raise ValueError(
+            f"min_pooled_cell_size={min_pooled_cell_size}: below 10 samples per pooled design "
+            "cell the aggregator can solve the sums for the samples' counts (docs/privacy.md). "
+            "Use 10 or more, or min_cell_size=0 to turn disclosure control off (an audited "
+            "study only)")
+    warnings.warn(f"min_pooled_cell_size={min_pooled_cell_size}: pooled design cells of 10-14 "
+                  "samples are at the edge of what the attack recovers (docs/privacy.md)",
+                  stacklevel=3)
+
+
 def _needs_levels(design: str) -> bool:
     return bool(formula_variables(design))
 
@@ -96,6 +113,8 @@ def deseq2(
     size_factors: str = "ratio",
     fit_type: str = "parametric",
     min_cell_size: int = 3,
+    min_pooled_cell_size: int = 15,
+    min_nonzero: int = 2,
     round_counts: bool = False,
     backend: str = "simulation",
     progress=None,
@@ -127,8 +146,14 @@ def deseq2(
         The study's declared factor levels (reference first) and gene list.
     size_factors, fit_type
         DESeq2's ``sfType`` (``ratio``/``poscounts``) and ``fitType`` (``parametric``/``mean``).
-    min_cell_size
-        Disclosure control: a site refuses when a non-empty design cell holds fewer samples.
+    min_cell_size, min_pooled_cell_size, min_nonzero
+        Disclosure control. A site refuses when one of its non-empty design cells holds fewer
+        than ``min_cell_size`` samples. From two sites on, the study refuses a pooled design
+        cell of fewer than ``min_pooled_cell_size`` samples (15: below it the attack in
+        tests/test_attacks.py solves the sums for counts; 10 to 14 runs with a warning), and
+        withholds (no result) genes with a pooled cell of 1 to ``min_nonzero - 1`` non-zero
+        counts (a sum with one non-zero count is that count). ``min_cell_size=0`` turns every
+        rule off: an analysis of one's own data, or an audited study.
     round_counts
         Round non-integer counts (e.g. salmon estimates) instead of refusing them.
     backend
@@ -177,9 +202,12 @@ def deseq2(
         loaded = load_sites(sites)
         study = declare_study(loaded, design, levels, genes)
     n_sites = n_declared_sites(loaded, keys)
+    check_disclosure_options(min_cell_size, min_pooled_cell_size, n_sites)
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
                               min_cell_size=min_cell_size, round_counts=round_counts,
                               test=test, reduced=reduced, cooks=cooks,
+                              min_pooled_cell_size=min_pooled_cell_size,
+                              min_nonzero=min_nonzero,
                               secure_aggregation=secure_option(secure_aggregation, n_sites),
                               n_sites=n_sites,
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
@@ -188,7 +216,11 @@ def deseq2(
                record_messages=record_messages and backend == "simulation")
     facts = done.facts
     facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
-                 min_cell_size=min_cell_size,
+                 min_cell_size=min_cell_size, min_pooled_cell_size=min_pooled_cell_size,
+                 min_nonzero=min_nonzero,
+                 genes_withheld=int(np.sum(done.state.genes.withheld))
+                 if getattr(done.state, "genes", None) is not None
+                 and done.state.genes.withheld is not None else 0,
                  secure_aggregation=strategy.masks(n_sites),
                  bytes_per_gene_by_site={k: v / len(study.genes)
                                          for k, v in facts["bytes_sent_by_site"].items()})

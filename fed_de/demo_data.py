@@ -184,7 +184,7 @@ def _assign_cells(
     counts = np.full(len(cells), MIN_CELL_SIZE)
     extra = size - counts.sum()
     # Unequal, hospital-specific cell proportions (an unbalanced, partly confounded design).
-    weights = rng.dirichlet(np.full(len(cells), 4.0))
+    weights = rng.dirichlet(np.full(len(cells), 20.0))
     counts += rng.multinomial(extra, weights)
     idx = np.repeat(np.arange(len(cells)), counts)
     rng.shuffle(idx)

@@ -13,8 +13,10 @@ from fed_de.demo_data import make_demo_study
 from fed_de.errors import DisclosureError, MessageSchemaError
 from fed_de.federation.messages import Message, check_message, sums
 
+POOLED_OFF = {"min_pooled_cell_size": 10, "min_nonzero": 0}  # the tests' pooled cells: 10+
 
-def _two_sites(n_small: int = 7, n_large: int = 70, n_genes: int = 120):
+
+def _two_sites(n_small: int = 7, n_large: int = 110, n_genes: int = 120):
     study = make_demo_study(n_samples=150, n_genes=n_genes, seed=11)
     pooled = study.pooled()
     obs = pooled.obs
@@ -53,9 +55,19 @@ def later_dispersion_round(message: dict) -> bool:
     return message["step"] == "disp_sums"
 
 
-def test_sites_of_7_and_70_samples_send_identical_shapes():
+def additive_part(whole: dict, key: str, value) -> np.ndarray:
+    """The part of a message that must add up across sites. Ratio size factors leave out
+    every gene with a zero count anywhere, so a site sends no log sum for a gene with a zero
+    of its own: the log sums add up on the genes with no zero in the pooled data."""
+    arr = np.asarray(value, dtype=float)
+    if whole["step"] == "log_sums" and key == "sum_log":
+        arr = np.where(np.asarray(whole["message"]["n_zero"]) > 0, 0.0, arr)
+    return arr
+
+
+def test_sites_of_7_and_110_samples_send_identical_shapes():
     study, sites = _two_sites()
-    res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
+    res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes, **POOLED_OFF,
                         record_messages=True, secure_aggregation=False)
     msgs = res.facts["messages"]
     by_site = {name: [m for m in msgs if m["site"] == name] for name in sites}
@@ -71,8 +83,8 @@ def test_sites_of_7_and_70_samples_send_identical_shapes():
 
 
 def test_no_message_carries_a_per_sample_array():
-    study, sites = _two_sites(n_small=9, n_large=61)
-    res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
+    study, sites = _two_sites(n_small=9, n_large=110)
+    res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes, **POOLED_OFF,
                         record_messages=True, secure_aggregation=False)
     G, p = len(study.genes), len(res.study.coef_names)
     n_cells = int(np.prod([len(v) for v in study.levels.values()]))
@@ -124,7 +136,7 @@ def test_small_design_cell_refuses_before_sending():
                            np.flatnonzero(adata.obs.condition == "B")[:1]])
     sites["small"] = adata[keep].copy()
     with pytest.raises(DisclosureError, match=r"site 'small'.*fewer than min_cell_size=3"):
-        fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes)
+        fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes, **POOLED_OFF)
     res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
                         min_cell_size=0)
     assert res.facts["min_cell_size"] == 0
@@ -141,7 +153,7 @@ def test_too_few_samples_for_the_design_refuses():
 
 def test_size_factors_never_leave_the_site():
     study, sites = _two_sites()
-    res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes,
+    res = fed_de.deseq2(sites, study.design, levels=study.levels, genes=study.genes, **POOLED_OFF,
                         record_messages=True, secure_aggregation=False)
     for m in res.facts["messages"]:
         if m["step"] == "robust_sums" or m["step"].startswith("disp_sums"):
@@ -162,8 +174,8 @@ def test_every_message_is_a_sum_over_samples(test):
     """Additivity: in every round, site A's message + site B's message equals the message of
     A and B merged into one site. A maximum, a quantile or a single sample's value would not
     add up; a per-sample array would not even have a site-independent shape."""
-    study, sites = _two_sites(n_small=9, n_large=61)
-    kw = dict(levels=study.levels, genes=study.genes, record_messages=True,
+    study, sites = _two_sites(n_small=9, n_large=110)
+    kw = dict(levels=study.levels, genes=study.genes, record_messages=True, **POOLED_OFF,
               secure_aggregation=False, min_cell_size=0, test=test,
               reduced="~ batch" if test == "LRT" else None)
     fed = fed_de.deseq2(sites, study.design, **kw)
@@ -176,5 +188,68 @@ def test_every_message_is_a_sum_over_samples(test):
             continue
         for key, value in m["message"].items():
             summed = sum(np.asarray(parts[n][i]["message"][key]) for n in sites)
-            np.testing.assert_allclose(summed, np.asarray(value), rtol=1e-7, atol=1e-9,
+            np.testing.assert_allclose(additive_part(m, key, summed),
+                                       additive_part(m, key, value), rtol=1e-7, atol=1e-9,
                                        err_msg=f"{m['step']}:{key}")
+
+
+def _demo_three_sites():
+    """The bundled demo's three hospitals: 150 samples, every pooled design cell >= 16."""
+    study = make_demo_study(n_samples=150, n_genes=200, seed=0)
+    return study, {name: a.copy() for name, a in study.sites.items()}
+
+
+def test_small_pooled_cell_refuses_after_counts_only():
+    """Each site's (b1, B) cell passes the per-site minimum, the pooled cell of 12 does not:
+    the run stops after the first round, which carries sample counts and per-gene log sums
+    over whole sites, before any sum over a design cell is sent."""
+    study, sites = _demo_three_sites()
+    cell = {name: np.flatnonzero((a.obs.batch == "b1") & (a.obs.condition == "B"))
+            for name, a in sites.items()}
+    target = dict.fromkeys(sites, 4)  # 12 pooled, >= 3 at every site
+    for name, idx in cell.items():
+        assert len(idx) >= target[name]
+        drop = idx[target[name]:]
+        sites[name] = sites[name][np.setdiff1d(np.arange(sites[name].n_obs), drop)].copy()
+    with pytest.raises(DisclosureError,
+                       match=r"'condition': 'B', 'batch': 'b1'\} has 12 sample.*"
+                             r"min_pooled_cell_size=15"):
+        fed_de.deseq2(sites, study.design, levels=study.levels, record_messages=True)
+    # 12 is allowed with an explicit, warned lower threshold; below 10 is refused outright
+    with pytest.warns(UserWarning, match="min_pooled_cell_size=12"):
+        res = fed_de.deseq2(sites, study.design, levels=study.levels, min_pooled_cell_size=12)
+    assert res.facts["min_pooled_cell_size"] == 12
+    with pytest.raises(ValueError, match="below 10 samples per pooled design cell"):
+        fed_de.deseq2(sites, study.design, levels=study.levels, min_pooled_cell_size=9)
+
+
+def test_gene_with_one_nonzero_count_in_a_pooled_cell_is_withheld():
+    """A gene whose (b2, A) cell holds a single non-zero count over all sites: that count is
+    what the cell's sums would reveal, so the gene sends zeros in every message after the
+    first round and has no result."""
+    study, sites = _demo_three_sites()
+    g = 7
+    first = True
+    for a in sites.values():
+        in_cell = np.flatnonzero((a.obs.batch == "b2") & (a.obs.condition == "A"))
+        X = np.asarray(a.X, dtype=float)
+        X[in_cell, g] = 0.0
+        if first and len(in_cell):
+            X[in_cell[0], g] = 37.0
+            first = False
+        a.X = X
+    res = fed_de.deseq2(sites, study.design, levels=study.levels, record_messages=True,
+                        secure_aggregation=False)
+    withheld = np.asarray(res.state.genes.withheld)
+    assert withheld[g] and res.facts["genes_withheld"] == int(withheld.sum())
+    table = res.results()
+    assert table.iloc[g].isna().all()
+    assert table.drop(index=table.index[withheld]).pvalue.notna().all()
+    n_genes = len(withheld)
+    after_first = [m for m in res.facts["messages"] if m["step"] not in ("log_sums",)
+                   and "key" not in m["step"]]
+    assert len(after_first) > 20
+    for m in after_first:
+        for key, arr in _array_leaves(m["message"]):
+            if arr.ndim and arr.shape[0] == n_genes:
+                assert not np.any(arr[withheld]), (m["step"], key)

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 import anndata as ad
+import fed_de.steps.dispersions as disp
 import numpy as np
 import pandas as pd
 
 import fed_de
-import fed_de.steps.dispersions as disp
 
 REAL = Path(__file__).resolve().parents[2] / "tests" / "data" / "r_extra" / "real"
 STUDIES = {"pasilla": ("~ type + condition", ("condition", "treated", "untreated")),

@@ -20,12 +20,12 @@ import numpy as np
 
 from fed_de.bulk import cooks
 from fed_de.bulk.cooks import CooksCounts, cooks_counts
-from fed_de.bulk.state import CooksSetup, Dispersions, FitStart, GeneResults, Site
+from fed_de.bulk.state import CooksSetup, Dispersions, FitStart, GeneResults, Site, Totals
 from fed_de.core import lrt, nb
 from fed_de.core.fallback import FallbackFit
 from fed_de.core.irls import MIN_MU, IRLSFit
 from fed_de.federation.calls import aggregator_step, site_step
-from fed_de.federation.messages import Message, part, sums
+from fed_de.federation.messages import Message, part, sums, zero_rows
 from fed_de.federation.strategy import Phase, Round
 
 
@@ -88,7 +88,7 @@ def closing_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_fin
         out.reduced = ReducedDeviance(deviance=dev["deviance_r"])
     if cooks is not None:  # after the sums above: they use the counts before replacement
         out.cooks = cooks_counts(site, cooks, beta, alpha, irls_final.xtwx_acc, start.skip)
-    return out
+    return zero_rows(out, start.skip)  # all-zero or withheld genes
 
 
 def final_sums(irls_final: IRLSFit, fallback: FallbackFit | None, xtwx: np.ndarray,
@@ -110,14 +110,16 @@ def final_sums(irls_final: IRLSFit, fallback: FallbackFit | None, xtwx: np.ndarr
 
 
 @aggregator_step(writes=("genes",))
-def close_fit(sums: ClosingSums, start: FitStart, dispersions: Dispersions,
+def close_fit(sums: ClosingSums, start: FitStart, totals: Totals, dispersions: Dispersions,
               irls_final: IRLSFit, fallback: FallbackFit | None,
               irls_reduced: IRLSFit | None, study, reduced) -> dict:
     """Convergence flags, the coefficient covariance, and every gene's results."""
-    all_zero = start.skip
-    fit = final_sums(irls_final, fallback, sums.xtwx, sums.deviance, study.n_coefs, all_zero)
+    withheld = totals.withheld if totals.withheld is not None else np.zeros_like(start.skip)
+    all_zero = start.skip & ~withheld
+    fit = final_sums(irls_final, fallback, sums.xtwx, sums.deviance, study.n_coefs, start.skip)
     genes = GeneResults(base_mean=start.base_mean, all_zero=all_zero,
-                        dispersions=dispersions, cell_totals=start.cell_totals, **fit)
+                        dispersions=dispersions, cell_totals=start.cell_totals,
+                        withheld=totals.withheld, **fit)
     if sums.reduced is not None:  # LRT: deviance difference, chi-squared on the df difference
         genes.lrt_df = study.n_coefs - reduced.n_coefs
         stat, _ = lrt.lrt_test(sums.deviance, sums.reduced.deviance, genes.lrt_df)

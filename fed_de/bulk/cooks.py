@@ -130,6 +130,7 @@ def robust_start(totals: Totals, start: FitStart, study) -> dict:
                        n_cells=n_cells.size, phase="A", search=None,
                        scales=np.array([cooks.cell_trim(int(s))[1] for s in n_cells]))
     rob.search = _start_search(start.base_mean, rob, active, (-2.0, 2.0))
+    rob.search.done |= start.skip[:, None]  # all-zero or withheld genes: nothing to search
     return {"robust": rob}
 
 
@@ -221,8 +222,9 @@ def robust_means(sums: RobustParts, robust: RobustSearch, start: FitStart) -> di
                       replace_mean=tm[:, n_groups - 1])
         # a zero count's squared error is q**2: often shared by many samples of a cell
         known = np.column_stack([tm[:, :n_groups - 1] ** 2, np.zeros(G)])
-        return {"robust": replace(rob, search=_start_search(var, rob, active_b, (-3.0, 2.0),
-                                                            known))}
+        nxt = _start_search(var, rob, active_b, (-3.0, 2.0), known)
+        nxt.done |= start.skip[:, None]
+        return {"robust": replace(rob, search=nxt)}
     counted = robust.groups_active[:n_groups - 1]
     cell_var = (robust.scales[None, :] * tm[:, :n_groups - 1])[:, counted]
     return {"robust": replace(robust, alpha=cooks.robust_dispersion(cell_var, start.base_mean),

@@ -56,8 +56,14 @@ def contrast_results(genes: GeneResults, contrast: np.ndarray, *, refit: Refit |
     if cooks_filter and genes.cooks_outlier is not None:
         # DESeq2: p-values of genes whose largest Cook's distance passes the cutoff are NA
         pvalue = np.where(genes.cooks_outlier, np.nan, pvalue)
-    padj, _ = adjust_pvalues(genes.base_mean, pvalue, alpha, independent_filtering)
-    frame = pd.DataFrame({"baseMean": genes.base_mean, "log2FoldChange": log2fc,
+    base_mean = genes.base_mean
+    if genes.withheld is not None and genes.withheld.any():
+        # kept out by a disclosure rule (a pooled cell with a single non-zero count): no result
+        w = genes.withheld
+        base_mean, log2fc, lfcse = (np.where(w, np.nan, v) for v in (base_mean, log2fc, lfcse))
+        stat, pvalue = np.where(w, np.nan, stat), np.where(w, np.nan, pvalue)
+    padj, _ = adjust_pvalues(np.nan_to_num(base_mean), pvalue, alpha, independent_filtering)
+    frame = pd.DataFrame({"baseMean": base_mean, "log2FoldChange": log2fc,
                           "lfcSE": lfcse, "stat": stat, "pvalue": pvalue, "padj": padj},
                          index=names)
     frame.index.name = "gene"

@@ -19,7 +19,7 @@ from fed_de.bulk.state import FitStart, Site, Totals
 from fed_de.core import moments as mom
 from fed_de.core import nb
 from fed_de.federation.calls import aggregator_step, site_step
-from fed_de.federation.messages import Message, part, sums
+from fed_de.federation.messages import Message, part, sums, zero_rows
 
 
 class ReducedStartSums(Message):
@@ -55,8 +55,9 @@ def rough_sums(site: Site, totals: Totals, start: FitStart) -> RoughSums:
         reduced = ReducedStartSums(xr_logy=np.log(norm + 0.1).T @ Xr,
                                    xr_loglin=np.log(np.maximum(lin, 0.1)).T @ Xr,
                                    xrtxr=nb.gram(Xr, np.ones(Xr.shape[0])))
-    return RoughSums(rough=rough, xt_logy=np.log(norm + 0.1).T @ X,
-                     xt_loglin=np.log(np.maximum(lin, 0.1)).T @ X, reduced=reduced)
+    out = RoughSums(rough=rough, xt_logy=np.log(norm + 0.1).T @ X,
+                    xt_loglin=np.log(np.maximum(lin, 0.1)).T @ X, reduced=reduced)
+    return zero_rows(out, start.skip)  # all-zero or withheld genes send nothing
 
 
 @aggregator_step(writes=("totals", "start"))

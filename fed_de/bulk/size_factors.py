@@ -18,6 +18,8 @@ The size factors never leave their site. The size-factor-only strategy
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from fed_de.bulk.state import FitStart, Site, Totals
@@ -25,7 +27,7 @@ from fed_de.core import moments as mom
 from fed_de.core import nb
 from fed_de.core import size_factors as sf_core
 from fed_de.design import check_full_rank, design_cells, design_matrix
-from fed_de.errors import SiteDataError
+from fed_de.errors import DisclosureError, SiteDataError
 from fed_de.federation.calls import aggregator_step, site_step
 from fed_de.federation.messages import Message, sums
 from fed_de.federation.strategy import Phase, Round
@@ -33,11 +35,15 @@ from fed_de.validation import validate_site
 
 
 class LogSums(Message):
-    """Round 1: per-gene sums of log positive counts, zero counts, and the sample count."""
+    """Round 1: per-gene sums of log positive counts, zero counts, the sample count; samples
+    per design cell and, per gene and cell, how many have a non-zero count (the disclosure
+    rules, checked before any sum of values over a cell is sent)."""
 
     sum_log: np.ndarray = sums("G")
     n_zero: np.ndarray = sums("G")
     n_samples: float = sums()
+    cell_counts: np.ndarray = sums("C")
+    cell_nonzero: np.ndarray = sums("G", "C")
 
 
 class MomentSums(Message):
@@ -50,7 +56,6 @@ class MomentSums(Message):
     n_samples: float = sums()
     xtx: np.ndarray = sums("T")
     xty: np.ndarray = sums("G", "p")
-    cell_counts: np.ndarray = sums("C")
     cell_norm: np.ndarray = sums("G", "C")
 
 
@@ -74,16 +79,54 @@ def log_sums(site: Site) -> LogSums:
                                 round_counts=site.options.round_counts)
     if site.reduced is not None:
         kept.design_reduced = design_matrix(site.reduced, data.obs, data.name)
-    sum_log, n_zero = sf_core.log_count_sums(site.counts())
-    return LogSums(sum_log=sum_log, n_zero=n_zero, n_samples=float(data.n_samples))
+    counts = site.counts()
+    sum_log, n_zero = sf_core.log_count_sums(counts)
+    if site.options.size_factors == "ratio":
+        # ratio leaves out every gene with a zero anywhere: its log sum is not needed
+        sum_log = np.where(n_zero > 0, 0.0, sum_log)
+    onehot = _cell_onehot(site)
+    return LogSums(sum_log=sum_log, n_zero=n_zero, n_samples=float(data.n_samples),
+                   cell_counts=onehot.sum(axis=0), cell_nonzero=(counts > 0).T @ onehot)
+
+
+def _cell_onehot(site: Site) -> np.ndarray:
+    """Samples x design cells indicator (one column without factors)."""
+    if not site.study.levels:
+        return np.ones((site.data.n_samples, 1))
+    C = len(design_cells(site.study))
+    return (site.cells()[:, None] == np.arange(C)[None, :]).astype(float)
 
 
 @aggregator_step(writes=("totals",))
-def log_means(sums: LogSums, options) -> dict:
-    """Log geometric means over every sample of every site."""
+def log_means(sums: LogSums, study, options, n_sites: int = 0) -> dict:
+    """Log geometric means over every sample of every site; the study-level disclosure
+    rules (from two sites on): pooled design cells of at least ``min_pooled_cell_size``
+    samples, and genes whose pooled cells hold a single non-zero count withheld."""
     log_means = sf_core.log_geometric_means(sums.sum_log, sums.n_zero, sums.n_samples,
                                             options.size_factors)
-    return {"totals": Totals(n_samples=float(sums.n_samples), log_geo_means=log_means)}
+    withheld = np.zeros(sums.sum_log.shape[0], dtype=bool)
+    if n_sites > 1 and options.min_cell_size > 0:
+        check_pooled_cells(study, sums.cell_counts, options.min_pooled_cell_size)
+        nz = sums.cell_nonzero
+        withheld = ((nz > 0) & (nz < options.min_nonzero)).any(axis=1)
+    return {"totals": Totals(n_samples=float(sums.n_samples), log_geo_means=log_means,
+                             cell_counts=sums.cell_counts, withheld=withheld)}
+
+
+def check_pooled_cells(study, cell_counts: np.ndarray, minimum: int) -> None:
+    """Refuse a study whose pooled design cells are too small for their sums to stay
+    unsolvable (the threshold found by attack: docs/privacy.md)."""
+    small = (cell_counts > 0) & (cell_counts < minimum)
+    if not small.any():
+        return
+    cells = design_cells(study) if study.levels else [()]
+    desc = ", ".join(f"{dict(zip(study.levels, cells[i], strict=True))} has "
+                     f"{int(cell_counts[i])}" for i in np.flatnonzero(small))
+    raise DisclosureError(
+        f"the pooled design cell(s) {desc} sample(s), fewer than "
+        f"min_pooled_cell_size={minimum}: the sums of a cell that small can be solved for "
+        "its samples' counts. Merge levels or add samples; min_pooled_cell_size=10 (with a "
+        "warning) or min_cell_size=0 (no disclosure control: audited studies only) otherwise")
 
 
 def compute_size_factors(site: Site, log_geo_means: np.ndarray) -> np.ndarray:
@@ -141,21 +184,17 @@ def moment_sums(site: Site, totals: Totals) -> MomentSums:
     """Size factors, then the sums behind baseMean, moments and the linear fit."""
     sf = compute_size_factors(site, totals.log_geo_means)
     X = site.kept.design
-    norm = site.counts() / sf[:, None]
+    # withheld genes (a pooled cell with a single non-zero count) send nothing from here on
+    norm = np.where(totals.withheld[None, :], 0.0, site.counts() / sf[:, None])
     n = site.data.n_samples
-    C = len(design_cells(site.study)) if site.study.levels else 1
-    cells = site.cells() if site.study.levels else np.zeros(n, dtype=int)
-    cell_counts = np.bincount(cells, minlength=C).astype(float) if site.study.levels \
-        else np.zeros(1)
-    onehot = (cells[:, None] == np.arange(C)[None, :]).astype(float)
     return MomentSums(sum_norm=norm.sum(axis=0), sum_norm_sq=(norm * norm).sum(axis=0),
                       sum_inv_sf=float((1.0 / sf).sum()), sum_log_sf=float(np.log(sf).sum()),
                       n_samples=float(n), xtx=nb.gram(X, np.ones(n)), xty=norm.T @ X,
-                      cell_counts=cell_counts, cell_norm=norm.T @ onehot)
+                      cell_norm=norm.T @ _cell_onehot(site))
 
 
 @aggregator_step(writes=("totals", "start"))
-def moments(sums: MomentSums, study, options) -> dict:
+def moments(sums: MomentSums, totals: Totals, study, options) -> dict:
     """baseMean, moments dispersion, linear fit; decide DESeq2's linear-mu shortcut."""
     n, p = sums.n_samples, study.n_coefs
     c = size_factor_scale(options.size_factors, sums.sum_log_sf, n)
@@ -165,11 +204,11 @@ def moments(sums: MomentSums, study, options) -> dict:
     beta_lin = np.linalg.solve(xtx, (sums.xty * c).T).T
     # DESeq2 uses the linear fit for mu when the design has as many distinct rows as
     # coefficients (a cell-means design); with continuous terms rows are distinct.
-    n_cells = int((sums.cell_counts > 0).sum())
+    n_cells = int((totals.cell_counts > 0).sum())
     linear = (not study.continuous) and n_cells == p
-    totals = Totals(n_samples=n, sf_scale=c, xtx=sums.xtx, xim=m["xim"],
-                    cell_counts=sums.cell_counts, linear_mu=linear)
-    start = FitStart(base_mean=m["base_mean"], skip=m["base_mean"] == 0,
+    totals = replace(totals, n_samples=n, sf_scale=c, xtx=sums.xtx, xim=m["xim"],
+                     linear_mu=linear, log_geo_means=None)
+    start = FitStart(base_mean=m["base_mean"], skip=(m["base_mean"] == 0) | totals.withheld,
                      moments_disp=m["moments_disp"], beta_lin=beta_lin,
                      cell_totals=sums.cell_norm * c)
     return {"totals": totals, "start": start}

@@ -52,7 +52,9 @@ class DESeq2Options:
 
     size_factors: str = "ratio"
     fit_type: str = "parametric"
-    min_cell_size: int = 3
+    min_cell_size: int = 3  # per site (0: every disclosure rule off)
+    min_pooled_cell_size: int = 15  # per pooled design cell (from two sites on)
+    min_nonzero: int = 2  # genes with a pooled cell of fewer non-zero counts are withheld
     round_counts: bool = False
     test: str = "Wald"
     reduced: str | None = None
@@ -80,6 +82,7 @@ class Totals:
     cell_counts: np.ndarray | None = None  # samples per declared design cell
     linear_mu: bool = False  # cell-means design: DESeq2 uses the linear fit for mu
     max_disp: float | None = None  # DESeq2's maxDisp = max(10, n)
+    withheld: np.ndarray | None = None  # genes a disclosure rule keeps out of the analysis
 
 
 @dataclass
@@ -140,6 +143,7 @@ class GeneResults:
     lrt_converged: np.ndarray | None = None
     cooks_outlier: np.ndarray | None = None  # p-values NA (Cook's filtering)
     cell_totals: np.ndarray | None = None  # per design cell: which groups are all zero
+    withheld: np.ndarray | None = None  # kept out by a disclosure rule: no result
 
 
 @dataclass

@@ -67,7 +67,8 @@ class _BulkStrategy(FedStrategy):
                     reduced=self.reduced)
 
     def context(self) -> dict:
-        return {"study": self.study, "options": self.options, "reduced": self.reduced}
+        return {"study": self.study, "options": self.options, "reduced": self.reduced,
+                "n_sites": self.n_sites}
 
     def dims(self) -> dict[str, int]:
         """Message sizes: study sizes, and the most points per gene a request may name."""
@@ -108,8 +109,10 @@ class DESeq2Strategy(_BulkStrategy):
         ``"ratio"`` or ``"poscounts"``.
     fit_type
         Dispersion trend: ``"parametric"`` (falls back to ``"mean"``) or ``"mean"``.
-    min_cell_size
-        Disclosure control (0 = off).
+    min_cell_size, min_pooled_cell_size, min_nonzero
+        Disclosure control: a site refuses a design cell of fewer samples; from two sites on,
+        the study refuses a pooled design cell of fewer samples, and withholds genes whose
+        pooled cell holds fewer non-zero counts (but some). ``min_cell_size=0``: all off.
     round_counts
         Round non-integer counts instead of refusing them.
     test, reduced
@@ -129,6 +132,8 @@ class DESeq2Strategy(_BulkStrategy):
 
     def __init__(self, study: dict, size_factors: str = OPTIONS.size_factors,
                  fit_type: str = OPTIONS.fit_type, min_cell_size: int = OPTIONS.min_cell_size,
+                 min_pooled_cell_size: int = OPTIONS.min_pooled_cell_size,
+                 min_nonzero: int = OPTIONS.min_nonzero,
                  round_counts: bool = OPTIONS.round_counts,
                  mu_rounds: int = OPTIONS.mu_rounds,
                  genewise_rounds: int = OPTIONS.genewise_rounds,
@@ -145,6 +150,7 @@ class DESeq2Strategy(_BulkStrategy):
             raise ValueError("test='LRT' needs a reduced design, e.g. reduced='~ batch'")
         super().__init__(study, size_factors=size_factors, fit_type=fit_type,
                          min_cell_size=min_cell_size, round_counts=round_counts,
+                         min_pooled_cell_size=min_pooled_cell_size, min_nonzero=min_nonzero,
                          mu_rounds=mu_rounds, genewise_rounds=genewise_rounds,
                          map_rounds=map_rounds, final_rounds=final_rounds,
                          fallback_rounds=fallback_rounds, test=test,

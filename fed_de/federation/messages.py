@@ -97,6 +97,22 @@ def take_rows(message: Message, rows: np.ndarray) -> Message:
     return type(message)(**kwargs)
 
 
+def zero_rows(message: Message, rows: np.ndarray) -> Message:
+    """The message with genes ``rows`` (a mask) set to zero in every field whose first
+    dimension is ``G``: genes out of the analysis send nothing of theirs."""
+    kwargs = {}
+    for f in fields(message):
+        value = getattr(message, f.name)
+        if _is_array(f) and f.metadata["shape"][:1] == ("G",):
+            value = np.asarray(value)
+            kwargs[f.name] = np.where(rows.reshape((-1,) + (1,) * (value.ndim - 1)), 0.0, value)
+        elif _is_array(f) or value is None:
+            kwargs[f.name] = value
+        else:
+            kwargs[f.name] = zero_rows(value, rows)
+    return type(message)(**kwargs)
+
+
 def total(messages: list[Message], rows: np.ndarray | None = None,
           n_genes: int | None = None) -> Message:
     """Sum the sites' messages field by field, in site order (reproducible sums).
