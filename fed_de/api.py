@@ -296,7 +296,8 @@ def postfit_facts(facts: dict, strategy, done, loaded: list[SiteData]) -> dict:
     site_pca = {}
     if state.pca is not None:
         p = state.pca
-        exact = p.V.shape[1] >= n - 1  # the block spans every sample: one round is exact
+        # a block as wide as the rank of the covariance (samples - 1, or genes): exact
+        exact = p.V.shape[1] >= min(n - 1, len(p.genes))
         facts["pca"] = {"genes": len(p.genes), "axes": int(p.n_axes), "block": p.V.shape[1],
                         "rounds": int(o.pca_rounds), "exact_block": bool(exact),
                         "percent_var": [float(v) for v in pca_steps.percent_var(p)],
@@ -304,7 +305,8 @@ def postfit_facts(facts: dict, strategy, done, loaded: list[SiteData]) -> dict:
                         "group": p.group}
         err = facts["pca"]["axis_error_estimate"]
         if not exact and (err is None or err > 1e-6):
-            warnings.append(f"PCA: axis loadings may be off by ~{err:.1e} after "
+            size = "an unknown amount" if err is None else f"~{err:.1e}"
+            warnings.append(f"PCA: axis loadings may be off by {size} after "
                             f"{o.pca_rounds} subspace rounds; raise rounds={{'pca': ...}}")
         for site in loaded:
             kept = done.local_states.get(site.name)

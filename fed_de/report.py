@@ -137,8 +137,10 @@ def _facts_rows(facts: dict) -> list:
     pc = facts.get("pca")
     if pc:
         pv = ", ".join(f"{100 * v:.1f} %" for v in pc["percent_var"])
-        err = ("exact (block spans every sample)" if pc["exact_block"]
-               else f"axis error estimate {pc['axis_error_estimate']:.1e}")
+        est = pc["axis_error_estimate"]
+        err = ("exact (the block spans the covariance)" if pc["exact_block"] else
+               "axis error unknown (one round)" if est is None else f"axis error estimate "
+               f"{est:.1e}")
         rows.append(("PCA", f"{pc['genes']} genes, {pc['axes']} axes ({pv}), block "
                             f"{pc['block']}, {pc['rounds']} rounds, {err}"))
     return rows

@@ -321,3 +321,63 @@ def test_rounds_and_bytes_added_are_reported(demo):
         sent = sum(v.nbytes for m in msgs if m["site"] == name for v in m["message"].values())
         assert sent == post["payload_bytes_per_site"]
     assert sum(post["payload_bytes_per_round"]) == post["payload_bytes_per_site"]
+
+
+# ---------------------------------------------------------------------------------------------
+# privacy: what the post-fit phase sends
+# ---------------------------------------------------------------------------------------------
+def test_postfit_messages_are_sums_shaped_by_study_sizes():
+    """Sites of 9 and 61 samples send post-fit messages of identical shapes, none with a
+    site's sample count, and each is a sum over samples: site A's + site B's message is the
+    message of A and B merged into one site (the per-site centroid rows: summed over rows)."""
+    import anndata as ad
+
+    from tests.test_privacy import _two_sites
+
+    study, sites = _two_sites(n_small=9, n_large=61)
+    kw = dict(levels=study.levels, genes=study.genes, record_messages=True,
+              secure_aggregation=False, min_cell_size=0, shrink="apeglm", pca=True,
+              rounds={"pca": 2})
+    fed = quiet_deseq2(sites, study.design, **kw)
+    merged = quiet_deseq2({"merged": ad.concat(list(sites.values()))}, study.design, **kw)
+
+    def post(res, site):
+        return [m for m in res.facts["messages"]
+                if m["site"] == site and m["step"].startswith("postfit_sums")]
+
+    small, large, whole = post(fed, "small"), post(fed, "large"), post(merged, "merged")
+    assert len(small) == len(large) == len(whole) == fed.facts["postfit"]["rounds"] == 6
+    for a, b, m in zip(small, large, whole, strict=True):
+        assert set(a["message"]) == set(b["message"]) == set(m["message"])
+        for key, value in m["message"].items():
+            va, vb = np.asarray(a["message"][key]), np.asarray(b["message"][key])
+            assert va.shape == vb.shape and not {9, 61} & set(va.shape), (key, va.shape)
+            total = va + vb
+            if ".by_site." in key:  # one row per declared site
+                total, value = total.sum(axis=0), np.asarray(value).sum(axis=0)
+            np.testing.assert_allclose(total, value, rtol=1e-7, atol=1e-8, err_msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# every backend
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_postfit_on_substra_subprocess_backend_equals_simulation(tmp_path):
+    """Shrinkage and PCA on substra's subprocess backend (real registered functions, datasets
+    and tasks): the simulation's answer. Round counts cut to keep it at ~60 tasks."""
+    demo = make_demo_study(n_samples=48, n_genes=40, seed=2)
+    sites = dict(list(demo.sites.items())[:2])
+    kw = dict(levels={"condition": ["A", "B"]}, genes=demo.genes, cooks=False,
+              shrink="apeglm", shrink_coef="condition_B_vs_A", pca=True, pca_genes=30,
+              rounds={"mu": 2, "genewise": 2, "map": 2, "final": 3, "shrink": 3, "pca": 1})
+    real = quiet_deseq2(sites, "~ condition", backend="subprocess", workdir=tmp_path, **kw)
+    sim = quiet_deseq2(sites, "~ condition", **kw)
+    np.testing.assert_allclose(real.lfc_shrink().to_numpy(), sim.lfc_shrink().to_numpy(),
+                               rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(real.posterior(threshold=0.5).to_numpy(),
+                               sim.posterior(threshold=0.5).to_numpy(), rtol=1e-10,
+                               equal_nan=True)
+    np.testing.assert_allclose(real.state.pca.axes, sim.state.pca.axes, rtol=1e-12)
+    np.testing.assert_allclose(real.pca["centroids"], sim.pca["centroids"], rtol=1e-12)
+    assert real.facts["sequential_steps"] == sim.facts["sequential_steps"]
+    assert real.facts["postfit"]["rounds"] == sim.facts["postfit"]["rounds"] == 3
