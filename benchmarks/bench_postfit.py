@@ -4,8 +4,9 @@ bytes per site and wall time, on the demo study (3 hospitals, ``~ batch + condit
     python benchmarks/bench_postfit.py [n_samples] [n_genes]
 
 Runs fed_de without the phase, with apeglm, with the normal prior, with PCA, and with apeglm
-+ PCA (one run each, one BLAS thread as the other benchmarks), and prints one JSON line per
-variant; results go to ``benchmarks/results/postfit_<n>x<genes>.json``.
++ PCA (fastest of ``REPEATS`` runs each, one BLAS thread as the other benchmarks), and prints
+one JSON line per variant; results go to ``benchmarks/results/postfit_<n>x<genes>.json``.
+Bytes are what the simulation measured (pickled, masked: secure aggregation is on).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import fed_de  # noqa: E402
 from fed_de.demo_data import make_demo_study  # noqa: E402
 
+REPEATS = 2
 VARIANTS = {"none": {}, "apeglm": {"shrink": "apeglm"}, "normal": {"shrink": "normal"},
             "pca": {"pca": True}, "apeglm+pca": {"shrink": "apeglm", "pca": True}}
 
@@ -31,12 +33,14 @@ def main(n_samples: int = 150, n_genes: int = 5000) -> list[dict]:
     study = make_demo_study(n_samples=n_samples, n_genes=n_genes, seed=0)
     rows, base = [], None
     for name, extra in VARIANTS.items():
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = fed_de.deseq2(study.sites, study.design, levels=study.levels,
-                                contrasts=[("condition", "B", "A")], **extra)
-        wall = time.perf_counter() - t0
+        wall = float("inf")
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = fed_de.deseq2(study.sites, study.design, levels=study.levels,
+                                    contrasts=[("condition", "B", "A")], **extra)
+            wall = min(wall, time.perf_counter() - t0)
         f = res.facts
         site_bytes = max(f["bytes_sent_by_site"].values())
         row = {"variant": name, "sequential_steps": f["sequential_steps"],

@@ -214,6 +214,13 @@ def _write_postfit(res, contrast, out: Path, plots: Path | None, report: Path | 
         if rows:
             pd.concat(rows).rename_axis("level").reset_index().to_csv(
                 out / "pca_centroids.csv", index=False)
+    post = res.facts.get("postfit")
+    if post:
+        console.print(f"post-fit phase (shrinkage, PCA): {post['rounds']} rounds, "
+                      f"{post['sequential_steps']} sequential steps, "
+                      f"{post['payload_bytes_per_site_per_gene']:,.0f} B per gene per site")
+    for warning in res.facts.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
     if plots is not None:
         paths = save_plots(res, plots, contrast)
         console.print(f"wrote {len(paths)} plot files (PNG + SVG) to {plots}")

@@ -25,6 +25,7 @@ from fed_de.bulk import shrink as shrink_steps
 from fed_de.bulk.pca import CentroidSums, CovProduct, VSTMoments
 from fed_de.bulk.shrink import ApeglmSums, RidgeSums
 from fed_de.bulk.state import DESeq2Options, GeneResults, PCAState, RunState, ShrinkFit, Site
+from fed_de.core import apeglm
 from fed_de.design import Study
 from fed_de.federation.calls import call, site_step
 from fed_de.federation.messages import Message, declared_shapes, part
@@ -109,9 +110,11 @@ def phase(options: DESeq2Options) -> Phase | None:
 def dims(options: DESeq2Options, study: Study) -> dict[str, int]:
     """Upper bounds of the post-fit messages' sizes (requests announce the actual ones)."""
     n_targets = len(shrink_steps.decode_targets(options.shrink_coef)) or 1
+    # candidates per gene of a search (apeglm's first round: 3, then its NEWTON_STEPS)
+    per_target = max(3, len(apeglm.NEWTON_STEPS)) if options.shrink == "apeglm" else 3
     n_sel = min(int(options.pca_genes), len(study.genes))
     group = options.pca_group
-    return {"KS": 3 * n_targets, "NS": n_sel, "PB": max(min(int(options.pca_block), n_sel),
+    return {"KS": per_target * n_targets, "NS": n_sel, "PB": max(min(int(options.pca_block), n_sel),
                                                         int(options.pca_axes)),
             "PK": int(options.pca_axes), "L": len(study.levels[group]) if group else 1,
             "S": max(len(options.site_names), 1)}

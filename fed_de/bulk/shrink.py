@@ -105,6 +105,8 @@ def as_target(spec, study: Study, kind: str) -> Target:
     """
     names = study.coef_names
     if isinstance(spec, str):
+        if ";" in spec:
+            raise ValueError(f"shrink_coef {spec!r}: a coefficient name may not hold ';'")
         if spec not in names:
             raise ValueError(f"shrink_coef {spec!r} is not a coefficient of the design; "
                              f"coefficients are {names}")
@@ -182,7 +184,7 @@ def _fisher_info(genes: GeneResults, ok: np.ndarray, p: int) -> np.ndarray:
     cov = genes.beta_cov[ok]
     good = np.isfinite(cov).all(axis=(1, 2))
     idx = np.flatnonzero(ok)[good]
-    info[idx] = nb.pack(np.linalg.inv(cov[good]))
+    info[idx] = nb.pack(np.linalg.pinv(cov[good], hermitian=True))  # robust to singular
     return info
 
 
