@@ -197,56 +197,65 @@ def _map_packed(packed: np.ndarray, M: np.ndarray) -> np.ndarray:
 def build_target(target: Target, kind: str, study: Study, genes: GeneResults,
                  refit: Refit | None) -> ShrinkTarget:
     """A target's parametrisation, prior and search start (aggregator, no round)."""
+    ok = (~genes.all_zero & np.isfinite(genes.beta).all(axis=1)
+          & np.isfinite(genes.dispersions.final))
+    info = _fisher_info(genes, ok, study.n_coefs)
+    build = _apeglm_target if kind == "apeglm" else _normal_target
+    return build(target, study, genes, refit, ok, info)
+
+
+def _apeglm_target(target: Target, study: Study, genes: GeneResults, refit: Refit | None,
+                   ok: np.ndarray, info: np.ndarray) -> ShrinkTarget:
+    """apeglm: a coefficient, or a contrast in the parametrisation ``relevel`` gives; the
+    Cauchy scale from the contrast's MLEs and SEs; Newton from the MLE."""
+    names, p = study.coef_names, study.n_coefs
+    T = np.eye(p)
+    if target.coef is not None:
+        column = names.index(target.coef)
+        c_std = np.eye(p)[column]
+    else:
+        factor, level, ref = target.contrast
+        levels = study.levels[factor]
+        cols = _factor_columns(study, factor, "apeglm")
+        new_ref = cols[levels.index(ref) - 1]
+        T = ap.relevel_transform(p, _intercept(study), cols, new_ref)
+        column = new_ref if level == levels[0] else cols[levels.index(level) - 1]
+        c_std = contrast_vector(names, factor, level, ref, levels[0])
+    to_std = np.linalg.inv(T)
+    scale = ap.apeglm_prior(*_mle(genes, c_std, refit))
+    beta_t = np.where(ok[:, None], genes.beta @ T.T, np.nan)
+    search = ap.newton_init(beta_t, active=ok, xtwx=_map_packed(info, to_std), shrink=column,
+                            scale=scale)
+    return ShrinkTarget(key=target.key, name=target.label, to_standard=to_std,
+                        contrast=np.eye(p)[column], column=column, scale=scale, search=search)
+
+
+def _normal_target(target: Target, study: Study, genes: GeneResults, refit: Refit | None,
+                   ok: np.ndarray, info: np.ndarray) -> ShrinkTarget:
+    """normal: DESeq2's betaPriorVar from the MLEs (log2), in the standard design for a
+    coefficient, the expanded design for a contrast; Newton on the ridge IRLS fixed point."""
     names, p = study.coef_names, study.n_coefs
     intercept = _intercept(study)
-    beta = genes.beta
-    ok = ~genes.all_zero & np.isfinite(beta).all(axis=1) & np.isfinite(genes.dispersions.final)
-    info = _fisher_info(genes, ok, p)
-    if kind == "apeglm":
-        T, column = np.eye(p), None
-        if target.coef is not None:
-            column = names.index(target.coef)
-            c_std = np.eye(p)[column]
-        else:
-            factor, level, ref = target.contrast
-            levels = study.levels[factor]
-            cols = _factor_columns(study, factor, kind)
-            new_ref = cols[levels.index(ref) - 1]
-            T = ap.relevel_transform(p, intercept, cols, new_ref)
-            column = new_ref if level == levels[0] else cols[levels.index(level) - 1]
-            c_std = contrast_vector(names, factor, level, ref, levels[0])
-        to_std = np.linalg.inv(T)
-        mle, se = _mle(genes, c_std, refit)
-        scale = ap.apeglm_prior(mle, se)
-        beta_t = np.where(ok[:, None], beta @ T.T, np.nan)
-        search = ap.newton_init(beta_t, active=ok, xtwx=_map_packed(info, to_std),
-                                shrink=column, scale=scale)
-        return ShrinkTarget(key=target.key, name=target.label, to_standard=to_std,
-                            contrast=np.eye(p)[column], column=column, scale=scale,
-                            search=search)
-    # normal: DESeq2's betaPriorVar from the MLEs (log2), standard or expanded design
-    beta_log2 = np.where(ok[:, None], beta, np.nan) / LN2
+    beta_log2 = np.where(ok[:, None], genes.beta, np.nan) / LN2
     base_mean, disp_fit = genes.base_mean, genes.dispersions.fit
     if target.coef is not None:
-        M, E = np.eye(p), np.eye(p)
+        M = E = np.eye(p)
         var = npr.normal_prior_var(beta_log2, base_mean, disp_fit, intercept=intercept)
-        contrast = np.eye(p)[names.index(target.coef)]
         column = names.index(target.coef)
+        contrast = np.eye(p)[column]
     else:
-        factors = {f: _factor_columns(study, f, kind) for f in study.levels}
-        factors = {f: c for f, c in factors.items() if c}
+        factors = {f: _factor_columns(study, f, "normal") for f in study.levels}
         M, E = npr.expanded_map(np.zeros((1, p)), factors, intercept)
         _, groups = npr.expanded_design(np.zeros((1, p)), factors, intercept)
         var = npr.expanded_prior_var(beta_log2, base_mean, disp_fit, factors, M.shape[1],
                                      groups, intercept)
         factor, level, ref = target.contrast
-        levels = study.levels[factor]
+        levels, column = study.levels[factor], -1
         contrast = np.zeros(M.shape[1])
         contrast[groups[factor][levels.index(level)]] = 1.0
         contrast[groups[factor][levels.index(ref)]] = -1.0
-        column = -1
     lam = npr.ridge_lambda(var)
-    beta_t = np.where(ok[:, None], beta @ E.T, np.nan)
+    beta_t = np.where(ok[:, None], genes.beta @ E.T, np.nan)
     search = npr.ridge_newton_init(beta_t, lam, xtwx=_map_packed(info, M), active=ok)
     return ShrinkTarget(key=target.key, name=target.label, to_standard=M, contrast=contrast,
                         column=column, prior_var=var, search=search)
