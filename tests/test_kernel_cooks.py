@@ -4,7 +4,7 @@ References: the hat matrix ``W^1/2 X (X'WX + ridge)^-1 X' W^1/2`` formed from th
 design (numpy); Cook's distance by its definition, refitting the weighted least squares of
 the IRLS working response without each sample in turn (``sum_j w_j (eta_j - eta_j(-i))^2 / p``);
 DESeq2's ``robustMethodOfMomentsDisp`` / ``trimmedCellVariance`` (``R/core.R``) written with
-``scipy.stats.trim_mean``, against the federated chain (order-statistic search, trimmed sums,
+``scipy.stats.trim_mean``, against the federated chain (threshold search, trimmed sums,
 :func:`cell_trim`, :func:`robust_dispersion`); ``scipy.stats.f`` for the cutoff.
 """
 
@@ -16,7 +16,7 @@ from scipy.stats import f as f_dist
 from scipy.stats import trim_mean
 
 from fed_de.core import cooks, nb
-from fed_de.core import order_stats as os_
+from fed_de.core import trimmed as tr
 
 LAMBDA = 1e-6 / np.log(2) ** 2
 
@@ -114,25 +114,23 @@ def deseq2_robust_dispersion(norm: np.ndarray, cell: np.ndarray) -> np.ndarray:
 
 
 def federated_trimmed_mean(values: np.ndarray, site: np.ndarray, trim: float) -> np.ndarray:
-    """R's mean(x, trim) of each column from the order-statistic search and trimmed sums of
-    two sites."""
+    """R's mean(x, trim) of each column from the counts-only threshold search and the trimmed
+    sums of two sites (fed_de.core.trimmed)."""
     n, G = values.shape
-    lo, hi = os_.trim_ranks(n, trim)
-    ranks = np.broadcast_to(np.array([lo, hi]), (G, 2))
-    thr, state = os_.first_thresholds(G, 2, 15), None
+    lo, hi = tr.trim_ranks(n, trim)
+    k = np.tile([lo - 1, hi], (G, 1))
+    search = tr.start(values.mean(axis=0), k, np.array([n, n]), 15, (-2.0, 2.0))
     for _ in range(30):
-        tot = None
-        for m in (site, ~site):
-            s = os_.interval_sums(values[m], thr)
-            tot = s if tot is None else {k: tot[k] + v for k, v in s.items()}
-        state = os_.refine(thr, tot, ranks, state)
-        thr = state["thresholds"]
-        if state["done"].all():
+        counts = np.zeros(search.thresholds.shape)
+        for t in range(2):
+            counts[:, t] = sum(tr.count_below(values[m], search.thresholds[:, t])
+                               for m in (site, ~site))
+        search = tr.refine(search, counts)
+        if search.done.all():
             break
-    v_lo, v_hi = state["value"][:, 0], state["value"][:, 1]
-    parts = [os_.trimmed_sum_parts(values[m], v_lo, v_hi) for m in (site, ~site)]
+    parts = [tr.trimmed_parts(values[m], search, search, 0, 1) for m in (site, ~site)]
     tot = {k: parts[0][k] + parts[1][k] for k in parts[0]}
-    return os_.trimmed_mean(tot, v_lo, v_hi, lo, hi)
+    return tr.trimmed_mean(tot, search, search, 0, 1, lo, hi)
 
 
 def test_robust_dispersion_equals_deseq2s_trimmed_cell_variance():

@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import nbinom
 
 from fed_de.core import nb
-from fed_de.core.irls import IRLSFit, irls_update, start_irls
+from fed_de.core.irls import N_CANDIDATES, IRLSFit, irls_update, start_irls
 from tests.conftest import DATA
 
 LAMBDA = 1e-6 / np.log(2) ** 2  # DESeq2's ridge on the natural-log scale
@@ -181,7 +181,7 @@ def test_diverging_genes_stop_as_diverged_and_never_move(unfinished):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the NaN sums below
 def test_frozen_genes_never_move_whatever_the_sums():
     rng = np.random.default_rng(2)
-    G, K, p = 5, 2, 3
+    G, K, p = 5, N_CANDIDATES, 3
     frozen = np.array([True, False, True, False, False])
     fit = start_irls(rng.normal(size=(G, p)), frozen, rng.normal(size=(G, p)))
     assert (fit.beta[frozen] == 0).all() and (fit.candidates[frozen] == 0).all()

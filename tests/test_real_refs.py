@@ -118,8 +118,6 @@ def test_demo3_b3_vs_b2_matches_r_outside_zero_groups():
     np.testing.assert_allclose(ours.loc[ZEROED, "lfcSE"], ref.loc[ZEROED, "lfcSE"], rtol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 item 8: R sets LFC 0, stat 0, p-value 1 "
-                   "where both compared groups are all zero; fed_de reports the fit")
 def test_demo3_zero_groups_as_r():
     ours = fit("demo3", "~ batch + condition").results(("batch", "b3", "b2")).loc[ZEROED]
     ref = r_results("demo3", "b3_vs_b2").loc[ZEROED]
@@ -160,8 +158,6 @@ def test_demo3_age_dispersions_close_to_r():
 # ---- the real studies: the issue's target --------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: MAP of floor genes stops short (starts at "
-                   "the gene-wise search point instead of DESeq2's dispInit; 3 rounds)")
 @pytest.mark.parametrize("study,design,contrast", [
     ("marioni", "~ run + tissue", ("tissue", "Liver", "Kidney")),
     ("pasilla", "~ type + condition", ("condition", "treated", "untreated")),

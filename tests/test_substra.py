@@ -41,7 +41,7 @@ def test_subprocess_backend_equals_simulation(small, tmp_path):
     demo, sites = small
     kw = dict(levels={"condition": ["A", "B"]}, genes=demo.genes,
               contrasts=[("condition", "B", "A")],
-              rounds={"robust": 3, "refit_disp": 2, "refit_final": 2})
+              rounds={"robust": 3, "refit_final": 2})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         real = fed_de.deseq2(sites, "~ condition", backend="subprocess", workdir=tmp_path, **kw)

@@ -117,7 +117,7 @@ def close_fit(sums: ClosingSums, start: FitStart, dispersions: Dispersions,
     all_zero = start.skip
     fit = final_sums(irls_final, fallback, sums.xtwx, sums.deviance, study.n_coefs, all_zero)
     genes = GeneResults(base_mean=start.base_mean, all_zero=all_zero,
-                        dispersions=dispersions, **fit)
+                        dispersions=dispersions, cell_totals=start.cell_totals, **fit)
     if sums.reduced is not None:  # LRT: deviance difference, chi-squared on the df difference
         genes.lrt_df = study.n_coefs - reduced.n_coefs
         stat, _ = lrt.lrt_test(sums.deviance, sums.reduced.deviance, genes.lrt_df)

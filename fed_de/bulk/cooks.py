@@ -1,16 +1,20 @@
 """Cook's distances, outlier flags and count replacement (DESeq2), federated from sums.
 
 Robust dispersion and replacement values run on a side chain of the plan that starts after
-the size factors and rejoins before the closing round, so they add no sequential step:
+the size factors and rejoins before the closing round, so they add no sequential step. They
+need DESeq2's trimmed means (``mean(x, trim)``) of each design cell (and of all samples, for
+the replacement); these are computed exactly from counts (:mod:`fed_de.core.trimmed`): no
+order statistic, no sum over a sub-interval, no single value ever leaves a site.
 
 Start     agg  : groups: design cells with >= 3 samples (trim and scale by cell size) and
-                 "all samples" (trim 0.2, only when some cell has >= 7 samples); ranks
+                 "all samples" (trim 0.2, only when some cell has >= 7 samples); per group two
+                 targets, thresholds with ``lo - 1`` and ``hi`` values below them
                  (:func:`robust_start`)
-Search A  site : per open (gene, group, bounding rank), counts / sums / sums of squares of
-                 the site's normalised counts in each sub-interval (order-statistic search,
-                 :mod:`fed_de.core.order_stats`)                          -> RobustSums
-          agg  : refine the brackets (:func:`robust_refine`)
-A parts   site : sums between the bounding values, counts below them      -> RobustParts
+Search A  site : per open (gene, group, boundary) target, how many of the site's normalised
+                 counts lie below each of its thresholds                  -> RobustSums
+          agg  : narrow the brackets, or keep a threshold that separates (:func:`robust_refine`)
+A parts   site : the sum of the values between the two thresholds (and of a tied boundary
+                 value's bracket)                                        -> RobustParts
           agg  : trimmed cell means q, and the 0.2-trimmed mean (replacement)
 Search B  as A, on the squared errors (x - q_cell)^2   -> trimmed cell variances
 B parts   ...                                          -> robust dispersion per gene
@@ -21,12 +25,13 @@ computes its samples' Cook's distances with the global X'WX of the final fit and
 *counts* of its samples above the cutoff (in cells of >= 3, non-replaceable among them, any
 sample, replaced), and per-design-cell sums of its counts after replacing its own outliers (the
 refit's starting sums). DESeq2's decisions follow at the aggregator (:func:`decide`).
-A Cook's value, a maximum or a single sample's count never leaves a site.
+What the aggregator learns beyond totals: pooled counts below thresholds near the trimming
+ranks, and a boundary value shared by tied samples (see docs/privacy.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 
@@ -39,7 +44,7 @@ from fed_de.bulk.state import (
     Site,
     Totals,
 )
-from fed_de.core import cooks, order_stats
+from fed_de.core import cooks, trimmed
 from fed_de.core.irls import MIN_MU
 from fed_de.core.moments import start_from_cell_sums
 from fed_de.design import cell_design_rows
@@ -47,7 +52,7 @@ from fed_de.federation.calls import aggregator_step, site_step
 from fed_de.federation.messages import Message, sums
 from fed_de.federation.strategy import Phase, Round
 
-K_THRESHOLDS = 7
+K_THRESHOLDS = 15  # thresholds per open target and round (counts only)
 
 
 def cooks_applicable(study) -> bool:
@@ -60,19 +65,20 @@ def cooks_applicable(study) -> bool:
 
 
 class RobustSums(Message):
-    """Sub-interval counts, sums and sums of squares for every open search target."""
+    """For every open search target, the number of values below each of its thresholds."""
 
-    count: np.ndarray = sums("A", "K1")
-    sum: np.ndarray = sums("A", "K1")
-    sumsq: np.ndarray = sums("A", "K1")
+    count_below: np.ndarray = sums("A", "K1")
 
 
 class RobustParts(Message):
-    """Per gene and group: sums between the two bounding values, counts below them."""
+    """Per gene and group: the sum of the trimmed set; count and sum of the values in a tied
+    boundary bracket (zero where the boundary was separated)."""
 
     sum_inside: np.ndarray = sums("G", "NG")
-    n_le_lo: np.ndarray = sums("G", "NG")
-    n_lt_hi: np.ndarray = sums("G", "NG")
+    tie_count_lo: np.ndarray = sums("G", "NG")
+    tie_sum_lo: np.ndarray = sums("G", "NG")
+    tie_count_hi: np.ndarray = sums("G", "NG")
+    tie_sum_hi: np.ndarray = sums("G", "NG")
 
 
 class CooksCounts(Message):
@@ -87,28 +93,29 @@ class CooksCounts(Message):
     cell_logsum: np.ndarray = sums("G", "C")
 
 
+# -- side chain: exact trimmed statistics --------------------------------------------------
 def open_targets(robust: RobustSearch) -> int:
     """Search targets still open: the size of the next :class:`RobustSums` (announced)."""
-    return int((~robust.search["done"]).sum())
+    return int((~robust.search.done).sum())
 
 
-# -- side chain: exact trimmed statistics --------------------------------------------------
-def _start_search(center: np.ndarray, groups_active: np.ndarray, decades: tuple) -> dict:
-    G, T = center.size, 2 * groups_active.size
-    done = np.broadcast_to(~np.repeat(groups_active, 2), (G, T)).copy()
-    return {"thresholds": order_stats.scaled_thresholds(center, T, K_THRESHOLDS, *decades),
-            "done": done, "state": None}
-
-
-def _values(search: dict) -> np.ndarray:
-    st = search["state"]
-    G, T = search["done"].shape
-    return st["value"] if st is not None else np.full((G, T), np.nan)
+def _start_search(center: np.ndarray, robust: RobustSearch, active: np.ndarray,
+                  decades: tuple, known: np.ndarray | None = None) -> trimmed.Search:
+    """Two targets per group (values below the trimmed set: ``lo - 1``; below its end: ``hi``);
+    groups not searched start done; ``known`` (genes x groups) a value shared by many."""
+    G = center.size
+    k = np.tile(np.column_stack([robust.ranks[:, 0] - 1, robust.ranks[:, 1]]).ravel(), (G, 1))
+    sizes = np.repeat(robust.sizes, 2)
+    search = trimmed.start(center, k, sizes, K_THRESHOLDS, decades,
+                           None if known is None else np.repeat(known, 2, axis=1))
+    search.done |= ~np.repeat(active, 2)[None, :]
+    return search
 
 
 @aggregator_step(writes=("robust",))
 def robust_start(totals: Totals, start: FitStart, study) -> dict:
-    """Groups, their trims and bounding ranks; first thresholds."""
+    """Groups (design cells of >= 3 samples; all samples when some cell has >= 7), their
+    trims and ranks; the first thresholds."""
     n_cells = np.asarray(totals.cell_counts, dtype=float)
     n = int(round(totals.n_samples))
     p = study.n_coefs
@@ -116,13 +123,14 @@ def robust_start(totals: Totals, start: FitStart, study) -> dict:
     repl = bool((n_cells >= cooks.MIN_REPLICATES_REPLACE).any()) and n > p
     sizes = np.append(n_cells, n).astype(int)
     trims = [cooks.cell_trim(int(s))[0] for s in n_cells] + [cooks.REPLACE_TRIM]
-    ranks = np.array([order_stats.trim_ranks(int(s), t) if s > 0 else (1, 1)
+    ranks = np.array([trimmed.trim_ranks(int(s), t) if s > 0 else (1, 1)
                       for s, t in zip(sizes, trims, strict=True)], dtype=float)
     active = np.append(use_cells, repl)
-    return {"robust": RobustSearch(
-        groups_active=active, ranks=ranks, n_cells=n_cells.size,
-        scales=np.array([cooks.cell_trim(int(s))[1] for s in n_cells]), phase="A",
-        search=_start_search(start.base_mean, active, (-2.0, 2.0)))}
+    rob = RobustSearch(groups_active=active, ranks=ranks, sizes=sizes.astype(float),
+                       n_cells=n_cells.size, phase="A", search=None,
+                       scales=np.array([cooks.cell_trim(int(s))[1] for s in n_cells]))
+    rob.search = _start_search(start.base_mean, rob, active, (-2.0, 2.0))
+    return {"robust": rob}
 
 
 def _robust_values(site: Site, robust: RobustSearch, totals: Totals) -> list[np.ndarray]:
@@ -139,59 +147,51 @@ def _robust_values(site: Site, robust: RobustSearch, totals: Totals) -> list[np.
     return [*out, norm]
 
 
+def _members(site: Site, g: int, n_groups: int) -> np.ndarray:
+    groups = site.cells()
+    return groups == g if g < n_groups - 1 else np.ones(groups.size, dtype=bool)
+
+
 @site_step
 def robust_sums(site: Site, robust: RobustSearch, totals: Totals) -> RobustSums:
-    """Sub-interval counts and sums for every open (gene, group, bounding rank)."""
+    """Per open (gene, group, boundary) target: the number of the site's values below each
+    of the target's thresholds."""
     x = _robust_values(site, robust, totals)
     search = robust.search
-    groups = site.cells()
-    G, T, K = search["thresholds"].shape
-    open_ = ~search["done"]
-    full = {k: np.zeros((G, T, K + 1)) for k in ("count", "sum", "sumsq")}
-    for g in range(T // 2):
-        genes = np.flatnonzero(open_[:, 2 * g:2 * g + 2].any(axis=1))
-        members = groups == g if g < T // 2 - 1 else np.ones(groups.size, dtype=bool)
-        if genes.size == 0 or not members.any():
-            continue
-        part = order_stats.interval_sums(x[g][members][:, genes],
-                                         search["thresholds"][genes, 2 * g:2 * g + 2])
-        for key, value in part.items():
-            full[key][genes, 2 * g:2 * g + 2] = value
-    return RobustSums(**{k: v[open_] for k, v in full.items()})
+    G, T, K = search.thresholds.shape
+    out = np.zeros((G, T, K))
+    for t in range(T):
+        genes = np.flatnonzero(~search.done[:, t])
+        members = _members(site, t // 2, T // 2)
+        if genes.size and members.any():
+            out[genes, t] = trimmed.count_below(x[t // 2][members][:, genes],
+                                                search.thresholds[genes, t])
+    return RobustSums(count_below=out[~search.done])
 
 
 @aggregator_step(writes=("robust",))
 def robust_refine(sums: RobustSums, robust: RobustSearch) -> dict:
-    """Scatter the open targets' sums back and refine their brackets."""
+    """Scatter the open targets' counts back and narrow their brackets."""
     search = robust.search
-    G, T, K = search["thresholds"].shape
-    open_ = ~search["done"]
-    full = {}
-    for key in ("count", "sum", "sumsq"):
-        full[key] = np.zeros((G, T, K + 1))
-        full[key][open_] = getattr(sums, key)
-    ranks = np.broadcast_to(robust.ranks.reshape(1, T), (G, T))
-    new = order_stats.refine(search["thresholds"], full, ranks, search["state"])
-    return {"robust": replace(robust, search={"thresholds": new["thresholds"],
-                                              "done": search["done"] | new["done"],
-                                              "state": new})}
+    counts = np.zeros(search.thresholds.shape)
+    counts[~search.done] = sums.count_below
+    return {"robust": replace(robust, search=trimmed.refine(search, counts))}
 
 
 @site_step
 def robust_parts(site: Site, robust: RobustSearch, totals: Totals) -> RobustParts:
-    """Per gene and group: sums between the two bounding values, counts below them."""
+    """Per gene and group: the sum of the values between the two thresholds, and count and
+    sum of the values in a tied boundary bracket."""
     x = _robust_values(site, robust, totals)
-    value = _values(robust.search)
-    groups = site.cells()
-    n_groups = value.shape[1] // 2
-    G = value.shape[0]
-    out = {k: np.zeros((G, n_groups)) for k in ("sum_inside", "n_le_lo", "n_lt_hi")}
+    n_groups = robust.groups_active.size
+    G = robust.search.done.shape[0]
+    out = {f.name: np.zeros((G, n_groups)) for f in fields(RobustParts)}
     for g in range(n_groups):
-        members = groups == g if g < n_groups - 1 else np.ones(groups.size, dtype=bool)
+        members = _members(site, g, n_groups)
         if not robust.groups_active[g] or not members.any():
             continue
-        part = order_stats.trimmed_sum_parts(x[g][members], np.nan_to_num(value[:, 2 * g]),
-                                             np.nan_to_num(value[:, 2 * g + 1]))
+        part = trimmed.trimmed_parts(x[g][members], robust.search, robust.search, 2 * g,
+                                     2 * g + 1)
         for key, v in part.items():
             out[key][:, g] = v
     return RobustParts(**out)
@@ -202,33 +202,31 @@ def robust_means(sums: RobustParts, robust: RobustSearch, start: FitStart) -> di
     """Trimmed means of every group: phase A gives the cell means q and the replacement
     mean, phase B the trimmed variances and the robust dispersion."""
     search = robust.search
-    value = _values(search)
-    G, T = search["done"].shape
-    n_groups = T // 2
+    n_groups = robust.groups_active.size
+    G = search.done.shape[0]
     tm = np.full((G, n_groups), np.nan)
-    tot = {"sum_inside": sums.sum_inside, "n_le_lo": sums.n_le_lo, "n_lt_hi": sums.n_lt_hi}
     for g in range(n_groups):
         if not robust.groups_active[g]:
             continue
         lo, hi = (int(r) for r in robust.ranks[g])
-        parts = {k: v[:, g] for k, v in tot.items()}
-        ok = search["done"][:, 2 * g] & search["done"][:, 2 * g + 1]
-        tm[:, g] = np.where(ok, order_stats.trimmed_mean(parts, value[:, 2 * g],
-                                                         value[:, 2 * g + 1], lo, hi),
-                            np.nan)
+        parts = {f.name: getattr(sums, f.name)[:, g] for f in fields(RobustParts)}
+        tm[:, g] = trimmed.trimmed_mean(parts, search, search, 2 * g, 2 * g + 1, lo, hi)
     if robust.phase == "A":
         active_b = robust.groups_active.copy()
         active_b[-1] = False  # B: cells only
         # squared errors scale with the variance (moments: mean + alpha mean^2)
         m = start.base_mean
         var = np.maximum(np.nan_to_num(start.moments_disp), 0.0) * m * m + m
-        return {"robust": replace(robust, phase="B", cell_means=tm[:, :n_groups - 1],
-                                  replace_mean=tm[:, n_groups - 1],
-                                  search=_start_search(var, active_b, (-3.0, 2.0)))}
+        rob = replace(robust, phase="B", cell_means=tm[:, :n_groups - 1],
+                      replace_mean=tm[:, n_groups - 1])
+        # a zero count's squared error is q**2: often shared by many samples of a cell
+        known = np.column_stack([tm[:, :n_groups - 1] ** 2, np.zeros(G)])
+        return {"robust": replace(rob, search=_start_search(var, rob, active_b, (-3.0, 2.0),
+                                                            known))}
     counted = robust.groups_active[:n_groups - 1]
     cell_var = (robust.scales[None, :] * tm[:, :n_groups - 1])[:, counted]
     return {"robust": replace(robust, alpha=cooks.robust_dispersion(cell_var, start.base_mean),
-                              unfinished=int((~search["done"]).any(axis=1).sum()))}
+                              unfinished=int((~search.done).any(axis=1).sum()))}
 
 
 @aggregator_step(writes=("cooks",))

@@ -1,21 +1,25 @@
 """Gene-wise, trend and MAP dispersions (DESeq2's ``estimateDispersions``), federated.
 
-Gene-wise: the Cox-Reid adjusted profile likelihood in log(alpha) is maximised per gene.
-Each round the sites evaluate, at a few points per gene, the likelihood sums and the packed
-X'WX with its two derivatives (:func:`disp_sums`); the aggregator adds them up, forms the exact
-objective, gradient and curvature (:func:`fed_de.core.dispersion.objective`: the Cox-Reid term
-needs the *global* X'WX) and runs a safeguarded Newton search with a parallel line search
-(:mod:`fed_de.core.optim1d`).
+DESeq2's dispersions are where its own procedure stops -- ``fitDisp``'s line search from the
+rough estimate, ``noIncrease``, the grid refit of genes that did not converge, the MAP search
+from ``dispInit`` -- not the optimum of the objective. fed_de follows that procedure
+(:mod:`fed_de.core.disp_path`): the aggregator replays R's loop on a surrogate of each gene's
+objective built from the evaluations the sites returned, and asks for the points that decide
+it. The objective (Cox-Reid adjusted log likelihood in log alpha) needs the *global* X'WX, so
+the sites send sums at the points asked for (:func:`disp_sums`) and the aggregator forms it
+(:func:`fed_de.core.dispersion.objective`).
 
-Round G0  site : fitted means of the dispersion fit (kept at the site), sums at the start
-                 point and a few spread points     agg : best point, first Newton step
-Round Gk  site : sums at the candidates             agg : accept/shrink, next step
-After the last gene-wise round: the gene-wise estimates (:func:`genewise_estimate`), the trend
-and the prior variance (:func:`trend_and_prior`), and the MAP search from the gene-wise optimum
-with the prior added (:func:`map_begin`) -- aggregator work, no round.
-Round Mk  site : sums at the candidates             agg : MAP Newton update
-After the last MAP round: bounds, and dispersion outliers keep their gene-wise value
-(:func:`map_finish`).
+Round G1  site : means of the dispersion fit (kept at the site); sums at the start and points
+                 around it                                 agg : follow R's path
+Round Gk  site : sums at the (gene, point) pairs asked     agg : follow R's path; ask for the
+                 points that decide the next steps, and, in free slots, the points the MAP
+                 search will want (prefetched from a provisional trend)
+After the last gene-wise round: dispGeneEst (:func:`genewise_estimate`), the trend and the
+prior variance (:func:`trend_and_prior`), the MAP search from DESeq2's start (:func:`map_begin`)
+-- aggregator work, no round.
+Round Mk  site : sums at the pairs asked                   agg : follow R's MAP path
+After the last MAP round: dispMAP, bounds, and dispersion outliers keep their gene-wise value
+(:func:`map_finish`). The Cook's refit runs the same rounds with the first fit's trend.
 """
 
 from __future__ import annotations
@@ -25,38 +29,32 @@ from dataclasses import replace
 import numpy as np
 
 from fed_de.bulk.state import Dispersions, DispSearch, FitStart, Site, Totals
+from fed_de.core import disp_path, nb
 from fed_de.core import dispersion as dcore
-from fed_de.core import nb, optim1d
+from fed_de.core.disp_surrogate import memory_pack, memory_unpack
 from fed_de.core.irls import MIN_MU, IRLSFit
 from fed_de.federation.calls import aggregator_step, call, site_step
 from fed_de.federation.messages import Message, sums
 from fed_de.federation.strategy import Phase, Round
 
-RADIUS = 3.0  # first trust radius of a search (log scale)
-
 
 class DispSums(Message):
-    """Likelihood sums and packed X'WX with its two derivatives at each point of a gene."""
+    """Likelihood sums and packed X'WX with its two derivatives at each (gene, point) pair
+    the aggregator asked for."""
 
-    ll: np.ndarray = sums("G", "K")
-    d1: np.ndarray = sums("G", "K")
-    d2: np.ndarray = sums("G", "K")
-    A: np.ndarray = sums("G", "K", "T")
-    A1: np.ndarray = sums("G", "K", "T")
-    A2: np.ndarray = sums("G", "K", "T")
-
-
-def objective(sums: DispSums, points: np.ndarray, p: int, prior=None):
-    """Objective, gradient and curvature at ``points`` from the summed message."""
-    return dcore.objective(sums.ll, sums.d1, sums.d2, sums.A, sums.A1, sums.A2, points, p,
-                           prior)
+    ll: np.ndarray = sums("P")
+    d1: np.ndarray = sums("P")
+    d2: np.ndarray = sums("P")
+    A: np.ndarray = sums("P", "T")
+    A1: np.ndarray = sums("P", "T")
+    A2: np.ndarray = sums("P", "T")
 
 
 @site_step
 def disp_sums(site: Site, disp: DispSearch, start: FitStart, totals: Totals,
               irls_mu: IRLSFit | None, first: bool = False) -> DispSums:
-    """Sums at this round's points; the first round also fixes (and keeps) the means of
-    the dispersion fit."""
+    """Sums at this round's (gene, log alpha) pairs; the first round also fixes (and keeps)
+    the means of the dispersion fit."""
     if first:
         X, sf = site.kept.design, site.kept.size_factors
         if totals.linear_mu:
@@ -64,56 +62,87 @@ def disp_sums(site: Site, disp: DispSearch, start: FitStart, totals: Totals,
         else:
             mu = nb.fitted_mu(X, np.nan_to_num(irls_mu.beta), sf, MIN_MU)
         site.kept.mu_disp = mu
-    # genes whose search is over are sent as zeros: same shape, no work
-    idx = np.flatnonzero(disp.active)
-    part = nb.disp_summands(site.counts()[:, idx], site.kept.mu_disp[:, idx], site.kept.design,
-                            np.nan_to_num(disp.points[idx]))
-    G = disp.points.shape[0]
-    out = {}
-    for key, value in part.items():
-        out[key] = np.zeros((G,) + value.shape[1:])
-        out[key][idx] = value
-    return DispSums(**out)
+    part = nb.disp_summands_at(site.counts(), site.kept.mu_disp, site.kept.design,
+                               disp.pair_gene, disp.pair_point)
+    return DispSums(**part)
+
+
+# -- the aggregator's side -------------------------------------------------------------------
+def _request(search: dict) -> dict:
+    """The (gene, slot, point) pairs of a search's next points (NaN: nothing to evaluate)."""
+    points = disp_path.propose(search)
+    gene, slot = np.nonzero(np.isfinite(points))
+    return {"pair_gene": gene, "pair_slot": slot, "pair_point": points[gene, slot]}
+
+
+def _dense(disp: DispSearch, values: np.ndarray, G: int) -> np.ndarray:
+    """Pair values back to genes x slots (NaN where nothing was asked)."""
+    width = int(disp.pair_slot.max(initial=-1)) + 1
+    out = np.full((G,) + (width,) + values.shape[1:], np.nan)
+    out[disp.pair_gene, disp.pair_slot] = values
+    return out
+
+
+def _unpacked(search: dict) -> dict:
+    return {**search, "memory": memory_unpack(search["memory"])}
+
+
+def _packed(search: dict) -> dict:
+    """What the run state keeps: the evaluated points as flat arrays (~32 bytes a point)."""
+    return {**search, "memory": memory_pack(search["memory"])}
+
+
+def _advance(search: dict, sums: DispSums, disp: DispSearch, p: int) -> dict:
+    """Add a round's evaluations (prior-free objective) to a search and follow R's path."""
+    G = search["a0"].shape[0]
+    P, T = disp.pair_gene.size, nb.n_packed(p)
+    f, g, h = dcore.objective(sums.ll.reshape(P, 1), sums.d1.reshape(P, 1),
+                              sums.d2.reshape(P, 1), sums.A.reshape(P, 1, T),
+                              sums.A1.reshape(P, 1, T), sums.A2.reshape(P, 1, T),
+                              disp.pair_point.reshape(P, 1), p)
+    dense = [_dense(disp, v[:, 0], G) for v in (disp.pair_point.reshape(P, 1), f, g, h)]
+    return disp_path.update(_unpacked(search), *dense)
 
 
 @aggregator_step(writes=("disp",))
-def first_points(start: FitStart, totals: Totals) -> dict:
-    """The first gene-wise round's points: the rough start, spread points and anchors."""
-    return {"disp": DispSearch(points=dcore.initial_points(start.alpha_hat, totals.max_disp),
-                               active=~start.skip)}
+def first_points(start: FitStart, totals: Totals, options) -> dict:
+    """The gene-wise search from DESeq2's start, log(alpha_hat) (rough / moments estimate)."""
+    alpha_hat = np.where(start.skip, 1.0, start.alpha_hat)
+    gw = disp_path.start(np.log(alpha_hat), n_samples=int(totals.n_samples),
+                         max_disp=totals.max_disp, alpha_init=alpha_hat, active=~start.skip,
+                         max_rounds=options.genewise_rounds)
+    return {"disp": DispSearch(**_request(gw), genewise=_packed(gw))}
 
 
 @aggregator_step(writes=("disp",))
-def genewise_start(sums: DispSums, disp: DispSearch, start: FitStart, totals: Totals,
-                   study) -> dict:
-    """Best of the start points; first Newton candidates."""
-    lo, hi = dcore.log_bounds(totals.max_disp)
-    f, g, h = objective(sums, disp.points, study.n_coefs)
-    search = optim1d.start(disp.points, f, g, h, radius=RADIUS, lo=lo, hi=hi)
-    search.done |= start.skip
-    return {"disp": replace(disp, genewise=search, start_f=f[:, 0], start_g=g[:, 0],
-                            start_h=h[:, 0], points=optim1d.propose(search, lo, hi),
-                            active=~search.done)}
-
-
-@aggregator_step(writes=("disp",))
-def search_step(sums: DispSums, disp: DispSearch, totals: Totals, study,
-                phase: str = "genewise") -> dict:
-    """One Newton update of the gene-wise (``phase="genewise"``) or MAP search."""
-    lo, hi = dcore.log_bounds(totals.max_disp)
-    prior = disp.prior if phase == "map" else None
-    f, g, h = objective(sums, disp.points, study.n_coefs, prior)
-    search = optim1d.update(getattr(disp, phase), disp.points, f, g, h, lo, hi)
-    return {"disp": replace(disp, **{phase: search}, points=optim1d.propose(search, lo, hi),
-                            active=~search.done)}
+def genewise_step(sums: DispSums, disp: DispSearch, dispersions: Dispersions | None,
+                  trend, start: FitStart, totals: Totals, study, options) -> dict:
+    """Follow R's gene-wise path through the new evaluations; ask for the deciding points,
+    and, while gene-wise rounds remain, prefetch the MAP search's first points."""
+    gw = _advance(disp.genewise, sums, disp, study.n_coefs)
+    if gw["round"] < gw["max_rounds"] and not disp_path.done(gw):
+        if dispersions is not None and dispersions.fit is not None:  # the refit: trend known
+            fit, prior_var = dispersions.fit, trend.prior_var
+        else:  # a provisional trend from the provisional gene-wise estimates
+            prov = disp_path.result(gw)["disp"]
+            fit, t = dcore.fit_trend(start.base_mean, prov, start.skip, options.fit_type,
+                                     int(totals.n_samples), study.n_coefs)
+            prior_var = t.prior_var
+        ok = np.isfinite(fit) & (fit > 0)
+        extra = disp_path.prefetch_map(gw, np.where(ok, fit, 1.0), prior_var)
+        width = disp_path.propose(gw).shape[1]
+        gw["points"] = disp_path.merge_points(disp_path.propose(gw),
+                                              np.where(ok[:, None], extra, np.nan), width)
+    return {"disp": replace(disp, **_request(gw), genewise=_packed(gw))}
 
 
 @aggregator_step(writes=("dispersions",))
-def genewise_estimate(disp: DispSearch, start: FitStart, totals: Totals) -> dict:
-    """Gene-wise estimates from the finished search (DESeq2's ``noIncrease`` rule)."""
-    gene = dcore.genewise_estimates(disp.genewise, disp.start_f, disp.start_g, disp.start_h,
-                                    start.alpha_hat, start.skip, totals.max_disp)
-    return {"dispersions": Dispersions(gene=gene)}
+def genewise_estimate(disp: DispSearch, dispersions: Dispersions | None) -> dict:
+    """dispGeneEst: where R's line search (or its grid refit) ends, noIncrease, bounds."""
+    gene = disp_path.result(_unpacked(disp.genewise))["disp"]
+    if dispersions is None:
+        return {"dispersions": Dispersions(gene=gene)}
+    return {"dispersions": replace(dispersions, gene=gene)}
 
 
 @aggregator_step(writes=("dispersions", "trend", "disp"))
@@ -129,34 +158,48 @@ def trend_and_prior(dispersions: Dispersions, disp: DispSearch, start: FitStart,
 
 
 @aggregator_step(writes=("disp",))
-def map_begin(disp: DispSearch, start: FitStart, totals: Totals) -> dict:
-    """The MAP search from the gene-wise optimum (no round: f, g, h there are known)."""
-    lo, hi = dcore.log_bounds(totals.max_disp)
-    search = dcore.map_start(disp.genewise, disp.prior, start.skip, totals.max_disp)
-    return {"disp": replace(disp, map=search, points=optim1d.propose(search, lo, hi),
-                            active=~search.done)}
+def map_begin(disp: DispSearch, dispersions: Dispersions, trend, start: FitStart,
+              totals: Totals, options) -> dict:
+    """The MAP search from DESeq2's ``dispInit`` (the gene-wise estimate, or the trend when
+    that is an order of magnitude below it), on the evaluations made so far."""
+    fit = np.where(start.skip, 1.0, dispersions.fit)
+    prior = dcore.Prior(mean=np.log(fit), var=trend.prior_var)
+    gene = np.where(start.skip, 1.0, dispersions.gene)
+    gw = _unpacked(disp.genewise)
+    mp = disp_path.start(np.log(disp_path.map_start(gene, fit)), n_samples=gw["n_samples"],
+                         max_disp=totals.max_disp, prior={"mean": prior.mean, "var": prior.var},
+                         memory=gw["memory"], active=~start.skip,
+                         max_rounds=options.map_rounds)
+    return {"disp": replace(disp, **_request(mp), map=_packed(mp), prior=prior)}
+
+
+@aggregator_step(writes=("disp",))
+def map_step(sums: DispSums, disp: DispSearch, study) -> dict:
+    """Follow R's MAP path through the new evaluations."""
+    mp = _advance(disp.map, sums, disp, study.n_coefs)
+    return {"disp": replace(disp, **_request(mp), map=_packed(mp))}
 
 
 @aggregator_step(writes=("dispersions",))
 def map_finish(disp: DispSearch, dispersions: Dispersions, trend, start: FitStart,
                totals: Totals) -> dict:
-    """MAP dispersions within bounds; dispersion outliers keep their gene-wise value."""
+    """dispMAP within bounds; dispersion outliers keep their gene-wise value."""
+    disp_map = disp_path.result(_unpacked(disp.map))["disp"]
     disp_map, outlier, final = dcore.final_dispersions(
-        disp.map.x, dispersions.gene, dispersions.fit, trend.var_log_disp_ests, start.skip,
+        disp_map, dispersions.gene, dispersions.fit, trend.var_log_disp_ests, start.skip,
         totals.max_disp)
     return {"dispersions": replace(dispersions, map=disp_map, outlier=outlier, final=final)}
 
 
 def genewise_phase(rounds: int) -> Phase:
-    """The gene-wise search: a first round at the start points, then ``rounds`` updates."""
-    step = [call(search_step, phase="genewise")]
+    """The gene-wise search: ``rounds`` rounds, the first fused with the means' computation."""
     return Phase("genewise", opening=[first_points], closing=[genewise_estimate], rounds=[
-        Round(call(disp_sums, first=True), [genewise_start]),
-        *[Round(disp_sums, list(step)) for _ in range(rounds)]])
+        Round(call(disp_sums, first=True), [genewise_step]),
+        *[Round(disp_sums, [genewise_step]) for _ in range(rounds - 1)]])
 
 
-def map_phase(rounds: int) -> Phase:
-    """Trend and prior (no round), then the MAP search."""
-    step = [call(search_step, phase="map")]
-    return Phase("trend_prior_map", opening=[trend_and_prior, map_begin], closing=[map_finish],
-                 rounds=[Round(disp_sums, list(step)) for _ in range(rounds)])
+def map_phase(rounds: int, fit_trend: bool = True) -> Phase:
+    """Trend and prior (no round; the refit keeps the first fit's), then the MAP search."""
+    opening = [trend_and_prior, map_begin] if fit_trend else [map_begin]
+    return Phase("trend_prior_map", opening=opening, closing=[map_finish],
+                 rounds=[Round(disp_sums, [map_step]) for _ in range(rounds)])

@@ -24,11 +24,12 @@ from fed_de.federation.strategy import Phase, Round
 
 
 class FitSums(Message):
-    """``fitBeta`` sums at each candidate of each gene."""
+    """``fitBeta`` sums at each candidate of each gene, and the observed information."""
 
     xtwx: np.ndarray = sums("G", "KB", "T")
     xtwz: np.ndarray = sums("G", "KB", "p")
     deviance: np.ndarray = sums("G", "KB")
+    xtwx_obs: np.ndarray = sums("G", "KB", "T")
 
 
 class ReducedFitSums(Message):
@@ -37,6 +38,7 @@ class ReducedFitSums(Message):
     xtwx: np.ndarray = sums("G", "KB", "Tr")
     xtwz: np.ndarray = sums("G", "KB", "pr")
     deviance: np.ndarray = sums("G", "KB")
+    xtwx_obs: np.ndarray = sums("G", "KB", "Tr")
 
 
 class RawDeviances(Message):
@@ -66,7 +68,7 @@ def _fit_sums(site: Site, fit: IRLSFit, alpha: np.ndarray, X: np.ndarray) -> dic
     lgy1 = site.lgamma_y1()[idx]
     lgr = nb.nb_lgamma_ratio(y, alpha)  # mean-free part: once for every candidate
     out = {"xtwx": np.zeros((G, K, nb.n_packed(p))), "xtwz": np.zeros((G, K, p)),
-           "deviance": np.zeros((G, K))}
+           "deviance": np.zeros((G, K)), "xtwx_obs": np.zeros((G, K, nb.n_packed(p)))}
     for k in range(K):
         summands = nb.irls_summands(y, X, sf, cands[:, k], alpha, MIN_MU, lgy1, lgr)
         for key, value in summands.items():
@@ -120,11 +122,12 @@ def irls_step(sums: IRLSSums, irls_mu: IRLSFit | None, irls_final: IRLSFit | Non
     """Keep the best candidate, test convergence, propose the next candidates."""
     fit = irls_mu if stage == "mu" else irls_final
     s = sums.full
-    out = {f"irls_{stage}": irls_update(fit, s.xtwx, s.xtwz, s.deviance, study.n_coefs)}
+    out = {f"irls_{stage}": irls_update(fit, s.xtwx, s.xtwz, s.deviance, study.n_coefs,
+                                        s.xtwx_obs)}
     if sums.reduced is not None:  # LRT: the reduced model's fit advances in the same round
         r = sums.reduced
         out["irls_reduced"] = irls_update(irls_reduced, r.xtwx, r.xtwz, r.deviance,
-                                          reduced.n_coefs)
+                                          reduced.n_coefs, r.xtwx_obs)
     return out
 
 

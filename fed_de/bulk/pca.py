@@ -19,7 +19,7 @@ Round m+2           site: its samples' coordinates on the axes (kept at the site
                           pooled and in the site's own row   -> :class:`CentroidSums`
                     agg : centroids per level and per site x level (:func:`pca_centroids`)
 
-The block ``b`` is ``min(pca_block, n - 1, genes)`` (default 50): a block that wide spans the
+The block ``b`` is ``min(pca_block, n - 1, genes)`` (default 64): a block that wide spans the
 covariance and one round is exact; otherwise the default 4 rounds reach the pooled axes to
 < 5e-7 on the simulated studies measured (docs/shrinkage.md). The math is in
 :mod:`fed_de.core.vst` and :mod:`fed_de.core.pca`; the rounds run beside the shrinkage in

@@ -7,11 +7,9 @@ runs, for those genes only (all others masked; the sites' messages carry their r
 
   :func:`begin`       install the refit's start; the mu-IRLS warm-started from the first fit
   mu-IRLS             at the new rough dispersions (``refit_mu_rounds``, :mod:`.irls`)
-  :func:`pair_start`, :func:`pair_step`
-                      gene-wise and MAP searches side by side (``refit_disp_rounds``): MAP uses
-                      the same means, the first fit's trend evaluated at the new baseMean, and
-                      its prior variance; DESeq2's dispersion-outlier rule then picks the final
-                      value (:func:`pair_finish`)
+  dispersions         the gene-wise and MAP rounds of :mod:`.dispersions` (DESeq2's own path),
+                      with the first fit's trend evaluated at the new baseMean and its prior
+                      variance; DESeq2's dispersion-outlier rule then picks the final value
   final IRLS          (``refit_final_rounds``); the last aggregation takes the covariance from
                       X'WX at the accepted coefficients, so no closing round is needed, and
                       :func:`finish` merges the refitted genes' values into the results.
@@ -23,27 +21,20 @@ from dataclasses import fields, replace
 
 import numpy as np
 
-from fed_de.bulk.dispersions import RADIUS, disp_sums, objective
+from fed_de.bulk.dispersions import genewise_phase, map_phase
 from fed_de.bulk.irls import irls_step, irls_sums, start_final_fit
-from fed_de.bulk.state import (
-    Dispersions,
-    DispSearch,
-    FitStart,
-    GeneResults,
-    Refit,
-    Totals,
-)
-from fed_de.core import dispersion as dcore
-from fed_de.core import lrt, nb, optim1d
+from fed_de.bulk.state import Dispersions, FitStart, GeneResults, Refit, Totals
+from fed_de.core import lrt, nb
 from fed_de.core.irls import IRLSFit, start_irls
 from fed_de.core.trend import trend_values
 from fed_de.federation.calls import aggregator_step, call
 from fed_de.federation.strategy import Phase, Round
 
 
-@aggregator_step(writes=("start", "rows", "irls_mu", "disp", "dispersions"))
+@aggregator_step(writes=("start", "rows", "irls_mu", "dispersions"))
 def begin(refit: Refit, irls_mu: IRLSFit, totals: Totals, trend) -> dict:
-    """The refit's state: its start, the genes messages carry, its first IRLS and points."""
+    """The refit's state: its start, the genes messages carry, its first IRLS, and the first
+    fit's trend at the refit's baseMean."""
     new = refit.start
     mask = new.skip
     warm = np.nan_to_num(irls_mu.beta) if new.mu_rounds else None
@@ -52,64 +43,7 @@ def begin(refit: Refit, irls_mu: IRLSFit, totals: Totals, trend) -> dict:
     disp_fit = np.where(mask, np.nan, trend_values(trend.coefficients, new.base_mean,
                                                    trend.fit_type))
     return {"start": new, "rows": np.flatnonzero(refit.genes), "irls_mu": mu_fit,
-            "disp": DispSearch(points=dcore.initial_points(new.alpha_hat, totals.max_disp),
-                               active=~mask),
             "dispersions": Dispersions(fit=disp_fit)}
-
-
-def _propose_pair(disp: DispSearch, lo: float, hi: float) -> DispSearch:
-    gw, mp = disp.genewise, disp.map
-    return replace(disp, points=np.concatenate([optim1d.propose(gw, lo, hi),
-                                                optim1d.propose(mp, lo, hi)], axis=1),
-                   active=~(gw.done & mp.done))
-
-
-@aggregator_step(writes=("disp",))
-def pair_start(sums, disp: DispSearch, dispersions: Dispersions, trend, start: FitStart,
-               totals: Totals, study) -> dict:
-    """Start both searches from the first round's points (the MAP one with the prior)."""
-    lo, hi = dcore.log_bounds(totals.max_disp)
-    points, p = disp.points, study.n_coefs
-    f, g, h = objective(sums, points, p)
-    gw = optim1d.start(points, f, g, h, radius=RADIUS, lo=lo, hi=hi)
-    prior = dcore.Prior(mean=np.log(dispersions.fit), var=trend.prior_var)
-    fm, gm, hm = objective(sums, points, p, prior)
-    mp = optim1d.start(points, fm, gm, hm, radius=RADIUS, lo=lo, hi=hi)
-    for s in (gw, mp):
-        s.done |= start.skip
-    disp = replace(disp, genewise=gw, map=mp, prior=prior, start_f=f[:, 0], start_g=g[:, 0],
-                   start_h=h[:, 0])
-    return {"disp": _propose_pair(disp, lo, hi)}
-
-
-@aggregator_step(writes=("disp",))
-def pair_step(sums, disp: DispSearch, totals: Totals, study, last: bool = False) -> dict:
-    """Update both searches (the points hold the gene-wise half, then the MAP half)."""
-    lo, hi = dcore.log_bounds(totals.max_disp)
-    points, p = disp.points, study.n_coefs
-    K = points.shape[1] // 2
-    halves = [{f.name: getattr(sums, f.name)[:, :K] for f in fields(sums)},
-              {f.name: getattr(sums, f.name)[:, K:] for f in fields(sums)}]
-    new = {}
-    for key, half, pts, prior in (("genewise", halves[0], points[:, :K], None),
-                                  ("map", halves[1], points[:, K:], disp.prior)):
-        f, g, h = dcore.objective(**half, points=pts, p=p, prior=prior)
-        new[key] = optim1d.update(getattr(disp, key), pts, f, g, h, lo, hi)
-    disp = replace(disp, **new)
-    return {"disp": disp if last else _propose_pair(disp, lo, hi)}
-
-
-@aggregator_step(writes=("dispersions",))
-def pair_finish(disp: DispSearch, dispersions: Dispersions, trend, start: FitStart,
-                totals: Totals) -> dict:
-    """The refit's gene-wise, MAP and final dispersions."""
-    gene = dcore.genewise_estimates(disp.genewise, disp.start_f, disp.start_g, disp.start_h,
-                                    start.alpha_hat, start.skip, totals.max_disp)
-    disp_map, outlier, final = dcore.final_dispersions(
-        disp.map.x, gene, dispersions.fit, trend.var_log_disp_ests, start.skip,
-        totals.max_disp)
-    return {"dispersions": replace(dispersions, gene=gene, map=disp_map, outlier=outlier,
-                                   final=final)}
 
 
 @aggregator_step(writes=("genes", "rows"))
@@ -165,18 +99,18 @@ def _at_accepted(values: np.ndarray, fit: IRLSFit) -> np.ndarray:
     return values[np.arange(values.shape[0]), fit.picked]
 
 
-def phase(mu_rounds: int, disp_rounds: int, final_rounds: int, lrt_test: bool) -> Phase:
-    """The refit of the replaced genes: mu-IRLS, paired dispersion searches, final IRLS (the
-    LRT's last round also carries both models' deviances)."""
-    rounds = [Round(call(irls_sums, stage="mu"), [call(irls_step, stage="mu")])
-              for _ in range(mu_rounds)]
-    rounds.append(Round(call(disp_sums, first=True), [pair_start]))
-    rounds += [Round(disp_sums, [call(pair_step, last=i == disp_rounds - 2)])
-               for i in range(disp_rounds - 1)]
-    rounds[-1].steps += [pair_finish, start_final_fit]
-    rounds += [Round(call(irls_sums, stage="final"), [call(irls_step, stage="final")])
-               for _ in range(final_rounds - 1)]
+def phases(mu_rounds: int, genewise_rounds: int, map_rounds: int, final_rounds: int,
+           lrt_test: bool) -> list[Phase]:
+    """The refit of the replaced genes, DESeq2's sequence: mu-IRLS, gene-wise and MAP
+    dispersions (the first fit's trend and prior variance), final IRLS (the LRT's last round
+    also carries both models' deviances)."""
+    mu = [Round(call(irls_sums, stage="mu"), [call(irls_step, stage="mu")])
+          for _ in range(mu_rounds)]
+    final = [Round(call(irls_sums, stage="final"), [call(irls_step, stage="final")])
+             for _ in range(final_rounds - 1)]
     last = call(irls_sums, stage="final", raw=True) if lrt_test else call(irls_sums,
                                                                           stage="final")
-    rounds.append(Round(last, [call(irls_step, stage="final"), finish]))
-    return Phase("refit", opening=[begin], rounds=rounds)
+    final.append(Round(last, [call(irls_step, stage="final"), finish]))
+    return [Phase("refit", opening=[begin], rounds=mu),
+            genewise_phase(genewise_rounds), map_phase(map_rounds, fit_trend=False),
+            Phase("refit_final", opening=[start_final_fit], rounds=final)]

@@ -15,8 +15,13 @@ import pandas as pd
 from scipy.stats import chi2
 
 from fed_de.bulk.state import GeneResults, Refit, RunState
+from fed_de.core.contrast_zero import (
+    apply_contrast_all_zero,
+    character_contrast_all_zero,
+    numeric_contrast_all_zero,
+)
 from fed_de.core.testing import adjust_pvalues, contrast_vector, wald_test
-from fed_de.design import Study
+from fed_de.design import Study, cell_design_rows, design_cells
 
 Contrast = tuple | list | np.ndarray | str | None
 
@@ -24,9 +29,13 @@ Contrast = tuple | list | np.ndarray | str | None
 def contrast_results(genes: GeneResults, contrast: np.ndarray, *, refit: Refit | None = None,
                      alpha: float = 0.1, lfc_threshold: float = 0.0,
                      alt_hypothesis: str = "greaterAbs", independent_filtering: bool = True,
-                     names=None, test: str = "Wald", cooks_filter: bool = True
-                     ) -> pd.DataFrame:
-    """DESeq2 ``results()`` table for a numeric contrast (natural-log coefficients in)."""
+                     names=None, test: str = "Wald", cooks_filter: bool = True,
+                     all_zero_groups: np.ndarray | None = None) -> pd.DataFrame:
+    """DESeq2 ``results()`` table for a numeric contrast (natural-log coefficients in).
+
+    ``all_zero_groups``: genes whose compared groups hold only zero counts (DESeq2 then gives
+    LFC 0, stat 0, p-value 1: :mod:`fed_de.core.contrast_zero`).
+    """
     c = np.asarray(contrast, dtype=float)
     lfc = genes.beta @ c
     se = np.sqrt(np.einsum("i,gij,j->g", c, genes.beta_cov, c))
@@ -35,6 +44,10 @@ def contrast_results(genes: GeneResults, contrast: np.ndarray, *, refit: Refit |
         # DESeq2: LFC and SE from the full model's Wald fit, statistic and p-value from the LRT
         stat = genes.lrt_stat
         pvalue = chi2.sf(np.maximum(stat, 0.0), genes.lrt_df)
+    if all_zero_groups is not None:
+        log2fc, stat, pvalue = apply_contrast_all_zero(
+            log2fc, lfcse, stat, pvalue, all_zero_groups, test=test,
+            lfc_threshold=lfc_threshold, alt_hypothesis=alt_hypothesis)
     if refit is not None:
         # DESeq2: genes all zero after outlier replacement report LFC 0, SE 0, p-value 1
         zero = refit.new_all_zero
@@ -136,7 +149,28 @@ class DESeq2Result:
             alpha=self.alpha if alpha is None else alpha, lfc_threshold=lfc_threshold,
             alt_hypothesis=alt_hypothesis, independent_filtering=independent_filtering,
             names=self.genes, test=self.test, cooks_filter=cooks_filter,
+            all_zero_groups=self.all_zero_groups(contrast),
         )
+
+    def all_zero_groups(self, contrast: Contrast) -> np.ndarray | None:
+        """Genes whose compared groups hold only zero counts, as DESeq2's ``results()`` finds
+        them for a ``contrast=`` (none for a coefficient name or the default)."""
+        g, study = self.state.genes, self.study
+        if g.cell_totals is None or contrast is None or isinstance(contrast, str) \
+                or study.continuous or not study.levels:
+            return None
+        cells = design_cells(study)
+        if isinstance(contrast, (tuple, list)) and len(contrast) == 3 and all(
+                isinstance(c, str) for c in contrast):
+            factor, num, den = contrast
+            lv = study.levels[factor]
+            col = list(study.levels).index(factor)
+            level_totals = np.column_stack([
+                g.cell_totals[:, [i for i, c in enumerate(cells) if c[col] == level]].sum(axis=1)
+                for level in lv])
+            return character_contrast_all_zero(level_totals, lv, num, den)
+        return numeric_contrast_all_zero(g.cell_totals, cell_design_rows(study),
+                                         self.contrast_vector(contrast))
 
     @property
     def dispersions(self) -> pd.DataFrame:

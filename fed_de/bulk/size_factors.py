@@ -5,7 +5,8 @@ Round 1  site : validates its data, keeps its design matrix; sum of log positive
          agg  : log geometric means over all samples of all sites (:func:`log_means`)
 Round 2  site : each sample's size factor (kept at the site); per-gene sums of normalised
                 counts and their squares, sum of 1/sf, X'X, X'(normalised counts), and the
-                number of samples in each declared design cell          -> MomentSums
+                number of samples in each declared design cell, the normalised counts'
+                sums per design cell (which compared groups are all zero) -> MomentSums
          agg  : baseMean, DESeq2's moments dispersion, the least-squares fit on normalised
                 counts (``linearModelMu``), the linear-mu shortcut of cell-means designs, the
                 full-rank check (:func:`moments`); every sum is rescaled exactly here for
@@ -50,6 +51,7 @@ class MomentSums(Message):
     xtx: np.ndarray = sums("T")
     xty: np.ndarray = sums("G", "p")
     cell_counts: np.ndarray = sums("C")
+    cell_norm: np.ndarray = sums("G", "C")
 
 
 class NormalisedSums(Message):
@@ -141,12 +143,15 @@ def moment_sums(site: Site, totals: Totals) -> MomentSums:
     X = site.kept.design
     norm = site.counts() / sf[:, None]
     n = site.data.n_samples
-    cell_counts = (np.bincount(site.cells(), minlength=len(design_cells(site.study)))
-                   .astype(float) if site.study.levels else np.zeros(1))
+    C = len(design_cells(site.study)) if site.study.levels else 1
+    cells = site.cells() if site.study.levels else np.zeros(n, dtype=int)
+    cell_counts = np.bincount(cells, minlength=C).astype(float) if site.study.levels \
+        else np.zeros(1)
+    onehot = (cells[:, None] == np.arange(C)[None, :]).astype(float)
     return MomentSums(sum_norm=norm.sum(axis=0), sum_norm_sq=(norm * norm).sum(axis=0),
                       sum_inv_sf=float((1.0 / sf).sum()), sum_log_sf=float(np.log(sf).sum()),
                       n_samples=float(n), xtx=nb.gram(X, np.ones(n)), xty=norm.T @ X,
-                      cell_counts=cell_counts)
+                      cell_counts=cell_counts, cell_norm=norm.T @ onehot)
 
 
 @aggregator_step(writes=("totals", "start"))
@@ -165,7 +170,8 @@ def moments(sums: MomentSums, study, options) -> dict:
     totals = Totals(n_samples=n, sf_scale=c, xtx=sums.xtx, xim=m["xim"],
                     cell_counts=sums.cell_counts, linear_mu=linear)
     start = FitStart(base_mean=m["base_mean"], skip=m["base_mean"] == 0,
-                     moments_disp=m["moments_disp"], beta_lin=beta_lin)
+                     moments_disp=m["moments_disp"], beta_lin=beta_lin,
+                     cell_totals=sums.cell_norm * c)
     return {"totals": totals, "start": start}
 
 

@@ -41,7 +41,7 @@ from scipy.special import gammaln
 from fed_de.core.dispersion import Prior, Trend
 from fed_de.core.fallback import FallbackFit
 from fed_de.core.irls import IRLSFit
-from fed_de.core.optim1d import Search
+from fed_de.core.trimmed import Search as ThresholdSearch
 from fed_de.design import Study, cell_index
 from fed_de.federation.secure import KeyRelay
 from fed_de.site import SiteData
@@ -59,14 +59,13 @@ class DESeq2Options:
     test: str = "Wald"
     reduced: str | None = None
     cooks: bool = True
-    mu_rounds: int = 8
+    mu_rounds: int = 6
     genewise_rounds: int = 4
-    map_rounds: int = 3
-    final_rounds: int = 8
+    map_rounds: int = 1
+    final_rounds: int = 6
     fallback_rounds: int = 1
-    robust_rounds: int = 11
+    robust_rounds: int = 6
     refit_mu_rounds: int = 3
-    refit_disp_rounds: int = 4
     refit_final_rounds: int = 4
     # post-fit phase (fed_de.bulk.postfit): LFC shrinkage and VST + PCA
     shrink: str | None = None  # "apeglm" or "normal"
@@ -75,7 +74,7 @@ class DESeq2Options:
     pca: bool = False
     pca_genes: int = 500
     pca_axes: int = 2
-    pca_block: int = 50  # b >= n - 1: exact in one round
+    pca_block: int = 64  # b >= n - 1: exact in one round
     pca_rounds: int = 4
     pca_group: str = ""  # factor whose levels the centroids are taken over
     site_names: tuple = ()  # the study's declared sites (centroids per site)
@@ -175,19 +174,19 @@ class FitStart:
     beta_init_reduced: np.ndarray | None = None  # LRT: the reduced model's starts
     beta_alt_reduced: np.ndarray | None = None
     mu_rounds: int = 0  # IRLS rounds of the dispersion-fit means (0: linear mu)
+    cell_totals: np.ndarray | None = None  # normalised counts summed per design cell
 
 
 @dataclass
 class DispSearch:
-    """The dispersion searches: where the sites evaluate next, and the searches' states."""
+    """The dispersion searches (:mod:`fed_de.core.disp_path` states, their evaluated points
+    packed) and the (gene, log alpha) pairs the sites evaluate next."""
 
-    points: np.ndarray  # genes x K log(alpha) points
-    active: np.ndarray  # genes still searching (the others are sent as zeros)
-    genewise: Search | None = None
-    map: Search | None = None
-    start_f: np.ndarray | None = None  # objective at the rough start (DESeq2's noIncrease)
-    start_g: np.ndarray | None = None
-    start_h: np.ndarray | None = None
+    pair_gene: np.ndarray
+    pair_slot: np.ndarray
+    pair_point: np.ndarray
+    genewise: dict | None = None
+    map: dict | None = None
     prior: Prior | None = None
 
 
@@ -218,6 +217,7 @@ class GeneResults:
     lrt_df: int | None = None
     lrt_converged: np.ndarray | None = None
     cooks_outlier: np.ndarray | None = None  # p-values NA (Cook's filtering)
+    cell_totals: np.ndarray | None = None  # per design cell: which groups are all zero
 
 
 @dataclass
@@ -246,14 +246,16 @@ class Refit:
 
 @dataclass
 class RobustSearch:
-    """Side chain: exact trimmed cell means / variances by order-statistic searches."""
+    """Side chain: exact trimmed cell means / variances by counts-only threshold searches
+    (:mod:`fed_de.core.trimmed`)."""
 
-    groups_active: np.ndarray
-    ranks: np.ndarray
+    groups_active: np.ndarray  # design cells of >= 3 samples, then "all samples"
+    ranks: np.ndarray  # groups x (lo, hi): the trimmed set's ranks
+    sizes: np.ndarray  # samples per group
     n_cells: int
     scales: np.ndarray
     phase: str  # "A": normalised counts; "B": squared errors
-    search: dict  # thresholds, done, state (fed_de.core.order_stats)
+    search: ThresholdSearch | None  # two targets per group
     cell_means: np.ndarray | None = None
     replace_mean: np.ndarray | None = None
     alpha: np.ndarray | None = None

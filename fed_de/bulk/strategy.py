@@ -37,10 +37,9 @@ import numpy as np
 from fed_de.bulk import closing, cooks, dispersions, irls, postfit, refit
 from fed_de.bulk import size_factors as sfs
 from fed_de.bulk.state import DESeq2Options, RunState, Site, SiteState
-from fed_de.core.dispersion import ANCHORS, START_OFFSETS
+from fed_de.core import disp_path
 from fed_de.core.fallback import STEPS as FALLBACK_STEPS
 from fed_de.core.irls import N_CANDIDATES
-from fed_de.core.optim1d import STEP_FRACTIONS
 from fed_de.design import Study, reduced_study
 from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, Round, run_phases
 
@@ -80,17 +79,17 @@ class _BulkStrategy(FedStrategy):
         n_cells = int(np.prod([len(v) for v in levels])) if self.study.levels else 1
         pr = self.reduced.n_coefs if self.reduced is not None else 1
         G = len(self.study.genes)
-        n_points = max(len(START_OFFSETS) + len(ANCHORS), 2 * len(STEP_FRACTIONS))
+        n_points = disp_path.LATE_POINTS
         return {"G": G, "p": p, "T": p * (p + 1) // 2, "C": n_cells, "pr": pr,
-                "Tr": pr * (pr + 1) // 2, "K": n_points, "KB": N_CANDIDATES,
-                "KF": len(FALLBACK_STEPS), "K1": cooks.K_THRESHOLDS + 1, "NG": n_cells + 1,
+                "Tr": pr * (pr + 1) // 2, "P": G * n_points, "KB": N_CANDIDATES,
+                "KF": len(FALLBACK_STEPS), "K1": cooks.K_THRESHOLDS, "NG": n_cells + 1,
                 "A": G * 2 * (n_cells + 1)}
 
     def request_dims(self, state: RunState) -> dict[str, int]:
         """Sizes the aggregator's request names: points, candidates, open search targets."""
         out = {}
         if state.disp is not None:
-            out["K"] = state.disp.points.shape[1]
+            out["P"] = state.disp.pair_gene.size
         fit = state.irls_final if state.irls_final is not None else state.irls_mu
         if fit is not None:
             out["KB"] = fit.candidates.shape[1]
@@ -122,7 +121,7 @@ class DESeq2Strategy(_BulkStrategy):
         Cook's distances, outlier replacement and refit (DESeq2's default); off: the plan of
         the Wald pipeline alone.
     mu_rounds, genewise_rounds, map_rounds, final_rounds, fallback_rounds, robust_rounds,
-    refit_mu_rounds, refit_disp_rounds, refit_final_rounds
+    refit_mu_rounds, refit_final_rounds
         Unrolled iteration counts (the plan is static; defaults measured, see
         ``benchmarks/bench_rounds.py``).
     secure_aggregation, n_sites
@@ -147,7 +146,6 @@ class DESeq2Strategy(_BulkStrategy):
                  reduced: str | None = None, cooks: bool = OPTIONS.cooks,
                  robust_rounds: int = OPTIONS.robust_rounds,
                  refit_mu_rounds: int = OPTIONS.refit_mu_rounds,
-                 refit_disp_rounds: int = OPTIONS.refit_disp_rounds,
                  refit_final_rounds: int = OPTIONS.refit_final_rounds,
                  secure_aggregation: bool = True, n_sites: int = 0,
                  shrink: str | None = None, shrink_coef: str = "", shrink_rounds: int = 0,
@@ -166,7 +164,6 @@ class DESeq2Strategy(_BulkStrategy):
                          fallback_rounds=fallback_rounds, test=test,
                          reduced=reduced if test == "LRT" else None, cooks=bool(cooks),
                          robust_rounds=robust_rounds, refit_mu_rounds=refit_mu_rounds,
-                         refit_disp_rounds=refit_disp_rounds,
                          refit_final_rounds=refit_final_rounds,
                          secure_aggregation=secure_aggregation, n_sites=n_sites,
                          shrink=shrink, shrink_coef=shrink_coef, shrink_rounds=shrink_rounds,
@@ -204,8 +201,8 @@ class DESeq2Strategy(_BulkStrategy):
         else:
             plan = [*plan, cooks.robust_phase(o.robust_rounds, fork_after="size_factors"),
                     closing.phase(with_cooks=True),
-                    refit.phase(o.refit_mu_rounds if mu_rounds else 0, o.refit_disp_rounds,
-                                o.refit_final_rounds, o.test == "LRT")]
+                    *refit.phases(o.refit_mu_rounds if mu_rounds else 0, o.genewise_rounds,
+                                  o.map_rounds, o.refit_final_rounds, o.test == "LRT")]
         after = postfit.phase(o)  # shrinkage, VST + PCA: when asked for
         return plan if after is None else [*plan, after]
 

@@ -1,11 +1,11 @@
 """Aggregator-side math of DESeq2's dispersion estimates (``estimateDispersions``).
 
-Gene-wise: the Cox-Reid adjusted profile likelihood in log(alpha) is maximised per gene from
-summed site sums (:func:`objective`: the Cox-Reid term needs the *global* X'WX, so it is formed
-only here) with the search of :mod:`fed_de.core.optim1d`. Then DESeq2's rules give the
-gene-wise estimates (:func:`genewise_estimates`), the trend and the prior variance
-(:func:`fit_trend`), the MAP search starts from the gene-wise optimum with the prior added
-(:func:`map_start`), and the final dispersions keep the gene-wise value for dispersion outliers
+The objective -- the Cox-Reid adjusted profile likelihood in log(alpha), with or without the
+MAP's log-normal prior -- is formed from summed site sums (:func:`objective`: the Cox-Reid term
+needs the *global* X'WX, so it is formed only here). The bulk pipeline follows DESeq2's line
+search on it (:mod:`fed_de.core.disp_path`), the screen maximises it
+(:mod:`fed_de.core.optim1d`, then :func:`genewise_estimates`). Both fit the trend and the prior
+variance (:func:`fit_trend`) and keep the gene-wise value of dispersion outliers
 (:func:`final_dispersions`).
 """
 
@@ -19,11 +19,6 @@ import numpy as np
 from fed_de.core import nb, optim1d, trend
 
 MIN_DISP = 1e-8
-# first gene-wise round: the start point, two points beside it, and anchors across the range
-# (lower bound, alpha = 1e-2, upper bound) so genes whose optimum is at a bound or far from
-# the rough estimate are found at once
-START_OFFSETS = (0.0, -1.5, 1.5)
-ANCHORS = (None, float(np.log(1e-2)), None)
 
 
 @dataclass
@@ -62,17 +57,6 @@ def objective(ll, d1, d2, A, A1, A2, points: np.ndarray, p: int, prior: Prior | 
     return optim1d.add_log_normal_prior(f, g, h, points, prior.mean, prior.var)
 
 
-def initial_points(alpha_hat: np.ndarray, max_disp: float) -> np.ndarray:
-    """Start point (log alpha_hat), spread points and anchors of the first gene-wise round."""
-    lo, hi = log_bounds(max_disp)
-    x0 = np.nan_to_num(np.log(alpha_hat))
-    pts = x0[:, None] + np.asarray(START_OFFSETS)[None, :]
-    anchors = [lo if a is None and i == 0 else hi if a is None else a
-               for i, a in enumerate(ANCHORS)]
-    pts = np.column_stack([pts, np.broadcast_to(anchors, (x0.shape[0], len(anchors)))])
-    return np.clip(pts, lo, hi)
-
-
 def deseq2_stops_at_start(g0: np.ndarray, h0: np.ndarray, tol: float = 1e-6,
                           epsilon: float = 1e-4) -> np.ndarray:
     """Genes whose DESeq2 line search (``fitDisp``) ends at its first step.
@@ -88,13 +72,14 @@ def deseq2_stops_at_start(g0: np.ndarray, h0: np.ndarray, tol: float = 1e-6,
     return (gain >= epsilon * g0 * g0) & (gain < tol)
 
 
-def genewise_estimates(search: optim1d.Search, start_f: np.ndarray, start_g: np.ndarray,
-                       start_h: np.ndarray, alpha_init: np.ndarray, skip: np.ndarray,
-                       max_disp: float) -> np.ndarray:
-    """Gene-wise dispersions from the finished search (DESeq2's ``noIncrease`` rule)."""
-    alpha = np.exp(search.x)
+def genewise_estimates(x: np.ndarray, f: np.ndarray, start_f: np.ndarray,
+                       start_g: np.ndarray, start_h: np.ndarray, alpha_init: np.ndarray,
+                       skip: np.ndarray, max_disp: float) -> np.ndarray:
+    """Gene-wise dispersions from a finished search's best point ``x`` (log alpha) and its
+    objective ``f`` (DESeq2's ``noIncrease`` rule): the perturbation screen's rule."""
+    alpha = np.exp(x)
     # DESeq2 keeps the rough estimate when the optimum does not beat the start by 1e-6
-    no_increase = search.f < start_f + np.abs(start_f) / 1e6
+    no_increase = f < start_f + np.abs(start_f) / 1e6
     stops = deseq2_stops_at_start(start_g, start_h)
     alpha = np.where(no_increase | stops, alpha_init, np.minimum(alpha, max_disp))
     return np.where(skip, np.nan, np.clip(alpha, MIN_DISP, max_disp))
@@ -117,23 +102,11 @@ def fit_trend(base_mean: np.ndarray, disp_gene: np.ndarray, all_zero: np.ndarray
                            warnings=[str(w.message) for w in caught])
 
 
-def map_start(search: optim1d.Search, prior: Prior, skip: np.ndarray,
-              max_disp: float) -> optim1d.Search:
-    """The MAP search from the gene-wise optimum: its objective there is known, so the prior
-    is added to f, g, h without a round."""
-    x = search.x
-    dev = x - prior.mean
-    lo, hi = log_bounds(max_disp)
-    return optim1d.with_done(x, search.f - 0.5 * dev**2 / prior.var,
-                             search.g - dev / prior.var, search.h - 1.0 / prior.var,
-                             np.full(x.shape, 3.0), skip.copy(), lo, hi)
-
-
-def final_dispersions(map_x: np.ndarray, disp_gene: np.ndarray, disp_fit: np.ndarray,
+def final_dispersions(disp_map: np.ndarray, disp_gene: np.ndarray, disp_fit: np.ndarray,
                       var_log_disp_ests: float, skip: np.ndarray, max_disp: float):
     """MAP dispersions within bounds, DESeq2's dispersion outliers, and the final values
     (outliers keep their gene-wise estimate): ``(disp_map, outlier, dispersion)``."""
-    disp_map = np.clip(np.exp(map_x), MIN_DISP, max_disp)
+    disp_map = np.clip(disp_map, MIN_DISP, max_disp)
     disp_map = np.where(skip, np.nan, disp_map)
     outlier = trend.disp_outliers(disp_gene, disp_fit, var_log_disp_ests)
     return disp_map, outlier, np.where(outlier, disp_gene, disp_map)

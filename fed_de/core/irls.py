@@ -4,11 +4,14 @@ DESeq2's IRLS is the fixed-point iteration ``beta <- G(beta) = (X'WX + L)^-1 X'W
 floored at 0.5; it stops when the deviance changes by less than 1e-8 (relative) and iterates
 up to 100 times. With a fixed, small number of rounds the iteration is accelerated without
 moving its fixed point: each round the sites return the ``fitBeta`` sums (packed X'WX, X'Wz,
-deviance) at every candidate of a gene; :func:`irls_update` computes G(c) for each candidate,
-keeps the candidate with the clearly smaller fixed-point residual |G(c) - c| (else the plain
-IRLS iterate), applies DESeq2's deviance rule, and proposes the next candidates: the plain
-IRLS step G(x) and an Anderson-accelerated step (a half step in the first round, which also
-guards against overshooting from a poor start).
+deviance, and the observed information) at every candidate of a gene; :func:`irls_update`
+computes G(c) for each candidate, keeps the candidate with the clearly smaller fixed-point
+residual |G(c) - c| (else the plain IRLS iterate), applies DESeq2's deviance rule, and proposes
+the next candidates: the plain IRLS step G(x), an Anderson-accelerated step (a half step in
+the first round, which also guards against overshooting from a poor start), and a Newton step
+on the same pseudo-score with the observed instead of the expected information (quadratic
+where the means are not floored: IRLS is slow for genes with large dispersions; Anderson
+keeps floored genes moving).
 
 Because candidates are judged by the fixed-point residual, the answer is the point DESeq2's
 IRLS converges to. A gene stops once DESeq2's rule has fired and the next step is below 1e-8,
@@ -28,7 +31,7 @@ from fed_de.core import nb
 IRLS_TOL = 1e-8
 LARGE_BETA = 30.0
 MIN_MU = 0.5
-N_CANDIDATES = 2  # plain IRLS step and an accelerated (or damped) step
+N_CANDIDATES = 3  # plain IRLS step, an accelerated (or damped) step, a Newton step
 BETA_TOL = 1e-8  # stop once the next step is below this (natural-log units)
 CLEARLY_BETTER = 0.5  # the accelerated candidate must halve the residual to be preferred
 MAX_THETA = 4.0  # largest Anderson mixing weight trusted
@@ -84,7 +87,7 @@ def start_irls(beta0: np.ndarray, frozen: np.ndarray,
 
 
 def irls_update(fit: IRLSFit, xtwx: np.ndarray, xtwz: np.ndarray, deviance: np.ndarray,
-                p: int) -> IRLSFit:
+                p: int, xtwx_obs: np.ndarray | None = None) -> IRLSFit:
     """One aggregator update of an IRLS fit from the summed candidate sums.
 
     Parameters
@@ -150,7 +153,19 @@ def irls_update(fit: IRLSFit, xtwx: np.ndarray, xtwz: np.ndarray, deviance: np.n
     # step, which guards against overshooting
     tame = np.isfinite(theta) & (np.abs(theta) <= MAX_THETA) & ~first
     second = np.where(tame[:, None], anderson, x + 0.5 * r)
-    new = np.stack([plain, second], axis=1)[:, :K]
+    cands_next = [plain, second]
+    if xtwx_obs is not None:
+        # Newton: the same pseudo-score, the observed instead of the expected information
+        obs = nb.unpack(xtwx_obs[rows, k], p) + np.diag(lam)
+        exp = nb.unpack(xtwx[rows, k], p) + np.diag(lam)
+        with np.errstate(invalid="ignore", over="ignore"):
+            rhs = np.einsum("gij,gj->gi", exp, r)
+            ok = np.isfinite(obs).all(axis=(1, 2)) & np.isfinite(rhs).all(axis=1)
+            step = np.linalg.solve(np.where(ok[:, None, None], obs, np.eye(p)),
+                                   np.where(ok[:, None], rhs, 0.0)[..., None])[..., 0]
+        cands_next.append(np.where(ok[:, None], x + step, plain))
+    cands_next += [plain] * (K - len(cands_next))  # no observed information: plain again
+    new = np.stack(cands_next, axis=1)[:, :K]
     still = ~fit["stopped"]
     fit["candidates"] = np.where(still[:, None, None], np.nan_to_num(new),
                                  fit["beta"][:, None, :])

@@ -107,16 +107,25 @@ def nb_lgamma_ratio(y: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None,
                   lgamma_ratio=None) -> dict:
-    """One IRLS iteration's sums at ``beta``: packed ``X^T W X``, ``X^T W z``, deviance.
+    """One IRLS iteration's sums at ``beta``: packed ``X^T W X``, ``X^T W z``, deviance, and
+    ``X^T diag(v) X`` with ``v`` the derivative of the IRLS pseudo-score.
 
     ``z = log(mu / sf) + (y - mu) / mu`` and ``w = mu / (1 + alpha mu)`` with ``mu`` floored,
-    exactly as DESeq2's ``fitBeta``.
+    exactly as DESeq2's ``fitBeta``. The pseudo-score ``X^T W (z - X beta)`` vanishes at
+    DESeq2's fixed point; its Jacobian is ``-X^T diag(v) X`` with ``v = mu (1 + alpha y) /
+    (1 + alpha mu)^2`` (the observed information) where the mean is not floored and ``v = w``
+    where it is (there ``w`` and ``z`` do not move with ``beta``): a Newton step towards the
+    same fixed point.
     """
-    mu = fitted_mu(X, beta, sf, min_mu)
+    with np.errstate(over="ignore"):
+        raw = sf[:, None] * np.exp(X @ beta.T)
+    mu = np.maximum(raw, min_mu)
     w = mu / (1.0 + alpha * mu)
     z = np.log(mu / sf[:, None]) + (y - mu) / mu
+    v = np.where(raw > min_mu, w * (1.0 + alpha * y) / (1.0 + alpha * mu), w)
     return {"xtwx": gram(X, w), "xtwz": (w * z).T @ X,
-            "deviance": nb_deviance(y, mu, alpha, lgamma_y1, lgamma_ratio)}
+            "deviance": nb_deviance(y, mu, alpha, lgamma_y1, lgamma_ratio),
+            "xtwx_obs": gram(X, v)}
 
 
 def solve_ridge(xtwx_packed: np.ndarray, rhs: np.ndarray, lam: np.ndarray) -> np.ndarray:
@@ -207,3 +216,39 @@ def cox_reid(A: np.ndarray, A1: np.ndarray, A2: np.ndarray, p: int):
     d1 = -0.5 * np.trace(B, axis1=-2, axis2=-1)
     d2 = -0.5 * (np.trace(inv @ M2, axis1=-2, axis2=-1) - np.einsum("...ij,...ji->...", B, B))
     return cr, d1, d2
+
+
+def disp_summands_at(y: np.ndarray, mu: np.ndarray, X: np.ndarray, genes: np.ndarray,
+                     points: np.ndarray, budget: int = 4_000_000) -> dict:
+    """:func:`disp_summands` at scattered ``(gene, log alpha)`` pairs: one value per pair.
+
+    Pairs are grouped by how many points their gene has (widths rounded up to a power of
+    two), so the work stays within twice the number of pairs and each block holds at most
+    ``budget`` samples x genes x points elements.
+    """
+    P, T = genes.size, n_packed(X.shape[1])
+    out = {k: np.zeros(P) for k in ("ll", "d1", "d2")}
+    out.update({k: np.zeros((P, T)) for k in ("A", "A1", "A2")})
+    if P == 0:
+        return out
+    order = np.argsort(genes, kind="stable")
+    g_sorted = genes[order]
+    uniq, first, count = np.unique(g_sorted, return_index=True, return_counts=True)
+    slot = np.arange(P) - np.repeat(first, count)  # position of each pair within its gene
+    width = 2 ** np.ceil(np.log2(count)).astype(int)
+    for w in np.unique(width):
+        rows = np.flatnonzero(width == w)  # genes (indices into uniq) of this width
+        dense = np.repeat(points[order][first[rows]][:, None], w, axis=1)  # pad: first point
+        take = np.isin(np.searchsorted(uniq, g_sorted), rows)
+        gi = np.searchsorted(uniq[rows], g_sorted[take])
+        dense[gi, slot[take]] = points[order][take]
+        step = max(1, budget // max(1, y.shape[0] * w))
+        for s in range(0, rows.size, step):
+            blk = slice(s, min(rows.size, s + step))
+            part = disp_summands(y[:, uniq[rows[blk]]], mu[:, uniq[rows[blk]]], X, dense[blk])
+            sel = take.copy()
+            sel[take] = (gi >= blk.start) & (gi < blk.stop)
+            dest = order[sel]
+            for k, v in part.items():
+                out[k][dest] = v[gi[sel[take]] - blk.start, slot[sel]]
+    return out

@@ -38,7 +38,7 @@ from fed_de.core.dispersion import (
     genewise_estimates,
     log_bounds,
 )
-from fed_de.core.optim1d import BRACKET_POINTS, Search
+from fed_de.core.optim1d import BRACKET_POINTS
 from fed_de.core.screen_sums import series_genes, sf_moments
 from fed_de.federation.calls import aggregator_step, call, site_step
 from fed_de.federation.messages import Message, sums
@@ -191,8 +191,7 @@ def search_step(sums: DispSums, disp: DispSearch, groups: DispersionGroups,
 def genewise_estimate(disp: DispSearch, groups: DispersionGroups) -> dict:
     """Gene-wise estimates from the finished search (DESeq2's ``noIncrease`` rule)."""
     best = disp.best
-    search = Search(x=best.estimate, f=best.f, g=best.g, h=best.h, radius=None, done=None)
-    gene = genewise_estimates(search, disp.start_f, disp.start_g, disp.start_h,
+    gene = genewise_estimates(best.estimate, best.f, disp.start_f, disp.start_g, disp.start_h,
                               groups.alpha_init, groups.all_zero, groups.max_disp)
     return {"dispersions": ScreenDispersions(gene=gene)}
 
@@ -229,7 +228,7 @@ def map_finish(disp: DispSearch, dispersions: ScreenDispersions, trend,
                groups: DispersionGroups) -> dict:
     """MAP dispersions within bounds; dispersion outliers keep their gene-wise value."""
     disp_map, outlier, final = final_dispersions(
-        disp.best.estimate, dispersions.gene, dispersions.fit, trend.var_log_disp_ests,
+        np.exp(disp.best.estimate), dispersions.gene, dispersions.fit, trend.var_log_disp_ests,
         groups.all_zero, groups.max_disp)
     return {"dispersions": replace(dispersions, map=disp_map, outlier=outlier, final=final)}
 

@@ -1,0 +1,254 @@
+"""A surrogate of the dispersion objective between evaluated points, with error bounds.
+
+The Cox-Reid adjusted log likelihood of a gene, as a function of ``x = log(alpha)``, is
+analytic in the strip ``|Im x| < pi/2`` (every weight ``mu / (1 + alpha mu)`` and every
+``lgamma`` argument keeps a positive real part there). The sites return its value and first
+two derivatives at the points asked for; between such points a confluent Hermite
+interpolant through a handful of nodes around ``x`` is accurate to ~1e-12 when the nodes are
+a few tenths apart. The error of each value is estimated by dropping the farthest node.
+
+Arrays are genes first; each gene has its own evaluated points (``memory``, NaN-padded).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HERMITE_NODES = 5  # nodes behind each value: degree 14
+NODE_SEPARATION = 0.05  # closer nodes make the divided differences ill-conditioned
+SAFETY = 10.0  # multiplies the interpolant's own error estimate
+EPS_MACH = float(np.finfo(float).eps)
+
+
+# -- evaluated points -------------------------------------------------------------------------
+def memory_empty(G: int) -> dict:
+    """No evaluated point yet: ``x`` and the prior-free ``f, g, h`` there (G x 0)."""
+    return {k: np.empty((G, 0)) for k in ("x", "f", "g", "h")}
+
+
+def memory_add(mem: dict, points: np.ndarray, f: np.ndarray, g: np.ndarray,
+               h: np.ndarray) -> dict:
+    """Append a round's evaluations (genes x K); NaN points, and points where the objective
+    is not finite, are not stored. Each gene's points are kept left-aligned, so the width
+    is the largest count of any gene."""
+    keep = np.isfinite(points) & np.isfinite(f) & np.isfinite(g) & np.isfinite(h)
+    new = {"x": points, "f": f, "g": g, "h": h}
+    both = {k: np.concatenate([mem[k], np.where(keep, v, np.nan)], axis=1)
+            for k, v in new.items()}
+    order = np.argsort(np.isnan(both["x"]), axis=1, kind="stable")
+    width = int(np.isfinite(both["x"]).sum(axis=1).max(initial=0))
+    return {k: np.take_along_axis(v, order, axis=1)[:, :width] for k, v in both.items()}
+
+
+def memory_pack(mem: dict) -> dict:
+    """The evaluated points as flat arrays (``count`` per gene, then values gene by gene):
+    what an aggregator keeps in its state between tasks, ~32 bytes a point."""
+    ok = np.isfinite(mem["x"])
+    out = {k: v[ok] for k, v in mem.items()}
+    out["count"] = ok.sum(axis=1)
+    return out
+
+
+def memory_unpack(packed: dict) -> dict:
+    """Inverse of :func:`memory_pack`."""
+    count = packed["count"]
+    G, width = count.size, int(count.max(initial=0))
+    slot = np.arange(width)[None, :] < count[:, None]
+    out = {}
+    for k in ("x", "f", "g", "h"):
+        out[k] = np.full((G, width), np.nan)
+        out[k][slot] = packed[k]
+    return out
+
+
+def memory_rows(mem: dict, rows: np.ndarray) -> dict:
+    """The memory of some genes, without columns they all leave empty."""
+    sub = {k: v[rows] for k, v in mem.items()}
+    used = np.isfinite(sub["x"]).any(axis=0)
+    return {k: v[:, used] for k, v in sub.items()}
+
+
+# -- interpolation ----------------------------------------------------------------------------
+def index(mem: dict) -> dict:
+    """The memory prepared for many queries: each gene's points sorted, and a thinned copy
+    whose points are at least NODE_SEPARATION apart (the nodes besides the nearest)."""
+    order = np.argsort(np.where(np.isnan(mem["x"]), np.inf, mem["x"]), axis=1, kind="stable")
+    srt = {k: np.take_along_axis(v, order, axis=1) for k, v in mem.items()}
+    G, M = srt["x"].shape
+    keep = np.isfinite(srt["x"])
+    last = np.full(G, -np.inf)
+    for j in range(M):  # greedy in sorted order: keep a point far enough from the last kept
+        ok = keep[:, j] & (srt["x"][:, j] - last >= NODE_SEPARATION)
+        keep[:, j] = ok
+        last = np.where(ok, srt["x"][:, j], last)
+    left = np.argsort(~keep, axis=1, kind="stable")
+    width = int(keep.sum(axis=1).max(initial=0))
+    thin = {k: np.take_along_axis(np.where(keep, v, np.nan), left, axis=1)[:, :width]
+            for k, v in srt.items()}
+    return {"all": srt, "thin": thin, "n_all": np.isfinite(srt["x"]).sum(axis=1),
+            "n_thin": keep.sum(axis=1)}
+
+
+def index_rows(ix: dict, rows: np.ndarray) -> dict:
+    """The index of some genes."""
+    return {"all": {k: v[rows] for k, v in ix["all"].items()},
+            "thin": {k: v[rows] for k, v in ix["thin"].items()},
+            "n_all": ix["n_all"][rows], "n_thin": ix["n_thin"][rows]}
+
+
+def _at(arr: np.ndarray, i: np.ndarray, n: np.ndarray) -> np.ndarray:
+    ok = (i >= 0) & (i < n)
+    width = arr.shape[1]
+    if width == 0:
+        return np.full(i.shape, np.nan)
+    return np.where(ok, arr[np.arange(arr.shape[0]), np.clip(i, 0, width - 1)], np.nan)
+
+
+def nearest_nodes(ix: dict, x: np.ndarray, m: int) -> dict:
+    """Up to ``m`` nodes around ``x`` per gene (``x, f, g, h``: genes x m, nearest first),
+    ``count``, the distance to the nearest evaluated point and how far ``x`` lies outside
+    them all.
+
+    The nearest evaluated point comes first (so an evaluated value is returned as is); then
+    thinned points on either side in turn (nodes all on one side would extrapolate), none
+    closer than NODE_SEPARATION to the first.
+    """
+    xa, na = ix["all"]["x"], ix["n_all"]
+    G = x.shape[0]
+    rows = np.arange(G)
+    with np.errstate(invalid="ignore"):
+        pos = np.sum(xa < x[:, None], axis=1)
+    dl, dr = np.abs(_at(xa, pos - 1, na) - x), np.abs(_at(xa, pos, na) - x)
+    first = np.where(np.fmin(dl, dr) == dl, pos - 1, pos)
+    dist = np.fmin(dl, dr)
+    dist = np.where(np.isnan(dist), np.inf, dist)
+    has0 = na > 0
+    nodes = {k: np.full((G, m), np.nan) for k in ("x", "f", "g", "h")}
+    for k in nodes:
+        nodes[k][:, 0] = _at(ix["all"][k], first, na)
+    count = has0.astype(int)
+    xt, nt = ix["thin"]["x"], ix["n_thin"]
+    x0 = nodes["x"][:, 0]
+    with np.errstate(invalid="ignore"):
+        left = np.sum(xt < x[:, None], axis=1) - 1
+    right = left + 1
+    last_left = np.zeros(G, dtype=bool)
+    for _ in range(1, m):
+        for _skip in range(3):  # thinned points are apart: few can clash with the first
+            with np.errstate(invalid="ignore"):
+                left = left - (np.abs(_at(xt, left, nt) - x0) < NODE_SEPARATION)
+                right = right + (np.abs(_at(xt, right, nt) - x0) < NODE_SEPARATION)
+        has_l, has_r = np.isfinite(_at(xt, left, nt)), np.isfinite(_at(xt, right, nt))
+        use_left = has_l & (~has_r | ~last_left)
+        has = (has_l | has_r) & has0
+        idx = np.where(use_left, left, right)
+        slot = np.minimum(count, m - 1)
+        for k in nodes:
+            val = _at(ix["thin"][k], idx, nt)
+            nodes[k][rows[has], slot[has]] = val[has]
+        count += has
+        last_left = np.where(has, use_left, last_left)
+        left = left - (has & use_left)
+        right = right + (has & ~use_left)
+    d = np.where(np.arange(m)[None, :] < count[:, None], np.abs(nodes["x"] - x[:, None]),
+                 np.inf)
+    srt = np.argsort(d, axis=1, kind="stable")
+    nodes = {k: np.take_along_axis(v, srt, axis=1) for k, v in nodes.items()}
+    lo = _at(xa, np.zeros(G, dtype=int), na)
+    hi = _at(xa, na - 1, na)
+    outside = np.where(has0, np.fmax(np.fmax(lo - x, x - hi), 0.0), np.inf)
+    return {**nodes, "count": count, "dist": dist, "outside": outside}
+
+
+def hermite(z: np.ndarray, fz: np.ndarray, gz: np.ndarray, hz: np.ndarray, count: np.ndarray,
+            x: np.ndarray) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """Confluent Hermite interpolant through nodes ``z`` (values and two derivatives each) in
+    Newton form, at ``x``: (value, derivative, second derivative), and error estimates of
+    the value and derivative: the larger of the last two changes when a node is added (the
+    last node alone may add little when it is far). A gene uses its first ``count`` nodes."""
+    G, m = z.shape
+    n = 3 * m
+    s = np.repeat(z, 3, axis=1)
+    col = np.repeat(fz, 3, axis=1)
+    coef = np.zeros((G, n))
+    coef[:, 0] = col[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for j in range(1, n):
+            prev, col = col, np.full((G, n), np.nan)
+            for i in range(j, n):
+                k, r = divmod(i, 3)
+                if j == 1 and r >= 1:
+                    col[:, i] = gz[:, k]
+                elif j == 2 and r == 2:
+                    col[:, i] = 0.5 * hz[:, k]
+                else:
+                    col[:, i] = (prev[:, i] - prev[:, i - 1]) / (s[:, i] - s[:, i - j])
+            coef[:, j] = col[:, j]
+        terms = np.arange(n)[None, :]
+        vals = []
+        for drop in (0, 1, 2):
+            c = np.where(terms < 3 * (count[:, None] - drop), coef, 0.0)
+            p, dp, d2p = c[:, n - 1].copy(), np.zeros(G), np.zeros(G)
+            for i in range(n - 2, -1, -1):
+                t = x - s[:, i]
+                d2p = d2p * t + 2.0 * dp
+                dp = dp * t + p
+                p = p * t + c[:, i]
+            vals.append((p, dp, d2p))
+        (f, g, h), (f1, g1, _), (f2, g2, _) = vals
+        ef = np.where(count > 2, np.fmax(np.abs(f - f1), np.abs(f1 - f2)),
+                      np.where(count == 2, np.abs(f - f1), np.inf))
+        eg = np.where(count > 2, np.fmax(np.abs(g - g1), np.abs(g1 - g2)),
+                      np.where(count == 2, np.abs(g - g1), np.inf))
+    return (f, g, h), ef, eg
+
+
+def surrogate(ix: dict, x: np.ndarray, prior: dict | None = None) -> dict:
+    """Objective ``f, g, h`` at ``x`` (one point per gene) from the evaluated points
+    (:func:`index`), plus the prior, with error estimates ``ef, eg`` (see :func:`hermite`),
+    ``dist`` (to the nearest evaluated point) and ``outside``.
+
+    At an evaluated point the value is that evaluation (the nearest node comes first in the
+    Newton form) and the estimates are 0.
+    """
+    nd = nearest_nodes(ix, x, HERMITE_NODES)
+    count = nd["count"]
+    base = np.where(count > 0, nd["f"][:, 0], 0.0)  # a shifted log likelihood loses less
+    (f, g, h), ef, eg = hermite(nd["x"], nd["f"] - base[:, None], nd["g"], nd["h"], count, x)
+    f = f + base
+    exact = nd["dist"] == 0
+    ef, eg = np.where(exact, 0.0, ef), np.where(exact, 0.0, eg)
+    f, g, h = add_prior(f, g, h, x, prior)
+    return {"f": f, "g": g, "h": h, "ef": ef, "eg": eg, "dist": nd["dist"],
+            "outside": nd["outside"]}
+
+
+def add_prior(f, g, h, x: np.ndarray, prior: dict | None):
+    """Add DESeq2's normal prior on log(alpha) (``log_posterior``'s ``prior_part``)."""
+    if prior is None:
+        return f, g, h
+    mean = prior["mean"] if np.ndim(x) == 1 else prior["mean"][:, None]
+    dev = x - mean
+    return f - 0.5 * dev**2 / prior["var"], g - dev / prior["var"], h - 1.0 / prior["var"]
+
+
+# -- error bounds -----------------------------------------------------------------------------
+def rounding_floor(x: np.ndarray, f: np.ndarray, n_samples: int) -> np.ndarray:
+    """Rounding error of an objective evaluated at ``x = log(alpha)``: lgamma(y + 1/alpha)
+    and lgamma(1/alpha) are ~ r log r (r = 1/alpha) and cancel, so small alpha is noisy.
+    R's values carry the same noise: a decision closer than this is R's coin toss too."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = np.exp(-x)
+        return 4.0 * EPS_MACH * (np.abs(f) + n_samples * r * (np.abs(x) + 1.0))
+
+
+def error_bounds(s: dict, x: np.ndarray, n_samples: int, ux) -> dict:
+    """Bounds on the errors of surrogate values ``s`` (:func:`surrogate`) at ``x``, itself
+    known to ``ux``: SAFETY times the estimates, the rounding noise of the evaluated values
+    amplified by the interpolation (none at an evaluated point) and the position error; and
+    the rounding noise itself."""
+    amplify = 25.0 * np.fmin(1.0, s["dist"] / 0.1)
+    noise = rounding_floor(x, s["f"], n_samples)
+    ef = SAFETY * s["ef"] + amplify * noise + np.abs(s["g"]) * ux
+    eg = SAFETY * s["eg"] + amplify * rounding_floor(x, s["g"], n_samples) + np.abs(s["h"]) * ux
+    return {"f": ef, "g": eg, "noise": noise}
