@@ -21,7 +21,7 @@ Round m+2           site: its samples' coordinates on the axes (kept at the site
 
 The block ``b`` is ``min(pca_block, n - 1, genes)`` (default 64): a block that wide spans the
 covariance and one round is exact; otherwise the default 4 rounds reach the pooled axes to
-< 5e-7 on the simulated studies measured (docs/shrinkage.md). The math is in
+~1e-8 on the simulated studies measured (docs/shrinkage.md). The math is in
 :mod:`fed_de.core.vst` and :mod:`fed_de.core.pca`; the rounds run beside the shrinkage in
 :mod:`fed_de.bulk.postfit`.
 """
