@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 
 import fed_de
+from fed_de.core import apeglm as ap
 from fed_de.core import nb, pca
-from fed_de.core import shrink as sh
+from fed_de.core import normal_prior as npr
 from fed_de.core import vst as vs
 from fed_de.demo_data import make_demo_study
 
@@ -42,17 +43,17 @@ def main(n_samples: int = 150, n_genes: int = 5000) -> None:
     beta, disp, j = s.beta, s.dispersions.final, 3
     ok = ~s.all_zero & np.isfinite(beta).all(axis=1)
     table = res.results()
-    scale = sh.apeglm_prior(LN2 * table.log2FoldChange.to_numpy()[ok],
+    scale = ap.apeglm_prior(LN2 * table.log2FoldChange.to_numpy()[ok],
                             LN2 * table.lfcSE.to_numpy()[ok])
     info = np.full((len(beta), nb.n_packed(4)), np.nan)
     info[ok] = nb.pack(np.linalg.inv(s.beta_cov[ok]))
-    st = sh.newton_init(np.where(ok[:, None], beta, np.nan), xtwx=info, shrink=j, scale=scale)
+    st = ap.newton_init(np.where(ok[:, None], beta, np.nan), xtwx=info, shrink=j, scale=scale)
     hist = []
     while st["active"].any() and st["rounds"] < 30:
-        parts = [sh.nb_loglik_grad_hess(y, X, np.log(sf), st["candidates"], disp)
+        parts = [ap.nb_loglik_grad_hess(y, X, np.log(sf), st["candidates"], disp)
                  for y, X, sf in data]
         ll, g, h = (sum(p[i] for p in parts) for i in range(3))
-        st = sh.penalised_newton_step(st, ll, g, h, j, scale)
+        st = ap.penalised_newton_step(st, ll, g, h, j, scale)
         hist.append(st["beta"].copy())
     err = [np.nanmax(np.abs(b - st["beta"])[st["fitted"]]) for b in hist]
     err_j = [np.nanmax(np.abs(b - st["beta"])[st["fitted"], j]) for b in hist]
@@ -66,19 +67,19 @@ def main(n_samples: int = 150, n_genes: int = 5000) -> None:
     y_all = np.vstack([d[0] for d in data])[:, keep]
     X_all = np.vstack([d[1] for d in data])
     sf_all = np.concatenate([d[2] for d in data])
-    var = sh.normal_prior_var(beta[keep] / LN2, s["base_mean"][keep], s["disp_fit"][keep])
-    lam = sh.ridge_lambda(var)
+    var = npr.normal_prior_var(beta[keep] / LN2, s["base_mean"][keep], s["disp_fit"][keep])
+    lam = npr.ridge_lambda(var)
     xtwx = info[keep]
-    stn = sh.ridge_newton_init(beta[keep], lam, xtwx=xtwx)
+    stn = npr.ridge_newton_init(beta[keep], lam, xtwx=xtwx)
     moving = []
     while stn["active"].any() and stn["rounds"] < 30:
-        parts = [sh.ridge_fixed_point_summands(y[:, keep], X, np.log(sf), stn["candidates"],
+        parts = [npr.ridge_fixed_point_summands(y[:, keep], X, np.log(sf), stn["candidates"],
                                                 disp[keep]) for y, X, sf in data]
-        stn = sh.ridge_newton_step(stn, {k: sum(p[k] for p in parts) for k in parts[0]}, lam)
+        stn = npr.ridge_newton_step(stn, {k: sum(p[k] for p in parts) for k in parts[0]}, lam)
         moving.append(int(stn["active"].sum()))
     ylog = np.log(y_all / sf_all[:, None] + 0.1)
-    b0 = sh.ridge_irls_start(X_all.T @ X_all, ylog.T @ X_all, np.log(s["base_mean"][keep]))
-    ref = sh.ridge_irls_pooled(y_all, X_all, sf_all, disp[keep], lam, b0)
+    b0 = npr.ridge_irls_start(X_all.T @ X_all, ylog.T @ X_all, np.log(s["base_mean"][keep]))
+    ref = npr.ridge_irls_pooled(y_all, X_all, sf_all, disp[keep], lam, b0)
     print(f"normal: {stn['rounds']} rounds (DESeq2's IRLS from its start: {ref['rounds']}); "
           "genes still moving after each round:", moving,
           f"; max |LFC - DESeq2 IRLS| {np.abs(stn['beta'] - ref['beta']).max() / LN2:.1e}")

@@ -128,6 +128,11 @@ def deseq2(
     keys=None,
     timeout: float | None = None,
     secure_aggregation: bool = True,
+    shrink: str | None = None,
+    shrink_coef=None,
+    pca: bool = False,
+    pca_genes: int = 500,
+    pca_group: str | None = None,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -203,13 +208,15 @@ def deseq2(
         study = declare_study(loaded, design, levels, genes)
     n_sites = n_declared_sites(loaded, keys)
     check_disclosure_options(min_cell_size, min_pooled_cell_size, n_sites)
+    post = postfit_options(study, contrasts, shrink, shrink_coef, pca, pca_genes, pca_group,
+                           site_names(loaded, keys))
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
                               min_cell_size=min_cell_size, round_counts=round_counts,
                               test=test, reduced=reduced, cooks=cooks,
                               min_pooled_cell_size=min_pooled_cell_size,
                               min_nonzero=min_nonzero,
                               secure_aggregation=secure_option(secure_aggregation, n_sites),
-                              n_sites=n_sites,
+                              n_sites=n_sites, **post,
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
     done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials, keys=keys,
                timeout=timeout, progress=progress,
@@ -224,8 +231,121 @@ def deseq2(
                  secure_aggregation=strategy.masks(n_sites),
                  bytes_per_gene_by_site={k: v / len(study.genes)
                                          for k, v in facts["bytes_sent_by_site"].items()})
+    site_pca = postfit_facts(facts, strategy, done, loaded)
     result = DESeq2Result(study=study, state=done.state, facts=facts,
-                          contrasts=list(contrasts or []), alpha=alpha, test=test)
+                          contrasts=list(contrasts or []), alpha=alpha, test=test,
+                          site_pca=site_pca)
     for c in result.contrasts:
         result.contrast_vector(c)  # fail now on an unknown factor/level
     return result
+
+
+# -- the post-fit phase: shrinkage, VST + PCA (fed_de.bulk.postfit) -------------------------------
+def site_names(loaded: list[SiteData], keys=None) -> tuple[str, ...]:
+    """The study's site names, as the sites know themselves (per-site PCA centroids)."""
+    if loaded:
+        return tuple(s.name for s in loaded)
+    if keys is None:
+        return ()
+    from fed_de.backends.substra import _load_yaml
+
+    return tuple((_load_yaml(keys) or {}).get("sites") or {})
+
+
+def postfit_options(study: Study, contrasts, shrink, shrink_coef, pca: bool, pca_genes: int,
+                    pca_group, names: tuple) -> dict:
+    """The strategy's post-fit options, every name checked against the study now (before
+    anything is sent)."""
+    from fed_de.bulk import shrink as shrink_steps
+
+    out: dict = {}
+    if shrink is not None:
+        if shrink not in shrink_steps.TYPES:
+            raise ValueError(f"shrink must be one of {shrink_steps.TYPES} (or None), "
+                             f"not {shrink!r}")
+        if shrink_coef is None:
+            first = next(iter(contrasts or []), None)
+            shrink_coef = first if first is not None else study.coef_names[-1]
+        many = isinstance(shrink_coef, list) and not (
+            len(shrink_coef) == 3 and all(isinstance(s, str) for s in shrink_coef)
+            and shrink_coef[0] in study.levels)
+        specs = shrink_coef if many else [shrink_coef]
+        targets = [shrink_steps.as_target(s, study, shrink) for s in specs]
+        out.update(shrink=shrink, shrink_coef=shrink_steps.encode_targets(list(dict.fromkeys(
+            targets))))
+    if pca:
+        if pca_genes < 2:
+            raise ValueError(f"pca_genes must be at least 2, got {pca_genes}")
+        if pca_group is None:
+            first = next((c for c in contrasts or [] if isinstance(c, (tuple, list))
+                          and len(c) == 3 and c[0] in study.levels), None)
+            pca_group = first[0] if first else (list(study.levels)[-1] if study.levels else "")
+        if pca_group and pca_group not in study.levels:
+            raise ValueError(f"pca_group {pca_group!r} is not a factor of the design "
+                             f"(factors: {list(study.levels)})")
+        out.update(pca=True, pca_genes=int(pca_genes), pca_group=pca_group or "",
+                   site_names=tuple(names))
+    return out
+
+
+def postfit_facts(facts: dict, strategy, done, loaded: list[SiteData]) -> dict:
+    """Rounds and bytes the post-fit phase added, its warnings (into ``facts``); each site's
+    PCA coordinates as the site keeps them (simulation only: on a network they stay there)."""
+    from fed_de.bulk import pca as pca_steps
+    from fed_de.bulk import postfit
+    from fed_de.bulk import shrink as shrink_steps
+
+    o, state = strategy.options, done.state
+    if postfit.n_rounds(o) == 0:
+        return {}
+    n = int(state.totals.n_samples)
+    per_round = postfit.payload_bytes(o, strategy.study, n)
+    warnings = facts.setdefault("warnings", [])
+    post = {"rounds": postfit.n_rounds(o), "sequential_steps": 2 * postfit.n_rounds(o),
+            "payload_bytes_per_site": int(sum(per_round)),
+            "payload_bytes_per_site_per_gene": sum(per_round) / len(strategy.study.genes),
+            "payload_bytes_per_round": per_round,
+            "encoding": ("secure aggregation: three 64-bit words per value"
+                         if strategy.masks(strategy.n_sites) else "float64")}
+    facts["postfit"] = post
+    if state.shrink is not None:
+        sh = state.shrink
+        facts["shrink"] = {
+            "type": sh.type, "rounds": postfit.shrink_rounds(o),
+            "targets": {t.name: {"prior_scale": t.scale} if sh.type == "apeglm" else
+                        {"prior_var_log2": [float(v) for v in t.prior_var]}
+                        for t in sh.targets},
+            "unconverged_genes": {}, "genes_moving_over_1e-6": {}}
+        for t in sh.targets:
+            open_ = t.search["fitted"] & ~t.converged
+            moving = int((open_ & (shrink_steps.last_step(t) > 1e-6)).sum())
+            facts["shrink"]["unconverged_genes"][t.name] = int(open_.sum())
+            facts["shrink"]["genes_moving_over_1e-6"][t.name] = moving
+            if moving:
+                warnings.append(f"shrinkage of {t.name}: {moving} gene(s) still moving by more "
+                                f"than 1e-6 after {postfit.shrink_rounds(o)} rounds (values at "
+                                "the best point reached; raise rounds={'shrink': ...})")
+    site_pca = {}
+    if state.pca is not None:
+        p = state.pca
+        # a block as wide as the rank of the covariance (samples - 1, or genes): exact
+        exact = p.V.shape[1] >= min(n - 1, len(p.genes))
+        facts["pca"] = {"genes": len(p.genes), "axes": int(p.n_axes), "block": p.V.shape[1],
+                        "rounds": int(o.pca_rounds), "exact_block": bool(exact),
+                        "percent_var": [float(v) for v in pca_steps.percent_var(p)],
+                        "axis_error_estimate": None if exact else pca_steps.error_estimate(p),
+                        "group": p.group}
+        err = facts["pca"]["axis_error_estimate"]
+        if not exact and (err is None or err > 1e-6):
+            size = "an unknown amount" if err is None else f"~{err:.1e}"
+            warnings.append(f"PCA: axis loadings may be off by {size} after "
+                            f"{o.pca_rounds} subspace rounds; raise rounds={{'pca': ...}}")
+        for site in loaded:
+            kept = done.local_states.get(site.name)
+            if getattr(kept, "pca_coords", None) is None:
+                continue
+            frame = pd.DataFrame(kept.pca_coords, index=list(site.samples),
+                                 columns=[f"PC{i + 1}" for i in range(p.n_axes)])
+            frame["group"] = site.obs[p.group].astype(str).to_numpy() if p.group else "all"
+            site_pca[site.name] = frame
+    return site_pca

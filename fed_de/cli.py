@@ -26,11 +26,16 @@ def demo(
     genes: int = typer.Option(5000, help="Genes in the generated study."),
     seed: int = typer.Option(0, help="Random seed of the generated study."),
     out: Path | None = typer.Option(None, help="Folder for the site data and results."),
+    report_path: Path | None = typer.Option(
+        None, "--report", help="HTML report (default: OUT/report.html, else "
+                               "fed_de_demo_report.html)."),
 ) -> None:
-    """Simulate a three-hospital study, run fed_de on it, compare with the pooled analysis."""
+    """Simulate a three-hospital study, run fed_de on it (apeglm shrinkage, federated PCA),
+    compare with the pooled analysis, and write an HTML report."""
     from fed_de.demo_run import run_demo
 
-    report = run_demo(n_samples=samples, n_genes=genes, seed=seed, out=out, console=console)
+    report = run_demo(n_samples=samples, n_genes=genes, seed=seed, out=out, console=console,
+                      report=report_path)
     if out is not None:
         (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
 
@@ -91,6 +96,23 @@ def run(
     timeout: float | None = typer.Option(None, help="Remote: seconds to wait for the plan."),
     plan_only: bool = typer.Option(False, "--plan-only",
                                    help="Print the plan and the messages; submit nothing."),
+    shrink: str | None = typer.Option(
+        None, "--shrink", help="LFC shrinkage after the fit: apeglm or normal (lfcShrink)."),
+    shrink_coef: list[str] = typer.Option(
+        [], "--shrink-coef", help="What to shrink: a coefficient name or FACTOR,LEVEL,REF "
+                                  "(repeatable; default: the --contrast)."),
+    posterior_threshold: float = typer.Option(
+        0.0, help="With --shrink: t of the probAbsLFCgt column, P(|LFC| > t) (log2)."),
+    credible_level: float = typer.Option(0.9, help="With --shrink: credible interval level."),
+    pca: bool = typer.Option(False, "--pca", help="VST at each site and a federated PCA."),
+    pca_genes: int = typer.Option(500, help="With --pca: the most variable genes used."),
+    pca_group: str | None = typer.Option(None, help="With --pca: factor of the centroids."),
+    plots: Path | None = typer.Option(None, "--plots", help="Folder for the plots (PNG + SVG)."),
+    report: Path | None = typer.Option(None, "--report", help="Write a self-contained HTML "
+                                                              "report here."),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="Pooled reference results (CSV or fed_de run folder) "
+                                  "compared in the report."),
 ) -> None:
     """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites (simulation)."""
     import time
@@ -104,9 +126,13 @@ def run(
     if backend == "remote" and (credentials is None or keys is None):
         raise typer.BadParameter("--backend remote needs --credentials and --keys")
     gene_list = genes.read_text().split() if genes else None
+    if reference is not None and not reference.exists():
+        raise typer.BadParameter(f"--reference {reference} does not exist (a results CSV or "
+                                 "a fed_de run folder)")
+    post = _postfit_args(shrink, shrink_coef, pca, pca_genes, pca_group)
     if plan_only:
         _print_plan(sites, design, _parse_levels(levels) or None, gene_list, keys, test,
-                    reduced, size_factors, min_cell_size, cooks)
+                    reduced, size_factors, min_cell_size, cooks, post)
         return
     started = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -126,10 +152,11 @@ def run(
                 fit_type=fit_type, min_cell_size=min_cell_size, round_counts=round_counts,
                 progress=progress, test=test, reduced=reduced, cooks=cooks, backend=backend,
                 workdir=workdir, credentials=credentials, keys=keys, timeout=timeout,
-                genes=gene_list,
+                genes=gene_list, **post,
             )
-            table = res.results(contrast, lfc_threshold=lfc_threshold,
-                                alt_hypothesis=alt_hypothesis)
+            table = res.shrunk_results(contrast, lfc_threshold=lfc_threshold,
+                                       alt_hypothesis=alt_hypothesis,
+                                       threshold=posterior_threshold, level=credible_level)
         except (FedDEError, ValueError) as err:
             console.print(f"[red]error:[/] {err}")
             raise typer.Exit(code=2) from None
@@ -152,17 +179,61 @@ def run(
     if reduced:
         facts["reduced"] = reduced
     facts["package_versions"] = package_versions()
+    if shrink:
+        facts["posterior_threshold"], facts["credible_level"] = (posterior_threshold,
+                                                                 credible_level)
     (out / "run.json").write_text(json.dumps(facts, indent=2, default=str))
     n_sig = int((table["padj"] < alpha).sum())
     console.print(f"{len(table)} genes, {n_sig} with padj < {alpha}; wrote results.csv, "
                   f"dispersions.csv, run.json to {out}")
+    _write_postfit(res, contrast, out, plots, report, reference)
     print_facts(facts, console=console)
 
 
+def _postfit_args(shrink, shrink_coef, pca, pca_genes, pca_group) -> dict:
+    """``fed_de.deseq2``'s post-fit arguments from the command line's."""
+    if not shrink and not pca:
+        return {}
+    coefs = [tuple(c.split(",")) if "," in c else c for c in shrink_coef]
+    return {"shrink": shrink, "shrink_coef": coefs or None, "pca": pca,
+            "pca_genes": pca_genes, "pca_group": pca_group}
+
+
+def _write_postfit(res, contrast, out: Path, plots: Path | None, report: Path | None,
+                   reference: Path | None) -> None:
+    """PCA tables, plots and the HTML report, as asked."""
+    import pandas as pd
+
+    from fed_de.report import save_plots, write_report
+
+    if res.state.pca is not None:
+        summary = res.pca
+        summary["axes"].to_csv(out / "pca_axes.csv", index_label="gene")
+        rows = [frame.assign(site=site) for site, frame in
+                summary.get("centroids_by_site", {}).items()]
+        if rows:
+            pd.concat(rows).rename_axis("level").reset_index().to_csv(
+                out / "pca_centroids.csv", index=False)
+    post = res.facts.get("postfit")
+    if post:
+        console.print(f"post-fit phase (shrinkage, PCA): {post['rounds']} rounds, "
+                      f"{post['sequential_steps']} sequential steps, "
+                      f"{post['payload_bytes_per_site_per_gene']:,.0f} B per gene per site")
+    for warning in res.facts.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
+    if plots is not None:
+        paths = save_plots(res, plots, contrast)
+        console.print(f"wrote {len(paths)} plot files (PNG + SVG) to {plots}")
+    if report is not None:
+        write_report(res, report, contrast, reference=reference,
+                     reference_name=f"reference {reference}" if reference else "reference")
+        console.print(f"wrote the report {report}")
+
+
 def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
-                min_cell_size, cooks=True) -> None:
+                min_cell_size, cooks=True, post: dict | None = None) -> None:
     """``--plan-only``: steps, tasks, distinct functions, and each site's messages."""
-    from fed_de.api import declare_study, load_sites
+    from fed_de.api import declare_study, load_sites, postfit_options
     from fed_de.backends.plan import record_plan
     from fed_de.bulk.strategy import DESeq2Strategy
     from fed_de.design import make_study
@@ -178,8 +249,13 @@ def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
         if genes is None:
             raise typer.BadParameter("--plan-only with --keys needs --genes")
         study = make_study(design, genes, levels or {})
+    post = post or {}
+    extra = postfit_options(study, None, post.get("shrink"), post.get("shrink_coef"),
+                            post.get("pca", False), post.get("pca_genes", 500),
+                            post.get("pca_group"), tuple(names)) if post else {}
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, test=test,
-                              reduced=reduced, min_cell_size=min_cell_size, cooks=cooks)
+                              reduced=reduced, min_cell_size=min_cell_size, cooks=cooks,
+                              **extra)
     rec = record_plan(strategy, names)
     facts = rec.facts()
     console.print(f"[bold]plan[/]: {facts['sequential_steps']} sequential steps, "

@@ -19,8 +19,9 @@ CONTRAST = ("condition", "B", "A")
 
 def run_demo(n_samples: int = 150, n_genes: int = 5000, seed: int = 0,
              out: Path | None = None, console: Console | None = None,
-             alpha: float = 0.1) -> dict:
-    """Generate the bundled study, run the federated pipeline, report agreement with pooling.
+             alpha: float = 0.1, report: Path | None = None) -> dict:
+    """Generate the bundled study, run the federated pipeline with apeglm shrinkage and a
+    federated PCA, report agreement with pooling, and write the HTML report to ``report``.
 
     The pooled reference is fed_de on the concatenated data as one site (the claim is that
     federation changes nothing), and PyDESeq2 on the pooled data when it is installed.
@@ -35,12 +36,14 @@ def run_demo(n_samples: int = 150, n_genes: int = 5000, seed: int = 0,
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         sites = study.write(out / "sites")
-    kw = dict(contrasts=[CONTRAST], levels=study.levels, genes=study.genes, alpha=alpha)
+    kw = dict(contrasts=[CONTRAST], levels=study.levels, genes=study.genes, alpha=alpha,
+              shrink="apeglm", pca=True)
     t0 = time.perf_counter()
     fed = fed_de.deseq2(sites, study.design, **kw)
     t_fed = time.perf_counter() - t0
     res = fed.results()
-    pooled = fed_de.deseq2({"pooled": study.pooled()}, study.design, **kw).results()
+    pooled_fit = fed_de.deseq2({"pooled": study.pooled()}, study.design, **kw)
+    pooled = pooled_fit.results()
 
     top = res.dropna(subset=["padj"]).sort_values("padj").head(10)
     table = Table(title=f"Top genes, {CONTRAST[0]} {CONTRAST[1]} vs {CONTRAST[2]}")
@@ -51,27 +54,67 @@ def run_demo(n_samples: int = 150, n_genes: int = 5000, seed: int = 0,
                       f"{row.lfcSE:.3f}", f"{row.padj:.2e}",
                       f"{study.truth.loc[gene, 'log2_fold_change']:+.3f}")
     console.print(table)
+    console.print(_shrunk_table(fed, study, alpha))
 
-    report = {"n_significant": int((res.padj < alpha).sum()), "fed_seconds": round(t_fed, 3)}
-    report["vs_pooled_fed_de"] = _agreement(res, pooled, alpha)
+    summary = {"n_significant": int((res.padj < alpha).sum()), "fed_seconds": round(t_fed, 3)}
+    summary["vs_pooled_fed_de"] = _agreement(res, pooled, alpha)
     truth = study.truth.loc[res.index]
     sig = res.padj < alpha
-    report["true_positives"] = int((sig & truth.is_de).sum())
-    report["false_discovery_proportion"] = float((sig & ~truth.is_de).sum() / max(sig.sum(), 1))
+    summary["true_positives"] = int((sig & truth.is_de).sum())
+    summary["false_discovery_proportion"] = float((sig & ~truth.is_de).sum() / max(sig.sum(), 1))
     try:
-        report["vs_pooled_pydeseq2"] = _agreement(res, _pydeseq2(study, alpha), alpha)
+        summary["vs_pooled_pydeseq2"] = _agreement(res, _pydeseq2(study, alpha), alpha)
     except ImportError:
-        report["vs_pooled_pydeseq2"] = "PyDESeq2 not installed (pip install pydeseq2)"
-    console.print(f"{report['n_significant']} genes with padj < {alpha}: "
-                  f"{report['true_positives']} truly DE, false discovery proportion "
-                  f"{report['false_discovery_proportion']:.3f}")
+        summary["vs_pooled_pydeseq2"] = "PyDESeq2 not installed (pip install pydeseq2)"
+    console.print(f"{summary['n_significant']} genes with padj < {alpha}: "
+                  f"{summary['true_positives']} truly DE, false discovery proportion "
+                  f"{summary['false_discovery_proportion']:.3f}")
     for name in ("vs_pooled_fed_de", "vs_pooled_pydeseq2"):
-        console.print(f"agreement {name.replace('_', ' ')}: {report[name]}")
+        console.print(f"agreement {name.replace('_', ' ')}: {summary[name]}")
+    summary["vs_pooled_shrunk"] = _shrunk_agreement(fed, pooled_fit)
+    console.print(f"shrunken LFC, federated vs pooled: {summary['vs_pooled_shrunk']}")
+    post = fed.facts["postfit"]
+    console.print(f"shrinkage and PCA added {post['rounds']} rounds "
+                  f"({post['sequential_steps']} sequential steps) and "
+                  f"{post['payload_bytes_per_site_per_gene']:,.0f} B per gene per site")
     print_facts(fed.facts, console=console)
-    report["facts"] = fed.facts
+    summary["facts"] = fed.facts
     if out is not None:
-        res.reset_index().to_csv(out / "results.csv", index=False)
-    return report
+        fed.shrunk_results().reset_index().to_csv(out / "results.csv", index=False)
+    if report is None:
+        report = (out / "report.html") if out is not None else Path(
+            "fed_de_demo_report.html")
+    from fed_de.report import write_report
+
+    write_report(fed, report, reference=pooled,
+                 reference_name="the pooled analysis (fed_de on one site)",
+                 title="fed_de demo: three simulated hospitals")
+    console.print(f"wrote the report {report}")
+    summary["report"] = str(report)
+    return summary
+
+
+def _shrunk_table(fed, study, alpha: float) -> Table:
+    """Top genes by apeglm's shrunken LFC among those called: MLE, shrunken LFC, posterior
+    SD, lfsr, padj, and the truth."""
+    table = fed.shrunk_results()
+    called = table[table.padj < alpha]
+    top = called.reindex(called.log2FoldChangeShrunk.abs().sort_values(ascending=False)
+                         .index).head(10)
+    out = Table(title=f"Top genes by shrunken log2FC (apeglm) among padj < {alpha}")
+    for col in ["gene", "baseMean", "MLE", "shrunken", "post. SD", "lfsr", "truth"]:
+        out.add_column(col, justify="right")
+    for gene, row in top.iterrows():
+        out.add_row(gene, f"{row.baseMean:.1f}", f"{row.log2FoldChange:+.3f}",
+                    f"{row.log2FoldChangeShrunk:+.3f}", f"{row.posteriorSD:.3f}",
+                    f"{row.lfsr:.0e}", f"{study.truth.loc[gene, 'log2_fold_change']:+.3f}")
+    return out
+
+
+def _shrunk_agreement(a, b) -> dict:
+    x, y = a.lfc_shrink().log2FoldChange, b.lfc_shrink().log2FoldChange
+    ok = x.notna() & y.notna()
+    return {"max_abs_diff": float(f"{np.abs(x - y)[ok].max():.3g}")}
 
 
 def _agreement(a: pd.DataFrame, b: pd.DataFrame, alpha: float) -> dict:

@@ -88,6 +88,9 @@ class DESeq2Result:
         Default significance level for independent filtering.
     test
         ``"Wald"`` or ``"LRT"``.
+    site_pca
+        Simulation only: each site's samples on the PCA axes, as the site keeps them (on a
+        Substra network they stay at the site; empty without ``pca=True``).
     """
 
     study: Study
@@ -96,6 +99,7 @@ class DESeq2Result:
     contrasts: list = field(default_factory=list)
     alpha: float = 0.1
     test: str = "Wald"
+    site_pca: dict = field(default_factory=dict)
 
     @property
     def genes(self) -> list[str]:
@@ -211,3 +215,100 @@ class DESeq2Result:
             return {}
         return {"outlier": genes.cooks_outlier, "replace": refit.replace,
                 "refitted": refit.genes, "new_all_zero": refit.new_all_zero}
+
+    # -- after the fit: shrinkage, posterior summaries, PCA, plots (fed_de.bulk.postfit) ------
+    def lfc_shrink(self, contrast: Contrast = None, *, type: str | None = None,
+                   svalue: bool = False) -> pd.DataFrame:
+        """DESeq2's ``lfcShrink`` table of a coefficient or contrast the run shrank.
+
+        apeglm: baseMean, log2FoldChange (posterior mode), lfcSE (posterior SD), pvalue and
+        padj of the unshrunken test (``svalue=True``: svalue instead of the p-values, as
+        DESeq2); normal: ``results()``'s columns with log2FoldChange and lfcSE shrunken.
+        Shrinkage needs rounds over the sites' data: a coefficient or type the run did not
+        shrink raises :class:`fed_de.bulk.shrink.ShrinkNotComputedError`, saying what the run
+        shrank and how to ask for more (``fed_de.deseq2(..., shrink=, shrink_coef=)``).
+        """
+        from fed_de.bulk import shrink
+
+        return shrink.lfc_shrink(self, contrast, type, svalue)
+
+    def posterior(self, contrast: Contrast = None, *, type: str | None = None,
+                  threshold: float = 0.0, level: float = 0.9) -> pd.DataFrame:
+        """Laplace posterior of a shrunken LFC per gene (log2): posteriorMean, posteriorSD,
+        lfsr, svalue, probAbsLFCgt (P(|LFC| > ``threshold``)), credLower/credUpper (central
+        ``level`` interval)."""
+        from fed_de.bulk import shrink
+
+        return shrink.posterior(self, contrast, type, threshold, level)
+
+    def shrunk_results(self, contrast: Contrast = None, *, threshold: float = 0.0,
+                       level: float = 0.9, **kwargs) -> pd.DataFrame:
+        """``results()`` with the run's shrinkage beside it (the results file of
+        ``fed-de run --shrink``): log2FoldChangeShrunk, lfcSEShrunk and the posterior
+        columns of :meth:`posterior`."""
+        table = self.results(contrast, **kwargs)
+        if self.state.shrink is None:
+            return table
+        post = self.posterior(contrast, threshold=threshold, level=level)
+        shrunk = self.lfc_shrink(contrast)
+        table["log2FoldChangeShrunk"] = shrunk["log2FoldChange"]
+        table["lfcSEShrunk"] = shrunk["lfcSE"]
+        for col in post.columns.drop(["baseMean", "posteriorMean"]):
+            table[col] = post[col]
+        return table
+
+    @property
+    def pca(self) -> dict:
+        """The run's PCA (``pca=True``): genes, axes (genes x k), percent_var, centroids
+        (level x PC frames, pooled and per site), residual; empty without PCA."""
+        from fed_de.bulk import pca
+
+        return pca.summary(self)
+
+    def plot_ma(self, contrast: Contrast = None, *, shrunk: bool | None = None,
+                alpha: float | None = None, **kwargs):
+        """MA plot (``plotMA``) of a contrast; shrunken LFCs when the run shrank it (or
+        ``shrunk=False``: the MLEs)."""
+        from fed_de import plots
+        from fed_de.bulk.shrink import ShrinkNotComputedError
+
+        table = None
+        if shrunk is None or shrunk:
+            try:
+                table = self.lfc_shrink(contrast)
+                shrunk = True
+            except ShrinkNotComputedError:
+                if shrunk:
+                    raise
+                shrunk = False
+        if table is None:
+            table = self.results(contrast)
+        return plots.plot_ma(table, alpha=self.alpha if alpha is None else alpha,
+                             shrunk=shrunk, **kwargs)
+
+    def plot_volcano(self, contrast: Contrast = None, *, alpha: float | None = None,
+                     **kwargs):
+        """Volcano plot of a contrast (unshrunken LFC and p-values)."""
+        from fed_de import plots
+
+        return plots.plot_volcano(self.results(contrast),
+                                  alpha=self.alpha if alpha is None else alpha, **kwargs)
+
+    def plot_dispersions(self, **kwargs):
+        """Dispersion estimates (``plotDispEsts``): gene-wise, trend, final."""
+        from fed_de import plots
+
+        return plots.plot_dispersions(self.dispersions, **kwargs)
+
+    def plot_pvalue_histogram(self, contrast: Contrast = None, **kwargs):
+        """Histogram of a contrast's p-values."""
+        from fed_de import plots
+
+        return plots.plot_pvalue_histogram(self.results(contrast), **kwargs)
+
+    def plot_pca(self, site: str | None = None, **kwargs):
+        """PCA (``pca=True``): centroids per site x level (``site=None``), or one site's own
+        samples (simulation only: on a network each site draws its own)."""
+        from fed_de.bulk import pca
+
+        return pca.plot(self, site, **kwargs)

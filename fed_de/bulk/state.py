@@ -26,6 +26,8 @@ part               holds                                       written by
 ``rows``           genes the sites' messages carry (refit)     refit
 ``robust``         side chain: exact trimmed statistics        cooks
 ``secure``         relayed public keys (secure aggregation)    federation.secure
+``shrink``         LFC shrinkage: targets, searches, results   shrink (post-fit phase)
+``pca``            VST + PCA: genes, axes, centroids           pca (post-fit phase)
 =================  ==========================================  =======================
 """
 
@@ -67,9 +69,85 @@ class DESeq2Options:
     robust_rounds: int = 6
     refit_mu_rounds: int = 3
     refit_final_rounds: int = 4
+    # post-fit phase (fed_de.bulk.postfit): LFC shrinkage and VST + PCA
+    shrink: str | None = None  # "apeglm" or "normal"
+    shrink_coef: str = ""  # the shrunk coefficients / contrasts (fed_de.bulk.shrink.Target)
+    shrink_rounds: int = 0  # 0: the type's default
+    pca: bool = False
+    pca_genes: int = 500
+    pca_axes: int = 2
+    pca_block: int = 64  # b >= n - 1: exact in one round
+    pca_rounds: int = 4
+    pca_group: str = ""  # factor whose levels the centroids are taken over
+    site_names: tuple = ()  # the study's declared sites (centroids per site)
 
 
 # -- what the aggregator sends -----------------------------------------------------------------
+@dataclass
+class ShrinkTarget:
+    """One shrunk coefficient or contrast: how its parametrisation maps to the standard
+    coefficients, its prior, its search and (once finished) its per-gene results.
+
+    ``to_standard`` (p x q) maps the target's coefficients to the design's: the sites evaluate
+    at ``beta = to_standard @ beta_target`` (apeglm: R's ``relevel``; normal: DESeq2's expanded
+    model matrix for contrasts). The LFC is ``beta_target @ contrast``.
+    """
+
+    key: str  # what was asked (fed_de.bulk.shrink.Target.key)
+    name: str  # DESeq2's name of the shrunk quantity
+    to_standard: np.ndarray
+    contrast: np.ndarray
+    column: int  # apeglm: the target coefficient under the Cauchy prior
+    scale: float | None = None  # apeglm: Cauchy scale
+    prior_var: np.ndarray | None = None  # normal: betaPriorVar (log2), per target coefficient
+    search: dict | None = None  # fed_de.core.apeglm / normal_prior search state
+    lfc: np.ndarray | None = None  # log2 shrunken LFC
+    lfc_se: np.ndarray | None = None  # DESeq2's lfcSE column (apeglm: posterior SD)
+    posterior_sd: np.ndarray | None = None  # SD of the Laplace posterior (log2)
+    converged: np.ndarray | None = None
+
+
+@dataclass
+class ShrinkFit:
+    """LFC shrinkage of one or more targets, their searches run in the same rounds."""
+
+    type: str
+    targets: list
+    candidates: np.ndarray  # genes x (3 per target) x p: where the sites evaluate next
+    active: np.ndarray  # genes some target still searches (the others are sent as zeros)
+    rounds: int = 0
+
+
+@dataclass
+class PCAState:
+    """VST at the sites and PCA of the pooled VST values by subspace iteration.
+
+    ``vst`` is how a site transforms its counts (trend type and coefficients, or the local
+    trend's spline); ``shift`` the public per-gene centre of the moments (VST of baseMean).
+    """
+
+    vst: dict
+    shift: np.ndarray
+    group: str
+    levels: list
+    sites: tuple
+    n_axes: int
+    genes: np.ndarray | None = None  # the top variable genes, largest variance first
+    mean: np.ndarray | None = None
+    var: np.ndarray | None = None
+    total_var: float | None = None
+    n_samples: float | None = None
+    V: np.ndarray | None = None  # orthonormal block the sites multiply next
+    axes: np.ndarray | None = None
+    values: np.ndarray | None = None
+    residual: np.ndarray | None = None
+    change: float | None = None  # largest move of an axis loading in the last round
+    change_prev: float | None = None  # ... and in the round before
+    rounds: int = 0
+    centroids: dict | None = None
+
+
+
 @dataclass
 class Totals:
     """Study-level totals over every sample of every site."""
@@ -207,6 +285,8 @@ class RunState:
     rows: np.ndarray | None = None
     robust: RobustSearch | None = None
     secure: KeyRelay | None = None
+    shrink: ShrinkFit | None = None
+    pca: PCAState | None = None
 
 
 # -- what a site keeps ---------------------------------------------------------------------
@@ -222,6 +302,7 @@ class SiteState:
     mu_disp: np.ndarray | None = None  # means of the dispersion fit
     lgamma_y1: np.ndarray | None = None  # per-gene sum of lgamma(y + 1) (a cache)
     replaced_counts: np.ndarray | None = None  # after Cook's replacement
+    pca_coords: np.ndarray | None = None  # this site's samples on the PCA axes
 
 
 @dataclass
@@ -248,6 +329,12 @@ class Site:
         if self.options.round_counts:
             counts = np.round(counts)
         return counts
+
+    def original_counts(self) -> np.ndarray:
+        """Counts as given (rounded when asked), never the Cook's replacements: DESeq2's
+        ``lfcShrink`` and ``vst`` read ``counts(dds)``, which ``DESeq()`` restores."""
+        counts = aligned_counts(self.study, self.data)
+        return np.round(counts) if self.options.round_counts else counts
 
     def lgamma_y1(self) -> np.ndarray:
         """Per-gene sum of lgamma(y + 1) (a constant of the deviance), cached."""

@@ -19,6 +19,9 @@ robust (side)      exact trimmed statistics for Cook's, in parallel     cooks
 closing            X'WX and deviance at the final fit; with Cook's,     closing, cooks
                    the Cook's counts and decisions
 refit              Cook's refit of replaced genes                       refit
+postfit            when asked: LFC shrinkage (apeglm / normal prior)    postfit, shrink, pca
+                   and VST + PCA, in the same rounds (``shrink_rounds``,
+                   ``pca_rounds`` + 2)
 tests              contrasts, Wald/LRT, Cook's filter, independent      results
                    filtering, BH: at the aggregator, no round
 =================  ===================================================  ======================
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fed_de.bulk import closing, cooks, dispersions, irls, refit
+from fed_de.bulk import closing, cooks, dispersions, irls, postfit, refit
 from fed_de.bulk import size_factors as sfs
 from fed_de.bulk.state import DESeq2Options, RunState, Site, SiteState
 from fed_de.core import disp_path
@@ -128,6 +131,12 @@ class DESeq2Strategy(_BulkStrategy):
         Mask every message so the aggregator sees only cross-site totals (two sites or more;
         :mod:`fed_de.federation.secure`), for a study of ``n_sites`` declared sites (a relay
         with another number of keys is refused; 0: not checked).
+    shrink, shrink_coef, shrink_rounds
+        LFC shrinkage after the fit (:mod:`fed_de.bulk.shrink`): ``"apeglm"`` or ``"normal"``,
+        the targets (:func:`fed_de.bulk.shrink.encode_targets`), rounds (0: the default).
+    pca, pca_genes, pca_axes, pca_block, pca_rounds, pca_group, site_names
+        VST and PCA after the fit (:mod:`fed_de.bulk.pca`): top genes, axes, block size,
+        subspace rounds, the factor of the centroids, the study's sites (centroids per site).
     """
 
     def __init__(self, study: dict, size_factors: str = OPTIONS.size_factors,
@@ -143,7 +152,12 @@ class DESeq2Strategy(_BulkStrategy):
                  robust_rounds: int = OPTIONS.robust_rounds,
                  refit_mu_rounds: int = OPTIONS.refit_mu_rounds,
                  refit_final_rounds: int = OPTIONS.refit_final_rounds,
-                 secure_aggregation: bool = True, n_sites: int = 0):
+                 secure_aggregation: bool = True, n_sites: int = 0,
+                 shrink: str | None = None, shrink_coef: str = "", shrink_rounds: int = 0,
+                 pca: bool = False, pca_genes: int = OPTIONS.pca_genes,
+                 pca_axes: int = OPTIONS.pca_axes, pca_block: int = OPTIONS.pca_block,
+                 pca_rounds: int = OPTIONS.pca_rounds, pca_group: str = "",
+                 site_names: tuple = ()):
         if test not in TESTS:
             raise ValueError(f"test must be 'Wald' or 'LRT', not {test!r}")
         if test == "LRT" and not reduced:
@@ -157,7 +171,19 @@ class DESeq2Strategy(_BulkStrategy):
                          reduced=reduced if test == "LRT" else None, cooks=bool(cooks),
                          robust_rounds=robust_rounds, refit_mu_rounds=refit_mu_rounds,
                          refit_final_rounds=refit_final_rounds,
-                         secure_aggregation=secure_aggregation, n_sites=n_sites)
+                         secure_aggregation=secure_aggregation, n_sites=n_sites,
+                         shrink=shrink, shrink_coef=shrink_coef, shrink_rounds=shrink_rounds,
+                         pca=bool(pca), pca_genes=pca_genes, pca_axes=pca_axes,
+                         pca_block=pca_block, pca_rounds=pca_rounds, pca_group=pca_group,
+                         site_names=tuple(site_names))
+
+    def dims(self) -> dict[str, int]:
+        """The fit's message sizes and the post-fit phase's (:mod:`fed_de.bulk.postfit`)."""
+        return {**super().dims(), **postfit.dims(self.options, self.study)}
+
+    def request_dims(self, state: RunState) -> dict[str, int]:
+        """The fit's request sizes and the post-fit phase's."""
+        return {**super().request_dims(state), **postfit.request_dims(state)}
 
     def with_cooks(self) -> bool:
         """Cook's step in the plan: asked for, and a factor design (see ``cooks_applicable``)."""
@@ -177,11 +203,14 @@ class DESeq2Strategy(_BulkStrategy):
                 dispersions.map_phase(o.map_rounds),
                 irls.final_fit_phase(o.final_rounds, o.fallback_rounds)]
         if not self.with_cooks():
-            return [*plan, closing.phase(with_cooks=False)]
-        return [*plan, cooks.robust_phase(o.robust_rounds, fork_after="size_factors"),
-                closing.phase(with_cooks=True),
-                *refit.phases(o.refit_mu_rounds if mu_rounds else 0, o.genewise_rounds,
-                              o.map_rounds, o.refit_final_rounds, o.test == "LRT")]
+            plan = [*plan, closing.phase(with_cooks=False)]
+        else:
+            plan = [*plan, cooks.robust_phase(o.robust_rounds, fork_after="size_factors"),
+                    closing.phase(with_cooks=True),
+                    *refit.phases(o.refit_mu_rounds if mu_rounds else 0, o.genewise_rounds,
+                                  o.map_rounds, o.refit_final_rounds, o.test == "LRT")]
+        after = postfit.phase(o)  # shrinkage, VST + PCA: when asked for
+        return plan if after is None else [*plan, after]
 
     def build_compute_plan(self, train_data_nodes, aggregation_node, evaluation_strategy=None,
                            num_rounds=None, clean_models=True):

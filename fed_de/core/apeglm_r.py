@@ -7,7 +7,7 @@ posterior divided by its value at zero, from ``(0.1, -0.1, ...)``, stopping when
 objective changes by less than 1e-8 relative; then it differentiates the analytic gradient
 numerically (``optimHess``, steps 1e-3) for the posterior SD. The early stop leaves R's "mode"
 off by up to ~1e-3 of the LFC for ordinary genes and more for genes with very large counts
-(the scaling constant grows with the counts). :mod:`fed_de.core.shrink` finds the exact mode
+(the scaling constant grows with the counts). :mod:`fed_de.core.apeglm` finds the exact mode
 from sums; this module replays R's path, so that a test can show that the posterior is the same
 (agreement with R to ~1e-12) and how far R's stop is from the exact mode.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fed_de.core.shrink import NO_SHRINK_SCALE
+from fed_de.core.apeglm import NO_SHRINK_SCALE
 
 __all__ = ["lbfgs_r", "apeglm_r_gene", "apeglm_r"]
 
