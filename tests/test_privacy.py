@@ -239,13 +239,17 @@ def test_gene_with_one_nonzero_count_in_a_pooled_cell_is_withheld():
             first = False
         a.X = X
     res = fed_de.deseq2(sites, study.design, levels=study.levels, record_messages=True,
-                        secure_aggregation=False)
+                        secure_aggregation=False, contrasts=[("condition", "B", "A")],
+                        shrink="apeglm", pca=True)
     withheld = np.asarray(res.state.genes.withheld)
     assert withheld[g] and res.facts["genes_withheld"] == int(withheld.sum())
+    n_genes = len(withheld)
     table = res.results()
     assert table.iloc[g].isna().all()
+    assert res.lfc_shrink(("condition", "B", "A")).iloc[g].isna().all()
+    assert table.index[g] not in set(res.pca["genes"])
+    assert len(res.pca["genes"]) == n_genes - withheld.sum()
     assert table.drop(index=table.index[withheld]).pvalue.notna().all()
-    n_genes = len(withheld)
     after_first = [m for m in res.facts["messages"] if m["step"] not in ("log_sums",)
                    and "key" not in m["step"]]
     assert len(after_first) > 20

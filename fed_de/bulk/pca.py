@@ -126,8 +126,9 @@ def site_moments(site: Site, pca: PCAState) -> VSTMoments:
 def pca_select(sums, pca: PCAState, totals: Totals, options) -> dict:
     """Gene variances, the top ``pca_genes`` genes and the start block."""
     m = sums.moments
+    # genes a disclosure rule withheld send no VST values: never among the PCA's genes
     top = pcore.top_variable({"n": totals.n_samples, "s1": m.s1, "s2": m.s2}, pca.shift,
-                             int(options.pca_genes))
+                             int(options.pca_genes), exclude=totals.withheld)
     n_sel = len(top["genes"])
     block = max(pca.n_axes, min(int(options.pca_block), int(totals.n_samples) - 1, n_sel))
     return {"pca": replace(pca, genes=top["genes"], mean=top["mean"], var=top["var"],

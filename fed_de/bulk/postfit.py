@@ -28,7 +28,7 @@ from fed_de.bulk.state import DESeq2Options, GeneResults, PCAState, RunState, Sh
 from fed_de.core import apeglm
 from fed_de.design import Study
 from fed_de.federation.calls import call, site_step
-from fed_de.federation.messages import Message, declared_shapes, part
+from fed_de.federation.messages import Message, declared_shapes, part, zero_rows
 from fed_de.federation.strategy import Phase, Round
 
 #: PCA stages per round: its site computation and the aggregator step that reads it.
@@ -62,6 +62,8 @@ def postfit_sums(site: Site, shrink: ShrinkFit | None, pca: PCAState | None,
     if pca_stage:
         setattr(out, "centroids" if pca_stage == "coords" else pca_stage,
                 PCA_STEPS[pca_stage][0](site, pca))
+    if genes.withheld is not None:  # genes a disclosure rule withheld send nothing
+        out = zero_rows(out, genes.withheld)
     return out
 
 

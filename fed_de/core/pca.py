@@ -52,10 +52,11 @@ def vst_moments(x: np.ndarray, shift: np.ndarray) -> dict:
     return {"n": float(d.shape[0]), "s1": d.sum(axis=0), "s2": (d * d).sum(axis=0)}
 
 
-def top_variable(moments: dict, shift: np.ndarray, ntop: int = 500) -> dict:
+def top_variable(moments: dict, shift: np.ndarray, ntop: int = 500,
+                 exclude: np.ndarray | None = None) -> dict:
     """Aggregator: mean and variance (denominator ``n - 1``, as ``rowVars``) of every gene from
     the summed :func:`vst_moments`, and the ``ntop`` most variable genes, largest first (ties
-    by gene order, as R's stable ``order``).
+    by gene order, as R's stable ``order``), never one of ``exclude`` (a mask).
 
     Returns ``genes`` (indices), ``mean`` and ``var`` of the selected genes, ``total_var``
     (their sum: the trace of ``C / (n - 1)``) and ``n``.
@@ -64,7 +65,10 @@ def top_variable(moments: dict, shift: np.ndarray, ntop: int = 500) -> dict:
     s1, s2 = np.asarray(moments["s1"], float), np.asarray(moments["s2"], float)
     var = (s2 - s1 * s1 / n) / (n - 1.0)
     mean = np.asarray(shift, dtype=float) + s1 / n
-    order = np.argsort(-var, kind="stable")[: min(ntop, var.size)]
+    order = np.argsort(-var, kind="stable")
+    if exclude is not None:
+        order = order[~np.asarray(exclude, dtype=bool)[order]]
+    order = order[: min(ntop, order.size)]
     return {"genes": order, "mean": mean[order], "var": var[order],
             "total_var": float(var[order].sum()), "n": n}
 
