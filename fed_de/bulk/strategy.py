@@ -68,7 +68,8 @@ class _BulkStrategy(FedStrategy):
                     reduced=self.reduced)
 
     def context(self) -> dict:
-        return {"study": self.study, "options": self.options, "reduced": self.reduced}
+        return {"study": self.study, "options": self.options, "reduced": self.reduced,
+                "n_sites": self.n_sites}
 
     def dims(self) -> dict[str, int]:
         """Message sizes: study sizes, and the most points per gene a request may name."""
