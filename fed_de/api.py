@@ -46,13 +46,23 @@ def as_site_mapping(sites, metadata=None):
     return {SINGLE_SITE: sites}
 
 
-def load_sites(sites, layer: str | None = None) -> list[SiteData]:
+def load_sites(sites, layer: str | Mapping[str, str] | None = None) -> list[SiteData]:
     """Load every site (AnnData, ``.h5ad`` path, ``(counts, metadata)`` pair or folder of
-    tables), keeping the mapping's order; ``layer`` names the AnnData layer of raw counts."""
+    tables), keeping the mapping's order.
+
+    ``layer`` names the AnnData layer of raw counts: one name for every AnnData site, or a
+    mapping site name -> layer (sites not in it use ``X``).
+    """
     sites = as_site_mapping(sites)
     if not sites:
         raise ValueError("no site given: pass a mapping of site names to AnnData objects, "
                          "paths or (counts, metadata) pairs")
+    if isinstance(layer, Mapping):
+        unknown = [k for k in layer if k not in sites]
+        if unknown:
+            raise ValueError(f"layer= names site(s) {unknown} that are not in the study "
+                             f"(sites: {list(sites)})")
+        return [load_site(src, str(name), layer.get(name)) for name, src in sites.items()]
     return [load_site(src, str(name), layer) for name, src in sites.items()]
 
 
@@ -183,7 +193,7 @@ def deseq2(
     fit_type: str = "parametric",
     min_cell_size: int = 3,
     round_counts: bool | str = False,
-    layer: str | None = None,
+    layer: str | Mapping[str, str] | None = None,
     backend: str = "simulation",
     progress=None,
     record_messages: bool = False,
@@ -230,7 +240,8 @@ def deseq2(
         Round non-integer counts (e.g. salmon estimates) instead of refusing them; counts
         that look log-transformed are still refused unless ``round_counts="force"``.
     layer
-        The AnnData layer holding raw counts (e.g. ``"counts"`` beside a normalised ``X``).
+        The AnnData layer holding raw counts (e.g. ``"counts"`` beside a normalised ``X``):
+        one name for every AnnData site, or a mapping site name -> layer.
     backend
         ``"simulation"`` (strict in-process, default), ``"subprocess"`` (substra's
         subprocess backend: real registered functions, datasets and tasks on this machine),
@@ -329,6 +340,11 @@ def deseq2(
     result = DESeq2Result(study=study, state=done.state, facts=facts,
                           contrasts=contrast_list(study, contrasts) if contrasts else [],
                           alpha=alpha, test=test, reduced=reduced if test == "LRT" else None)
+    cooks_facts = result.cooks
+    if cooks_facts:
+        facts.update(cooks_outliers_filtered=int(np.sum(cooks_facts["outlier"])),
+                     genes_refitted=int(np.sum(cooks_facts["refitted"])),
+                     genes_replaced_now_zero=int(np.sum(cooks_facts["new_all_zero"])))
     facts["warnings"] = result.fit_warnings()
     for message in facts["warnings"]:
         warnings.warn(message, FitWarning, stacklevel=2)

@@ -41,8 +41,8 @@ MIN_CELL_HELP = ("Disclosure rule: a site refuses a design cell with fewer sampl
 ROUND_HELP = ("Round non-integer counts (e.g. salmon/kallisto estimates) instead of refusing "
               "them; counts that look log-transformed are still refused.")
 FORCE_HELP = "Round counts even when they look log-transformed or normalised."
-LAYER_HELP = ("AnnData layer holding the raw counts (e.g. counts, when X is normalised); "
-              "for .h5ad sites.")
+LAYER_HELP = ("AnnData layer holding the raw counts (e.g. counts, when X is normalised) of "
+              "every .h5ad site; SITE=LAYER for one site (repeatable).")
 
 
 def _version(show: bool) -> None:
@@ -86,6 +86,22 @@ def demo(
     report_warnings(caught)
     if out is not None:
         (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+def _parse_layer(items: list[str]) -> str | dict[str, str] | None:
+    """``--layer NAME`` (every site) or ``--layer SITE=NAME`` (repeatable)."""
+    if not items:
+        return None
+    named = [i for i in items if "=" in i]
+    if not named:
+        if len(items) > 1:
+            raise typer.BadParameter("--layer NAME applies to every site; give it once, or "
+                                     "SITE=NAME per site")
+        return items[0]
+    if len(named) != len(items):
+        raise typer.BadParameter("--layer: give one NAME for every site, or SITE=NAME per "
+                                 "site, not both")
+    return dict(i.split("=", 1) for i in items)
 
 
 def _parse_levels(levels: list[str]) -> dict[str, list[str]]:
@@ -141,7 +157,8 @@ def run(
     name: list[str] = typer.Option([], "--name", help="A coefficient to test (DESeq2's name=; "
                                                       "repeatable)."),
     alpha: float = typer.Option(0.1, help="Significance level for independent filtering."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (needed unless "
+                                                        "--plan-only)."),
     levels: list[str] = typer.Option([], "--levels",
                                      help="Declared levels FACTOR=REF,LEVEL2,... (repeatable)."),
     size_factors: SizeFactors = typer.Option(SizeFactors.ratio, help="DESeq2's sfType."),
@@ -152,7 +169,7 @@ def run(
     min_cell_size: int = typer.Option(3, min=0, help=MIN_CELL_HELP),
     round_counts: bool = typer.Option(False, help=ROUND_HELP),
     force_round_counts: bool = typer.Option(False, "--force-round-counts", help=FORCE_HELP),
-    layer: str | None = typer.Option(None, "--layer", help=LAYER_HELP),
+    layer: list[str] = typer.Option([], "--layer", help=LAYER_HELP),
     test: Test = typer.Option(Test.Wald, "--test", help="Wald or LRT (with --reduced)."),
     reduced: str | None = typer.Option(None, "--reduced", help="Reduced design for the LRT."),
     cooks: bool = typer.Option(True, "--cooks/--no-cooks",
@@ -168,8 +185,7 @@ def run(
 ) -> None:
     """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites.
 
-    Writes results.csv (results_<contrast>.csv per contrast with several), dispersions.csv
-    (DESeq2's column names), coefficients.csv, results.h5ad and run.json.
+    Writes results (one CSV per contrast), dispersions, coefficients, results.h5ad, run.json.
     """
     import fed_de
     from fed_de.bulk.results import check_results_options, contrast_label
@@ -179,8 +195,10 @@ def run(
     if remote and site:
         raise typer.BadParameter("--backend remote: the data stays at the hospitals; give "
                                  "--keys (written by fed-de register-site), not --site")
-    if remote and (credentials is None or keys is None):
-        raise typer.BadParameter("--backend remote needs --credentials and --keys")
+    if remote and (keys is None or (credentials is None and not plan_only)):
+        raise typer.BadParameter("--backend remote needs --keys, and --credentials to submit")
+    if out is None and not plan_only:
+        raise typer.BadParameter("give --out DIR (the folder for the results), or --plan-only")
     sites = {} if remote else parse_sites(site)
     gene_list = genes.read_text().split() if genes else None
     contrasts = [parse_contrast(c) for c in contrast] + list(name)
@@ -188,7 +206,7 @@ def run(
     check_results_options(alpha, lfc_threshold, value(alt_hypothesis))
     if plan_only:
         _print_plan(sites, design, _parse_levels(levels) or None, gene_list, keys, test,
-                    reduced, value(size_factors), min_cell_size, cooks, layer)
+                    reduced, value(size_factors), min_cell_size, cooks, _parse_layer(layer))
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -196,11 +214,13 @@ def run(
             sites, design, contrasts=contrasts or None, alpha=alpha,
             levels=_parse_levels(levels) or None, size_factors=value(size_factors),
             fit_type=value(fit_type), min_cell_size=min_cell_size, round_counts=rounding,
-            layer=layer, progress=not STATE["quiet"], test=test, reduced=reduced,
+            layer=_parse_layer(layer), progress=not STATE["quiet"], test=test, reduced=reduced,
             cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
             keys=keys, timeout=timeout, genes=gene_list)
     res.facts["warnings"] = report_warnings(caught)
-    res.facts["command_line"] = command_line(ctx, "run")
+    res.facts.update(command_line=command_line(ctx, "run"), design=design, alpha=alpha,
+                     test=test, cooks=cooks, reduced=reduced,
+                     contrast=[contrast_label(res.study, c) for c in contrasts or [None]])
     inferred = res.facts["options"]["levels_inferred"]
     if inferred:
         console.print("levels read from the sites (declare them with --levels to fix the "
@@ -271,7 +291,9 @@ def register_site(
     keys: Path = typer.Option(Path("keys.yaml"), help="Keys YAML to write or update."),
     kind: SiteKind = typer.Option(SiteKind.deseq2,
                                   help="deseq2 (bulk counts) or screen (cells, .h5ad)."),
-    layer: str | None = typer.Option(None, "--layer", help=LAYER_HELP),
+    layer: str | None = typer.Option(
+        None, "--layer", help="AnnData layer holding the raw counts (recorded in the folder's "
+                              "site.json, which the node's opener reads)."),
 ) -> None:
     """Register this site's dataset on its own Substra node and record its keys."""
     from fed_de.backends.substra import _load_yaml, make_client, register_site_remote
@@ -298,7 +320,7 @@ def validate(
     min_cell_size: int = typer.Option(3, min=0, help=MIN_CELL_HELP),
     round_counts: bool = typer.Option(False, help=ROUND_HELP),
     force_round_counts: bool = typer.Option(False, "--force-round-counts", help=FORCE_HELP),
-    layer: str | None = typer.Option(None, "--layer", help=LAYER_HELP),
+    layer: list[str] = typer.Option([], "--layer", help=LAYER_HELP),
     n_sites: int = typer.Option(
         0, "--n-sites", min=0,
         help="Sites in the study. 0 (default): several; the disclosure rule applies, and with "
@@ -309,7 +331,7 @@ def validate(
     from fed_de.api import declare_study, load_sites
     from fed_de.validation import validate_sites
 
-    loaded = load_sites(parse_sites(site), layer)
+    loaded = load_sites(parse_sites(site), _parse_layer(layer))
     gene_list = genes.read_text().split() if genes else None
     study = declare_study(loaded, design, _parse_levels(levels) or None, gene_list)
     rows = validate_sites({s.name: s for s in loaded}, study, min_cell_size=min_cell_size,

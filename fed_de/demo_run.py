@@ -30,7 +30,9 @@ def run_demo(n_samples: int = 150, n_genes: int = 5000, seed: int = 0,
     study = make_demo_study(n_samples=n_samples, n_genes=n_genes, seed=seed)
     sizes = {k: v.n_obs for k, v in study.sites.items()}
     console.print(f"[bold]fed_de demo[/]: {n_samples} samples x {n_genes} genes over "
-                  f"{len(sizes)} hospitals {sizes} (hospital_c has no batch b3), "
+                  f"{len(sizes)} hospitals ("
+                  + ", ".join(f"{k} {v}" for k, v in sizes.items())
+                  + " samples; hospital_c has no batch b3), "
                   f"design {study.design!r}, contrast {CONTRAST}", highlight=False)
     sites = study.sites
     if out is not None:

@@ -47,7 +47,9 @@ class TaskBar:
         self._task = self._progress.add_task(self.description, total=self.total)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:  # the error, not a half-drawn bar, is what the user reads
+            self._progress.live.transient = True
         self._progress.stop()
 
     @property

@@ -282,7 +282,9 @@ def _freeze_site(name, X, genes, samples, obs) -> SiteData:
         for arr in (X.data, X.indices, X.indptr):
             arr.setflags(write=False)
     else:
-        X = np.array(X, dtype=np.float64, copy=True)
+        # C order whatever the source (a DataFrame gives F order): the sums' rounding then
+        # does not depend on the input format (CSV and AnnData were 2e-10 apart)
+        X = np.array(X, dtype=np.float64, copy=True, order="C")
         X.setflags(write=False)
     obs = pd.DataFrame(obs).copy()
     obs.index = pd.Index(samples)
