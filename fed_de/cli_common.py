@@ -141,11 +141,20 @@ def cli_errors(command: str):
 
 
 def report_warnings(caught: list) -> list[str]:
-    """Print caught Python warnings as ``warning: ...`` lines on stderr (unless
-    ``--quiet``); return their messages, once each."""
+    """Print the caught warnings of fed_de (the analysis' ``FitWarning``, and fed_de's own
+    notes, e.g. on two-site secure aggregation) as ``warning: ...`` lines on stderr, unless
+    ``--quiet``; other libraries' warnings only with ``--verbose``. Return fed_de's
+    messages, once each."""
+    from fed_de.errors import FitWarning
+
     seen: list[str] = []
     for w in caught:
         text = str(w.message)
+        ours = issubclass(w.category, FitWarning) or f"{os.sep}fed_de{os.sep}" in w.filename
+        if not ours:
+            if STATE["verbose"]:
+                typer.echo(f"warning ({w.category.__name__}): {text}", err=True)
+            continue
         if text not in seen:
             seen.append(text)
     if not STATE["quiet"]:

@@ -180,9 +180,8 @@ def _readme_data(tmp_path: Path, demo) -> dict:
             "metadata_df": a.obs.copy(), "adata_norm": norm}
 
 
-@pytest.mark.slow
 def test_readme_use_it_section(tmp_path, monkeypatch, demo):
-    """The README's "Use it" code, as written, on data laid out as it names them (~30 s).
+    """The README's "Use it" code, as written, on data laid out as it names them (~15 s).
 
     Its last line runs on substra's subprocess backend; here the simulation stands in for
     that backend's executor (``run_subprocess``), which still receives the study's strategy,
@@ -196,7 +195,8 @@ def test_readme_use_it_section(tmp_path, monkeypatch, demo):
     calls = []
 
     def stand_in(strategy, sites, *, workdir, progress=None, **kw):
-        calls.append((type(strategy).__name__, [s.name for s in sites], Path(workdir)))
+        names = [s.name for s in sites]
+        calls.append((type(strategy).__name__, names, Path(workdir).resolve()))
         sim = run_strict(strategy, sites, progress=progress)
         return substra_backend.SubstraRun(sim.shared_state, sim.ledger.facts(), "stand-in")
 
