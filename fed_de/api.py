@@ -81,12 +81,14 @@ def declare_study(
     """
     levels = {k: [str(x) for x in v] for k, v in (levels or {}).items()}
     variables = formula_variables(design)
-    unused = [k for k in levels if k not in variables]
-    if unused:
-        hints = "".join(f" Did you mean {c!r} for {k!r}?" for k in unused
-                        if (c := closest_name(k, variables)) is not None)
-        raise DesignError(f"levels are declared for {unused}, which the design {design!r} "
-                          f"does not use (its variables: {variables}).{hints}")
+    # a factor the formula does not use still shapes the design cells (disclosure rule);
+    # one spelled like an undeclared formula variable is a typo
+    typos = {k: c for k in levels if k not in variables
+             and (c := closest_name(k, [v for v in variables if v not in levels]))}
+    if typos:
+        hints = "".join(f" Did you mean {c!r} for {k!r}?" for k, c in typos.items())
+        raise DesignError(f"levels are declared for {list(typos)}, which the design "
+                          f"{design!r} does not use (its variables: {variables}).{hints}")
     for var in variables:
         if var in levels:
             continue

@@ -436,7 +436,7 @@ class DESeq2Result:
             "dispMAP": d["MAP"], "dispersion": d["final"],
             "dispOutlier": d["outlier"].astype(bool), "allZero": d["allZero"].astype(bool),
             "betaConv": d["betaConv"].astype(bool)}, index=d.index)
-        return frame
+        return frame[list(GENE_COLUMNS)]
 
     @property
     def coefficients(self) -> pd.DataFrame:
