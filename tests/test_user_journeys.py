@@ -30,7 +30,7 @@ from fed_de.bulk.results import ResultsSummary, summarize
 from fed_de.cli import app
 from fed_de.core.testing import adjust_pvalues
 from fed_de.demo_data import make_demo_study
-from fed_de.errors import DesignError, DisclosureError, FedDEError, FitWarning, SiteDataError
+from fed_de.errors import DesignError, DisclosureError, FitWarning, SiteDataError
 from fed_de.site import load_site
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -974,7 +974,3 @@ def test_demo_shows_progress_and_an_agreement_table(tmp_path):
     assert "fed_de, all samples pooled as one site" in text
     assert "{'" not in text
     assert report["vs_pooled_fed_de"]["differing_calls"] == 0
-
-
-def test_fed_de_error_is_the_base_of_every_input_error():
-    assert issubclass(SiteDataError, FedDEError) and issubclass(DesignError, FedDEError)
