@@ -4,7 +4,8 @@ from fed_de.design import Study, make_study
 
 __version__ = "0.1.0"
 
-__all__ = ["Study", "make_study", "__version__", "deseq2", "size_factors", "screen"]
+__all__ = ["Study", "make_study", "__version__", "deseq2", "size_factors", "screen",
+           "FitWarning"]
 
 
 def __getattr__(name):
@@ -13,6 +14,10 @@ def __getattr__(name):
         from fed_de import api
 
         return getattr(api, name)
+    if name == "FitWarning":
+        from fed_de.errors import FitWarning
+
+        return FitWarning
     if name == "screen":
         from fed_de.screening import api
 

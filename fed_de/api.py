@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,16 +12,58 @@ import numpy as np
 import pandas as pd
 
 from fed_de.backends import check_backend, n_declared_sites, run, secure_option
-from fed_de.bulk.results import DESeq2Result
-from fed_de.design import Study, formula_variables, make_study
+from fed_de.bulk.results import DESeq2Result, contrast_list, study_contrast_vector
+from fed_de.core.size_factors import SIZE_FACTOR_TYPES
+from fed_de.design import (
+    Study,
+    closest_name,
+    formula_variables,
+    level_spellings,
+    make_study,
+    missing_column_message,
+)
+from fed_de.errors import DesignError, FitWarning
 from fed_de.site import SiteData, load_site
 
+log = logging.getLogger("fed_de")
 
-def load_sites(sites: Mapping) -> list[SiteData]:
-    """Load every site (AnnData, ``.h5ad`` path or CSV folder), keeping the mapping's order."""
+#: DESeq2's ``fitType`` values fed_de runs.
+FIT_TYPES = ("parametric", "local", "mean")
+#: Name of the site when one site is given without a name.
+SINGLE_SITE = "site"
+
+
+def as_site_mapping(sites, metadata=None):
+    """Site name -> source: a mapping as given, or one unnamed site (an AnnData, a path, a
+    ``(counts, metadata)`` pair, or a counts DataFrame with ``metadata``) named ``"site"``."""
+    if metadata is not None:
+        if isinstance(sites, Mapping):
+            raise ValueError("metadata= goes with one counts DataFrame, not a mapping of "
+                             "sites; give each site as (counts, metadata)")
+        return {SINGLE_SITE: (sites, metadata)}
+    if sites is None or isinstance(sites, Mapping):
+        return sites
+    return {SINGLE_SITE: sites}
+
+
+def load_sites(sites, layer: str | Mapping[str, str] | None = None) -> list[SiteData]:
+    """Load every site (AnnData, ``.h5ad`` path, ``(counts, metadata)`` pair or folder of
+    tables), keeping the mapping's order.
+
+    ``layer`` names the AnnData layer of raw counts: one name for every AnnData site, or a
+    mapping site name -> layer (sites not in it use ``X``).
+    """
+    sites = as_site_mapping(sites)
     if not sites:
-        raise ValueError("no site given: pass a mapping of site names to AnnData objects or paths")
-    return [load_site(src, str(name)) for name, src in sites.items()]
+        raise ValueError("no site given: pass a mapping of site names to AnnData objects, "
+                         "paths or (counts, metadata) pairs")
+    if isinstance(layer, Mapping):
+        unknown = [k for k in layer if k not in sites]
+        if unknown:
+            raise ValueError(f"layer= names site(s) {unknown} that are not in the study "
+                             f"(sites: {list(sites)})")
+        return [load_site(src, str(name), layer.get(name)) for name, src in sites.items()]
+    return [load_site(src, str(name), layer) for name, src in sites.items()]
 
 
 def declare_study(
@@ -32,18 +75,69 @@ def declare_study(
     """The study for a run where the caller holds every site (simulation, tests, demos).
 
     Levels not declared are taken from the sites' metadata in sorted order (R's default
-    factor order) and the gene list from the first site. On a real network the study is
-    declared by the user and never read from sites: pass ``levels`` and ``genes``.
+    factor order) and the gene list from the first site; levels spelled differently across
+    sites only by case or whitespace are refused. On a real network the study is declared
+    by the user and never read from sites: pass ``levels`` and ``genes``.
     """
     levels = {k: [str(x) for x in v] for k, v in (levels or {}).items()}
-    for var in formula_variables(design):
+    variables = formula_variables(design)
+    # a factor the formula does not use still shapes the design cells (disclosure rule);
+    # one spelled like an undeclared formula variable is a typo
+    typos = {k: c for k in levels if k not in variables
+             and (c := closest_name(k, [v for v in variables if v not in levels]))}
+    if typos:
+        hints = "".join(f" Did you mean {c!r} for {k!r}?" for k, c in typos.items())
+        raise DesignError(f"levels are declared for {list(typos)}, which the design "
+                          f"{design!r} does not use (its variables: {variables}).{hints}")
+    for var in variables:
         if var in levels:
             continue
-        values = pd.concat([s.obs[var] for s in sites if var in s.obs.columns])
+        lacking = [s for s in sites if var not in s.obs.columns]
+        if lacking:
+            raise DesignError(missing_column_message([var], list(lacking[0].obs.columns),
+                                                     lacking[0].name, design))
+        values = pd.concat([s.obs[var] for s in sites])
         if values.empty or pd.api.types.is_numeric_dtype(values):
             continue
-        levels[var] = sorted(values.dropna().astype(str).unique())
+        per_site = {s.name: sorted(s.obs[var].dropna().astype(str).unique()) for s in sites}
+        level_spellings(per_site, var)
+        levels[var] = sorted(set().union(*per_site.values()))
     return make_study(design, list(genes) if genes is not None else list(sites[0].genes), levels)
+
+
+def check_options(study: Study, *, contrasts=None, alpha: float = 0.1,
+                  size_factors: str = "ratio", fit_type: str = "parametric",
+                  min_cell_size: int = 3, round_counts: bool | str = False,
+                  test: str = "Wald", reduced: str | None = None) -> None:
+    """Refuse, before the first round, options and contrasts that cannot work with the
+    declared study, naming the valid values (a wrong contrast otherwise shows only after
+    the whole federated fit)."""
+    from fed_de.bulk.strategy import TESTS
+    from fed_de.design import reduced_study
+    from fed_de.validation import FORCE_ROUND
+
+    if size_factors not in SIZE_FACTOR_TYPES:
+        raise ValueError(f"size_factors {size_factors!r} unknown; use one of "
+                         f"{list(SIZE_FACTOR_TYPES)}")
+    if fit_type not in FIT_TYPES:
+        raise ValueError(f"fit_type {fit_type!r} unknown; use one of {list(FIT_TYPES)}")
+    if test not in TESTS:
+        raise ValueError(f"test {test!r} unknown; use one of {list(TESTS)}")
+    if test == "LRT":
+        if not reduced:
+            raise ValueError("test='LRT' needs a reduced design, e.g. reduced='~ batch'")
+        reduced_study(study, reduced)
+    elif reduced:
+        raise ValueError(f"reduced={reduced!r} is for test='LRT'; the Wald test has none")
+    if not 0 < float(alpha) < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if int(min_cell_size) != min_cell_size or min_cell_size < 0:
+        raise ValueError(f"min_cell_size must be a non-negative integer, got {min_cell_size!r}")
+    if round_counts not in (True, False, FORCE_ROUND):
+        raise ValueError(f"round_counts must be True, False or {FORCE_ROUND!r}, "
+                         f"not {round_counts!r}")
+    for c in contrast_list(study, contrasts) if contrasts else []:
+        study_contrast_vector(study, c)
 
 
 @dataclass
@@ -56,7 +150,7 @@ class SizeFactorResult:
 
 
 def size_factors(
-    sites: Mapping,
+    sites,
     design: str = "~ 1",
     *,
     levels: Mapping[str, list] | None = None,
@@ -64,6 +158,7 @@ def size_factors(
     kind: str = "ratio",
     min_cell_size: int = 3,
     backend: str = "simulation",
+    layer: str | None = None,
 ) -> SizeFactorResult:
     """Federated median-of-ratios size factors (``kind="ratio"`` or ``"poscounts"``)."""
     from fed_de.bulk.strategy import SizeFactorsStrategy
@@ -71,8 +166,9 @@ def size_factors(
     if backend != "simulation":
         raise ValueError("size_factors() runs in simulation; the substra backends run the "
                          "full pipeline through deseq2(backend=...)")
-    loaded = load_sites(sites)
+    loaded = load_sites(sites, layer)
     study = declare_study(loaded, design, levels, genes)
+    check_options(study, size_factors=kind, min_cell_size=min_cell_size)
     strategy = SizeFactorsStrategy(study.to_dict(), size_factors=kind, min_cell_size=min_cell_size,
                                    n_sites=len(loaded))
     done = run(strategy, loaded)
@@ -103,9 +199,10 @@ def _needs_levels(design: str) -> bool:
 
 
 def deseq2(
-    sites: Mapping,
+    sites,
     design: str,
     *,
+    metadata: pd.DataFrame | None = None,
     contrasts: list | None = None,
     alpha: float = 0.1,
     levels: Mapping[str, list] | None = None,
@@ -115,7 +212,8 @@ def deseq2(
     min_cell_size: int = 3,
     min_pooled_cell_size: int = 15,
     min_nonzero: int = 2,
-    round_counts: bool = False,
+    round_counts: bool | str = False,
+    layer: str | Mapping[str, str] | None = None,
     backend: str = "simulation",
     progress=None,
     record_messages: bool = False,
@@ -139,18 +237,27 @@ def deseq2(
     Parameters
     ----------
     sites
-        Site name -> AnnData, ``.h5ad`` path, or folder with counts.csv + metadata.csv.
+        Site name -> AnnData, ``.h5ad`` path, folder of tables (counts + metadata, CSV, TSV or
+        featureCounts output) or a ``(counts, metadata)`` pair of DataFrames. One site may be
+        given alone (an AnnData, a path, a pair, or a counts DataFrame with ``metadata=``,
+        as PyDESeq2 takes them); it is named ``"site"``.
     design
         Formula, e.g. ``"~ batch + condition"``.
+    metadata
+        Sample metadata of a single counts DataFrame given as ``sites``.
     contrasts
         Contrasts of interest: ``(factor, level, reference)``, coefficient names or numeric
-        vectors. Any other contrast can be asked later from the same fit.
+        vectors; checked against the study before the first round. Any other contrast can be
+        asked later from the same fit.
     alpha
         Significance level used by independent filtering.
     levels, genes
-        The study's declared factor levels (reference first) and gene list.
+        The study's declared factor levels (reference first) and gene list. Levels not
+        declared are read from the sites (simulation only): sorted, as R, and recorded in
+        ``facts["options"]["levels_inferred"]``.
     size_factors, fit_type
-        DESeq2's ``sfType`` (``ratio``/``poscounts``) and ``fitType`` (``parametric``/``mean``).
+        DESeq2's ``sfType`` (``ratio``/``poscounts``) and ``fitType``
+        (``parametric``/``local``/``mean``).
     min_cell_size, min_pooled_cell_size, min_nonzero
         Disclosure control. A site refuses when one of its non-empty design cells holds fewer
         than ``min_cell_size`` samples. From two sites on, the study refuses a pooled design
@@ -160,7 +267,11 @@ def deseq2(
         counts (a sum with one non-zero count is that count). ``min_cell_size=0`` turns every
         rule off: an analysis of one's own data, or an audited study.
     round_counts
-        Round non-integer counts (e.g. salmon estimates) instead of refusing them.
+        Round non-integer counts (e.g. salmon estimates) instead of refusing them; counts
+        that look log-transformed are still refused unless ``round_counts="force"``.
+    layer
+        The AnnData layer holding raw counts (e.g. ``"counts"`` beside a normalised ``X``):
+        one name for every AnnData site, or a mapping site name -> layer.
     backend
         ``"simulation"`` (strict in-process, default), ``"subprocess"`` (substra's
         subprocess backend: real registered functions, datasets and tasks on this machine),
@@ -172,7 +283,8 @@ def deseq2(
         Remote backend: credentials YAML, dataset keys YAML (``fed-de register-site``),
         seconds to wait for the compute plan.
     progress
-        Callable ``(step, organisation, round_idx)`` called before each task.
+        ``True``: a progress bar on stderr (tasks done of the plan's total, percentage, time
+        left); or a callable ``(step, organisation, round_idx)`` called before each task.
     record_messages
         Keep every message in ``facts['messages']`` (privacy audits).
     rounds
@@ -191,21 +303,40 @@ def deseq2(
         aggregator sees only cross-site totals; on by default from two sites (with two, each
         site can infer the other's sums: a warning says so). ``False`` is for audits that
         need each site's own messages.
-    """
-    from fed_de.bulk.strategy import DESeq2Strategy
 
+    Warns
+    -----
+    FitWarning
+        The dispersion trend fell back to another type, genes did not converge, or Cook's
+        step filtered, replaced or refitted genes; also in ``facts["warnings"]``.
+    """
+    from fed_de.backends.plan import record_plan
+    from fed_de.bulk.strategy import DESeq2Strategy
+    from fed_de.progress import progress_callback
+    from fed_de.provenance import run_provenance
+
+    started = run_provenance()
     check_backend(backend)
+    sites = as_site_mapping(sites, metadata)
     if backend == "remote":
         if sites:
             raise ValueError("backend='remote': the data stays at the hospitals; give keys= "
                              "(datasets registered with fed-de register-site), not sites")
         if genes is None or (levels is None and _needs_levels(design)):
             raise ValueError("backend='remote' needs the study declared: genes= and levels=")
+        check_remote_inputs(credentials, keys)
         loaded = []
         study = make_study(design, list(genes), dict(levels or {}))
     else:
-        loaded = load_sites(sites)
+        loaded = load_sites(sites, layer)
         study = declare_study(loaded, design, levels, genes)
+    inferred = [k for k in study.levels if k not in (levels or {})]
+    if inferred:
+        log.info("levels read from the sites (declare them to fix the reference): %s",
+                 "; ".join(f"{k}={','.join(study.levels[k])}" for k in inferred))
+    check_options(study, contrasts=contrasts, alpha=alpha, size_factors=size_factors,
+                  fit_type=fit_type, min_cell_size=min_cell_size, round_counts=round_counts,
+                  test=test, reduced=reduced)
     n_sites = n_declared_sites(loaded, keys)
     check_disclosure_options(min_cell_size, min_pooled_cell_size, n_sites)
     post = postfit_options(study, contrasts, shrink, shrink_coef, pca, pca_genes, pca_group,
@@ -218,9 +349,13 @@ def deseq2(
                               secure_aggregation=secure_option(secure_aggregation, n_sites),
                               n_sites=n_sites, **post,
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
-    done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials, keys=keys,
-               timeout=timeout, progress=progress,
-               record_messages=record_messages and backend == "simulation")
+    total = 0
+    if progress is True:
+        total = len(record_plan(strategy, list(site_names(loaded, keys))).tasks)
+    with progress_callback(progress, total) as callback:
+        done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials,
+                   keys=keys, timeout=timeout, progress=callback,
+                   record_messages=record_messages and backend == "simulation")
     facts = done.facts
     facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
                  min_cell_size=min_cell_size, min_pooled_cell_size=min_pooled_cell_size,
@@ -231,12 +366,34 @@ def deseq2(
                  secure_aggregation=strategy.masks(n_sites),
                  bytes_per_gene_by_site={k: v / len(study.genes)
                                          for k, v in facts["bytes_sent_by_site"].items()})
+    facts["options"] = {
+        "design": design, "test": test, "reduced": reduced, "levels": study.levels,
+        "levels_inferred": inferred, "continuous": study.continuous,
+        "size_factors": size_factors, "fit_type": fit_type,
+        "fit_type_used": done.state.trend.fit_type, "alpha": alpha, "cooks": bool(cooks),
+        "round_counts": round_counts, "layer": layer, "min_cell_size": min_cell_size,
+        "min_pooled_cell_size": min_pooled_cell_size, "min_nonzero": min_nonzero,
+        "disclosure_rule_applied": bool(min_cell_size) and n_sites != 1,
+        "backend": backend, "rounds": dict(rounds or {})}
+    facts.update(started)
     site_pca = postfit_facts(facts, strategy, done, loaded)
     result = DESeq2Result(study=study, state=done.state, facts=facts,
-                          contrasts=list(contrasts or []), alpha=alpha, test=test,
+                          contrasts=contrast_list(study, contrasts) if contrasts else [],
+                          alpha=alpha, test=test, reduced=reduced if test == "LRT" else None,
                           site_pca=site_pca)
-    for c in result.contrasts:
-        result.contrast_vector(c)  # fail now on an unknown factor/level
+    cooks_facts = result.cooks
+    if cooks_facts:
+        facts.update(cooks_outliers_filtered=int(np.sum(cooks_facts["outlier"])),
+                     genes_refitted=int(np.sum(cooks_facts["refitted"])),
+                     genes_replaced_now_zero=int(np.sum(cooks_facts["new_all_zero"])))
+    withheld = facts["genes_withheld"]
+    if withheld:
+        facts.setdefault("warnings", []).append(
+            f"{withheld} gene(s) withheld for disclosure control: a pooled design cell holds "
+            f"fewer than min_nonzero={min_nonzero} non-zero counts (results NaN)")
+    facts["warnings"] = facts.get("warnings", []) + result.fit_warnings()
+    for message in facts["warnings"]:
+        warnings.warn(message, FitWarning, stacklevel=2)
     return result
 
 
@@ -349,3 +506,23 @@ def postfit_facts(facts: dict, strategy, done, loaded: list[SiteData]) -> dict:
             frame["group"] = site.obs[p.group].astype(str).to_numpy() if p.group else "all"
             site_pca[site.name] = frame
     return site_pca
+
+
+def check_remote_inputs(credentials, keys, submitter: str = "aggregator") -> None:
+    """Before anything is built or sent: the credentials hold a real entry for the
+    submitter (no template placeholder) and the keys file lists sites with their keys."""
+    from fed_de.backends.substra import _load_yaml, check_credentials_entry
+    from fed_de.errors import FedDEError
+
+    if credentials is None or keys is None:
+        raise FedDEError("backend='remote' needs credentials= (YAML of the Substra API "
+                         "entries) and keys= (the datasets, written by fed-de register-site)")
+    creds = _load_yaml(credentials)
+    if submitter not in creds:
+        raise FedDEError(f"credentials have no entry {submitter!r} (entries: {list(creds)}); "
+                         f"the {submitter!r} entry submits the compute plan")
+    check_credentials_entry(creds[submitter], submitter)
+    sites = (_load_yaml(keys) or {}).get("sites") or {}
+    if not sites:
+        raise FedDEError("the keys file lists no site (each hospital writes its entry with "
+                         "fed-de register-site; the coordinator merges them)")

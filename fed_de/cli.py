@@ -1,26 +1,77 @@
-"""The ``fed-de`` command line."""
+"""The ``fed-de`` command line.
+
+Global options come before the command: ``fed-de [--version] [--debug] [-q|-v] COMMAND``.
+Errors go to stderr with a non-zero exit code (2: bad input or options; 1: unexpected).
+"""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from fed_de.cli_common import parse_sites, print_facts
+from fed_de.cli_common import (
+    STATE,
+    AltHypothesis,
+    Backend,
+    FedDECommand,
+    FitType,
+    SiteKind,
+    SizeFactors,
+    Test,
+    cli_errors,
+    command_line,
+    configure,
+    console,
+    parse_sites,
+    print_facts,
+    report_warnings,
+    value,
+)
 
-app = typer.Typer(add_completion=False, help="Federated differential expression (DESeq2-grade).")
-console = Console()
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Federated differential expression (DESeq2-grade).")
+
+MIN_CELL_HELP = ("Disclosure rule: a site refuses a design cell with fewer samples (0 = off). "
+                 "Applies from two sites on: a one-site run sends nothing to another "
+                 "organisation and is not checked.")
+MIN_POOLED_HELP = ("Disclosure rule (two sites on): the study refuses a pooled design cell "
+                   "with fewer samples; 10-14 runs with a warning.")
+ROUND_HELP = ("Round non-integer counts (e.g. salmon/kallisto estimates) instead of refusing "
+              "them; counts that look log-transformed are still refused.")
+FORCE_HELP = "Round counts even when they look log-transformed or normalised."
+LAYER_HELP = ("AnnData layer holding the raw counts (e.g. counts, when X is normalised) of "
+              "every .h5ad site; SITE=LAYER for one site (repeatable).")
+
+
+def _version(show: bool) -> None:
+    if show:
+        import fed_de
+
+        typer.echo(f"fed-de {fed_de.__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print fed_de's version and exit."),
+    debug: bool = typer.Option(False, "--debug",
+                               help="Show the full traceback when a command fails."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="Print errors only: no progress, tables or warnings."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Also print what fed_de does (levels used, files read)."),
+) -> None:
     """fed_de: the pooled DESeq2 answer from per-site sums, run as a substrafl compute plan."""
+    configure(debug=debug, quiet=quiet, verbose=verbose)
 
 
-@app.command()
+@app.command(cls=FedDECommand)
+@cli_errors("demo")
 def demo(
     samples: int = typer.Option(150, help="Samples in the generated study."),
     genes: int = typer.Option(5000, help="Genes in the generated study."),
@@ -34,14 +85,30 @@ def demo(
     compare with the pooled analysis, and write an HTML report."""
     from fed_de.demo_run import run_demo
 
-    report = run_demo(n_samples=samples, n_genes=genes, seed=seed, out=out, console=console,
-                      report=report_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = run_demo(n_samples=samples, n_genes=genes, seed=seed, out=out,
+                          console=console, progress=not STATE["quiet"],
+                          report=report_path)
+    report_warnings(caught)
     if out is not None:
         (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
 
 
-def _parse_sites(site: list[str]) -> dict[str, Path]:
-    return parse_sites(site)
+def _parse_layer(items: list[str]) -> str | dict[str, str] | None:
+    """``--layer NAME`` (every site) or ``--layer SITE=NAME`` (repeatable)."""
+    if not items:
+        return None
+    named = [i for i in items if "=" in i]
+    if not named:
+        if len(items) > 1:
+            raise typer.BadParameter("--layer NAME applies to every site; give it once, or "
+                                     "SITE=NAME per site")
+        return items[0]
+    if len(named) != len(items):
+        raise typer.BadParameter("--layer: give one NAME for every site, or SITE=NAME per "
+                                 "site, not both")
+    return dict(i.split("=", 1) for i in items)
 
 
 def _parse_levels(levels: list[str]) -> dict[str, list[str]]:
@@ -54,41 +121,68 @@ def _parse_levels(levels: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def parse_contrast(text: str):
+    """One ``--contrast``: ``FACTOR LEVEL REFERENCE`` (three words), comma-separated weights
+    over the coefficients, or a coefficient name."""
+    words = text.split()
+    if len(words) == 3:
+        return tuple(words)
+    if len(words) != 1:
+        raise typer.BadParameter(
+            f"--contrast {text!r}: give FACTOR LEVEL REFERENCE (three words), a coefficient "
+            "name, or comma-separated weights such as 0,0,1,-1")
+    if "," in text:
+        try:
+            return [float(w) for w in text.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"--contrast {text!r}: weights must be numbers, e.g. "
+                                     "0,0,1,-1") from None
+    return text
+
+
 def package_versions() -> dict[str, str]:
     """Versions of the packages whose objects travel between nodes."""
-    from importlib.metadata import PackageNotFoundError, version
+    from fed_de.provenance import package_versions as versions
 
-    out = {}
-    for pkg in ("fed-de", "numpy", "scipy", "pandas", "anndata", "formulaic", "substrafl",
-                "substra"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return versions()
 
 
-@app.command()
+@app.command(cls=FedDECommand)
+@cli_errors("run")
 def run(
-    site: list[str] = typer.Option(..., "--site", help="NAME=PATH: a site folder or .h5ad."),
+    ctx: typer.Context,
+    site: list[str] = typer.Option(
+        [], "--site", help="NAME=PATH: a folder with counts + metadata tables (CSV, TSV or "
+                           "featureCounts output) or an .h5ad (repeat; not with --backend "
+                           "remote)."),
     design: str = typer.Option(..., "--design", help="Design formula, e.g. '~ batch + condition'."),
-    contrast: tuple[str, str, str] | None = typer.Option(
-        None, "--contrast", help="FACTOR LEVEL REFERENCE (default: last coefficient)."),
+    contrast: list[str] = typer.Option(
+        [], "--contrast", metavar="FACTOR LEVEL REF | COEF | W1,W2,..",
+        help="A contrast: FACTOR LEVEL REFERENCE, a coefficient name, or comma-separated "
+             "weights over the coefficients. Repeat for several (one results file each, no "
+             "new round). Default: the last coefficient."),
+    name: list[str] = typer.Option([], "--name", help="A coefficient to test (DESeq2's name=; "
+                                                      "repeatable)."),
     alpha: float = typer.Option(0.1, help="Significance level for independent filtering."),
-    out: Path = typer.Option(..., "--out", help="Output folder."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (needed unless "
+                                                        "--plan-only)."),
     levels: list[str] = typer.Option([], "--levels",
                                      help="Declared levels FACTOR=REF,LEVEL2,... (repeatable)."),
-    size_factors: str = typer.Option("ratio", help="ratio or poscounts."),
-    fit_type: str = typer.Option("parametric", help="Dispersion trend: parametric or mean."),
-    lfc_threshold: float = typer.Option(0.0, help="lfcThreshold of the Wald test."),
-    alt_hypothesis: str = typer.Option("greaterAbs", help="greaterAbs, lessAbs, greater, less."),
-    min_cell_size: int = typer.Option(3, help="Smallest design cell a site accepts (0 = off)."),
-    round_counts: bool = typer.Option(False, help="Round non-integer counts instead of refusing."),
-    test: str = typer.Option("Wald", "--test", help="Wald or LRT."),
+    size_factors: SizeFactors = typer.Option(SizeFactors.ratio, help="DESeq2's sfType."),
+    fit_type: FitType = typer.Option(FitType.parametric, help="Dispersion trend (fitType)."),
+    lfc_threshold: float = typer.Option(0.0, min=0.0, help="lfcThreshold of the Wald test."),
+    alt_hypothesis: AltHypothesis = typer.Option(AltHypothesis.greaterAbs,
+                                                 help="altHypothesis of the Wald test."),
+    min_cell_size: int = typer.Option(3, min=0, help=MIN_CELL_HELP),
+    min_pooled_cell_size: int = typer.Option(15, min=10, help=MIN_POOLED_HELP),
+    round_counts: bool = typer.Option(False, help=ROUND_HELP),
+    force_round_counts: bool = typer.Option(False, "--force-round-counts", help=FORCE_HELP),
+    layer: list[str] = typer.Option([], "--layer", help=LAYER_HELP),
+    test: Test = typer.Option(Test.Wald, "--test", help="Wald or LRT (with --reduced)."),
     reduced: str | None = typer.Option(None, "--reduced", help="Reduced design for the LRT."),
     cooks: bool = typer.Option(True, "--cooks/--no-cooks",
                                help="DESeq2's Cook's outlier filtering, replacement and refit."),
-    backend: str = typer.Option("simulation", help="simulation, subprocess or remote."),
+    backend: Backend = typer.Option(Backend.simulation, help="Where the plan runs."),
     workdir: Path | None = typer.Option(None, help="Run directory of the substra backends."),
     credentials: Path | None = typer.Option(None, help="Remote: credentials YAML."),
     keys: Path | None = typer.Option(None, help="Remote: dataset keys YAML (register-site)."),
@@ -114,80 +208,68 @@ def run(
         None, "--reference", help="Pooled reference results (CSV or fed_de run folder) "
                                   "compared in the report."),
 ) -> None:
-    """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites (simulation)."""
-    import time
+    """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites.
 
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+    Writes results (one CSV per contrast), dispersions, coefficients, results.h5ad, run.json.
+    """
     import fed_de
-    from fed_de.errors import FedDEError
+    from fed_de.bulk.results import check_results_options, contrast_label
 
-    sites = _parse_sites(site) if backend != "remote" else {}
-    if backend == "remote" and (credentials is None or keys is None):
-        raise typer.BadParameter("--backend remote needs --credentials and --keys")
+    backend, test = value(backend), value(test)
+    remote = backend == "remote"
+    if remote and site:
+        raise typer.BadParameter("--backend remote: the data stays at the hospitals; give "
+                                 "--keys (written by fed-de register-site), not --site")
+    if remote and (keys is None or (credentials is None and not plan_only)):
+        raise typer.BadParameter("--backend remote needs --keys, and --credentials to submit")
+    if out is None and not plan_only:
+        raise typer.BadParameter("give --out DIR (the folder for the results), or --plan-only")
+    sites = {} if remote else parse_sites(site)
     gene_list = genes.read_text().split() if genes else None
+    contrasts = [parse_contrast(c) for c in contrast] + list(name)
+    rounding = "force" if force_round_counts else round_counts
+    check_results_options(alpha, lfc_threshold, value(alt_hypothesis))
     if reference is not None and not reference.exists():
         raise typer.BadParameter(f"--reference {reference} does not exist (a results CSV or "
                                  "a fed_de run folder)")
     post = _postfit_args(shrink, shrink_coef, pca, pca_genes, pca_group)
     if plan_only:
         _print_plan(sites, design, _parse_levels(levels) or None, gene_list, keys, test,
-                    reduced, size_factors, min_cell_size, cooks, post)
+                    reduced, value(size_factors), min_cell_size, cooks, _parse_layer(layer),
+                    post)
         return
-    started = time.perf_counter()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("starting", total=None)
-        count = {"n": 0}
-
-        def progress(step, org, round_idx):
-            count["n"] += 1
-            bar.update(task, description=f"round {round_idx}: {step} at {org} "
-                                         f"(task {count['n']})")
-
-        try:
-            res = fed_de.deseq2(
-                sites, design, contrasts=[contrast] if contrast else None, alpha=alpha,
-                levels=_parse_levels(levels) or None, size_factors=size_factors,
-                fit_type=fit_type, min_cell_size=min_cell_size, round_counts=round_counts,
-                progress=progress, test=test, reduced=reduced, cooks=cooks, backend=backend,
-                workdir=workdir, credentials=credentials, keys=keys, timeout=timeout,
-                genes=gene_list, **post,
-            )
-            table = res.shrunk_results(contrast, lfc_threshold=lfc_threshold,
-                                       alt_hypothesis=alt_hypothesis,
-                                       threshold=posterior_threshold, level=credible_level)
-        except (FedDEError, ValueError) as err:
-            console.print(f"[red]error:[/] {err}")
-            raise typer.Exit(code=2) from None
-    out.mkdir(parents=True, exist_ok=True)
-    table.reset_index().to_csv(out / "results.csv", index=False)
-    disp = res.dispersions.rename(columns={"outlier": "outlier_flag"})
-    disp[["genewise", "trend", "MAP", "final", "outlier_flag"]].reset_index().to_csv(
-        out / "dispersions.csv", index=False)
-    facts = dict(res.facts)
-    facts["wall_seconds"] = round(time.perf_counter() - started, 3)
-    facts["design"] = design
-    facts["contrast"] = list(contrast) if contrast else res.study.coef_names[-1]
-    facts["alpha"] = alpha
-    facts["test"] = test
-    facts["cooks"] = cooks
-    if res.cooks:
-        facts["cooks_outliers_filtered"] = int(res.cooks["outlier"].sum())
-        facts["genes_refitted"] = int(res.cooks["refitted"].sum())
-        facts["genes_replaced_now_zero"] = int(res.cooks["new_all_zero"].sum())
-    if reduced:
-        facts["reduced"] = reduced
-    facts["package_versions"] = package_versions()
-    if shrink:
-        facts["posterior_threshold"], facts["credible_level"] = (posterior_threshold,
-                                                                 credible_level)
-    (out / "run.json").write_text(json.dumps(facts, indent=2, default=str))
-    n_sig = int((table["padj"] < alpha).sum())
-    console.print(f"{len(table)} genes, {n_sig} with padj < {alpha}; wrote results.csv, "
-                  f"dispersions.csv, run.json to {out}")
-    _write_postfit(res, contrast, out, plots, report, reference)
-    print_facts(facts, console=console)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fed_de.deseq2(
+            sites, design, contrasts=contrasts or None, alpha=alpha,
+            levels=_parse_levels(levels) or None, size_factors=value(size_factors),
+            fit_type=value(fit_type), min_cell_size=min_cell_size,
+            min_pooled_cell_size=min_pooled_cell_size, round_counts=rounding,
+            layer=_parse_layer(layer), progress=not STATE["quiet"], test=test, reduced=reduced,
+            cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
+            keys=keys, timeout=timeout, genes=gene_list, **post)
+    res.facts["warnings"] = report_warnings(caught)
+    res.facts.update(command_line=command_line(ctx, "run"), design=design, alpha=alpha,
+                     test=test, cooks=cooks, reduced=reduced,
+                     contrast=[contrast_label(res.study, c) for c in contrasts or [None]])
+    inferred = res.facts["options"]["levels_inferred"]
+    if inferred:
+        console.print("levels read from the sites (declare them with --levels to fix the "
+                      "reference level): " + "; ".join(
+                          f"{k}={','.join(res.study.levels[k])}" for k in inferred),
+                      highlight=False, soft_wrap=True)
+    kw = dict(lfc_threshold=lfc_threshold, alt_hypothesis=value(alt_hypothesis))
+    paths = res.write(out, contrasts or None, **kw)
+    if res.state.shrink is not None:
+        _write_shrunk(res, contrasts, paths, kw, posterior_threshold, credible_level)
+    for c in contrasts or [None]:
+        label = contrast_label(res.study, c)
+        console.print(f"\n[bold]{label}[/] ({paths['results:' + label].name})", highlight=False)
+        console.print(str(res.summary(c, **kw)), highlight=False, markup=False)
+    console.print(f"\nwrote {', '.join(sorted({p.name for p in paths.values()}))} to {out}",
+                  highlight=False, soft_wrap=True)
+    _write_postfit(res, contrasts[0] if contrasts else None, out, plots, report, reference)
+    print_facts(res.facts, console=console)
 
 
 def _postfit_args(shrink, shrink_coef, pca, pca_genes, pca_group) -> dict:
@@ -197,6 +279,22 @@ def _postfit_args(shrink, shrink_coef, pca, pca_genes, pca_group) -> dict:
     coefs = [tuple(c.split(",")) if "," in c else c for c in shrink_coef]
     return {"shrink": shrink, "shrink_coef": coefs or None, "pca": pca,
             "pca_genes": pca_genes, "pca_group": pca_group}
+
+
+def _write_shrunk(res, contrasts: list, paths: dict, kw: dict, threshold: float,
+                  level: float) -> None:
+    """Rewrite the results file of each contrast the run shrank with the shrunken columns
+    beside the MLEs (:meth:`DESeq2Result.shrunk_results`)."""
+    from fed_de.bulk.results import contrast_label
+    from fed_de.bulk.shrink import ShrinkNotComputedError
+
+    for c in contrasts or [None]:
+        try:
+            table = res.shrunk_results(c, threshold=threshold, level=level, **kw)
+        except ShrinkNotComputedError:
+            continue
+        table.reset_index().to_csv(paths["results:" + contrast_label(res.study, c)],
+                                   index=False)
 
 
 def _write_postfit(res, contrast, out: Path, plots: Path | None, report: Path | None,
@@ -219,8 +317,6 @@ def _write_postfit(res, contrast, out: Path, plots: Path | None, report: Path | 
         console.print(f"post-fit phase (shrinkage, PCA): {post['rounds']} rounds, "
                       f"{post['sequential_steps']} sequential steps, "
                       f"{post['payload_bytes_per_site_per_gene']:,.0f} B per gene per site")
-    for warning in res.facts.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {warning}")
     if plots is not None:
         paths = save_plots(res, plots, contrast)
         console.print(f"wrote {len(paths)} plot files (PNG + SVG) to {plots}")
@@ -231,7 +327,7 @@ def _write_postfit(res, contrast, out: Path, plots: Path | None, report: Path | 
 
 
 def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
-                min_cell_size, cooks=True, post: dict | None = None) -> None:
+                min_cell_size, cooks=True, layer=None, post: dict | None = None) -> None:
     """``--plan-only``: steps, tasks, distinct functions, and each site's messages."""
     from fed_de.api import declare_study, load_sites, postfit_options
     from fed_de.backends.plan import record_plan
@@ -239,7 +335,7 @@ def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
     from fed_de.design import make_study
 
     if sites:
-        loaded = load_sites(sites)
+        loaded = load_sites(sites, layer)
         study = declare_study(loaded, design, levels, genes)
         names = [s.name for s in loaded]
     else:
@@ -255,13 +351,13 @@ def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
                             post.get("pca_group"), tuple(names)) if post else {}
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, test=test,
                               reduced=reduced, min_cell_size=min_cell_size, cooks=cooks,
-                              **extra)
+                              n_sites=len(names), **extra)
     rec = record_plan(strategy, names)
     facts = rec.facts()
     console.print(f"[bold]plan[/]: {facts['sequential_steps']} sequential steps, "
                   f"{facts['tasks']} tasks, {facts['distinct_functions']} distinct functions, "
                   f"{len(names)} sites, {len(study.genes)} genes, coefficients "
-                  f"{study.coef_names}")
+                  f"{study.coef_names}", highlight=False)
     table = Table(title=f"messages each site sends ({names[0]} shown; all sites alike)")
     for col in ("round", "local step", "keys and shapes", "bytes"):
         table.add_column(col)
@@ -276,73 +372,89 @@ def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
                   f"({next(iter(per_gene.values())):,.0f} per gene)")
 
 
-@app.command("register-site")
+@app.command("register-site", cls=FedDECommand)
+@cli_errors("register-site")
 def register_site(
-    site: Path = typer.Option(..., "--site", help="The site's data folder (CSVs or .h5ad)."),
+    site: Path = typer.Option(..., "--site", help="The site's data folder (tables or .h5ad)."),
     name: str = typer.Option(..., "--name", help="Site name used in the study."),
     credentials: Path = typer.Option(..., help="Credentials YAML."),
     org: str = typer.Option(..., "--as", help="Entry of the credentials YAML to use."),
     aggregator_org: str = typer.Option(..., help="Organisation id of the aggregator."),
     keys: Path = typer.Option(Path("keys.yaml"), help="Keys YAML to write or update."),
-    kind: str = typer.Option("deseq2", help="deseq2 (bulk counts) or screen (cells, .h5ad)."),
+    kind: SiteKind = typer.Option(SiteKind.deseq2,
+                                  help="deseq2 (bulk counts) or screen (cells, .h5ad)."),
+    layer: str | None = typer.Option(
+        None, "--layer", help="AnnData layer holding the raw counts (recorded in the folder's "
+                              "site.json, which the node's opener reads)."),
 ) -> None:
     """Register this site's dataset on its own Substra node and record its keys."""
     from fed_de.backends.substra import _load_yaml, make_client, register_site_remote
     from fed_de.errors import FedDEError
 
-    try:
-        creds = _load_yaml(credentials)
-        if org not in creds:
-            raise FedDEError(f"credentials have no entry {org!r} (entries: {list(creds)})")
-        client = make_client(creds[org], org)
-        entry = register_site_remote(client, name, site, aggregator_org, keys, kind=kind)
-    except FedDEError as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(code=2) from None
+    creds = _load_yaml(credentials)
+    if org not in creds:
+        raise FedDEError(f"credentials have no entry {org!r} (entries: {list(creds)})")
+    client = make_client(creds[org], org)
+    entry = register_site_remote(client, name, site, aggregator_org, keys, kind=value(kind),
+                                 layer=layer)
     console.print(f"registered {name!r} as dataset {entry['dataset_key']} at "
-                  f"{entry['organization_id']}; keys written to {keys}")
+                  f"{entry['organization_id']}; keys written to {keys}", highlight=False)
 
 
-@app.command()
+@app.command(cls=FedDECommand)
+@cli_errors("validate")
 def validate(
     site: list[str] = typer.Option(..., "--site", help="NAME=PATH: a site folder or .h5ad."),
     design: str = typer.Option(..., "--design", help="Design formula."),
     levels: list[str] = typer.Option([], "--levels",
                                      help="Declared levels FACTOR=REF,LEVEL2,... (repeatable)."),
     genes: Path | None = typer.Option(None, help="File with the study's genes, one per line."),
-    min_cell_size: int = typer.Option(3, help="Smallest design cell a site accepts (0 = off)."),
-    round_counts: bool = typer.Option(False, help="Accept non-integer counts (rounded)."),
+    min_cell_size: int = typer.Option(3, min=0, help=MIN_CELL_HELP),
+    round_counts: bool = typer.Option(False, help=ROUND_HELP),
+    force_round_counts: bool = typer.Option(False, "--force-round-counts", help=FORCE_HELP),
+    layer: list[str] = typer.Option([], "--layer", help=LAYER_HELP),
+    n_sites: int = typer.Option(
+        0, "--n-sites", min=0,
+        help="Sites in the study. 0 (default): several; the disclosure rule applies, and with "
+             "one --site the design's rank is left to the whole study (levels this site "
+             "lacks are listed). 1: a one-site analysis, nothing leaves the site."),
 ) -> None:
     """Check site data against a study before joining it; nothing is sent anywhere."""
     from fed_de.api import declare_study, load_sites
-    from fed_de.errors import FedDEError
     from fed_de.validation import validate_sites
 
-    try:
-        loaded = load_sites(_parse_sites(site))
-        gene_list = genes.read_text().split() if genes else None
-        study = declare_study(loaded, design, _parse_levels(levels) or None, gene_list)
-    except (FedDEError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(code=2) from None
+    loaded = load_sites(parse_sites(site), _parse_layer(layer))
+    gene_list = genes.read_text().split() if genes else None
+    study = declare_study(loaded, design, _parse_levels(levels) or None, gene_list)
     rows = validate_sites({s.name: s for s in loaded}, study, min_cell_size=min_cell_size,
-                          round_counts=round_counts)
+                          round_counts="force" if force_round_counts else round_counts,
+                          n_sites=n_sites)
     table = Table(title=f"fed-de validate: {design} ({study.n_coefs} coefficients, "
                         f"{len(study.genes)} genes)")
     for col in ("site", "samples", "genes", "status"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in rows:
-        status = "[green]ok[/]" if r["ok"] else f"[red]{r['problem']}[/]"
+        status = "[green]ok[/]" + (f" ({r['note']})" if r.get("note") else "") if r["ok"] \
+            else f"[red]{_escape(r['problem'])}[/]"
         table.add_row(r["site"], str(r["samples"]), str(r["genes"]), status)
     console.print(table)
-    if not all(r["ok"] for r in rows):
+    failed = [r for r in rows if not r["ok"]]
+    for r in failed:
+        typer.echo(f"error: {r['problem']}", err=True)
+    if failed:
         raise typer.Exit(code=1)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _register_screen() -> None:
     from fed_de.screening.cli import screen_command
 
-    app.command("screen")(screen_command)
+    app.command("screen", cls=FedDECommand)(screen_command)
 
 
 _register_screen()

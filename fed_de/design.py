@@ -150,10 +150,8 @@ def check_covariates(study: Study, obs: pd.DataFrame, site: str) -> pd.DataFrame
     needed = list(study.levels) + list(study.continuous)
     missing = [c for c in needed if c not in obs.columns]
     if missing:
-        raise DesignError(
-            f"site {site!r}: metadata lacks design column(s) {missing} "
-            f"(has {list(obs.columns)}); add them to metadata.csv / obs"
-        )
+        raise DesignError(missing_column_message(missing, list(obs.columns), site,
+                                                 study.design))
     frame = {}
     for name, lv in study.levels.items():
         col = obs[name]
@@ -166,10 +164,16 @@ def check_covariates(study: Study, obs: pd.DataFrame, site: str) -> pd.DataFrame
         values = col.astype(str)
         bad = ~values.isin(lv).to_numpy()
         if bad.any():
+            found = sorted(set(values[bad]))
+            near = {f: d for f in found for d in lv if normalise_level(f) == normalise_level(d)}
+            hint = ("; " + ", ".join(f"{f!r} differs from the declared {d!r} only by case or "
+                                     "whitespace" for f, d in near.items())
+                    + ": recode the samples to the declared spelling") if near else (
+                "; declare them in the study's levels or recode the samples")
             raise DesignError(
-                f"site {site!r}: factor {name!r} has level(s) {sorted(set(values[bad]))} "
+                f"site {site!r}: factor {name!r} has level(s) {found} "
                 f"(sample(s) {list(obs.index[bad][:5])}) that the study does not declare "
-                f"(declared: {lv}); declare them in the study's levels or recode the samples"
+                f"(declared: {lv}){hint}"
             )
         frame[name] = pd.Categorical(values, categories=lv)
     for name in study.continuous:
@@ -189,6 +193,53 @@ def check_covariates(study: Study, obs: pd.DataFrame, site: str) -> pd.DataFrame
         frame[name] = values.to_numpy()
     return pd.DataFrame(frame, index=obs.index)
 
+
+
+def normalise_level(level: str) -> str:
+    """A level's spelling with case and whitespace ignored (to find near-duplicates)."""
+    return "".join(str(level).split()).casefold()
+
+
+def closest_name(name: str, names: list[str]) -> str | None:
+    """The name in ``names`` closest to ``name`` (a likely typo), if any is close."""
+    import difflib
+
+    by_fold = {n.casefold(): n for n in names}
+    if name.casefold() in by_fold:
+        return by_fold[name.casefold()]
+    match = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def missing_column_message(missing: list[str], columns: list[str], site: str,
+                           design: str) -> str:
+    """Error text for design variables a site's metadata lacks: the site, the columns it
+    has, and the closest column to each missing one."""
+    near = {m: c for m in missing if (c := closest_name(m, columns)) is not None}
+    if len(near) == 1 and len(missing) == 1:
+        hint = f" Did you mean {next(iter(near.values()))!r}?"
+    else:
+        hint = "".join(f" Did you mean {c!r} for {m!r}?" for m, c in near.items())
+    return (f"site {site!r}: metadata lacks design column(s) {missing} of the design "
+            f"{design!r} (has {columns}).{hint} Fix the design or add the column to "
+            "metadata.csv / obs")
+
+
+def level_spellings(values_by_site: dict[str, list[str]], factor: str) -> None:
+    """Refuse levels of ``factor`` that differ between sites only by case or whitespace
+    (``"a"`` at one site, ``"A"`` at another): they would be coded as different levels."""
+    spellings: dict[str, dict[str, list[str]]] = {}
+    for site, values in values_by_site.items():
+        for v in values:
+            spellings.setdefault(normalise_level(v), {}).setdefault(v, []).append(site)
+    clashes = {k: v for k, v in spellings.items() if len(v) > 1}
+    if clashes:
+        desc = "; ".join(", ".join(f"{sp!r} at {sites}" for sp, sites in group.items())
+                         for group in clashes.values())
+        raise DesignError(
+            f"factor {factor!r} is spelled differently across sites, only by case or "
+            f"whitespace: {desc}. They would be coded as different levels; recode the "
+            "samples to one spelling, or declare the levels (levels=, --levels)")
 
 
 def design_cells(study: Study) -> list[tuple]:

@@ -33,3 +33,8 @@ class SiteTaskError(FedDEError, RuntimeError):
         self.site = site
         self.step = step
         self.facts = facts or {}
+
+
+class FitWarning(UserWarning):
+    """Something about the fit a user should know: the dispersion trend fell back to another
+    type, genes did not converge, Cook's step filtered or refitted genes."""

@@ -18,8 +18,9 @@ from fed_de.site import SITE_META, load_site
 class FedDEOpener(tools.Opener):
     """substratools opener: each data sample folder is one site (CSV folder or one .h5ad).
 
-    A ``site.json`` file in the folder may name the site (``{"name": "hospital_a"}``);
-    otherwise the folder name is used.
+    A ``site.json`` file in the folder may name the site (``{"name": "hospital_a"}``;
+    otherwise the folder name is used) and the AnnData layer holding its raw counts
+    (``"layer"``).
     """
 
     def get_data(self, folders):
@@ -29,10 +30,10 @@ class FedDEOpener(tools.Opener):
                 f"fed_de expects one data sample folder per site, got {len(folders)}: {folders}"
             )
         folder = Path(folders[0])
-        name = folder.name
+        meta = {}
         if (folder / SITE_META).exists():
-            name = json.loads((folder / SITE_META).read_text()).get("name", name)
-        return load_site(folder, name)
+            meta = json.loads((folder / SITE_META).read_text())
+        return load_site(folder, meta.get("name", folder.name), meta.get("layer"))
 
     def fake_data(self, n_samples=None):
         """Not supported: fed_de never runs on fake data."""

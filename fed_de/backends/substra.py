@@ -218,6 +218,26 @@ def _load_yaml(source) -> dict:
     return data
 
 
+#: What the credentials template (examples/remote/credentials.yaml) holds until filled in.
+PLACEHOLDERS = ("REPLACE", "example.org", "example.com")
+
+
+def check_credentials_entry(entry: dict, name: str) -> None:
+    """Refuse, before connecting, a credentials entry without a url and a token or a
+    username + password, or one still holding the template's placeholders."""
+    if not isinstance(entry, dict) or not entry.get("url"):
+        raise FedDEError(f"credentials for {name!r} lack 'url' (the Substra API of that "
+                         "organisation)")
+    for key in ("url", "token", "username", "password"):
+        value = str(entry.get(key) or "")
+        if any(p in value for p in PLACEHOLDERS):
+            raise FedDEError(
+                f"credentials for {name!r}: {key} is still the template's placeholder "
+                f"({value!r}); put the real value from your Substra node before connecting")
+    if not entry.get("token") and not (entry.get("username") and entry.get("password")):
+        raise FedDEError(f"credentials for {name!r} need 'token' or 'username' and 'password'")
+
+
 def make_client(entry: dict, name: str):
     """substra client for one organisation of a credentials YAML entry.
 
@@ -226,8 +246,7 @@ def make_client(entry: dict, name: str):
     """
     import substra
 
-    if "url" not in entry:
-        raise FedDEError(f"credentials for {name!r} lack 'url'")
+    check_credentials_entry(entry, name)
     kwargs = {"url": entry["url"], "backend_type": "remote", "client_name": name,
               "insecure": bool(entry.get("insecure", False))}
     if entry.get("token"):
@@ -241,12 +260,13 @@ def make_client(entry: dict, name: str):
 
 def register_site_remote(client, name: str, site_folder: Path, aggregator_org: str,
                          keys_file: Path | None = None, workdir: Path | None = None,
-                         kind: str = "deseq2") -> dict:
+                         kind: str = "deseq2", layer: str | None = None) -> dict:
     """What ``fed-de register-site`` does on a hospital's own node; returns its keys entry.
 
     The site's data sample folder is uploaded to the hospital's own node only; the dataset is
     readable by the hospital and the aggregator organisation (which runs no data task on it).
     ``kind="screen"`` registers the screen opener (one ``.h5ad`` of cells in the folder).
+    ``layer`` names the AnnData layer of raw counts (recorded in the folder's ``site.json``).
     """
     import yaml
 
@@ -267,8 +287,9 @@ def register_site_remote(client, name: str, site_folder: Path, aggregator_org: s
         raise FedDEError(f"kind must be 'deseq2' or 'screen', not {kind!r}")
     opener, description = write_opener(workdir / "opener", source)
     meta = site_folder / SITE_META
-    if not meta.exists():
-        meta.write_text(json.dumps({"name": name}))
+    if not meta.exists() or layer is not None:
+        # the opener reads the site's name, and the AnnData layer of raw counts, from here
+        meta.write_text(json.dumps({"name": name, **({"layer": layer} if layer else {})}))
     org = client.organization_info().organization_id
     entry = {"organization_id": org,
              **register_dataset(client, name, site_folder, opener, description,

@@ -72,11 +72,15 @@ class Nothing(Message):
 
 
 @site_step
-def log_sums(site: Site) -> LogSums:
-    """Validate the site, keep its design matrix, send per-gene log-count sums."""
+def log_sums(site: Site, n_sites: int = 0) -> LogSums:
+    """Validate the site, keep its design matrix, send per-gene log-count sums.
+
+    ``n_sites`` (the study's sites, from the strategy) switches the disclosure rule off for a
+    one-site analysis, which sends nothing to another organisation.
+    """
     kept, data = site.kept, site.data
     kept.design = validate_site(site.study, data, min_cell_size=site.options.min_cell_size,
-                                round_counts=site.options.round_counts)
+                                round_counts=site.options.round_counts, n_sites=n_sites)
     if site.reduced is not None:
         kept.design_reduced = design_matrix(site.reduced, data.obs, data.name)
     counts = site.counts()

@@ -183,12 +183,14 @@ def _json_default(value):
 
 
 def load_screen_sites(sites: Mapping, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                      backed: bool = False) -> list[ScreenSite]:
-    """Load every site (AnnData or ``.h5ad`` path), keeping the mapping's order."""
+                      backed: bool = False, layer: str | None = None) -> list[ScreenSite]:
+    """Load every site (AnnData or ``.h5ad`` path), keeping the mapping's order; ``layer``
+    names the AnnData layer of raw counts."""
     if not sites:
         raise ValueError("no site given: pass a mapping of site names to AnnData objects or "
                          ".h5ad paths")
-    return [load_screen_site(src, str(name), chunk_size, backed) for name, src in sites.items()]
+    return [load_screen_site(src, str(name), chunk_size, backed, layer)
+            for name, src in sites.items()]
 
 
 def declare_screen(sites: list[ScreenSite], perturbation_column: str, control: str, *,
@@ -239,6 +241,13 @@ def declare_screen(sites: list[ScreenSite], perturbation_column: str, control: s
                        perturbation_column=perturbation_column, factors=factors,
                        site_factor=bool(factors) and factors[0][0] == SITE_FACTOR
                        and site_effects and len(sites) > 1)
+
+
+def study_site_names(keys) -> list[str]:
+    """Site names a keys file lists (a remote study's sites)."""
+    from fed_de.backends.substra import _load_yaml
+
+    return list((_load_yaml(keys) or {}).get("sites") or {}) if keys is not None else []
 
 
 def _declared_remote_study(keys, perturbation_column: str, control: str, covariates,
@@ -300,6 +309,7 @@ def screen(
     keys=None,
     timeout: float | None = None,
     secure_aggregation: bool = True,
+    layer: str | None = None,
 ) -> ScreenResult:
     """Test every perturbation against the shared control across sites, moving no cell.
 
@@ -340,7 +350,8 @@ def screen(
     measure_memory
         Trace the peak memory of every site task (tracemalloc; slows the run a little).
     record_messages, progress
-        Keep every message (privacy tests); progress callback ``(step, org, round)``.
+        Keep every message (privacy tests); ``progress=True``: a progress bar on stderr
+        (tasks done of the plan's total, time left), or a callback ``(step, org, round)``.
     backend, workdir
         ``"simulation"`` (strict in-process, default), ``"subprocess"`` (substra's
         subprocess backend: one organisation per site, real functions and tasks; working
@@ -353,9 +364,16 @@ def screen(
     secure_aggregation
         Mask every message so the aggregator sees only cross-site totals (on by default from
         two sites); ``False`` for audits that need each site's own messages.
+    layer
+        The AnnData layer holding the raw UMI counts (e.g. ``"counts"`` beside a normalised
+        ``X``); read in memory.
     """
+    from fed_de.backends.plan import record_plan
+    from fed_de.progress import progress_callback
+    from fed_de.provenance import run_provenance
     from fed_de.screening.strategy import ScreenStrategy
 
+    provenance = run_provenance()
     started = time.perf_counter()
     if site_effects is None:
         site_effects = method == "nb_glm"
@@ -367,7 +385,7 @@ def screen(
         study = _declared_remote_study(keys, perturbation_column, control, covariates,
                                        perturbations, genes, levels, bool(site_effects))
     else:
-        loaded = load_screen_sites(sites, chunk_size, backed)
+        loaded = load_screen_sites(sites, chunk_size, backed, layer)
         study = declare_screen(loaded, perturbation_column, control, covariates=covariates,
                                perturbations=perturbations, genes=genes, levels=levels,
                                site_effects=bool(site_effects))
@@ -386,12 +404,17 @@ def screen(
     tracing = simulation and measure_memory and not tracemalloc.is_tracing()
     if tracing:
         tracemalloc.start()
+    total = 0
+    if progress is True:
+        names = [s.name for s in loaded] or list(study_site_names(keys))
+        total = len(record_plan(strategy, names).tasks)
     try:
-        done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials,
-                   keys=keys, timeout=timeout, progress=progress,
-                   record_messages=record_messages and simulation,
-                   opener_source=SCREEN_OPENER_SOURCE, write_site=write_screen_site_folder,
-                   prefix="fed_de_screen_")
+        with progress_callback(progress, total, "fed_de screen") as callback:
+            done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials,
+                       keys=keys, timeout=timeout, progress=callback,
+                       record_messages=record_messages and simulation,
+                       opener_source=SCREEN_OPENER_SOURCE,
+                       write_site=write_screen_site_folder, prefix="fed_de_screen_")
     finally:
         if tracing:
             tracemalloc.stop()
@@ -408,6 +431,7 @@ def screen(
                      "total_bytes": done.local_states[s.name].peak_bytes + s.resident_bytes}
             for s in loaded}
     facts["site_effects"] = bool(study.site_factor)
+    facts.update(provenance, layer=layer)
     gene_table = pd.DataFrame({"control_mean": state.summary.ctrl_mean}, index=study.genes)
     disp = state.dispersions
     if disp is not None:

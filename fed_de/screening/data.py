@@ -150,18 +150,30 @@ class ScreenSite:
 
 
 def load_screen_site(source, name: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                     backed: bool = False) -> ScreenSite:
+                     backed: bool = False, layer: str | None = None) -> ScreenSite:
     """A screen site from an AnnData or an ``.h5ad`` path (``backed``: read chunks from disk).
 
     An in-memory AnnData is copied once with a read-only CSR ``X`` (the caller's object is
-    never modified); a backed file is opened read-only and never loaded whole.
+    never modified); a backed file is opened read-only and never loaded whole. ``layer``
+    names the layer holding the raw UMI counts (scanpy's ``layers["counts"]``) when ``X``
+    holds normalised values; it is read in memory.
     """
     if isinstance(source, ScreenSite):
         return source
+    if layer is not None and backed:
+        raise SiteDataError(f"site {name!r}: --backed reads X chunk by chunk from disk; a "
+                            f"layer ({layer!r}) is read whole. Drop --backed, or store the raw "
+                            "counts in X")
     if isinstance(source, ad.AnnData):
         if source.isbacked:
-            return ScreenSite(name, source, chunk_size)
-        X = source.X
+            if layer is not None:
+                source = source.to_memory()
+            else:
+                return ScreenSite(name, source, chunk_size)
+        if layer is not None and layer not in source.layers:
+            raise SiteDataError(f"site {name!r}: the AnnData has no layer {layer!r} (layers: "
+                                f"{list(source.layers)}); name the layer of raw counts")
+        X = source.layers[layer] if layer is not None else source.X
         if X is None:
             raise SiteDataError(f"site {name!r}: AnnData.X is empty; put the raw UMI counts in X")
         X = sp.csr_matrix(X, copy=True)
@@ -183,7 +195,7 @@ def load_screen_site(source, name: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
             raise SiteDataError(f"site {name!r}: {path} stores X densely; a backed screen "
                                 "site needs sparse CSR counts")
         return ScreenSite(name, adata, chunk_size)
-    return load_screen_site(ad.read_h5ad(path), name, chunk_size)
+    return load_screen_site(ad.read_h5ad(path), name, chunk_size, layer=layer)
 
 
 # -- substra: the screen site's opener and data sample folder --------------------------------
