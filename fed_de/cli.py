@@ -249,6 +249,8 @@ def run(
             cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
             keys=keys, timeout=timeout, genes=gene_list, **post)
     res.facts["warnings"] = report_warnings(caught)
+    if shrink:
+        res.facts.update(posterior_threshold=posterior_threshold, credible_level=credible_level)
     res.facts.update(command_line=command_line(ctx, "run"), design=design, alpha=alpha,
                      test=test, cooks=cooks, reduced=reduced,
                      contrast=[contrast_label(res.study, c) for c in contrasts or [None]])

@@ -80,7 +80,8 @@ def run_demo(n_samples: int = 150, n_genes: int = 5000, seed: int = 0,
                   f"{summary['false_discovery_proportion']:.3f}", highlight=False)
     console.print(agreement_table(summary, alpha))
     summary["vs_pooled_shrunk"] = _shrunk_agreement(fed, pooled_fit)
-    console.print(f"shrunken LFC, federated vs pooled: {summary['vs_pooled_shrunk']}")
+    console.print("apeglm shrunken log2FC, federated vs pooled: largest difference "
+                  f"{summary['vs_pooled_shrunk']['max_abs_diff']:.2g}", highlight=False)
     post = fed.facts["postfit"]
     console.print(f"shrinkage and PCA added {post['rounds']} rounds "
                   f"({post['sequential_steps']} sequential steps) and "
