@@ -109,6 +109,8 @@ def deseq2(
     keys=None,
     timeout: float | None = None,
     secure_aggregation: bool = True,
+    n_jobs: int | None = 1,
+    spill_dir: str | Path | None = None,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -161,6 +163,12 @@ def deseq2(
         aggregator sees only cross-site totals; on by default from two sites (with two, each
         site can infer the other's sums: a warning says so). ``False`` is for audits that
         need each site's own messages.
+    n_jobs
+        Simulation: worker processes that run the site tasks of a round at once (joblib's
+        loky; ``-1``: every CPU; default 1, in this process). The answer is identical.
+    spill_dir
+        Simulation: keep the messages and run states between tasks as files in a temporary
+        folder under this directory (removed at the end) rather than in memory.
     """
     from fed_de.bulk.strategy import DESeq2Strategy
 
@@ -185,7 +193,8 @@ def deseq2(
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
     done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials, keys=keys,
                timeout=timeout, progress=progress,
-               record_messages=record_messages and backend == "simulation")
+               record_messages=record_messages and backend == "simulation",
+               n_jobs=n_jobs, spill_dir=spill_dir)
     facts = done.facts
     facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
                  min_cell_size=min_cell_size,

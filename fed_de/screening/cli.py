@@ -64,6 +64,12 @@ def screen_command(
         "--backend", help="simulation or subprocess (substra's real tasks).")] = "simulation",
     workdir: Annotated[Path | None, typer.Option(
         "--workdir", help="Run directory of the subprocess backend.")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Simulation: worker processes running a round's site tasks at once "
+        "(-1: every CPU; memory is traced only with 1).")] = 1,
+    spill_dir: Annotated[Path | None, typer.Option(
+        "--spill-dir", help="Simulation: keep shared states as files under this folder.")
+    ] = None,
 ) -> None:
     """Test every perturbation against the shared control across sites (no cell moves)."""
     from fed_de.errors import FedDEError
@@ -81,7 +87,7 @@ def screen_command(
                      size_factors=size_factors, dispersion=dispersion,
                      site_effects=site_effects, chunk_size=chunk_size, backed=backed,
                      min_cell_size=min_cell_size, measure_memory=measure_memory,
-                     backend=backend, workdir=workdir)
+                     backend=backend, workdir=workdir, n_jobs=workers, spill_dir=spill_dir)
     except (FedDEError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from None
