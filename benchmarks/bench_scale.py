@@ -469,6 +469,8 @@ def summarise(point_result: dict) -> dict:
         payload = facts.get("payload_bytes_by_site")
         row["payload_per_gene_per_site"] = max(payload.values()) / g if payload else None
         row["aggregator_per_gene"] = facts["bytes_sent_by_aggregator"] / g
+        received = facts.get("bytes_received_by_site")
+        row["received_per_gene_per_site"] = max(received.values()) / g if received else None
         counts_m = p["samples"] * g / 1e6
         row["fed_ms_per_step_per_mcounts"] = (1e3 * row["fed_de_analysis_cpu_s"]
                                               / row["steps"] / counts_m)
@@ -506,9 +508,10 @@ def _f(x, fmt="{:.1f}") -> str:
 
 
 def markdown(rows: list[dict], slopes: list[dict]) -> str:
-    head = ("| study | sites | fed_de CPU s | PyDESeq2 CPU s | ratio | (analysis only) | "
-            "R CPU s (analysis) | fed_de wall s | fed_de peak MB | PyDESeq2 peak MB | steps | "
-            "KB/gene/site sent | KB/gene/site payload | ms/step/M counts | calls ≠ PyD / R |")
+    """The CPU / memory table, the bytes table, and the growth exponents."""
+    head = ("| study | sites | fed_de CPU s | PyDESeq2 CPU s | **ratio** | ratio, analysis "
+            "only | R CPU s (analysis) | fed_de wall s | fed_de peak MB | PyDESeq2 peak MB | "
+            "steps | ms/step/M counts | calls ≠ PyD / R |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         fed_peak = r.get("fed_de_peak_tree_pss_mb") or r.get("fed_de_peak_rss_mb")
@@ -520,10 +523,16 @@ def markdown(rows: list[dict], slopes: list[dict]) -> str:
             f"{_f(r.get('r_cpu_s'))} ({_f(r.get('r_analysis_cpu_s'))}) | "
             f"{_f(r.get('fed_de_wall_s'))} | {_f(fed_peak, '{:.0f}')} | "
             f"{_f(pyd_peak, '{:.0f}')} | {r.get('steps', '–')} | "
-            f"{_f(r.get('sent_per_gene_per_site') and r['sent_per_gene_per_site'] / 1e3)} | "
-            f"{_f(r.get('payload_per_gene_per_site') and r['payload_per_gene_per_site'] / 1e3)}"
-            f" | {_f(r.get('fed_ms_per_step_per_mcounts'), '{:.2f}')} | "
+            f"{_f(r.get('fed_ms_per_step_per_mcounts'), '{:.2f}')} | "
             f"{r.get('calls_differing_pydeseq2', '–')} / {r.get('calls_differing_r', '–')} |")
+    kb = lambda r, k: _f(r.get(k) and r[k] / 1e3)  # noqa: E731
+    lines += ["", "| study | sites | KB/gene/site payload | KB/gene/site sent | "
+                  "KB/gene/site received | KB/gene aggregator output |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['samples']:,} × {r['genes']:,} | {r['sites']} | "
+                     f"{kb(r, 'payload_per_gene_per_site')} | {kb(r, 'sent_per_gene_per_site')} | "
+                     f"{kb(r, 'received_per_gene_per_site')} | {kb(r, 'aggregator_per_gene')} |")
     if slopes:
         lines += ["", "Growth exponents of whole-process CPU (d log CPU / d log size):", ""]
         for s in slopes:

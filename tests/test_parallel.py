@@ -311,13 +311,16 @@ def test_cli_workers_and_spill_write_the_serial_results(demo, tmp_path):
     assert "worker processes" in two.output
 
 
-def test_screen_workers_give_the_serial_answer():
+@pytest.mark.parametrize("backed", [False, True])
+def test_screen_workers_give_the_serial_answer(tmp_path, backed):
+    """In-memory sites travel to workers as read-only maps; backed ones as their file."""
     from fed_de.screening.data import make_screen
 
     scr = make_screen(n_cells=1500, n_genes=40, n_perturbations=3, seed=4)
-    kw = dict(perturbation_column="perturbation", control="non-targeting")
-    a = fed_de.screen(scr.sites, **kw)
-    b = fed_de.screen(scr.sites, **kw, n_jobs=2)
+    sites = scr.write(tmp_path) if backed else scr.sites
+    kw = dict(perturbation_column="perturbation", control="non-targeting", backed=backed)
+    a = fed_de.screen(sites, **kw)
+    b = fed_de.screen(sites, **kw, n_jobs=2)
     for p in a:
         pd.testing.assert_frame_equal(a[p], b[p], check_exact=True)
     assert a.facts["bytes_sent_by_site"] == b.facts["bytes_sent_by_site"]

@@ -100,6 +100,8 @@ class RunLedger:
             "bytes_by_step": {k: {"payload": v[0], "sent": v[1]}
                               for k, v in self.step_bytes.items()},
             "bytes_measured": True,
+            "bytes_note": "measured: pickled outputs (masked under secure aggregation); "
+                          "payload = the messages' plaintext float64 values",
             "n_jobs": self.n_jobs,
             "wall_seconds": round(time.perf_counter() - self.started, 4),
         }
@@ -137,7 +139,6 @@ class _SiteJob:
     shared_in: bytes | str | None  # pickled shared state, or the file holding it
     shared_out: str | None  # file to write the message to (None: return it)
     local_out: str
-    run_id: str
 
 
 @dataclass
@@ -152,19 +153,14 @@ class _SiteDone:
     error_text: str = ""
 
 
-_OPENED: dict[str, Any] = {}  # worker-side cache: site dump path -> site (one run at a time)
-
-
-def _open_site(site: Any, run_id: str) -> Any:
+def _open_site(site: Any) -> Any:
+    """The site in-process, or its dump mapped read-only (cheap: the arrays are not read,
+    and nothing is kept by an idle worker)."""
     if not isinstance(site, str):
         return site
-    if site not in _OPENED:
-        import joblib
+    import joblib
 
-        for key in [k for k in _OPENED if run_id not in k]:  # another run's sites
-            del _OPENED[key]
-        _OPENED[site] = joblib.load(site, mmap_mode="r")  # read-only memory map
-    return _OPENED[site]
+    return joblib.load(site, mmap_mode="r")
 
 
 def _read_blob(source: bytes | str) -> Any:
@@ -174,8 +170,9 @@ def _read_blob(source: bytes | str) -> Any:
         return pickle.load(fh)
 
 
-def _run_site_job(job: _SiteJob) -> _SiteDone:
-    """Run one train task (in this process or a worker); errors are returned, not raised."""
+def _run_site_job(job: _SiteJob, in_worker: bool = False) -> _SiteDone:
+    """Run one train task (in this process or a worker); errors are returned, not raised
+    (from a worker: as a copy that survives pickling, with the worker's traceback text)."""
     try:
         rs = cloudpickle.loads(job.remote_struct)
         instance = rs.get_instance()
@@ -185,7 +182,7 @@ def _run_site_job(job: _SiteJob) -> _SiteDone:
         if job.shared_in is not None:
             kwargs["shared_state"] = _read_blob(job.shared_in)
         out = getattr(instance, rs._method_name)(
-            data_from_opener=_open_site(job.site, job.run_id), _skip=True, **kwargs,
+            data_from_opener=_open_site(job.site), _skip=True, **kwargs,
             **rs._method_parameters)
         blob = _dumps(out, job.op_id)
         if job.shared_out is not None:
@@ -194,6 +191,8 @@ def _run_site_job(job: _SiteJob) -> _SiteDone:
         return _SiteDone(job.op_id, len(blob), payload_nbytes(out),
                          None if job.shared_out is not None else blob)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
+        if not in_worker:
+            return _SiteDone(job.op_id, error=err)
         return _SiteDone(job.op_id, error=_portable(err), error_text=traceback.format_exc())
 
 
@@ -235,7 +234,6 @@ class _Platform:
         self.workdir = workdir
         self.files = files or n_jobs != 1
         self.n_jobs = n_jobs
-        self.run_id = f"run-{uuid.uuid4().hex}"
         self.shared: dict[str, bytes] = {}  # memory mode
         self.sizes: dict[str, int] = {}  # every live output: its pickled size
         self.local_paths: dict[str, Path] = {}
@@ -319,7 +317,7 @@ class _Platform:
         if id(site) not in self._site_dumps:
             import joblib
 
-            path = self.workdir / f"{self.run_id}-site-{len(self._site_dumps)}.joblib"
+            path = self.workdir / f"site-{len(self._site_dumps)}.joblib"
             try:
                 joblib.dump(site, path)
             except Exception as err:  # noqa: BLE001 - any reason the site cannot travel
@@ -371,11 +369,11 @@ class _Platform:
         else:
             from joblib import delayed
 
-            done = self._pool()(delayed(_run_site_job)(p.job) for p in wave)
+            done = self._pool()(delayed(_run_site_job)(p.job, True) for p in wave)
         failed = None
         for p, d in zip(wave, done, strict=True):
             del self.pending[p.job.op_id]
-            if d.error is None and d.error_text == "":
+            if d.error is None and not d.error_text:
                 self._record(p, d)
             elif failed is None:
                 failed = (p, d)
@@ -415,6 +413,8 @@ class _Platform:
         """Raise a site task's error as the in-process executor does (site, step, facts)."""
         what = f"task {p.step!r} failed at site {p.job.org!r}"
         err = d.error
+        if err is not None and d.error_text:  # from a worker: keep where it failed there
+            err.__cause__ = RuntimeError(f"in the worker process:\n{d.error_text}")
         if isinstance(err, FedDEError):
             err.site, err.step, err.facts = p.job.org, p.step, self.ledger.facts()
             raise err
@@ -514,7 +514,7 @@ class StrictTrainDataNode:
             local_in=str(pf.workdir / f"local-{local_state.key}") if has_local else None,
             shared_in=None,
             shared_out=str(pf.shared_path(op_id)) if pf.files else None,
-            local_out=str(pf.workdir / f"local-{op_id}"), run_id=pf.run_id)
+            local_out=str(pf.workdir / f"local-{op_id}"))
         pf.defer(job, needs=parents, step=step, round_idx=round_idx,
                  reads_aggregate=reads_aggregate, own_shared=own)
         ledger.depth[op_id] = 1 + max((ledger.depth.get(k, 0) for k in parents), default=0)
