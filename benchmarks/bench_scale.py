@@ -279,6 +279,8 @@ def _child_fed(spec: dict) -> dict:
     sites = {name: folder / f"{name}.h5ad" for name in meta["sites"]}
     kwargs = {}
     params = inspect.signature(fed_de.deseq2).parameters
+    if spec.get("no_secure"):
+        kwargs["secure_aggregation"] = False
     for key in ("n_jobs", "spill_dir"):
         if spec.get(key) is not None:
             if key not in params:
@@ -364,7 +366,8 @@ def r_available() -> bool:
 def run_tool(tool: str, folder: Path, point: Point, args, scratch: Path, rep: int) -> dict:
     calls = scratch / f"{tool}_{point.label}_{rep}.npz"
     spec = {"folder": str(folder), "cooks": not args.no_cooks, "calls": str(calls),
-            "n_jobs": args.workers, "spill_dir": str(scratch / "spill") if args.spill else None}
+            "n_jobs": args.workers, "spill_dir": str(scratch / "spill") if args.spill else None,
+            "no_secure": args.no_secure}
     info_path = scratch / f"{tool}_{point.label}_{rep}.json"
     if tool == "r":
         script = scratch / "bench_scale.R"
@@ -612,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="fed_de n_jobs (default: none)")
     ap.add_argument("--spill", action="store_true", help="fed_de spill_dir (shared states "
                     "kept as files)")
+    ap.add_argument("--no-secure", action="store_true",
+                    help="fed_de without secure aggregation (to see what masking costs)")
     ap.add_argument("--data-dir", type=Path,
                     default=Path(tempfile.gettempdir()) / "fed_de_bench_scale",
                     help="where the studies are written (kept between calls)")
@@ -641,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version()},
         "config": {"design": DESIGN, "contrast": list(CONTRAST), "alpha": ALPHA,
                    "cooks": not args.no_cooks, "seed": args.seed, "repeats": args.repeats,
-                   "workers": args.workers, "spill": args.spill, "tools": tools,
+                   "workers": args.workers, "spill": args.spill,
+                   "secure_aggregation": not args.no_secure, "tools": tools,
                    "threads": {v: "1" for v in THREAD_VARS}},
         "points": [],
     }

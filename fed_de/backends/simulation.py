@@ -210,12 +210,12 @@ def _portable(err: BaseException) -> BaseException | None:
 class _Pending:
     job: _SiteJob
     seq: int
-    needs: tuple[str, ...]  # outputs that must exist before it runs
-    pins: tuple[str, ...]  # outputs it reads (held until it has run)
+    needs: tuple[str, ...]  # outputs it reads: they must exist, and are held until it ran
     step: str
     round_idx: int | None
     reads_aggregate: str | None  # the aggregator output it reads (counted as received)
     own_shared: str | None  # or its own previous output (substrafl's wiring)
+    weight: int = 0  # the site's samples: larger sites are dispatched first
 
 
 class _Platform:
@@ -329,12 +329,12 @@ class _Platform:
 
     # -- deferred site tasks --------------------------------------------------------------------
     def defer(self, job: _SiteJob, *, needs: list[str], step: str, round_idx,
-              reads_aggregate: str | None, own_shared: str | None) -> None:
+              reads_aggregate: str | None, own_shared: str | None, weight: int = 0) -> None:
         """Queue a site task; what it reads is held until it has run."""
         for key in needs:
             self._pin(key)
-        self.pending[job.op_id] = _Pending(job, next(self._seq), tuple(needs), tuple(needs),
-                                           step, round_idx, reads_aggregate, own_shared)
+        self.pending[job.op_id] = _Pending(job, next(self._seq), tuple(needs), step,
+                                           round_idx, reads_aggregate, own_shared, weight)
 
     def run_pending(self, keys=None) -> None:
         """Run the pending site tasks the outputs ``keys`` depend on (all with ``None``), the
@@ -369,7 +369,12 @@ class _Platform:
         else:
             from joblib import delayed
 
-            done = self._pool()(delayed(_run_site_job)(p.job, True) for p in wave)
+            # largest sites first: the round ends when its slowest worker does
+            order = sorted(range(len(wave)), key=lambda i: -wave[i].weight)
+            out = self._pool()(delayed(_run_site_job)(wave[i].job, True) for i in order)
+            done = [None] * len(wave)
+            for i, d in zip(order, out, strict=True):
+                done[i] = d
         failed = None
         for p, d in zip(wave, done, strict=True):
             del self.pending[p.job.op_id]
@@ -377,7 +382,7 @@ class _Platform:
                 self._record(p, d)
             elif failed is None:
                 failed = (p, d)
-            for key in p.pins:
+            for key in p.needs:
                 self._release(key)
             p.job.shared_in = None
         if failed is not None:
@@ -428,7 +433,7 @@ class _Platform:
         if self._parallel is None:
             from joblib import Parallel
 
-            self._parallel = Parallel(n_jobs=self.n_jobs, backend="loky")
+            self._parallel = Parallel(n_jobs=self.n_jobs, backend="loky", batch_size=1)
             self._parallel.__enter__()  # keep the workers (and their open sites) for the run
         return self._parallel
 
@@ -516,7 +521,8 @@ class StrictTrainDataNode:
             shared_out=str(pf.shared_path(op_id)) if pf.files else None,
             local_out=str(pf.workdir / f"local-{op_id}"))
         pf.defer(job, needs=parents, step=step, round_idx=round_idx,
-                 reads_aggregate=reads_aggregate, own_shared=own)
+                 reads_aggregate=reads_aggregate, own_shared=own,
+                 weight=int(getattr(self._site, "n_samples", 0)))
         ledger.depth[op_id] = 1 + max((ledger.depth.get(k, 0) for k in parents), default=0)
         ledger.steps_log.append((ledger.depth[op_id], self.organization_id, step))
         pf.set_last_local(self.organization_id, op_id)
