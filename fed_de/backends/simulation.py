@@ -69,6 +69,7 @@ class RunLedger:
     aggregator_bytes: int = 0
     step_bytes: dict[str, list[int]] = field(default_factory=dict)  # step -> [payload, sent]
     site_step_bytes: dict[tuple, list[int]] = field(default_factory=dict)
+    aggregator_step_bytes: dict[str, list[int]] = field(default_factory=dict)  # [total, max]
     functions: set = field(default_factory=set)
     messages: list[dict] = field(default_factory=list)
     steps_log: list[tuple[int, str, str]] = field(default_factory=list)
@@ -87,7 +88,8 @@ class RunLedger:
         aggregation is on); ``payload_bytes_by_site``: their plaintext float64 values;
         ``bytes_sent_by_aggregator``: one copy of each aggregation's output;
         ``bytes_received_by_site``: the aggregator's outputs each site read;
-        ``bytes_by_step``: per site step (all its rounds), the most any one site sent.
+        ``bytes_by_step``: per site step (all its rounds), the most any one site sent;
+        ``aggregator_bytes_by_step``: per aggregation chain, its outputs' total and largest.
         """
         return {
             "sequential_steps": self.sequential_steps,
@@ -99,6 +101,8 @@ class RunLedger:
             "bytes_received_by_site": dict(self.received_by_site),
             "bytes_by_step": {k: {"payload": v[0], "sent": v[1]}
                               for k, v in self.step_bytes.items()},
+            "aggregator_bytes_by_step": {k: {"total": v[0], "largest": v[1]}
+                                         for k, v in self.aggregator_step_bytes.items()},
             "bytes_measured": True,
             "bytes_note": "measured: pickled outputs (masked under secure aggregation); "
                           "payload = the messages' plaintext float64 values",
@@ -576,6 +580,8 @@ class StrictAggregationNode:
         del out
         ledger.tasks += 1
         ledger.aggregator_bytes += n_bytes
+        seen = ledger.aggregator_step_bytes.setdefault(step, [0, 0])
+        seen[:] = [seen[0] + n_bytes, max(seen[1], n_bytes)]
         ledger.depth[op_id] = 1 + max((ledger.depth.get(r.key, 0) for r in refs), default=0)
         ledger.steps_log.append((ledger.depth[op_id], self.organization_id, step))
         pf.set_last_aggregate(op_id)
