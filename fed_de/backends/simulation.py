@@ -67,7 +67,7 @@ class RunLedger:
     payload_by_site: dict[str, int] = field(default_factory=dict)
     received_by_site: dict[str, int] = field(default_factory=dict)
     aggregator_bytes: int = 0
-    step_bytes: dict[str, list[int]] = field(default_factory=dict)  # step -> [payload, sent]
+    step_bytes: dict[str, list[int]] = field(default_factory=dict)  # [payload, sent, largest]
     site_step_bytes: dict[tuple, list[int]] = field(default_factory=dict)
     aggregator_step_bytes: dict[str, list[int]] = field(default_factory=dict)  # [total, max]
     functions: set = field(default_factory=set)
@@ -88,7 +88,8 @@ class RunLedger:
         aggregation is on); ``payload_bytes_by_site``: their plaintext float64 values;
         ``bytes_sent_by_aggregator``: one copy of each aggregation's output;
         ``bytes_received_by_site``: the aggregator's outputs each site read;
-        ``bytes_by_step``: per site step (all its rounds), the most any one site sent;
+        ``bytes_by_step``: per site step, the most any one site sent over its rounds (payload
+        and sent) and its largest single message (sent);
         ``aggregator_bytes_by_step``: per aggregation chain, its outputs' total and largest.
         """
         return {
@@ -99,7 +100,7 @@ class RunLedger:
             "payload_bytes_by_site": dict(self.payload_by_site),
             "bytes_sent_by_aggregator": self.aggregator_bytes,
             "bytes_received_by_site": dict(self.received_by_site),
-            "bytes_by_step": {k: {"payload": v[0], "sent": v[1]}
+            "bytes_by_step": {k: {"payload": v[0], "sent": v[1], "largest": v[2]}
                               for k, v in self.step_bytes.items()},
             "aggregator_bytes_by_step": {k: {"total": v[0], "largest": v[1]}
                                          for k, v in self.aggregator_step_bytes.items()},
@@ -402,10 +403,10 @@ class _Platform:
         ledger.tasks += 1
         ledger.bytes_by_site[org] = ledger.bytes_by_site.get(org, 0) + d.n_bytes
         ledger.payload_by_site[org] = ledger.payload_by_site.get(org, 0) + d.payload
-        per_site = ledger.site_step_bytes.setdefault((org, p.step), [0, 0])
-        per_site[0] += d.payload
-        per_site[1] += d.n_bytes
-        top = ledger.step_bytes.setdefault(p.step, [0, 0])
+        per_site = ledger.site_step_bytes.setdefault((org, p.step), [0, 0, 0])
+        per_site[:] = [per_site[0] + d.payload, per_site[1] + d.n_bytes,
+                       max(per_site[2], d.n_bytes)]
+        top = ledger.step_bytes.setdefault(p.step, [0, 0, 0])
         top[:] = [max(a, b) for a, b in zip(top, per_site, strict=True)]
         if p.reads_aggregate is not None:
             ledger.received_by_site[org] = (ledger.received_by_site.get(org, 0)
