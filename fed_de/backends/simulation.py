@@ -70,6 +70,7 @@ class RunLedger:
     step_bytes: dict[str, list[int]] = field(default_factory=dict)  # [payload, sent, largest]
     site_step_bytes: dict[tuple, list[int]] = field(default_factory=dict)
     aggregator_step_bytes: dict[str, list[int]] = field(default_factory=dict)  # [total, max]
+    site_cpu: dict[str, float] = field(default_factory=dict)  # site tasks' CPU, by part
     functions: set = field(default_factory=set)
     messages: list[dict] = field(default_factory=list)
     steps_log: list[tuple[int, str, str]] = field(default_factory=list)
@@ -90,7 +91,9 @@ class RunLedger:
         ``bytes_received_by_site``: the aggregator's outputs each site read;
         ``bytes_by_step``: per site step, the most any one site sent over its rounds (payload
         and sent) and its largest single message (sent);
-        ``aggregator_bytes_by_step``: per aggregation chain, its outputs' total and largest.
+        ``aggregator_bytes_by_step``: per aggregation chain, its outputs' total and largest;
+        ``site_task_cpu_seconds``: CPU of the site tasks (wherever they ran), split into
+        reading their inputs, the step itself, and writing their outputs.
         """
         return {
             "sequential_steps": self.sequential_steps,
@@ -108,6 +111,7 @@ class RunLedger:
             "bytes_note": "measured: pickled outputs (masked under secure aggregation); "
                           "payload = the messages' plaintext float64 values",
             "n_jobs": self.n_jobs,
+            "site_task_cpu_seconds": {k: round(v, 3) for k, v in self.site_cpu.items()},
             "wall_seconds": round(time.perf_counter() - self.started, 4),
         }
 
@@ -156,16 +160,21 @@ class _SiteDone:
     blob: bytes | None = None
     error: BaseException | None = None
     error_text: str = ""
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of its parts
+
+
+_OPENED: dict[str, Any] = {}  # in a worker: dump path -> site (the workers end with the run)
 
 
 def _open_site(site: Any) -> Any:
-    """The site in-process, or its dump mapped read-only (cheap: the arrays are not read,
-    and nothing is kept by an idle worker)."""
+    """The site in-process, or (in a worker) its dump mapped read-only, once per worker."""
     if not isinstance(site, str):
         return site
-    import joblib
+    if site not in _OPENED:
+        import joblib
 
-    return joblib.load(site, mmap_mode="r")
+        _OPENED[site] = joblib.load(site, mmap_mode="r")
+    return _OPENED[site]
 
 
 def _read_blob(source: bytes | str) -> Any:
@@ -178,6 +187,14 @@ def _read_blob(source: bytes | str) -> Any:
 def _run_site_job(job: _SiteJob, in_worker: bool = False) -> _SiteDone:
     """Run one train task (in this process or a worker); errors are returned, not raised
     (from a worker: as a copy that survives pickling, with the worker's traceback text)."""
+    cpu: dict[str, float] = {}
+    clock = [time.process_time()]
+
+    def lap(name: str) -> None:
+        now = time.process_time()
+        cpu[name] = cpu.get(name, 0.0) + now - clock[0]
+        clock[0] = now
+
     try:
         rs = cloudpickle.loads(job.remote_struct)
         instance = rs.get_instance()
@@ -186,15 +203,18 @@ def _run_site_job(job: _SiteJob, in_worker: bool = False) -> _SiteDone:
         kwargs: dict[str, Any] = {}
         if job.shared_in is not None:
             kwargs["shared_state"] = _read_blob(job.shared_in)
-        out = getattr(instance, rs._method_name)(
-            data_from_opener=_open_site(job.site), _skip=True, **kwargs,
-            **rs._method_parameters)
+        site = _open_site(job.site)
+        lap("inputs")
+        out = getattr(instance, rs._method_name)(data_from_opener=site, _skip=True, **kwargs,
+                                                 **rs._method_parameters)
+        lap("step")
         blob = _dumps(out, job.op_id)
         if job.shared_out is not None:
             Path(job.shared_out).write_bytes(blob)
         instance.save_local_state(Path(job.local_out))
+        lap("outputs")
         return _SiteDone(job.op_id, len(blob), payload_nbytes(out),
-                         None if job.shared_out is not None else blob)
+                         None if job.shared_out is not None else blob, cpu=cpu)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
         if not in_worker:
             return _SiteDone(job.op_id, error=err)
@@ -401,6 +421,8 @@ class _Platform:
         self.sizes[key] = d.n_bytes
         self.local_paths[key] = Path(p.job.local_out)
         ledger.tasks += 1
+        for part, seconds in d.cpu.items():
+            ledger.site_cpu[part] = ledger.site_cpu.get(part, 0.0) + seconds
         ledger.bytes_by_site[org] = ledger.bytes_by_site.get(org, 0) + d.n_bytes
         ledger.payload_by_site[org] = ledger.payload_by_site.get(org, 0) + d.payload
         per_site = ledger.site_step_bytes.setdefault((org, p.step), [0, 0, 0])
@@ -443,9 +465,16 @@ class _Platform:
         return self._parallel
 
     def close(self) -> None:
-        if self._parallel is not None:
-            self._parallel.__exit__(None, None, None)
-            self._parallel = None
+        """End the run's worker processes (with them, their maps of the sites' dumps)."""
+        if self._parallel is None:
+            return
+        backend = getattr(self._parallel, "_backend", None)
+        try:
+            backend.abort_everything(ensure_ready=False)
+        except Exception:  # noqa: BLE001 - a joblib without it: idle workers time out
+            pass
+        self._parallel.__exit__(None, None, None)
+        self._parallel = None
 
 
 def _check_method_params(params: dict, where: str) -> None:
