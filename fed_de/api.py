@@ -231,6 +231,8 @@ def deseq2(
     pca: bool = False,
     pca_genes: int = 500,
     pca_group: str | None = None,
+    n_jobs: int | None = 1,
+    spill_dir: str | Path | None = None,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -303,6 +305,20 @@ def deseq2(
         aggregator sees only cross-site totals; on by default from two sites (with two, each
         site can infer the other's sums: a warning says so). ``False`` is for audits that
         need each site's own messages.
+    shrink, shrink_coef
+        After the fit, DESeq2's ``lfcShrink``: ``"apeglm"`` or ``"normal"``, of a coefficient
+        name or ``(factor, level, reference)`` contrast, or a list of them (default: the first
+        contrast); read with :meth:`DESeq2Result.lfc_shrink` and ``posterior``.
+    pca, pca_genes, pca_group
+        After the fit, the VST at each site and a federated PCA of the ``pca_genes`` most
+        variable genes (DESeq2's ``plotPCA``): axes, variance, centroids per level of
+        ``pca_group``; each site keeps its own samples' coordinates.
+    n_jobs
+        Simulation: worker processes that run the site tasks of a round at once (joblib's
+        loky; ``-1``: every CPU; default 1, in this process). The answer is identical.
+    spill_dir
+        Simulation: keep the messages and run states between tasks as files in a temporary
+        folder under this directory (removed at the end) rather than in memory.
 
     Warns
     -----
@@ -355,7 +371,8 @@ def deseq2(
     with progress_callback(progress, total) as callback:
         done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials,
                    keys=keys, timeout=timeout, progress=callback,
-                   record_messages=record_messages and backend == "simulation")
+                   record_messages=record_messages and backend == "simulation",
+                   n_jobs=n_jobs, spill_dir=spill_dir)
     facts = done.facts
     facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
                  min_cell_size=min_cell_size, min_pooled_cell_size=min_pooled_cell_size,

@@ -207,6 +207,11 @@ def run(
     reference: Path | None = typer.Option(
         None, "--reference", help="Pooled reference results (CSV or fed_de run folder) "
                                   "compared in the report."),
+    workers: int = typer.Option(1, "--workers", help="Simulation: worker processes running "
+                                "a round's site tasks at once (-1: every CPU)."),
+    spill_dir: Path | None = typer.Option(None, "--spill-dir", help="Simulation: keep "
+                                          "messages and run states as files under this "
+                                          "folder instead of in memory."),
 ) -> None:
     """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites.
 
@@ -247,7 +252,8 @@ def run(
             min_pooled_cell_size=min_pooled_cell_size, round_counts=rounding,
             layer=_parse_layer(layer), progress=not STATE["quiet"], test=test, reduced=reduced,
             cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
-            keys=keys, timeout=timeout, genes=gene_list, **post)
+            keys=keys, timeout=timeout, genes=gene_list, n_jobs=workers, spill_dir=spill_dir,
+            **post)
     res.facts["warnings"] = report_warnings(caught)
     if shrink:
         res.facts.update(posterior_threshold=posterior_threshold, credible_level=credible_level)
@@ -360,8 +366,9 @@ def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
                   f"{facts['tasks']} tasks, {facts['distinct_functions']} distinct functions, "
                   f"{len(names)} sites, {len(study.genes)} genes, coefficients "
                   f"{study.coef_names}", highlight=False)
-    table = Table(title=f"messages each site sends ({names[0]} shown; all sites alike)")
-    for col in ("round", "local step", "keys and shapes", "bytes"):
+    table = Table(title=f"messages each site may send ({names[0]} shown; all sites alike; "
+                        "declared shapes, every optional part counted)")
+    for col in ("round", "local step", "keys and shapes", "payload bytes (upper bound)"):
         table.add_column(col)
     for t in rec.tasks:
         if t.worker == names[0] and t.message is not None:
@@ -369,9 +376,17 @@ def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
             n = sum(int(__import__("numpy").prod(v)) for v in t.message.values()) * 8
             table.add_row(str(t.round_idx), t.method, desc, f"{n:,}")
     console.print(table)
-    per_gene = {k: v / len(study.genes) for k, v in facts["bytes_sent_by_site"].items()}
-    console.print(f"bytes per site: {facts['bytes_sent_by_site']} "
-                  f"({next(iter(per_gene.values())):,.0f} per gene)")
+    print_plan_bytes(facts, len(study.genes), console)
+
+
+def print_plan_bytes(facts: dict, n_genes: int, console) -> None:
+    """The plan's byte figures, labelled as the upper bounds they are."""
+    payload = max(facts["payload_bytes_upper_bound_by_site"].values(), default=0)
+    masked = max(facts["bytes_upper_bound_by_site"].values(), default=0)
+    console.print(f"bytes each site sends, upper bound (every optional part counted; a run "
+                  f"measures what is sent): payload {payload:,} ({payload / n_genes:,.0f} per "
+                  f"gene)" + (f", masked by secure aggregation {masked:,} "
+                              f"({masked / n_genes:,.0f} per gene)" if facts["masked"] else ""))
 
 
 @app.command("register-site", cls=FedDECommand)

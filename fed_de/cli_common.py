@@ -218,17 +218,31 @@ def parse_sites(items: list[str], h5ad_only: bool = False) -> dict[str, Path]:
     return sites
 
 
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int | float) else "n/a"
+
+
 def print_facts(facts: dict, title: str = "Run facts", console: Console | None = None) -> None:
-    """A small table of a run's steps, tasks and bytes."""
+    """A small table of a run's steps, tasks and bytes; a fact a backend does not report
+    (the substra backends measure no received bytes, a remote run no bytes at all) prints as
+    ``n/a``, and declared upper bounds are labelled so."""
     table = Table(title=title)
     table.add_column("fact")
     table.add_column("value", justify="right")
-    table.add_row("sequential steps", str(facts["sequential_steps"]))
-    table.add_row("tasks", str(facts["tasks"]))
-    table.add_row("distinct functions", str(facts.get("distinct_functions", "")))
-    for site, b in facts["bytes_sent_by_site"].items():
-        table.add_row(f"bytes sent by {site}", f"{b:,}")
-    if "bytes_sent_by_aggregator" in facts:
-        table.add_row("bytes sent by aggregator", f"{facts['bytes_sent_by_aggregator']:,}")
-    table.add_row("wall seconds", f"{facts['wall_seconds']:.3f}")
+    table.add_row("sequential steps", _count(facts.get("sequential_steps")))
+    table.add_row("tasks", _count(facts.get("tasks")))
+    table.add_row("distinct functions", _count(facts.get("distinct_functions")))
+    measured = facts.get("bytes_measured", True)
+    kind = "bytes sent" if measured else "bytes sent (declared upper bound)"
+    payload = facts.get("payload_bytes_by_site") or {}
+    for site, b in (facts.get("bytes_sent_by_site") or {}).items():
+        extra = f" (payload {_count(payload[site])})" if site in payload else ""
+        table.add_row(f"{kind} by {site}", _count(b) + extra)
+    table.add_row("bytes sent by aggregator", _count(facts.get("bytes_sent_by_aggregator")))
+    if facts.get("n_jobs", 1) != 1:
+        table.add_row("worker processes", _count(facts["n_jobs"]))
+    wall = facts.get("wall_seconds")
+    table.add_row("wall seconds", f"{wall:.3f}" if isinstance(wall, int | float) else "n/a")
     (console or Console()).print(table)
+    if facts.get("bytes_note"):
+        (console or Console()).print(f"bytes: {facts['bytes_note']}")

@@ -8,7 +8,9 @@ few high-dispersion outliers.
 The samples are spread over three hospitals of unequal size (about 50 %, 33 % and 17 % of the
 samples). Every hospital sees both conditions, while ``hospital_c`` never saw batch ``b3``: a site
 that lacks a level of the design, which a federated DESeq2 has to handle. Within a hospital every
-(batch, condition) cell that exists holds at least three samples.
+(batch, condition) cell that exists holds at least three samples. ``n_sites`` spreads the same
+genes over another number of hospitals (for benchmarks): sizes decrease linearly, and a hospital
+holds as many batches as its size fills (at least one, so small hospitals lack levels).
 
 Examples
 --------
@@ -156,6 +158,39 @@ class DemoStudy:
         )
 
 
+def _layout(n_samples: int, n_sites: int) -> tuple[dict[str, list[str]], list[int]]:
+    """Each hospital's batches and size: the three-hospital study, or ``n_sites`` hospitals."""
+    if n_sites == 3:
+        return dict(_SITE_BATCHES), _site_sizes(n_samples)
+    if n_sites < 1:
+        raise ValueError(f"n_sites must be at least 1, got {n_sites}")
+    one_batch = MIN_CELL_SIZE * len(_CONDITIONS)  # smallest hospital: one batch, both conditions
+    if n_samples < one_batch * n_sites:
+        raise ValueError(
+            f"n_samples={n_samples} is too small for {n_sites} sites: at least "
+            f"{one_batch * n_sites} samples are needed to give every hospital one batch with "
+            f"{MIN_CELL_SIZE} samples of each condition; use fewer sites or more samples"
+        )
+    # sizes proportional to n_sites, n_sites - 1, ..., 1 (the 3-site split is 3:2:1 too)
+    weights = np.arange(n_sites, 0, -1, dtype=float)
+    sizes = np.maximum(np.round(n_samples * weights / weights.sum()).astype(int), one_batch)
+    while sizes.sum() != n_samples:  # give back (or take) the rounding from the largest
+        i = int(np.argmax(sizes)) if sizes.sum() > n_samples else 0
+        sizes[i] += 1 if sizes.sum() < n_samples else -1
+    names = [f"hospital_{i + 1:02d}" for i in range(n_sites)]
+    batches = {}
+    for i, (name, size) in enumerate(zip(names, sizes, strict=True)):
+        n_batches = min(len(_BATCHES), int(size) // one_batch)
+        batches[name] = sorted(_BATCHES[(i + j) % len(_BATCHES)] for j in range(n_batches))
+    held = set().union(*batches.values())
+    if held != set(_BATCHES):
+        raise ValueError(
+            f"n_samples={n_samples} over {n_sites} sites leaves batch(es) "
+            f"{sorted(set(_BATCHES) - held)} without samples; use more samples or sites"
+        )
+    return batches, [int(x) for x in sizes]
+
+
 def _site_sizes(n_samples: int) -> list[int]:
     """Hospital sizes: about 50 %, 33 % and 17 %, each large enough to fill its cells."""
     minima = [MIN_CELL_SIZE * len(_SITE_BATCHES[s]) * len(_CONDITIONS) for s in SITE_NAMES]
@@ -198,6 +233,7 @@ def make_demo_study(
     n_genes: int = 5000,
     seed: int = 0,
     n_de: int | None = None,
+    n_sites: int = 3,
 ) -> DemoStudy:
     """Simulate a seeded bulk RNA-seq study over three hospitals of unequal size.
 
@@ -212,18 +248,25 @@ def make_demo_study(
     n_de : int, optional
         Number of truly differentially expressed genes (condition B vs A). Defaults to 10 % of
         ``n_genes``.
+    n_sites : int, default 3
+        Number of hospitals. 3 gives ``hospital_a``, ``hospital_b``, ``hospital_c`` as
+        described above; any other number gives ``hospital_01`` ... with sizes proportional to
+        ``n_sites, n_sites - 1, ..., 1`` (each at least 6), each holding as many batches as
+        its size fills with three samples per (batch, condition) cell. The genes (truth) of
+        a seed are the same whatever ``n_sites``.
 
     Returns
     -------
     DemoStudy
-        The per-hospital data (``hospital_a``, ``hospital_b``, ``hospital_c``), the study
-        declaration (levels, genes, design ``"~ batch + condition"``) and the true parameters.
+        The per-hospital data (``hospital_a``, ``hospital_b``, ``hospital_c`` by default), the
+        study declaration (levels, genes, design ``"~ batch + condition"``) and the true
+        parameters.
 
     Raises
     ------
     ValueError
         If ``n_samples`` is too small to give every hospital cell three samples, ``n_genes`` is
-        not positive or ``n_de`` is outside ``[0, n_genes]``.
+        not positive, ``n_de`` is outside ``[0, n_genes]``, or a batch would hold no sample.
 
     Notes
     -----
@@ -246,7 +289,7 @@ def make_demo_study(
         n_de = round(_DE_FRACTION * n_genes)
     if not 0 <= n_de <= n_genes:
         raise ValueError(f"n_de must be in [0, n_genes={n_genes}], got {n_de}")
-    sizes = _site_sizes(n_samples)
+    site_batches, sizes = _layout(n_samples, n_sites)
     rng = np.random.default_rng(seed)
 
     # --- genes -----------------------------------------------------------------------------
@@ -274,8 +317,8 @@ def make_demo_study(
 
     # --- samples ---------------------------------------------------------------------------
     conditions, batches, site_of = [], [], []
-    for name, size in zip(SITE_NAMES, sizes, strict=True):
-        cond, batch = _assign_cells(rng, size, _SITE_BATCHES[name])
+    for name, size in zip(site_batches, sizes, strict=True):
+        cond, batch = _assign_cells(rng, size, site_batches[name])
         conditions.append(cond)
         batches.append(batch)
         site_of.extend([name] * size)
@@ -289,12 +332,21 @@ def make_demo_study(
     # --- counts ----------------------------------------------------------------------------
     is_b = condition == "B"
     batch_idx = np.searchsorted(np.array(_BATCHES), batch.astype(str))
-    log_norm_mu = np.log(q)[None, :] + batch_log[batch_idx] + np.log(2.0) * np.outer(is_b, lfc)
-    norm_mu = np.exp(log_norm_mu)  # expected normalised counts, samples x genes
-    mu = norm_mu * size_factors[:, None]
+    # in place, the same values as the plain expressions: at most three samples x genes
+    # arrays live at once (2,000 x 60,000 is ~1 GB each)
+    norm_mu = np.log(q)[None, :] + batch_log[batch_idx]
+    norm_mu += np.log(2.0) * np.outer(is_b, lfc)
+    np.exp(norm_mu, out=norm_mu)  # expected normalised counts, samples x genes
+    base_mean = norm_mu.mean(axis=0)
+    mu = norm_mu
+    mu *= size_factors[:, None]
+    del norm_mu
     shape = 1.0 / alpha
-    lam = rng.gamma(shape[None, :], mu / shape[None, :])
-    counts = rng.poisson(lam).astype(np.int64)
+    mu /= shape[None, :]
+    lam = rng.gamma(shape[None, :], mu)
+    del mu
+    counts = rng.poisson(lam).astype(np.int64, copy=False)
+    del lam
 
     # --- assemble --------------------------------------------------------------------------
     width_s = max(3, len(str(n_samples)))
@@ -303,7 +355,7 @@ def make_demo_study(
     genes = [f"G{i + 1:0{width_g}d}" for i in range(n_genes)]
 
     sites: dict[str, ad.AnnData] = {}
-    for name in SITE_NAMES:
+    for name in site_batches:
         rows = np.flatnonzero(site_of == name)
         obs = pd.DataFrame(
             {
@@ -317,7 +369,7 @@ def make_demo_study(
 
     truth = pd.DataFrame(
         {
-            "base_mean": norm_mu.mean(axis=0),
+            "base_mean": base_mean,
             "dispersion": alpha,
             "log2_fold_change": lfc,
             "is_de": lfc != 0.0,

@@ -128,3 +128,31 @@ def test_write_round_trips(study: DemoStudy, tmp_path: Path) -> None:
         header = (folder / "counts.csv").read_text().split("\n", 1)[0].split(",")
         assert header[:2] == ["sample", "G00001"]
         assert (folder / "metadata.csv").read_text().startswith("sample,")
+
+
+@pytest.mark.parametrize(("n_samples", "n_sites"), [(50, 2), (50, 5), (300, 20), (1000, 20)])
+def test_n_sites_layout(n_samples: int, n_sites: int) -> None:
+    """Other site counts: every sample placed once, sizes not increasing, every existing
+    (batch, condition) cell of a site holds >= 3 samples, every batch held somewhere, and
+    the genes (truth) are those of the three-site study of the same seed."""
+    study = make_demo_study(n_samples=n_samples, n_genes=40, seed=9, n_sites=n_sites)
+    assert list(study.sites) == [f"hospital_{i + 1:02d}" for i in range(n_sites)]
+    sizes = [a.n_obs for a in study.sites.values()]
+    assert sum(sizes) == n_samples and min(sizes) >= 6
+    assert sizes[0] > sizes[-1]
+    held = set()
+    for adata in study.sites.values():
+        cells = adata.obs.groupby(["batch", "condition"]).size()
+        assert set(adata.obs["condition"]) == {"A", "B"}
+        assert len(cells) == 2 * adata.obs["batch"].nunique() and (cells >= 3).all()
+        held |= set(adata.obs["batch"])
+    assert held == {"b1", "b2", "b3"}
+    three = make_demo_study(n_samples=n_samples, n_genes=40, seed=9)
+    pd.testing.assert_frame_equal(study.truth.drop(columns="base_mean"),
+                                  three.truth.drop(columns="base_mean"))
+    assert study.pooled().shape == (n_samples, 40)
+
+
+def test_n_sites_too_many_for_the_samples() -> None:
+    with pytest.raises(ValueError, match="too small for 10 sites.*fewer sites"):
+        make_demo_study(n_samples=50, n_genes=10, n_sites=10)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 BACKENDS = ("simulation", "subprocess", "remote")
 
 
@@ -37,15 +39,19 @@ def check_backend(backend: str) -> None:
 
 def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, credentials=None,
         keys=None, timeout: float | None = None, progress=None, record_messages: bool = False,
-        opener_source: str | None = None, write_site=None, prefix: str = "fed_de_") -> Run:
+        opener_source: str | None = None, write_site=None, prefix: str = "fed_de_",
+        n_jobs: int | None = 1, spill_dir=None) -> Run:
     """Run ``strategy`` over ``sites`` (simulation, subprocess) or a remote network's
     registered datasets (``keys``); ``opener_source`` and ``write_site`` let other kinds of
-    site (screens) travel the substra backends."""
+    site (screens) travel the substra backends. ``n_jobs`` (worker processes for a round's
+    site tasks) and ``spill_dir`` (shared states kept as files there) are the simulation's."""
     check_backend(backend)
+    check_workers(backend, n_jobs, spill_dir)
     if backend == "simulation":
         from fed_de.backends.simulation import run_strict
 
-        sim = run_strict(strategy, sites, record_messages=record_messages, progress=progress)
+        sim = run_strict(strategy, sites, record_messages=record_messages, progress=progress,
+                         n_jobs=n_jobs, spill_dir=spill_dir)
         facts = sim.ledger.facts()
         if record_messages:
             facts["messages"] = sim.ledger.messages
@@ -67,6 +73,15 @@ def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, cre
     facts = dict(sub.facts)
     facts.update(workdir=str(workdir), backend=backend)
     return Run(sub.shared_state, facts)
+
+
+def check_workers(backend: str, n_jobs: int | None, spill_dir) -> None:
+    """Worker processes and spilling are options of the simulation: refuse them elsewhere."""
+    if n_jobs is not None and not isinstance(n_jobs, int | np.integer):
+        raise ValueError(f"n_jobs must be an integer (-1: every CPU), not {n_jobs!r}")
+    if backend != "simulation" and ((n_jobs or 1) != 1 or spill_dir is not None):
+        raise ValueError(f"n_jobs / spill_dir apply to the simulation backend; on {backend!r} "
+                         "the platform runs each site's tasks on that site's own node")
 
 
 def n_declared_sites(loaded: list, keys=None) -> int:

@@ -2,7 +2,11 @@
 
 Used for ``--plan-only`` and for the run facts of the substra backends (where the platform,
 not fed_de, executes the tasks): sequential steps, tasks, distinct functions, and the bytes
-each site sends, computed from the declared message schemas.
+each site may send, computed from the declared message schemas. Those byte figures are
+**upper bounds**: every optional part of a message is counted (a run sends less: the
+simulation and the subprocess backend measure what is sent). Two are given: the plaintext
+float64 payload, and the masked size when secure aggregation is on (each value encoded in
+``limbs`` 64-bit words; pickle framing and the masking header not counted).
 """
 
 from __future__ import annotations
@@ -32,23 +36,27 @@ class PlannedTask:
 
 @dataclass
 class PlanRecord:
-    """Every task of a plan, in submission order."""
+    """Every task of a plan, in submission order; ``masked_words``: 64-bit words per value of
+    a masked message (1: messages are not masked)."""
 
     tasks: list[PlannedTask] = field(default_factory=list)
     functions: set = field(default_factory=set)
     depth: dict[str, int] = field(default_factory=dict)  # task key -> dependency depth
+    masked_words: int = 1
 
     @property
     def sequential_steps(self) -> int:
         """Longest chain of dependent tasks."""
         return max((t.depth for t in self.tasks), default=0)
 
-    def bytes_by_site(self) -> dict[str, int]:
-        """Raw payload bytes (float64) each site sends, from the declared schemas."""
+    def bytes_by_site(self, masked: bool = False) -> dict[str, int]:
+        """Upper bound of the payload bytes (float64) each site sends, from the declared
+        schemas; ``masked``: of the masked values (``masked_words`` words per value)."""
         out: dict[str, int] = {}
         for t in self.tasks:
             if t.message is not None:
-                n = sum(int(np.prod(shape)) for shape in t.message.values()) * 8
+                words = self.masked_words if masked and not _unmasked(t.method) else 1
+                n = sum(int(np.prod(shape)) for shape in t.message.values()) * 8 * words
                 out[t.worker] = out.get(t.worker, 0) + n
         return out
 
@@ -58,10 +66,23 @@ class PlanRecord:
         return max(t.round_idx for t in self.tasks if t.message is None)
 
     def facts(self) -> dict:
-        """Facts of the plan (bytes are schema payloads, without pickle framing)."""
+        """Facts of the plan; its bytes are declared upper bounds, labelled so."""
         return {"sequential_steps": self.sequential_steps, "tasks": len(self.tasks),
                 "distinct_functions": len(self.functions),
-                "bytes_sent_by_site": self.bytes_by_site()}
+                "payload_bytes_upper_bound_by_site": self.bytes_by_site(),
+                "bytes_upper_bound_by_site": self.bytes_by_site(masked=True),
+                "masked": self.masked_words > 1,
+                "bytes_note": BYTES_NOTE}
+
+
+BYTES_NOTE = ("declared upper bounds from the message schemas (every optional part counted); "
+              "payload = float64 values; bytes = masked values under secure aggregation "
+              "(limbs x 8 bytes each), without pickle framing")
+
+
+def _unmasked(method: str) -> bool:
+    """The key round's offer is relayed, not masked."""
+    return method == "offer_key"
 
 
 class _DryNode:
@@ -136,6 +157,11 @@ def _shape(symbols: tuple, dims: dict) -> tuple:
 def record_plan(strategy, site_names: list[str], aggregator: str = "aggregator") -> PlanRecord:
     """Build ``strategy``'s plan over named sites without executing anything."""
     record = PlanRecord()
+    masks = getattr(strategy, "masks", None)
+    if masks is not None and masks(len(site_names)):
+        from fed_de.federation.secure import secagg
+
+        record.masked_words = secagg.FixedPoint().limbs
     dims = strategy.dims()
     nodes = [DryTrainDataNode(name, record, dims) for name in site_names]
     strategy.build_compute_plan(train_data_nodes=nodes,

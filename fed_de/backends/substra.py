@@ -154,14 +154,68 @@ def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel:
     wait_for(agg_client, cp.key, plan_tasks=len(plan.tasks), progress=progress,
              poll_seconds=poll_seconds, timeout=timeout)
     state = download(client=agg_client, compute_plan_key=cp.key, round_idx=plan.final_round)
-    facts = plan.facts()
     names = {v: k for k, v in orgs.items()}
-    facts["bytes_sent_by_site"] = {names.get(k, k): v
-                                   for k, v in facts["bytes_sent_by_site"].items()}
-    facts.update(wall_seconds=round(time.perf_counter() - started, 3),
-                 bytes_note="schema payloads (float64), without pickle framing",
-                 compute_plan_key=cp.key)
+    facts = run_facts(plan, measure_outputs(agg_client, cp.key, orgs["aggregator"]), names)
+    facts.update(wall_seconds=round(time.perf_counter() - started, 3), compute_plan_key=cp.key)
     return SubstraRun(shared_state=state, facts=facts, compute_plan_key=cp.key)
+
+
+def run_facts(plan, measured: dict | None, names: dict) -> dict:
+    """A substra run's facts: the plan's steps and tasks, and the bytes measured from the
+    stored outputs, or (when they cannot be read) the plan's declared upper bounds, labelled
+    so (``bytes_measured: False``)."""
+    facts = plan.facts()
+    bounds = facts.pop("bytes_upper_bound_by_site")
+    payload_bounds = facts.pop("payload_bytes_upper_bound_by_site")
+    note = facts.pop("bytes_note")
+    if measured is not None:
+        facts.update(measured, bytes_measured=True,
+                     bytes_note="measured: sizes of the shared outputs substra stored "
+                                "(pickled; masked under secure aggregation); payload = their "
+                                "plaintext float64 values")
+    else:
+        facts.update(bytes_sent_by_site=bounds, payload_bytes_by_site=payload_bounds,
+                     bytes_sent_by_aggregator=None, bytes_measured=False, bytes_note=note)
+    for key in ("bytes_sent_by_site", "payload_bytes_by_site"):
+        facts[key] = {names.get(k, k): v for k, v in facts[key].items()}
+    return facts
+
+
+def measure_outputs(client, compute_plan_key: str, aggregator_org: str) -> dict | None:
+    """Bytes of the shared outputs substra stored for a plan, read from their files (the
+    subprocess backend keeps them on this machine). None when they are not local files (a
+    remote network: they are not downloaded just to be weighed) or cannot be listed."""
+    import pickle
+
+    from fed_de.backends.simulation import payload_nbytes
+
+    sent: dict[str, int] = {}
+    payload: dict[str, int] = {}
+    aggregator = 0
+    try:
+        tasks = client.list_task(filters={"compute_plan_key": [compute_plan_key]})
+        for task in tasks:
+            for out in client.list_task_output_assets(task.key):
+                if str(getattr(out, "identifier", "")) != "shared":
+                    continue
+                address = getattr(out.asset, "address", None)
+                path = Path(str(address.storage_address)) if address is not None else None
+                if path is None or not path.is_file():
+                    return None
+                size = path.stat().st_size
+                if task.worker == aggregator_org:
+                    aggregator += size
+                    continue
+                with path.open("rb") as fh:
+                    values = payload_nbytes(pickle.load(fh))
+                sent[task.worker] = sent.get(task.worker, 0) + size
+                payload[task.worker] = payload.get(task.worker, 0) + values
+    except Exception:  # noqa: BLE001 - weighing outputs is best effort; bounds are reported
+        return None
+    if not sent:
+        return None
+    return {"bytes_sent_by_site": sent, "payload_bytes_by_site": payload,
+            "bytes_sent_by_aggregator": aggregator}
 
 
 def wait_for(client, compute_plan_key: str, *, plan_tasks: int, progress=None,

@@ -310,6 +310,8 @@ def screen(
     timeout: float | None = None,
     secure_aggregation: bool = True,
     layer: str | None = None,
+    n_jobs: int | None = 1,
+    spill_dir=None,
 ) -> ScreenResult:
     """Test every perturbation against the shared control across sites, moving no cell.
 
@@ -367,6 +369,10 @@ def screen(
     layer
         The AnnData layer holding the raw UMI counts (e.g. ``"counts"`` beside a normalised
         ``X``); read in memory.
+    n_jobs, spill_dir
+        Simulation: worker processes for the site tasks of a round (``-1``: every CPU; the
+        answer is identical; ``measure_memory`` traces only in-process runs, ``n_jobs=1``),
+        and a directory where shared states are kept as files instead of in memory.
     """
     from fed_de.backends.plan import record_plan
     from fed_de.progress import progress_callback
@@ -401,7 +407,8 @@ def screen(
     strategy = ScreenStrategy(study.to_dict(), **params, n_sites=n_sites,
                               secure_aggregation=secure_option(secure_aggregation, n_sites))
     simulation = backend == "simulation"
-    tracing = simulation and measure_memory and not tracemalloc.is_tracing()
+    in_process = simulation and (n_jobs or 1) == 1
+    tracing = in_process and measure_memory and not tracemalloc.is_tracing()
     if tracing:
         tracemalloc.start()
     total = 0
@@ -414,7 +421,8 @@ def screen(
                        keys=keys, timeout=timeout, progress=callback,
                        record_messages=record_messages and simulation,
                        opener_source=SCREEN_OPENER_SOURCE,
-                       write_site=write_screen_site_folder, prefix="fed_de_screen_")
+                       write_site=write_screen_site_folder, prefix="fed_de_screen_",
+                       n_jobs=n_jobs, spill_dir=spill_dir)
     finally:
         if tracing:
             tracemalloc.stop()
@@ -424,7 +432,7 @@ def screen(
     facts["bytes_per_gene_by_site"] = {k: round(v / G, 1)
                                        for k, v in facts["bytes_sent_by_site"].items()}
     facts["secure_aggregation"] = strategy.masks(n_sites)
-    if measure_memory and simulation:
+    if measure_memory and in_process:
         facts["peak_memory_by_site"] = {
             s.name: {"task_peak_bytes": done.local_states[s.name].peak_bytes,
                      "resident_counts_bytes": s.resident_bytes,

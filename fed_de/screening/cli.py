@@ -109,6 +109,12 @@ def screen_command(
     ] = ScreenBackend.simulation,
     workdir: Annotated[Path | None, typer.Option(
         "--workdir", help="Run directory of the subprocess backend.")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Simulation: worker processes running a round's site tasks at once "
+        "(-1: every CPU; memory is traced only with 1).")] = 1,
+    spill_dir: Annotated[Path | None, typer.Option(
+        "--spill-dir", help="Simulation: keep shared states as files under this folder.")
+    ] = None,
 ) -> None:
     """Test every perturbation against the shared control across sites (no cell moves)."""
     from fed_de.screening.api import screen
@@ -125,6 +131,7 @@ def screen_command(
                      site_effects=site_effects, chunk_size=chunk_size, backed=backed,
                      min_cell_size=min_cell_size, measure_memory=measure_memory,
                      backend=value(backend), workdir=workdir, layer=layer,
+                     n_jobs=workers, spill_dir=spill_dir,
                      progress=not STATE["quiet"])
     res.facts["warnings"] = report_warnings(caught)
     res.facts["command_line"] = command_line(ctx, "screen")

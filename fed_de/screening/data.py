@@ -74,6 +74,19 @@ class ScreenSite:
         """Number of cells at this site."""
         return int(self.adata.n_obs)
 
+    def __getstate__(self) -> dict:
+        """Pickled (for the simulation's worker processes): a backed site travels as its file
+        name and is opened read-only again where it lands."""
+        state = dict(self.__dict__)
+        if self.adata.isbacked:
+            state["adata"] = ("backed", str(self.adata.filename))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["adata"], tuple):
+            state = {**state, "adata": ad.read_h5ad(state["adata"][1], backed="r")}
+        self.__dict__.update(state)
+
     @property
     def genes(self) -> tuple[str, ...]:
         """The site's gene ids, in file order."""

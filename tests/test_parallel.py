@@ -1,0 +1,326 @@
+"""The simulation's worker processes, spilling, freeing, and the byte figures it reports.
+
+Workers (``n_jobs``) and spilling (``spill_dir``) change where a task runs and where its
+outputs wait, never the answer: every comparison below is exact. Byte figures are checked
+against the messages themselves (plaintext float64 values and their masked encoding).
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from substrafl.compute_plan_builder import ComputePlanBuilder
+from substrafl.remote import remote, remote_data
+from typer.testing import CliRunner
+
+import fed_de
+from fed_de.backends import check_workers
+from fed_de.backends.plan import record_plan
+from fed_de.backends.simulation import payload_nbytes, resolve_jobs, run_strict
+from fed_de.backends.substra import measure_outputs, run_facts
+from fed_de.bulk.strategy import DESeq2Strategy
+from fed_de.cli_common import print_facts
+from fed_de.demo_data import make_demo_study
+from fed_de.errors import DisclosureError, SiteTaskError
+from fed_de.federation.secure import MaskedMessage
+from fed_de.site import load_site
+
+CONTRAST = ("condition", "B", "A")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return make_demo_study(n_samples=72, n_genes=120, seed=7, n_sites=4)
+
+
+def _fit(demo, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fed_de.deseq2(demo.sites, demo.design, contrasts=[CONTRAST], levels=demo.levels,
+                             genes=demo.genes, **kw)
+
+
+@pytest.fixture(scope="module")
+def serial(demo):
+    return _fit(demo)
+
+
+def _assert_same_run(a, b) -> None:
+    pd.testing.assert_frame_equal(a.results(), b.results(), check_exact=True)
+    pd.testing.assert_frame_equal(a.dispersions, b.dispersions, check_exact=True)
+    pd.testing.assert_frame_equal(a.coefficients, b.coefficients, check_exact=True)
+    for key in ("sequential_steps", "tasks", "bytes_sent_by_site", "payload_bytes_by_site",
+                "bytes_received_by_site", "bytes_sent_by_aggregator", "bytes_by_step"):
+        assert a.facts[key] == b.facts[key], key
+
+
+def test_workers_give_the_serial_answer_exactly(demo, serial):
+    """Four sites' tasks on two worker processes: same results, steps and bytes to the bit."""
+    par = _fit(demo, n_jobs=2)
+    _assert_same_run(serial, par)
+    assert par.facts["n_jobs"] == 2 and serial.facts["n_jobs"] == 1
+    # Cook's side chain ran too (it forks the sites' local states and rejoins)
+    assert any(step.startswith("robust_sums") for step in par.facts["bytes_by_step"])
+
+
+def test_spill_dir_gives_the_same_answer_and_leaves_nothing(demo, serial, tmp_path):
+    spilled = _fit(demo, spill_dir=tmp_path / "spill")
+    _assert_same_run(serial, spilled)
+    assert list((tmp_path / "spill").iterdir()) == []
+
+
+def test_bytes_are_the_messages_sizes(demo):
+    """Payload = the plaintext float64 values of every message a site sent; what is sent
+    under secure aggregation is their 3-word fixed-point encoding, pickled."""
+    plain = _fit(demo, secure_aggregation=False, record_messages=True,
+                 rounds={"robust": 2, "refit_disp": 1, "refit_final": 1})
+    masked = _fit(demo, rounds={"robust": 2, "refit_disp": 1, "refit_final": 1})
+    for site in demo.sites:
+        mine = [m for m in plain.facts["messages"] if m["site"] == site]
+        values = sum(np.asarray(v).size * 8 for m in mine for v in m["message"].values())
+        assert plain.facts["payload_bytes_by_site"][site] == values
+        assert plain.facts["bytes_sent_by_site"][site] == sum(m["bytes"] for m in mine)
+        # the same messages, masked: same payload, ~3 words per value on the wire
+        key_offer = 32 * 8  # the key round's public key is relayed, not masked
+        assert masked.facts["payload_bytes_by_site"][site] == values + key_offer
+        assert masked.facts["bytes_sent_by_site"][site] > 3 * values
+    steps = plain.facts["bytes_by_step"]
+    assert sum(v["payload"] for v in steps.values()) == max(
+        plain.facts["payload_bytes_by_site"].values())
+
+
+def test_payload_of_a_masked_message_counts_its_values():
+    msg = MaskedMessage(kind="x", payload={"a": np.zeros((3, 5, 2), np.uint64),
+                                           "b": np.zeros((3,), np.uint64),
+                                           "_secagg": {"limbs": 3}})
+    assert payload_nbytes(msg) == (10 + 1) * 8
+    assert payload_nbytes({"not": "a message"}) == 0
+
+
+def test_plan_bytes_bound_what_a_run_sends(demo, serial):
+    """--plan-only's figures are upper bounds of the measured ones, labelled so."""
+    study = fed_de.make_study(demo.design, demo.genes, demo.levels)
+    names = list(demo.sites)
+    facts = record_plan(DESeq2Strategy(study.to_dict(), n_sites=len(names)), names).facts()
+    assert "upper bound" in facts["bytes_note"] and facts["masked"]
+    for site in names:
+        assert facts["payload_bytes_upper_bound_by_site"][site] >= \
+            serial.facts["payload_bytes_by_site"][site]
+        # masked bound: 3 words per masked value; the key offer (32 values) is not masked
+        assert facts["bytes_upper_bound_by_site"][site] == \
+            3 * facts["payload_bytes_upper_bound_by_site"][site] - 2 * 32 * 8
+
+
+# -- the executor itself, with a probe strategy ---------------------------------------------
+class Probe(ComputePlanBuilder):
+    """Rounds of a site task and an aggregation; checks what the platform holds meanwhile."""
+
+    def __init__(self, plan: str = "rounds", rounds: int = 6):
+        super().__init__(plan=plan, rounds=rounds)
+        self.plan, self.rounds = plan, rounds
+        self.seen: list[int] = []
+
+    def save_local_state(self, path: Path) -> None:
+        Path(path).write_bytes(pickle.dumps(None))
+
+    def load_local_state(self, path: Path):
+        return self
+
+    @remote_data
+    def send(self, data_from_opener, shared_state=None):
+        if self.plan == "refuse" and data_from_opener.name == "site1":
+            raise DisclosureError("site1 refuses: a cell of 2 samples")
+        if self.plan == "crash" and data_from_opener.name == "site2":
+            raise KeyError("no such thing")
+        return {"big": np.ones(50_000) * data_from_opener.n_samples,
+                "round": 0 if shared_state is None else shared_state["round"]}
+
+    @remote
+    def total(self, shared_states):
+        return {"sum": sum(s["big"] for s in shared_states), "round": shared_states[0]["round"]
+                + 1}
+
+    def build_compute_plan(self, train_data_nodes, aggregation_node, evaluation_strategy=None,
+                           num_rounds=None, clean_models=True):
+        nodes = list(train_data_nodes)
+        locals_ = [None] * len(nodes)
+        shared = None
+        platform = aggregation_node._platform
+        for _ in range(self.rounds):
+            refs = []
+            for i, node in enumerate(nodes):
+                op = self.send(data_samples=node.data_sample_keys, shared_state=shared)
+                locals_[i], ref = node.update_states(op, local_state=locals_[i], round_idx=0,
+                                                     authorized_ids=set(), aggregation_id="",
+                                                     clean_models=True)
+                refs.append(ref)
+            del op  # an operation holds the shared state it reads
+            shared = aggregation_node.update_states(self.total(shared_states=refs),
+                                                    round_idx=0, authorized_ids=set(),
+                                                    clean_models=True)
+            del refs
+            getattr(platform, "seen", []).append(len(platform.sizes))
+
+
+def _sites(n=3):
+    demo = make_demo_study(n_samples=18 * n, n_genes=10, seed=1, n_sites=n)
+    return [load_site(a, f"site{i}") for i, a in enumerate(demo.sites.values())]
+
+
+@pytest.fixture(autouse=False)
+def seen(monkeypatch):
+    from fed_de.backends import simulation
+
+    log: list = []
+    original = simulation._Platform.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.seen = log
+
+    monkeypatch.setattr(simulation._Platform, "__init__", init)
+    return log
+
+
+@pytest.mark.parametrize("options", [{}, {"n_jobs": 2}, {"spill": True}])
+def test_outputs_are_freed_once_read(seen, tmp_path, options):
+    """After each aggregation the platform holds the sites' last outputs (their local
+    states: the next task reads them) and the last aggregate, whatever the round count."""
+    spill = tmp_path if options.pop("spill", False) else None
+    res = run_strict(Probe(rounds=6), _sites(3), spill_dir=spill, **options)
+    assert seen == [3 + 1] * 6
+    assert res.ledger.tasks == 6 * 4
+    np.testing.assert_array_equal(res.shared_state["sum"], np.full(50_000, 54.0))
+    assert res.shared_state["round"] == 6
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_worker_errors_name_the_site_and_keep_their_type(n_jobs):
+    with pytest.raises(DisclosureError, match="site1 refuses") as info:
+        run_strict(Probe("refuse", rounds=1), _sites(3), n_jobs=n_jobs)
+    assert info.value.site == "site1" and info.value.step == "send"
+    assert info.value.facts["tasks"] >= 0
+    with pytest.raises(SiteTaskError, match="KeyError") as info:
+        run_strict(Probe("crash", rounds=1), _sites(3), n_jobs=n_jobs)
+    assert info.value.site == "site2"
+
+
+def test_site_data_is_read_only_in_workers():
+    """A worker maps the site's counts read-only, as the in-process executor freezes them."""
+    from tests.conftest import read_site_layout
+    from tests.test_executor import Probe as ExecutorProbe
+    from tests.test_executor import _sites as executor_sites
+    from tests.test_executor import _study
+
+    synthetic = read_site_layout("pydeseq2_synthetic")
+    with pytest.raises(SiteTaskError, match="read-only") as info:
+        run_strict(ExecutorProbe(_study(synthetic), "readonly"), executor_sites(synthetic),
+                   n_jobs=2)
+    assert info.value.site == "site0"
+
+
+def test_n_jobs_conventions():
+    assert resolve_jobs(None) == 1 and resolve_jobs(1) == 1 and resolve_jobs(3) == 3
+    assert resolve_jobs(-1) >= 1
+    with pytest.raises(ValueError, match="simulation backend"):
+        check_workers("subprocess", 2, None)
+    with pytest.raises(ValueError, match="simulation backend"):
+        check_workers("remote", 1, "/tmp")
+    with pytest.raises(ValueError, match="integer"):
+        check_workers("simulation", "2", None)
+
+
+# -- substra facts and their printing --------------------------------------------------------
+class _Task:
+    def __init__(self, key, worker):
+        self.key, self.worker = key, worker
+
+
+class _Client:
+    """Lists a plan's tasks and their stored outputs, as substra's local backend does."""
+
+    def __init__(self, files: dict):
+        self.files = files  # task key -> (worker, path)
+
+    def list_task(self, filters=None):
+        return [_Task(k, w) for k, (w, _) in self.files.items()]
+
+    def list_task_output_assets(self, key):
+        import types
+
+        worker, path = self.files[key]
+        address = types.SimpleNamespace(storage_address=path)
+        return [types.SimpleNamespace(identifier="shared",
+                                      asset=types.SimpleNamespace(address=address)),
+                types.SimpleNamespace(identifier="local", asset=None)]
+
+
+def test_substra_bytes_are_measured_from_stored_outputs(tmp_path):
+    masked = MaskedMessage(kind="x", payload={"a": np.zeros((3, 100), np.uint64),
+                                              "_secagg": {"limbs": 3}})
+    files = {}
+    for i, (worker, value) in enumerate([("org-a", masked), ("org-b", masked),
+                                         ("agg", {"state": np.zeros(10)})]):
+        path = tmp_path / f"out{i}"
+        path.write_bytes(pickle.dumps(value))
+        files[f"t{i}"] = (worker, str(path))
+    measured = measure_outputs(_Client(files), "cp", "agg")
+    assert measured["payload_bytes_by_site"] == {"org-a": 800, "org-b": 800}
+    assert measured["bytes_sent_by_site"]["org-a"] == (tmp_path / "out0").stat().st_size
+    assert measured["bytes_sent_by_aggregator"] == (tmp_path / "out2").stat().st_size
+    # a remote network's outputs are URLs, and a fake client lists nothing: no measurement
+    files["t0"] = ("org-a", "https://node/model/abc")
+    assert measure_outputs(_Client(files), "cp", "agg") is None
+    assert measure_outputs(object(), "cp", "agg") is None
+
+
+def test_unmeasured_substra_facts_are_labelled_and_print(demo, capsys):
+    study = fed_de.make_study(demo.design, demo.genes, demo.levels)
+    plan = record_plan(DESeq2Strategy(study.to_dict(), n_sites=2), ["o1", "o2"], "agg")
+    facts = run_facts(plan, None, {"o1": "hospital_a", "o2": "hospital_b"})
+    assert facts["bytes_measured"] is False and facts["bytes_sent_by_aggregator"] is None
+    assert set(facts["bytes_sent_by_site"]) == {"hospital_a", "hospital_b"}
+    assert "upper bound" in facts["bytes_note"]
+    print_facts(facts)  # issue 14: a KeyError here lost a 20-minute run's results
+    out = capsys.readouterr().out
+    assert "declared upper bound" in out and "n/a" in out
+    print_facts({"sequential_steps": 3})  # a remote run may report little
+    assert "n/a" in capsys.readouterr().out
+
+
+# -- CLI and screens ---------------------------------------------------------------------------
+def test_cli_workers_and_spill_write_the_serial_results(demo, tmp_path):
+    from fed_de.cli import app
+
+    paths = make_demo_study(n_samples=72, n_genes=120, seed=7, n_sites=4).write(tmp_path / "d")
+    sites = [a for name, p in paths.items() for a in ("--site", f"{name}={p}")]
+    base = ["run", *sites, "--design", demo.design, "--contrast", *CONTRAST,
+            "--levels", "batch=b1,b2,b3", "--levels", "condition=A,B"]
+    one = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    two = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "two"), "--workers", "2",
+                                   "--spill-dir", str(tmp_path / "spill")])
+    assert two.exit_code == 0, two.output
+    for name in ("results.csv", "dispersions.csv"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+    assert "worker processes" in two.output
+
+
+@pytest.mark.parametrize("backed", [False, True])
+def test_screen_workers_give_the_serial_answer(tmp_path, backed):
+    """In-memory sites travel to workers as read-only maps; backed ones as their file."""
+    from fed_de.screening.data import make_screen
+
+    scr = make_screen(n_cells=1500, n_genes=40, n_perturbations=3, seed=4)
+    sites = scr.write(tmp_path) if backed else scr.sites
+    kw = dict(perturbation_column="perturbation", control="non-targeting", backed=backed)
+    a = fed_de.screen(sites, **kw)
+    b = fed_de.screen(sites, **kw, n_jobs=2)
+    for p in a:
+        pd.testing.assert_frame_equal(a[p], b[p], check_exact=True)
+    assert a.facts["bytes_sent_by_site"] == b.facts["bytes_sent_by_site"]
