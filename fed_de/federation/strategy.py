@@ -75,6 +75,11 @@ class FedStrategy(ComputePlanBuilder):
         """Sizes the aggregator announces in its request (points per gene, ...)."""
         return {}
 
+    def withhold(self, message: Message, state) -> Message:
+        """The message with what a disclosure rule of the run state withholds set to zero
+        (same shape); the base withholds nothing."""
+        return message
+
     def context(self) -> dict:
         """Values every step may ask for by name besides the state parts (study, options)."""
         return {}
@@ -96,6 +101,7 @@ class FedStrategy(ComputePlanBuilder):
         if rows is not None:  # the aggregator asked for these genes only (a refit)
             message = take_rows(message, rows)
             dims["G"] = len(rows)
+        message = self.withhold(message, state)
         check_message(message, dims, site=data_from_opener.name, step=fn.__name__)
         relay = getattr(state, "secure", None)
         if relay is None or isinstance(message, secure.KeyOffer):

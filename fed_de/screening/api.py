@@ -291,6 +291,8 @@ def screen(
     fit_type: str = "parametric",
     min_mu: float = MIN_MU,
     min_cell_size: int = 3,
+    min_pooled_group: int = 15,
+    min_nonzero: int = 2,
     min_pct_ctrl: float = 0.01,
     min_pct_pert: float = 0.002,
     min_mean_ctrl: float = 0.05,
@@ -342,7 +344,12 @@ def screen(
         Floor of fitted means (default 1e-8: a numerical guard, see ``docs/screen.md``).
     min_cell_size
         Disclosure control: smaller perturbation groups are left out at their site; a site
-        refuses a design cell with fewer control cells (0 = off).
+        refuses a design cell with fewer control cells (0 = every disclosure rule off).
+    min_pooled_group, min_nonzero
+        Study-level disclosure rules: a perturbation whose pooled group (all sites) holds
+        fewer than ``min_pooled_group`` cells is left out (NaN results), and a (perturbation,
+        gene) pair whose pooled group holds 1 .. ``min_nonzero - 1`` expressing cells is
+        withheld (NaN, untested): a sum with one non-zero contributor is that cell's count.
     min_pct_ctrl, min_pct_pert, min_mean_ctrl, min_mean_pert, min_cells_ctrl, min_cells_pert
         Expression filters: untested pairs are NaN and excluded from BH.
     chunk_size, backed
@@ -397,7 +404,9 @@ def screen(
                                site_effects=bool(site_effects))
     params = dict(method=method, size_factors=size_factors, dispersion=dispersion,
                   dispersion_cells=dispersion_cells, shrink=shrink, fit_type=fit_type,
-                  min_mu=min_mu, min_cell_size=min_cell_size, min_pct_ctrl=min_pct_ctrl,
+                  min_mu=min_mu, min_cell_size=min_cell_size,
+                  min_pooled_group=min_pooled_group, min_nonzero=min_nonzero,
+                  min_pct_ctrl=min_pct_ctrl,
                   min_pct_pert=min_pct_pert, min_mean_ctrl=min_mean_ctrl,
                   min_mean_pert=min_mean_pert, min_cells_ctrl=min_cells_ctrl,
                   min_cells_pert=min_cells_pert, **dict(rounds or {}))

@@ -121,9 +121,10 @@ def _statistics(sums: RankSums, method: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @aggregator_step(writes=("summary", "results"))
-def rank_tests(sums: RankSums, study: ScreenStudy, options: ScreenOptions) -> dict:
+def rank_tests(sums: RankSums, study: ScreenStudy, options: ScreenOptions,
+               scale: Scale) -> dict:
     """The filters, every perturbation's test against the control, BH per perturbation."""
-    summary = summary_of(sums, study, options)
+    summary = summary_of(sums, study, options, scale)
     stat, pvalue = _statistics(sums, options.method)
     with np.errstate(invalid="ignore", divide="ignore"):
         mx_c = sums.ctrl_x / summary.n_ctrl

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from fed_de.core import screen_sums as cs
 from fed_de.core.screen_testing import expression_filter
@@ -47,10 +48,14 @@ class LogCountSums(Message):
 
 
 class SetupSums(Message):
-    """Round 1: sum of log library sizes and the cells used."""
+    """Round 1: sum of log library sizes and the cells used; cells per perturbation group
+    and, per group and gene, how many express it (the study-level disclosure rules, decided
+    before any sum of values over a group is sent)."""
 
     sum_log_lib: float = sums()
     n_cells: float = sums()
+    group_n: np.ndarray = sums("P")
+    group_expr: np.ndarray = sums("P", "G")
     log_counts: LogCountSums | None = part()
 
 
@@ -150,21 +155,38 @@ def setup_sums(site: ScreenSiteView) -> SetupSums:
     q = _check_disclosure(site, q, c)
     poscounts = site.options.size_factors == "poscounts"
     lib = np.zeros(site.data.n_samples)
-    sum_log = np.zeros(len(site.study.genes))
+    G, P = len(site.study.genes), len(site.study.perturbations)
+    sum_log = np.zeros(G)
+    expr = np.zeros((P, G))
     for start, X in site.data.chunks():
         bad = cs.check_counts(X)
         if bad:
             raise SiteDataError(f"site {site.name!r}: {bad} in cells {start}.."
                                 f"{start + X.shape[0] - 1}; fed_de models raw UMI counts")
         lib[start:start + X.shape[0]] = cs.library_sizes(X)
+        expr += _expressing(X, q[start:start + X.shape[0]], lib[start:start + X.shape[0]], P)
         if poscounts:
             used = q[start:start + X.shape[0]] >= 0
             sum_log += cs.log_positive_sums(X[np.flatnonzero(used)])
     q = np.where(lib > 0, q, -1)  # empty cells carry no information
     used = q >= 0
     site.kept.q, site.kept.c, site.kept.lib = q, c, lib
+    group_n = np.bincount(q[q > 0] - 1, minlength=P).astype(float)
     return SetupSums(sum_log_lib=float(np.log(lib[used]).sum()), n_cells=float(used.sum()),
+                     group_n=group_n, group_expr=expr,
                      log_counts=LogCountSums(sum_log=sum_log) if poscounts else None)
+
+
+def _expressing(X, q: np.ndarray, lib: np.ndarray, P: int) -> np.ndarray:
+    """Per perturbation group and gene, the chunk's cells with a positive count."""
+    pert = np.flatnonzero((q > 0) & (lib > 0))
+    if pert.size == 0:
+        return np.zeros((P, X.shape[1]))
+    onehot = sp.csr_matrix((np.ones(pert.size), (q[pert] - 1, pert)), shape=(P, X.shape[0]))
+    positive = X > 0
+    out = onehot @ (positive.astype(np.float64) if sp.issparse(positive)
+                    else np.asarray(positive, dtype=np.float64))
+    return np.asarray(out.toarray() if sp.issparse(out) else out)
 
 
 @site_step
@@ -181,8 +203,12 @@ def posfactor_sums(site: ScreenSiteView, scale: Scale) -> FactorSums:
 
 
 def keep_size_factors(site: ScreenSiteView, scale: Scale) -> None:
-    """This site's final size factors (kept here, never sent)."""
+    """This site's final size factors (kept here, never sent); the cells of perturbations
+    the study-level rule left out leave every later sum."""
     kept = site.kept
+    if scale.dropped is not None and scale.dropped.any():
+        q = kept.q
+        kept.q = np.where((q > 0) & scale.dropped[np.maximum(q, 1) - 1], -1, q)
     raw = kept.sf_raw if kept.sf_raw is not None else kept.lib
     sf = raw / np.exp(scale.sf_log_scale)
     kept.sf = np.where(kept.q >= 0, sf, 1.0)
@@ -211,19 +237,43 @@ def group_sums(site: ScreenSiteView, scale: Scale) -> GroupSums:
 # -- aggregator side ---------------------------------------------------------------------------
 @aggregator_step(writes=("scale",))
 def scale_step(sums: SetupSums, options: ScreenOptions) -> dict:
-    """The global scale of library-size factors (or the poscounts geometric means)."""
+    """The global scale of library-size factors (or the poscounts geometric means), and the
+    study-level disclosure rules (:func:`pooled_rules`)."""
     n = float(sums.n_cells)
+    dropped, withheld = pooled_rules(sums.group_n, sums.group_expr, options)
     if options.size_factors == "poscounts":
         s = sums.log_counts.sum_log
-        return {"scale": Scale(n_cells=n, log_geo_means=np.where(s > 0, s / n, -np.inf))}
-    return {"scale": Scale(n_cells=n, sf_log_scale=float(sums.sum_log_lib) / n)}
+        return {"scale": Scale(n_cells=n, log_geo_means=np.where(s > 0, s / n, -np.inf),
+                               dropped=dropped, withheld=withheld)}
+    return {"scale": Scale(n_cells=n, sf_log_scale=float(sums.sum_log_lib) / n,
+                           dropped=dropped, withheld=withheld)}
+
+
+def pooled_rules(group_n: np.ndarray, group_expr: np.ndarray, options: ScreenOptions
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The study-level disclosure rules of a screen (with ``min_cell_size > 0``, whatever the
+    number of sites, so a federated run and its pooled twin agree).
+
+    A perturbation whose pooled group holds fewer than ``min_pooled_group`` cells is left
+    out (``dropped``); a (perturbation, gene) pair whose pooled group holds 1 ..
+    ``min_nonzero - 1`` expressing cells is withheld: a sum with a single non-zero
+    contributor is that cell's value, and ``sum y / sum y/s`` its size factor (the screen
+    analogue of bulk's withheld genes, docs/privacy.md).
+    """
+    P, G = group_expr.shape
+    if options.min_cell_size <= 0:
+        return np.zeros(P, dtype=bool), np.zeros((P, G), dtype=bool)
+    dropped = (group_n > 0) & (group_n < options.min_pooled_group)
+    withheld = (group_expr > 0) & (group_expr < options.min_nonzero)
+    return dropped, withheld | dropped[:, None]
 
 
 @aggregator_step(writes=("scale",))
-def posfactor_scale(sums: FactorSums) -> dict:
+def posfactor_scale(sums: FactorSums, scale: Scale) -> dict:
     """``poscounts`` factors are divided by their geometric mean over all cells."""
     n = float(sums.n_cells)
-    return {"scale": Scale(n_cells=n, sf_log_scale=float(sums.sum_log_sf) / n)}
+    return {"scale": Scale(n_cells=n, sf_log_scale=float(sums.sum_log_sf) / n,
+                           dropped=scale.dropped, withheld=scale.withheld)}
 
 
 def check_control_levels(study: ScreenStudy, ctrl_n: np.ndarray) -> None:
@@ -241,10 +291,12 @@ def check_control_levels(study: ScreenStudy, ctrl_n: np.ndarray) -> None:
                               f"cannot estimate its effect: {fix}")
 
 
-def summary_of(s, study: ScreenStudy, options: ScreenOptions) -> Summary:
+def summary_of(s, study: ScreenStudy, options: ScreenOptions, scale: Scale | None = None
+               ) -> Summary:
     """Cells per arm, control means, pair baseMean and the expression filters, from summed
     group sums (:class:`GroupSums` or the rank tests' sums: the same control and
-    perturbation fields); refuses a factor level without control cells."""
+    perturbation fields); refuses a factor level without control cells. Pairs the
+    disclosure rules withheld (``scale.withheld``) are not tested and have no baseMean."""
     check_control_levels(study, s.ctrl_n)
     n_ctrl = float(s.ctrl_n.sum())
     n_pert = s.pert_n.sum(axis=1)
@@ -260,14 +312,18 @@ def summary_of(s, study: ScreenStudy, options: ScreenOptions) -> Summary:
         min_pct_ctrl=o.min_pct_ctrl, min_pct_pert=o.min_pct_pert,
         min_mean_ctrl=o.min_mean_ctrl, min_mean_pert=o.min_mean_pert,
         min_cells_ctrl=o.min_cells_ctrl, min_cells_pert=o.min_cells_pert)
+    if scale is not None and scale.withheld is not None:
+        tested = tested & ~scale.withheld
+        base_mean = np.where(scale.withheld, np.nan, base_mean)
     return Summary(n_ctrl=n_ctrl, n_pert=n_pert, ctrl_mean=ctrl_mean, base_mean=base_mean,
                    tested=tested)
 
 
 @aggregator_step(writes=("summary",))
-def summarise(sums: GroupSums, study: ScreenStudy, options: ScreenOptions) -> dict:
+def summarise(sums: GroupSums, study: ScreenStudy, options: ScreenOptions,
+              scale: Scale) -> dict:
     """Expression filters, cells per arm and baseMean from the round-2 sums."""
-    return {"summary": summary_of(sums, study, options)}
+    return {"summary": summary_of(sums, study, options, scale)}
 
 
 # -- phases ------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ class ScreenOptions:
     fit_type: str = "parametric"
     min_mu: float = screen_sums.MIN_MU
     min_cell_size: int = 3
+    min_pooled_group: int = 15  # pooled perturbation group (cells over all sites)
+    min_nonzero: int = 2  # (perturbation, gene) sums of fewer expressing cells are withheld
     min_pct_ctrl: float = 0.01
     min_pct_pert: float = 0.002
     min_mean_ctrl: float = 0.05
@@ -76,6 +78,8 @@ class Scale:
     n_cells: float
     sf_log_scale: float | None = None  # size factors are divided by exp(sf_log_scale)
     log_geo_means: np.ndarray | None = None  # poscounts, round 1: per-gene log geometric means
+    dropped: np.ndarray | None = None  # perturbations whose pooled group is too small (P,)
+    withheld: np.ndarray | None = None  # (perturbation, gene) pairs withheld (P, G)
 
 
 @dataclass

@@ -29,8 +29,11 @@ perturbations.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 
+from fed_de.federation.messages import Message
 from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, run_phases
 from fed_de.screening import dispersion, fit, rank_tests, setup
 from fed_de.screening.state import ScreenOptions, ScreenSiteState, ScreenSiteView, ScreenState
@@ -63,7 +66,12 @@ class ScreenStrategy(FedStrategy):
         Floor of fitted means (default :data:`fed_de.core.screen_sums.MIN_MU`).
     min_cell_size
         Disclosure control: a site leaves out perturbation groups with fewer cells and
-        refuses a design cell with fewer control cells (0 = off).
+        refuses a design cell with fewer control cells (0 = every disclosure rule off).
+    min_pooled_group, min_nonzero
+        Study-level disclosure rules (with ``min_cell_size > 0``): a perturbation whose
+        pooled group holds fewer than ``min_pooled_group`` cells is left out, and a
+        (perturbation, gene) pair whose pooled group holds 1 .. ``min_nonzero - 1``
+        expressing cells is withheld (its sums are sent as zeros; results NaN).
     min_pct_ctrl, min_pct_pert, min_mean_ctrl, min_mean_pert, min_cells_ctrl, min_cells_pert
         Expression filters (see :func:`fed_de.core.screen_testing.expression_filter`).
     genewise_rounds, map_rounds, fit_rounds
@@ -78,6 +86,8 @@ class ScreenStrategy(FedStrategy):
                  dispersion_cells: str = OPTIONS.dispersion_cells, shrink: bool = OPTIONS.shrink,
                  fit_type: str = OPTIONS.fit_type, min_mu: float = OPTIONS.min_mu,
                  min_cell_size: int = OPTIONS.min_cell_size,
+                 min_pooled_group: int = OPTIONS.min_pooled_group,
+                 min_nonzero: int = OPTIONS.min_nonzero,
                  min_pct_ctrl: float = OPTIONS.min_pct_ctrl,
                  min_pct_pert: float = OPTIONS.min_pct_pert,
                  min_mean_ctrl: float = OPTIONS.min_mean_ctrl,
@@ -99,6 +109,7 @@ class ScreenStrategy(FedStrategy):
             method=method, size_factors=size_factors, dispersion=dispersion,
             dispersion_cells=dispersion_cells, shrink=bool(shrink), fit_type=fit_type,
             min_mu=float(min_mu), min_cell_size=int(min_cell_size),
+            min_pooled_group=int(min_pooled_group), min_nonzero=int(min_nonzero),
             min_pct_ctrl=float(min_pct_ctrl), min_pct_pert=float(min_pct_pert),
             min_mean_ctrl=float(min_mean_ctrl), min_mean_pert=float(min_mean_pert),
             min_cells_ctrl=int(min_cells_ctrl), min_cells_pert=int(min_cells_pert),
@@ -123,6 +134,14 @@ class ScreenStrategy(FedStrategy):
 
     def context(self) -> dict:
         return {"study": self.screen, "options": self.options}
+
+    def withhold(self, message, state):
+        """Zero the withheld (perturbation, gene) pairs in every per-pair field of a message
+        (the study-level rule decided at the first aggregation, :func:`scale_step`)."""
+        scale = getattr(state, "scale", None)
+        if scale is None or scale.withheld is None or not scale.withheld.any():
+            return message
+        return zero_pairs(message, scale.withheld)
 
     def dims(self) -> dict[str, int]:
         """Message sizes: genes, perturbations, design cells, coefficients, dispersion groups,
@@ -163,3 +182,25 @@ class ScreenStrategy(FedStrategy):
         plan = PlanCursor(self, train_data_nodes, aggregation_node, clean_models)
         self.final_ref = run_phases(plan, self.phases())
         self.n_rounds = plan.round_idx
+
+
+def zero_pairs(message: Message, withheld: np.ndarray) -> Message:
+    """The message with the pairs ``withheld`` (perturbations x genes) set to zero in every
+    field declared ``(P, G, ...)`` or ``(PC, G)`` (perturbation-major, design cells inside)."""
+    P = withheld.shape[0]
+    kwargs = {}
+    for f in fields(message):
+        value = getattr(message, f.name)
+        shape = f.metadata.get("shape")
+        if shape is None:
+            kwargs[f.name] = None if value is None else zero_pairs(value, withheld)
+            continue
+        value = np.asarray(value)
+        if shape[:2] == ("P", "G"):
+            mask = withheld.reshape(withheld.shape + (1,) * (value.ndim - 2))
+            value = np.where(mask, 0.0, value)
+        elif shape[:2] == ("PC", "G"):
+            mask = np.repeat(withheld, value.shape[0] // P, axis=0)
+            value = np.where(mask, 0.0, value)
+        kwargs[f.name] = value
+    return type(message)(**kwargs)
