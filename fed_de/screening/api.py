@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import tracemalloc
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import pandas as pd
 
 from fed_de.backends import run
 from fed_de.core.screen_sums import MIN_MU
-from fed_de.errors import DesignError
+from fed_de.errors import DesignError, FitWarning
 from fed_de.screening.data import (
     DEFAULT_CHUNK_SIZE,
     SCREEN_OPENER_SOURCE,
@@ -448,6 +449,17 @@ def screen(
                      "total_bytes": done.local_states[s.name].peak_bytes + s.resident_bytes}
             for s in loaded}
     facts["site_effects"] = bool(study.site_factor)
+    scale = state.scale
+    if scale is not None and scale.withheld is not None:
+        dropped = [p for p, d in zip(study.perturbations, scale.dropped, strict=True) if d]
+        facts.update(perturbations_left_out=dropped,
+                     pairs_withheld=int(scale.withheld[~scale.dropped].sum()),
+                     min_pooled_group=min_pooled_group, min_nonzero=min_nonzero)
+        if dropped:
+            warnings.warn(f"{len(dropped)} perturbation(s) left out for disclosure control: "
+                          f"their pooled group holds fewer than min_pooled_group="
+                          f"{min_pooled_group} cells (results NaN): {dropped[:5]}",
+                          FitWarning, stacklevel=2)
     facts.update(provenance, layer=layer)
     gene_table = pd.DataFrame({"control_mean": state.summary.ctrl_mean}, index=study.genes)
     disp = state.dispersions

@@ -141,7 +141,9 @@ class ScreenStrategy(FedStrategy):
         scale = getattr(state, "scale", None)
         if scale is None or scale.withheld is None or not scale.withheld.any():
             return message
-        return zero_pairs(message, scale.withheld)
+        groups = (len(self.screen.perturbations) + 1
+                  if self.options.dispersion_cells == "all" else 0)
+        return zero_pairs(message, scale.withheld, groups)
 
     def dims(self) -> dict[str, int]:
         """Message sizes: genes, perturbations, design cells, coefficients, dispersion groups,
@@ -184,16 +186,18 @@ class ScreenStrategy(FedStrategy):
         self.n_rounds = plan.round_idx
 
 
-def zero_pairs(message: Message, withheld: np.ndarray) -> Message:
+def zero_pairs(message: Message, withheld: np.ndarray, groups: int = 0) -> Message:
     """The message with the pairs ``withheld`` (perturbations x genes) set to zero in every
-    field declared ``(P, G, ...)`` or ``(PC, G)`` (perturbation-major, design cells inside)."""
+    field declared ``(P, G, ...)`` or ``(PC, G)`` (perturbation-major, design cells inside),
+    and -- ``groups`` = P + 1 when every cell enters the dispersions -- in the dispersion
+    sums ``(G, ..., D)`` of the perturbation groups (``D``: group-major, control first)."""
     P = withheld.shape[0]
     kwargs = {}
     for f in fields(message):
         value = getattr(message, f.name)
         shape = f.metadata.get("shape")
         if shape is None:
-            kwargs[f.name] = None if value is None else zero_pairs(value, withheld)
+            kwargs[f.name] = None if value is None else zero_pairs(value, withheld, groups)
             continue
         value = np.asarray(value)
         if shape[:2] == ("P", "G"):
@@ -201,6 +205,12 @@ def zero_pairs(message: Message, withheld: np.ndarray) -> Message:
             value = np.where(mask, 0.0, value)
         elif shape[:2] == ("PC", "G"):
             mask = np.repeat(withheld, value.shape[0] // P, axis=0)
+            value = np.where(mask, 0.0, value)
+        elif groups and shape[:1] == ("G",) and shape[-1:] == ("D",):
+            cells = value.shape[-1] // groups
+            by_group = np.vstack([np.zeros((1, withheld.shape[1]), dtype=bool), withheld])
+            mask = np.repeat(by_group, cells, axis=0).T  # G x D
+            mask = mask.reshape((mask.shape[0],) + (1,) * (value.ndim - 2) + (mask.shape[1],))
             value = np.where(mask, 0.0, value)
         kwargs[f.name] = value
     return type(message)(**kwargs)
