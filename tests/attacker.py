@@ -519,16 +519,23 @@ def _stage(steps: str) -> str:
 
 
 def weight_sums(tasks: list[Task], geo: Geometry) -> list[WeightSums]:
-    """Every per-cell IRLS weight sum of the view, with its known multiplier and dispersion.
+    """Every per-cell weight sum of the view, with its known multiplier and dispersion.
 
     ``IRLSSums.full.xtwx`` of a gene still iterating is, per design cell, the sum over the
     cell's samples of ``w(s_i m)`` with ``m = exp(x_c' b)`` at the candidate ``b`` the
     aggregator sent, and the dispersion it sent (rough dispersions for ``stage='mu'``).
+    ``DispSums.A`` / ``A1`` / ``A2`` at each (gene, log alpha) pair the aggregator asked for
+    are ``w``, ``-alpha w^2`` and ``-alpha w^2 + 2 alpha^2 w^3`` summed per cell, with the
+    dispersion fit's means (``s`` times the linear fit for cell-means designs, else
+    ``s exp(x_c' b)`` at the mu-IRLS coefficients).
     """
     out = [WeightSums() for _ in range(geo.C)]
     if not geo.packed_ok:
         return out
     for t in tasks:
+        if t.kind == "DispSums" and t.state is not None and t.state.rows is None:
+            _disp_weight_sums(t, geo, out)
+            continue
         if t.kind != "IRLSSums" or t.state is None:
             continue
         stage = _stage(t.steps)
@@ -544,6 +551,25 @@ def weight_sums(tasks: list[Task], geo: Geometry) -> list[WeightSums]:
         for c in range(geo.C):
             out[c].add(m[..., c], a[:, None], 1, v[..., c])
     return out
+
+
+def _disp_weight_sums(t: Task, geo: Geometry, out: list[WeightSums]) -> None:
+    st = t.state
+    disp = st.disp
+    pairs = int(np.asarray(disp.pair_gene).size)
+    if pairs == 0:
+        return
+    gene = np.asarray(disp.pair_gene)
+    alpha = np.exp(np.asarray(disp.pair_point, dtype=float))
+    if st.totals.linear_mu:
+        lin = np.asarray(st.start.beta_lin) @ geo.Xc.T  # G x C
+        m = np.where(lin > 0, lin, np.nan)[gene]
+    else:
+        m = geo.cell_means(np.nan_to_num(np.asarray(st.irls_mu.beta)))[gene]
+    for key, kind in (("A", 1), ("A1", 2), ("A2", 3)):
+        v = geo.cells_from_packed(np.asarray(t.message[key])[:pairs])
+        for c in range(geo.C):
+            out[c].add(m[:, c], alpha, kind, v[:, c])
 
 
 def attack_size_factors(tasks: list[Task], geo: Geometry, cell_counts, **kwargs

@@ -74,6 +74,19 @@ def test_audit_cooks_differencing_names_the_outlier(audit_run):
     assert named >= 1 and right >= named and wrong == 0
 
 
+def test_totals_view_solves_small_pooled_cells():
+    """Secure aggregation alone does not protect small pooled cells: with the rules off and
+    pooled cells of 6 (two sites of 3 per cell), the totals give a cell's size factors and
+    many counts -- the totals decoder works, so the zeros below are the rules' doing."""
+    sites, _, _ = scen.bulk_sites(scen.pooled_cells(6, site_min=3), n_genes=150, seed=3)
+    rec = atk.record_run(sites, "~ condition", min_cell_size=0, cooks=False)
+    geo = atk.Geometry(rec["study"])
+    sc = atk.score_view(atk.attack_view(atk.view(rec, "totals"), geo, genes=range(60)),
+                        scen.truth_of(sites, geo)["total"])
+    assert sc["sf_right"] >= sc["sf_total"] // 2 and sc["sf_wrong"] == 0
+    assert sc["counts_right"] >= 0.3 * sc["n_samples"] * 60 and sc["counts_wrong"] == 0
+
+
 # -- (b) the promise: defaults, totals view ------------------------------------------------------
 def _masked_uniform(rec: dict, site: str) -> float:
     """Share of set top bits in a site's masked words (1/2 when they are uniform)."""
@@ -129,6 +142,17 @@ def test_default_cooks_differencing_residual(default_run):
     assert single >= 1
     assert sc["cooks_right"] == single and sc["cooks_wrong"] == 0
     assert not any("count" in c for c in claims)
+
+
+def test_pca_site_centroids_residual():
+    """Documented residual of the opt-in PCA with per-site centroids: a site's own slot of
+    the site x level sums holds its sample count per level, in the clear of the totals."""
+    sites, _, _ = scen.bulk_sites([(5, 6), (4, 5), (6, 4)], n_genes=80, seed=3)
+    rec = atk.record_run(sites, "~ condition", pca=True, cooks=False, min_pooled_cell_size=10)
+    msg = next(t.message for t in atk.view(rec, "totals") if "centroids.by_site.n" in t.message)
+    true = [[int((s.obs["condition"] == lv).sum()) for lv in ("A", "B")]
+            for s in sites.values()]
+    assert np.array_equal(msg["centroids.by_site.n"], true)
 
 
 def test_default_demo_totals_view_nothing_exact():
