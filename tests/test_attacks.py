@@ -74,6 +74,12 @@ def test_audit_cooks_differencing_names_the_outlier(audit_run):
     assert named >= 1 and right >= named and wrong == 0
 
 
+NEEDS_FPYLLL = pytest.mark.skipif(
+    not _fpylll(), reason="fpylll is not installed (pip install 'fed_de[test]'): the "
+    "Fincke-Pohst fallback enumerates too few points to reach this bound")
+
+
+@NEEDS_FPYLLL
 def test_totals_view_solves_small_pooled_cells():
     """Secure aggregation alone does not protect small pooled cells: with the rules off and
     pooled cells of 6 (two sites of 3 per cell), the totals give a cell's size factors and
@@ -226,8 +232,7 @@ def test_screen_rules_keep_other_answers():
 
 
 # -- the decoder -------------------------------------------------------------------------------
-@pytest.mark.skipif(not _fpylll(), reason="fpylll is not installed (pip install "
-                    "'fed_de[test]'): the lattice enumeration falls back to Fincke-Pohst")
+@NEEDS_FPYLLL
 def test_fpylll_and_fincke_pohst_agree():
     """Both enumerations list the same integer points of an ellipsoid."""
     rng = np.random.default_rng(0)
