@@ -25,9 +25,10 @@ Attacks on the current protocol:
     a view's sample count and samples per design cell (``LogSums.n_samples`` /
     ``cell_counts``, ``MomentSums.n_samples`` / ``xtx``, ``NormalisedSums.n_samples``).
 ``attack_size_factors``
-    per design cell, a least-squares fit of the cell's size factors to every per-cell IRLS
-    weight sum (``IRLSSums.full.xtwx`` at the candidates the aggregator sent, with the
-    dispersions it sent); claimed when the fit is exact and its curvature pins every value.
+    per design cell, a least-squares fit of the cell's size factors to every per-cell weight
+    sum (``IRLSSums.full.xtwx`` at the candidates the aggregator sent, with the dispersions
+    it sent; ``DispSums.A`` / ``A1`` / ``A2`` at the (gene, log alpha) pairs it asked for);
+    claimed when the fit is exact and its curvature pins every value.
 ``attack_counts``
     with the size factors: ``MomentSums.cell_norm`` (sum of normalised counts per gene and
     cell) and ``IRLSSums.full.xtwz`` at every candidate are linear equations in the cell's

@@ -99,8 +99,12 @@ def screen_command(
         "--layer", help="AnnData layer holding the raw UMI counts (e.g. counts, when X is "
                         "normalised); read in memory.")] = None,
     min_cell_size: Annotated[int, typer.Option(
-        "--min-cell-size", help="Smallest group of cells a site sends sums of (0 = off).")
+        "--min-cell-size", help="Smallest group of cells a site sends sums of (0 = every "
+        "disclosure rule off).")
     ] = 3,
+    min_pooled_group: Annotated[int, typer.Option(
+        "--min-pooled-group", help="Perturbations whose pooled group (all sites) holds fewer "
+        "cells are left out (NaN).")] = 15,
     measure_memory: Annotated[bool, typer.Option(
         "--measure-memory/--no-measure-memory",
         help="Trace each site's peak memory (tracemalloc; a little slower).")] = True,
@@ -129,7 +133,8 @@ def screen_command(
                      covariates=list(covariate or []) or None, method=value(method),
                      size_factors=value(size_factors), dispersion=value(dispersion),
                      site_effects=site_effects, chunk_size=chunk_size, backed=backed,
-                     min_cell_size=min_cell_size, measure_memory=measure_memory,
+                     min_cell_size=min_cell_size, min_pooled_group=min_pooled_group,
+                     measure_memory=measure_memory,
                      backend=value(backend), workdir=workdir, layer=layer,
                      n_jobs=workers, spill_dir=spill_dir,
                      progress=not STATE["quiet"])
