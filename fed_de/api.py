@@ -194,6 +194,21 @@ def check_disclosure_options(min_cell_size: int, min_pooled_cell_size: int,
                   stacklevel=3)
 
 
+def check_rounds(rounds: Mapping[str, int] | None) -> None:
+    """Refuse an unknown round key or a negative count, naming the keys there are."""
+    from dataclasses import fields as dc_fields
+
+    from fed_de.bulk.state import DESeq2Options
+
+    known = sorted(f.name[:-len("_rounds")] for f in dc_fields(DESeq2Options)
+                   if f.name.endswith("_rounds"))
+    for key, value in (rounds or {}).items():
+        if key not in known:
+            raise ValueError(f"rounds={{{key!r}: ...}}: unknown round count; keys: {known}")
+        if int(value) != value or value < 0:
+            raise ValueError(f"rounds[{key!r}] must be a non-negative integer, got {value!r}")
+
+
 def _needs_levels(design: str) -> bool:
     return bool(formula_variables(design))
 
@@ -291,7 +306,8 @@ def deseq2(
         Keep every message in ``facts['messages']`` (privacy audits).
     rounds
         Override the unrolled round counts: keys ``mu``, ``genewise``, ``map``, ``final``,
-        ``fallback``.
+        ``fallback``, ``robust`` (Cook's searches), ``refit_mu``, ``refit_final``, ``shrink``,
+        ``pca``.
     test, reduced
         ``"Wald"`` (default) or ``"LRT"`` with a nested ``reduced`` formula, e.g.
         ``reduced="~ batch"``: the statistic is the deviance difference, chi-squared with the
@@ -353,6 +369,7 @@ def deseq2(
     check_options(study, contrasts=contrasts, alpha=alpha, size_factors=size_factors,
                   fit_type=fit_type, min_cell_size=min_cell_size, round_counts=round_counts,
                   test=test, reduced=reduced)
+    check_rounds(rounds)
     n_sites = n_declared_sites(loaded, keys)
     check_disclosure_options(min_cell_size, min_pooled_cell_size, n_sites)
     post = postfit_options(study, contrasts, shrink, shrink_coef, pca, pca_genes, pca_group,

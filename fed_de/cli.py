@@ -140,13 +140,6 @@ def parse_contrast(text: str):
     return text
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages whose objects travel between nodes."""
-    from fed_de.provenance import package_versions as versions
-
-    return versions()
-
-
 @app.command(cls=FedDECommand)
 @cli_errors("run")
 def run(

@@ -333,3 +333,18 @@ def _deseq2_name(column: str, levels: dict[str, list[str]]) -> str:
         f, lvl = out[0]
         return f"{f}_{lvl}_vs_{levels[f][0]}" if lvl is not None else f
     return ".".join(f"{f}{lvl}" if lvl is not None else f for f, lvl in out)
+
+
+def factor_contrast_levels(study: Study, factor: str, level: str, ref: str,
+                           what: str = "contrast") -> list[str]:
+    """The levels of ``factor``, once ``factor``, ``level`` and ``ref`` are checked against the
+    study (``ValueError`` naming what exists otherwise)."""
+    if factor not in study.levels:
+        raise ValueError(f"{what} factor {factor!r} is not a factor of the design "
+                         f"(factors: {list(study.levels)})")
+    levels = study.levels[factor]
+    for x in (level, ref):
+        if x not in levels:
+            raise ValueError(f"{what} level {x!r} is not a level of {factor!r} "
+                             f"(levels: {levels})")
+    return levels

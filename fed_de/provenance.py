@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
+
 #: Packages whose versions a run records (those whose objects travel, and the platform).
 PACKAGES = ("fed-de", "numpy", "scipy", "pandas", "anndata", "formulaic", "substrafl",
             "substra", "substratools")
@@ -62,3 +64,13 @@ def run_provenance(started: datetime | None = None, argv: list[str] | None = Non
     if argv is not None:
         out["command_line"] = list(argv)
     return out
+
+
+def json_default(value):
+    """JSON for what run facts hold besides plain values: numpy scalars and arrays as
+    numbers and lists, anything else as its text."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

@@ -20,22 +20,9 @@ from pathlib import Path
 import pandas as pd
 
 from fed_de import plots
+from fed_de.provenance import PACKAGES, package_versions
 
 __all__ = ["figures", "save_plots", "build_report", "write_report", "package_versions"]
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of fed_de and the packages whose objects travel between nodes."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("fed-de", "numpy", "scipy", "pandas", "anndata", "formulaic", "matplotlib",
-                "substrafl", "substra"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _title(res, contrast) -> str:
@@ -155,6 +142,10 @@ def _privacy_rows(res) -> list:
          else "off"),
         ("min_cell_size", f"{f.get('min_cell_size')} (a site refuses a design cell or PCA "
                           "group with fewer samples)"),
+        ("min_pooled_cell_size", f"{f.get('min_pooled_cell_size')} (the study refuses a "
+                                 "pooled design cell with fewer samples; two sites on)"),
+        ("genes withheld", f"{f.get('genes_withheld', 0)} (a pooled design cell with fewer "
+                           f"than min_nonzero={f.get('min_nonzero')} non-zero counts)"),
         ("what leaves a site", "per-gene sums over its samples; shapes in study sizes only"),
         ("stays at the sites", "counts, size factors, fitted means, VST values, PCA "
                                "coordinates"),
@@ -165,7 +156,7 @@ def _warnings(res) -> list[str]:
     out = list(res.facts.get("warnings", []))
     trend = res.state.trend
     if trend is not None:
-        out += [f"dispersion trend: {w}" for w in trend.warnings]
+        out += [w for w in (f"dispersion trend: {t}" for t in trend.warnings) if w not in out]
     if res.facts.get("n_sites") == 2 and res.facts.get("secure_aggregation"):
         out.append("secure aggregation with two sites: each site can infer the other's sums")
     return out
@@ -234,7 +225,8 @@ def build_report(res, contrast=None, *, reference=None, reference_name: str = "r
         "<h2>Plots</h2>", f'<div class="plots">{figs}</div>',
         "<h2>Run facts</h2>", _table(_facts_rows(res.facts), ("fact", "value")),
         "<h2>Privacy settings</h2>", _table(_privacy_rows(res), ("setting", "value")),
-        "<h2>Versions</h2>", _table(package_versions(), ("package", "version")),
+        "<h2>Versions</h2>", _table(package_versions(PACKAGES + ("matplotlib",)),
+                                    ("package", "version")),
         "<h2>Warnings</h2>", warn_html,
     ]
     if reference is not None:

@@ -35,7 +35,7 @@ CONTRAST = ("condition", "B", "A")
 
 @pytest.fixture(scope="module")
 def demo():
-    return make_demo_study(n_samples=72, n_genes=120, seed=7, n_sites=4)
+    return make_demo_study(n_samples=150, n_genes=120, seed=7, n_sites=4)
 
 
 def _fit(demo, **kw):
@@ -78,8 +78,8 @@ def test_bytes_are_the_messages_sizes(demo):
     """Payload = the plaintext float64 values of every message a site sent; what is sent
     under secure aggregation is their 3-word fixed-point encoding, pickled."""
     plain = _fit(demo, secure_aggregation=False, record_messages=True,
-                 rounds={"robust": 2, "refit_disp": 1, "refit_final": 1})
-    masked = _fit(demo, rounds={"robust": 2, "refit_disp": 1, "refit_final": 1})
+                 rounds={"robust": 2, "refit_mu": 1, "refit_final": 1})
+    masked = _fit(demo, rounds={"robust": 2, "refit_mu": 1, "refit_final": 1})
     for site in demo.sites:
         mine = [m for m in plain.facts["messages"] if m["site"] == site]
         values = sum(np.asarray(v).size * 8 for m in mine for v in m["message"].values())
@@ -297,7 +297,7 @@ def test_unmeasured_substra_facts_are_labelled_and_print(demo, capsys):
 def test_cli_workers_and_spill_write_the_serial_results(demo, tmp_path):
     from fed_de.cli import app
 
-    paths = make_demo_study(n_samples=72, n_genes=120, seed=7, n_sites=4).write(tmp_path / "d")
+    paths = make_demo_study(n_samples=150, n_genes=120, seed=7, n_sites=4).write(tmp_path / "d")
     sites = [a for name, p in paths.items() for a in ("--site", f"{name}={p}")]
     base = ["run", *sites, "--design", demo.design, "--contrast", *CONTRAST,
             "--levels", "batch=b1,b2,b3", "--levels", "condition=A,B"]

@@ -1,16 +1,16 @@
 """fed_de against the R DESeq2 1.38.3 references of tests/data/r_extra/real (issue 13).
 
-What passes today is asserted; what issue 13 still has to fix is a strict xfail naming the
-cause found by benchmarks/accuracy (so the mark must go when the fix lands):
+What issue 13 asked for, asserted:
 
 * independent filtering: fed_de's filter on R's own p-values gives R's threshold and padj
   (pasilla, marioni; alpha 0.05 and 0.1) -- the differing NA patterns come from the p-values;
 * the generated 3-level study (demo3): condition and the contrast b3 vs b2 as R, except the
   genes whose two compared groups are all zero (R: LFC 0, stat 0, p-value 1);
 * a continuous covariate (demo3_age, age not centred): age and condition as R;
-* pasilla and marioni: the calls of R within the issue's 0.05 % (xfail: the MAP search of genes
-  whose gene-wise estimate is at the floor starts from the gene-wise search point, not from
-  DESeq2's dispInit, and stops short in three rounds).
+* pasilla and marioni: the calls of R within the issue's 0.05 % (measured: none differs), and
+  R's NA pattern exactly. The causes found by benchmarks/accuracy (the MAP search near the
+  floor, the gene-wise path, the trend fallback) are fixed by the dispersion path of
+  docs/dispersion_path.md, tested against R's own path in tests/test_disp_path.py.
 """
 
 from __future__ import annotations

@@ -1013,3 +1013,10 @@ def test_demo_shows_progress_and_an_agreement_table(tmp_path):
     assert "fed_de, all samples pooled as one site" in text
     assert "{'" not in text
     assert report["vs_pooled_fed_de"]["differing_calls"] == 0
+
+
+def test_unknown_round_key_names_the_keys(demo):
+    with pytest.raises(ValueError, match=r"unknown round count; keys: .*'refit_mu'"):
+        fed_de.deseq2(demo.sites, demo.design, rounds={"refit_disp": 1})
+    with pytest.raises(ValueError, match="non-negative integer"):
+        fed_de.deseq2(demo.sites, demo.design, rounds={"final": -1})

@@ -26,7 +26,8 @@ from fed_de.core.contrast_zero import (
     numeric_contrast_all_zero,
 )
 from fed_de.core.testing import ALT_HYPOTHESES, adjust_pvalues, contrast_vector, wald_test
-from fed_de.design import Study, cell_design_rows, design_cells
+from fed_de.design import Study, cell_design_rows, design_cells, factor_contrast_levels
+from fed_de.provenance import json_default
 
 Contrast = tuple | list | np.ndarray | str | None
 
@@ -91,14 +92,7 @@ def study_contrast_vector(study: Study, contrast: Contrast = None) -> np.ndarray
     if isinstance(contrast, tuple | list) and len(contrast) == 3 and all(
             isinstance(c, str) for c in contrast):
         factor, level, ref = contrast
-        if factor not in study.levels:
-            raise ValueError(f"contrast factor {factor!r} is not a factor of the design "
-                             f"(factors: {list(study.levels)})")
-        lv = study.levels[factor]
-        for x in (level, ref):
-            if x not in lv:
-                raise ValueError(f"contrast level {x!r} is not a level of {factor!r} "
-                                 f"(levels: {lv})")
+        lv = factor_contrast_levels(study, factor, level, ref)
         return contrast_vector(names, factor, level, ref, lv[0])
     vec = np.asarray(contrast, dtype=float)
     if vec.shape != (len(names),):
@@ -567,7 +561,7 @@ class DESeq2Result:
         out.uns["coefficient_names"] = list(self.study.coef_names)
         out.uns["fed_de"] = {"design": self.study.design, "test": self.test,
                              "levels": json.dumps(self.study.levels),
-                             "facts": json.dumps(self.facts, default=_json_default)}
+                             "facts": json.dumps(self.facts, default=json_default)}
         return out
 
     def _tables(self, contrasts, **kw) -> dict[str, pd.DataFrame]:
@@ -619,7 +613,7 @@ class DESeq2Result:
                     "summary": summarize(t).to_dict()}
             for label, t in tables.items()}
         paths["run"] = out / "run.json"
-        paths["run"].write_text(json.dumps(facts, indent=2, default=_json_default))
+        paths["run"].write_text(json.dumps(facts, indent=2, default=json_default))
         return paths
 
     # -- after the fit: shrinkage, posterior summaries, PCA, plots (fed_de.bulk.postfit) ------
@@ -718,11 +712,3 @@ class DESeq2Result:
         from fed_de.bulk import pca
 
         return pca.plot(self, site, **kwargs)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)

@@ -36,7 +36,7 @@ from fed_de.core import nb
 from fed_de.core import normal_prior as npr
 from fed_de.core import posterior as psum
 from fed_de.core.testing import contrast_vector
-from fed_de.design import Study
+from fed_de.design import Study, factor_contrast_levels
 from fed_de.federation.calls import aggregator_step
 from fed_de.federation.messages import Message, sums
 
@@ -114,14 +114,7 @@ def as_target(spec, study: Study, kind: str) -> Target:
     if isinstance(spec, (tuple, list)) and len(spec) == 3 and all(isinstance(s, str)
                                                                   for s in spec):
         factor, level, ref = spec
-        if factor not in study.levels:
-            raise ValueError(f"shrink contrast factor {factor!r} is not a factor of the design "
-                             f"(factors: {list(study.levels)})")
-        levels = study.levels[factor]
-        for x in (level, ref):
-            if x not in levels:
-                raise ValueError(f"shrink contrast level {x!r} is not a level of {factor!r} "
-                                 f"(levels: {levels})")
+        levels = factor_contrast_levels(study, factor, level, ref, "shrink contrast")
         if level == ref:
             raise ValueError(f"shrink contrast {tuple(spec)}: level and reference are the same")
         _factor_columns(study, factor, kind)  # the factor must be a plain main effect

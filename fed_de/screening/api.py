@@ -28,6 +28,7 @@ import pandas as pd
 from fed_de.backends import run
 from fed_de.core.screen_sums import MIN_MU
 from fed_de.errors import DesignError, FitWarning
+from fed_de.provenance import json_default
 from fed_de.screening.data import (
     DEFAULT_CHUNK_SIZE,
     SCREEN_OPENER_SOURCE,
@@ -171,16 +172,8 @@ class ScreenResult(Mapping):
         run = {"method": self.method, "perturbations": len(self.study.perturbations),
                "genes": len(self.study.genes), "control_cells": int(self.n_control),
                **facts, "params": self.params}
-        paths["run"].write_text(json.dumps(run, indent=2, default=_json_default))
+        paths["run"].write_text(json.dumps(run, indent=2, default=json_default))
         return paths
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def load_screen_sites(sites: Mapping, chunk_size: int = DEFAULT_CHUNK_SIZE,
