@@ -161,6 +161,18 @@ def test_pca_site_centroids_residual():
     assert np.array_equal(msg["centroids.by_site.n"], true)
 
 
+def test_two_sites_residual():
+    """Documented residual with two sites: a site colluding with the aggregator removes its
+    own masks, so the other site's messages are in the clear; with the rules on (pooled
+    cells of 15, the other site's cells of 7), its counts are partly solved."""
+    sites, _, _ = scen.bulk_sites([(8, 8), (7, 7)], n_genes=150, seed=3)
+    rec = atk.record_run(sites, "~ condition", cooks=False, secure_aggregation=False)
+    geo = atk.Geometry(rec["study"])
+    sc = atk.score_view(atk.attack_view(atk.view(rec, "site1"), geo, genes=range(60)),
+                        scen.truth_of(sites, geo)["site1"])
+    assert sc["counts_right"] > 0 and sc["counts_wrong"] == 0 and sc["sf_wrong"] == 0
+
+
 def test_default_demo_totals_view_nothing_exact():
     """The demo's three hospitals (150 samples, ``~ batch + condition``, pooled cells of 20
     to 33): nothing exact from the totals."""
