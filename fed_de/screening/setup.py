@@ -1,10 +1,12 @@
 """A screen's first rounds: checks, size factors, and the per-group sums every method needs.
 
 Round 1 (``setup``)  site : check counts, codes and disclosure; library sizes (kept); sum of
-                            log library sizes and cells (``poscounts``: per-gene sums of log
-                            positive counts)                              -> SetupSums
+                            log library sizes and cells; cells per perturbation group and,
+                            per group and gene, expressing cells (``poscounts``: per-gene
+                            sums of log positive counts)                  -> SetupSums
                      agg  : the global geometric-mean scale (``poscounts``: log geometric
-                            means)                                        (:func:`scale_step`)
+                            means); the study-level disclosure rules: perturbations left
+                            out, (perturbation, gene) pairs withheld     (:func:`scale_step`)
 Round 1b (``size_factors``, ``poscounts`` only)
                      site : median-of-ratios factors (kept), sum of their logs -> FactorSums
                      agg  : their geometric-mean scale              (:func:`posfactor_scale`)
