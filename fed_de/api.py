@@ -236,6 +236,7 @@ def deseq2(
     test: str = "Wald",
     reduced: str | None = None,
     cooks: bool = True,
+    min_replicates_for_replace: float | None = None,
     workdir: str | Path | None = None,
     credentials=None,
     keys=None,
@@ -316,6 +317,11 @@ def deseq2(
         DESeq2's Cook's outlier handling (default): p-values of genes with an outlier in a
         design cell of >= 3 samples are NA; outliers in cells of >= 7 samples are replaced
         and the gene refitted. ``False``: the plan without it (fewer steps and bytes).
+    min_replicates_for_replace
+        DESeq2's ``minReplicatesForReplace``. Default: 7 (DESeq2's) for one site or with the
+        disclosure rules off; from two sites on, ``inf``: outliers are not replaced and their
+        genes keep p-value NA (a refit's sums minus the first fit's would give the aggregator
+        a single outlier's value). Setting 7 there restores DESeq2's refit, with a warning.
     secure_aggregation
         Mask every message (pairwise masks that cancel in the sum over sites), so the
         aggregator sees only cross-site totals; on by default from two sites (with two, each
@@ -372,11 +378,19 @@ def deseq2(
     check_rounds(rounds)
     n_sites = n_declared_sites(loaded, keys)
     check_disclosure_options(min_cell_size, min_pooled_cell_size, n_sites)
+    if (min_replicates_for_replace is not None and np.isfinite(min_replicates_for_replace)
+            and cooks and min_cell_size > 0 and n_sites > 1):
+        warnings.warn(f"min_replicates_for_replace={min_replicates_for_replace}: outliers are "
+                      "replaced and their genes refitted; the refit's sums minus the first "
+                      "fit's give the aggregator the replaced samples' values (a single "
+                      "outlier's, when one is replaced in a design cell; docs/privacy.md)",
+                      stacklevel=2)
     post = postfit_options(study, contrasts, shrink, shrink_coef, pca, pca_genes, pca_group,
                            site_names(loaded, keys))
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
                               min_cell_size=min_cell_size, round_counts=round_counts,
                               test=test, reduced=reduced, cooks=cooks,
+                              min_replicates_for_replace=min_replicates_for_replace,
                               min_pooled_cell_size=min_pooled_cell_size,
                               min_nonzero=min_nonzero,
                               secure_aggregation=secure_option(secure_aggregation, n_sites),
@@ -405,6 +419,7 @@ def deseq2(
         "levels_inferred": inferred, "continuous": study.continuous,
         "size_factors": size_factors, "fit_type": fit_type,
         "fit_type_used": done.state.trend.fit_type, "alpha": alpha, "cooks": bool(cooks),
+        "min_replicates_for_replace": strategy.options.min_replicates_for_replace,
         "round_counts": round_counts, "layer": layer, "min_cell_size": min_cell_size,
         "min_pooled_cell_size": min_pooled_cell_size, "min_nonzero": min_nonzero,
         "disclosure_rule_applied": bool(min_cell_size) and n_sites != 1,

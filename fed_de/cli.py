@@ -175,6 +175,9 @@ def run(
     reduced: str | None = typer.Option(None, "--reduced", help="Reduced design for the LRT."),
     cooks: bool = typer.Option(True, "--cooks/--no-cooks",
                                help="DESeq2's Cook's outlier filtering, replacement and refit."),
+    min_replicates_for_replace: float | None = typer.Option(
+        None, help="DESeq2's minReplicatesForReplace. Default: 7 for one site; from two sites "
+                   "inf (outliers are filtered, not replaced: a refit would reveal them)."),
     backend: Backend = typer.Option(Backend.simulation, help="Where the plan runs."),
     workdir: Path | None = typer.Option(None, help="Run directory of the substra backends."),
     credentials: Path | None = typer.Option(None, help="Remote: credentials YAML."),
@@ -243,6 +246,7 @@ def run(
             levels=_parse_levels(levels) or None, size_factors=value(size_factors),
             fit_type=value(fit_type), min_cell_size=min_cell_size,
             min_pooled_cell_size=min_pooled_cell_size, round_counts=rounding,
+            min_replicates_for_replace=min_replicates_for_replace,
             layer=_parse_layer(layer), progress=not STATE["quiet"], test=test, reduced=reduced,
             cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
             keys=keys, timeout=timeout, genes=gene_list, n_jobs=workers, spill_dir=spill_dir,

@@ -131,16 +131,32 @@ def test_default_bulk_totals_view_nothing_exact(default_run):
     assert min(bounds) > 1e-3  # no decoder of these sums pins a size factor
 
 
-def test_default_cooks_differencing_residual(default_run):
-    """The documented residual of Cook's replacement: for a gene with one replaced sample,
-    the totals of round 2 and of the closing round differ by that sample alone, so its
-    normalised count (not its count: its size factor stays unknown) is exact."""
+def test_default_cooks_step_replaces_nothing_so_differencing_finds_nothing(default_run):
+    """Defaults from two sites: outliers are filtered (p-value NA), not replaced, so no refit
+    sum differs from a first-fit sum by an outlier; the differencing attack claims nothing."""
     rec, geo, truth = default_run
     tasks = atk.view(rec, "totals")
     close = next(t for t in tasks if t.kind == "ClosingSums")
-    if "cooks.n_replaced" not in close.message:
-        assert atk.attack_cooks(tasks, geo) == []
-        return
+    assert atk.attack_cooks(tasks, geo) == []
+    if "cooks.n_replaced" in close.message:  # Cook's on: outliers seen, none replaced
+        assert not np.any(close.message["cooks.n_replaced"])
+        assert not np.any(close.message["cooks.cell_sum"])  # no refit start is sent
+        assert int(np.sum(rec["result"].cooks["outlier"])) >= 1
+        assert rec["result"].facts["options"]["min_replicates_for_replace"] == np.inf
+
+
+def test_cooks_replacement_opt_in_residual():
+    """The residual of opting in to DESeq2's replacement (min_replicates_for_replace=7): for a
+    gene with one replaced sample, the totals of round 2 and of the closing round differ by
+    that sample alone, so its normalised count (not its count: its size factor stays
+    unknown) is exact."""
+    sites, _, _ = scen.bulk_sites(scen.pooled_cells(15), n_genes=150, seed=3, outliers=4)
+    with pytest.warns(UserWarning, match="min_replicates_for_replace=7"):
+        rec = atk.record_run(sites, "~ condition", min_replicates_for_replace=7)
+    geo = atk.Geometry(rec["study"])
+    truth = scen.truth_of(sites, geo)
+    tasks = atk.view(rec, "totals")
+    close = next(t for t in tasks if t.kind == "ClosingSums")
     single = int((np.abs(np.asarray(close.message["cooks.n_replaced"]) - 1) < 1e-9).sum())
     claims = atk.attack_cooks(tasks, geo)
     sc = atk.score_view({"sizes": atk.attack_sizes(tasks, geo), "counts": None, "cooks": claims},

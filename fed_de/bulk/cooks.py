@@ -112,15 +112,29 @@ def _start_search(center: np.ndarray, robust: RobustSearch, active: np.ndarray,
     return search
 
 
+def replace_minimum(option: float | None, min_cell_size: int, n_sites: int) -> float:
+    """DESeq2's ``minReplicatesForReplace`` for a run: as given, else 7 (DESeq2's default) for
+    one site or with the disclosure rules off, and ``inf`` (no replacement, no refit: outliers
+    keep p-value NA, as DESeq2 with ``minReplicatesForReplace = Inf``) from two sites on. A
+    refit's sums differ from the first fit's by the replaced samples alone: the aggregator
+    would read a single outlier's value from the difference (docs/privacy.md)."""
+    if option is not None:
+        if not option >= 1:
+            raise ValueError(f"min_replicates_for_replace must be >= 1 (or inf), got {option!r}")
+        return float(option)
+    rules = min_cell_size > 0 and n_sites > 1
+    return np.inf if rules else float(cooks.MIN_REPLICATES_REPLACE)
+
+
 @aggregator_step(writes=("robust",))
-def robust_start(totals: Totals, start: FitStart, study) -> dict:
-    """Groups (design cells of >= 3 samples; all samples when some cell has >= 7), their
+def robust_start(totals: Totals, start: FitStart, study, options) -> dict:
+    """Groups (design cells of >= 3 samples; all samples when some cell can be replaced), their
     trims and ranks; the first thresholds."""
     n_cells = np.asarray(totals.cell_counts, dtype=float)
     n = int(round(totals.n_samples))
     p = study.n_coefs
     use_cells = (n_cells >= cooks.MIN_REPLICATES_COOKS) & (n > p)
-    repl = bool((n_cells >= cooks.MIN_REPLICATES_REPLACE).any()) and n > p
+    repl = bool((n_cells >= options.min_replicates_for_replace).any()) and n > p
     sizes = np.append(n_cells, n).astype(int)
     trims = [cooks.cell_trim(int(s))[0] for s in n_cells] + [cooks.REPLACE_TRIM]
     ranks = np.array([trimmed.trim_ranks(int(s), t) if s > 0 else (1, 1)
@@ -232,7 +246,7 @@ def robust_means(sums: RobustParts, robust: RobustSearch, start: FitStart) -> di
 
 
 @aggregator_step(writes=("cooks",))
-def join(side, totals: Totals, study) -> dict:
+def join(side, totals: Totals, study, options) -> dict:
     """The side chain's result joins the main chain: what the closing round needs."""
     rob = side.robust
     n = int(round(totals.n_samples))
@@ -242,7 +256,7 @@ def join(side, totals: Totals, study) -> dict:
     return {"cooks": CooksSetup(
         active=bool(n > p and cells_3.any()), alpha=rob.alpha, replace_mean=rob.replace_mean,
         unfinished=rob.unfinished, cutoff=cooks.cooks_cutoff(p, n) if n > p else np.inf,
-        cells_3=cells_3, cells_replace=n_cells >= cooks.MIN_REPLICATES_REPLACE)}
+        cells_3=cells_3, cells_replace=n_cells >= options.min_replicates_for_replace)}
 
 
 # -- closing round ---------------------------------------------------------------------------
@@ -281,6 +295,9 @@ def cooks_counts(site: Site, ck: CooksSetup, beta: np.ndarray, alpha: np.ndarray
             site.kept.replaced_counts = new
             site.kept.lgamma_y1 = None
             norm_new = new / sf[:, None]
+    if not np.asarray(ck.cells_replace).any():  # no replacement: no refit start to send
+        return CooksCounts(**out, **{k: np.zeros((G, C)) for k in
+                                     ("cell_sum", "cell_sumsq", "cell_logsum")})
     onehot = (cells[:, None] == np.arange(C)[None, :]).astype(float)  # n x C
     out["cell_sum"] = norm_new.T @ onehot
     out["cell_sumsq"] = (norm_new * norm_new).T @ onehot
@@ -304,6 +321,11 @@ def decide(sums, genes: GeneResults, cooks: CooksSetup, totals: Totals, start: F
     n_cells = np.asarray(totals.cell_counts, dtype=float)
     sufficient = bool(ck.cells_replace.any()) and n > p
     repl = (tot.n_any > 0) & ~all_zero & sufficient
+    if not sufficient:  # nothing replaced: outliers keep p-value NA, nothing is refitted
+        none = np.zeros_like(all_zero)
+        return {"genes": replace(genes, cooks_outlier=outlier),
+                "refit": Refit(genes=none, new_all_zero=none, replace=none, n_refit=0,
+                               start=replace(start, skip=~none))}
     Xrc = cell_design_rows(study, reduced) if reduced is not None else None
     new = start_from_cell_sums(tot.cell_sum, tot.cell_sumsq, tot.cell_logsum, n_cells,
                                totals.xim, totals.max_disp, cell_design_rows(study), Xrc)

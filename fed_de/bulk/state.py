@@ -61,6 +61,9 @@ class DESeq2Options:
     test: str = "Wald"
     reduced: str | None = None
     cooks: bool = True
+    # DESeq2's minReplicatesForReplace: outliers in pooled cells this large are replaced and
+    # the gene refitted; inf (the federated default under the disclosure rules): never
+    min_replicates_for_replace: float = 7
     mu_rounds: int = 6
     genewise_rounds: int = 4
     map_rounds: int = 1

@@ -36,6 +36,7 @@ import numpy as np
 
 from fed_de.bulk import closing, cooks, dispersions, irls, postfit, refit
 from fed_de.bulk import size_factors as sfs
+from fed_de.bulk.cooks import replace_minimum
 from fed_de.bulk.state import DESeq2Options, RunState, Site, SiteState
 from fed_de.core import disp_path
 from fed_de.core.fallback import STEPS as FALLBACK_STEPS
@@ -123,6 +124,10 @@ class DESeq2Strategy(_BulkStrategy):
     cooks
         Cook's distances, outlier replacement and refit (DESeq2's default); off: the plan of
         the Wald pipeline alone.
+    min_replicates_for_replace
+        DESeq2's ``minReplicatesForReplace`` (:func:`fed_de.bulk.cooks.replace_minimum`:
+        ``None`` gives 7 for one site, ``inf`` from two sites under the disclosure rules);
+        with ``inf`` the plan has no refit phase.
     mu_rounds, genewise_rounds, map_rounds, final_rounds, fallback_rounds, robust_rounds,
     refit_mu_rounds, refit_final_rounds
         Unrolled iteration counts (the plan is static; defaults measured, see
@@ -149,6 +154,7 @@ class DESeq2Strategy(_BulkStrategy):
                  map_rounds: int = OPTIONS.map_rounds, final_rounds: int = OPTIONS.final_rounds,
                  fallback_rounds: int = OPTIONS.fallback_rounds, test: str = OPTIONS.test,
                  reduced: str | None = None, cooks: bool = OPTIONS.cooks,
+                 min_replicates_for_replace: float | None = None,
                  robust_rounds: int = OPTIONS.robust_rounds,
                  refit_mu_rounds: int = OPTIONS.refit_mu_rounds,
                  refit_final_rounds: int = OPTIONS.refit_final_rounds,
@@ -169,6 +175,8 @@ class DESeq2Strategy(_BulkStrategy):
                          map_rounds=map_rounds, final_rounds=final_rounds,
                          fallback_rounds=fallback_rounds, test=test,
                          reduced=reduced if test == "LRT" else None, cooks=bool(cooks),
+                         min_replicates_for_replace=replace_minimum(
+                             min_replicates_for_replace, min_cell_size, n_sites),
                          robust_rounds=robust_rounds, refit_mu_rounds=refit_mu_rounds,
                          refit_final_rounds=refit_final_rounds,
                          secure_aggregation=secure_aggregation, n_sites=n_sites,
@@ -206,9 +214,10 @@ class DESeq2Strategy(_BulkStrategy):
             plan = [*plan, closing.phase(with_cooks=False)]
         else:
             plan = [*plan, cooks.robust_phase(o.robust_rounds, fork_after="size_factors"),
-                    closing.phase(with_cooks=True),
-                    *refit.phases(o.refit_mu_rounds if mu_rounds else 0, o.genewise_rounds,
-                                  o.map_rounds, o.refit_final_rounds, o.test == "LRT")]
+                    closing.phase(with_cooks=True)]
+            if np.isfinite(o.min_replicates_for_replace):  # outliers replaced: the refit
+                plan += refit.phases(o.refit_mu_rounds if mu_rounds else 0, o.genewise_rounds,
+                                     o.map_rounds, o.refit_final_rounds, o.test == "LRT")
         after = postfit.phase(o)  # shrinkage, VST + PCA: when asked for
         return plan if after is None else [*plan, after]
 
