@@ -6,13 +6,13 @@ Errors go to stderr with a non-zero exit code (2: bad input or options; 1: unexp
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
+from fed_de import files
 from fed_de.cli_common import (
     STATE,
     AltHypothesis,
@@ -28,6 +28,7 @@ from fed_de.cli_common import (
     console,
     parse_sites,
     print_facts,
+    record_failure,
     report_warnings,
     value,
 )
@@ -92,7 +93,7 @@ def demo(
                           report=report_path)
     report_warnings(caught)
     if out is not None:
-        (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+        files.write_json(out / "demo_report.json", report, default=str)
 
 
 def _parse_layer(items: list[str]) -> str | dict[str, str] | None:
@@ -239,7 +240,8 @@ def run(
                     reduced, value(size_factors), min_cell_size, cooks, _parse_layer(layer),
                     post)
         return
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, \
+            record_failure(out, command_line(ctx, "run"), design=design, backend=backend):
         warnings.simplefilter("always")
         res = fed_de.deseq2(
             sites, design, contrasts=contrasts or None, alpha=alpha,
@@ -257,16 +259,17 @@ def run(
     res.facts.update(command_line=command_line(ctx, "run"), design=design, alpha=alpha,
                      test=test, cooks=cooks, reduced=reduced,
                      contrast=[contrast_label(res.study, c) for c in contrasts or [None]])
+    kw = dict(lfc_threshold=lfc_threshold, alt_hypothesis=value(alt_hypothesis))
+    paths = res.write(out, contrasts or None, **kw)  # results first, then anything optional
+    if res.state.shrink is not None:
+        _write_shrunk(res, contrasts, paths, kw, posterior_threshold, credible_level)
+    _write_pca_tables(res, out)
     inferred = res.facts["options"]["levels_inferred"]
     if inferred:
         console.print("levels read from the sites (declare them with --levels to fix the "
                       "reference level): " + "; ".join(
                           f"{k}={','.join(res.study.levels[k])}" for k in inferred),
                       highlight=False, soft_wrap=True)
-    kw = dict(lfc_threshold=lfc_threshold, alt_hypothesis=value(alt_hypothesis))
-    paths = res.write(out, contrasts or None, **kw)
-    if res.state.shrink is not None:
-        _write_shrunk(res, contrasts, paths, kw, posterior_threshold, credible_level)
     for c in contrasts or [None]:
         label = contrast_label(res.study, c)
         console.print(f"\n[bold]{label}[/] ({paths['results:' + label].name})", highlight=False)
@@ -298,25 +301,30 @@ def _write_shrunk(res, contrasts: list, paths: dict, kw: dict, threshold: float,
             table = res.shrunk_results(c, threshold=threshold, level=level, **kw)
         except ShrinkNotComputedError:
             continue
-        table.reset_index().to_csv(paths["results:" + contrast_label(res.study, c)],
-                                   index=False)
+        files.write_csv(table.reset_index(), paths["results:" + contrast_label(res.study, c)],
+                        index=False)
+
+
+def _write_pca_tables(res, out: Path) -> None:
+    """The PCA's axes and centroids (results files: written before anything optional)."""
+    import pandas as pd
+
+    if res.state.pca is None:
+        return
+    summary = res.pca
+    files.write_csv(summary["axes"], out / "pca_axes.csv", index_label="gene")
+    rows = [frame.assign(site=site) for site, frame in
+            summary.get("centroids_by_site", {}).items()]
+    if rows:
+        files.write_csv(pd.concat(rows).rename_axis("level").reset_index(),
+                        out / "pca_centroids.csv", index=False)
 
 
 def _write_postfit(res, contrast, out: Path, plots: Path | None, report: Path | None,
                    reference: Path | None) -> None:
-    """PCA tables, plots and the HTML report, as asked."""
-    import pandas as pd
-
+    """Plots and the HTML report, as asked (after the results files)."""
     from fed_de.report import save_plots, write_report
 
-    if res.state.pca is not None:
-        summary = res.pca
-        summary["axes"].to_csv(out / "pca_axes.csv", index_label="gene")
-        rows = [frame.assign(site=site) for site, frame in
-                summary.get("centroids_by_site", {}).items()]
-        if rows:
-            pd.concat(rows).rename_axis("level").reset_index().to_csv(
-                out / "pca_centroids.csv", index=False)
     post = res.facts.get("postfit")
     if post:
         console.print(f"post-fit phase (shrinkage, PCA): {post['rounds']} rounds, "
@@ -402,15 +410,21 @@ def register_site(
                               "site.json, which the node's opener reads)."),
 ) -> None:
     """Register this site's dataset on its own Substra node and record its keys."""
-    from fed_de.backends.substra import _load_yaml, make_client, register_site_remote
+    from fed_de.backends.substra import (
+        _load_yaml,
+        make_client,
+        register_site_remote,
+        remote_errors,
+    )
     from fed_de.errors import FedDEError
 
     creds = _load_yaml(credentials)
     if org not in creds:
         raise FedDEError(f"credentials have no entry {org!r} (entries: {list(creds)})")
     client = make_client(creds[org], org)
-    entry = register_site_remote(client, name, site, aggregator_org, keys, kind=value(kind),
-                                 layer=layer)
+    with remote_errors(org, creds[org].get("url"), "registering the dataset at"):
+        entry = register_site_remote(client, name, site, aggregator_org, keys,
+                                     kind=value(kind), layer=layer)
     console.print(f"registered {name!r} as dataset {entry['dataset_key']} at "
                   f"{entry['organization_id']}; keys written to {keys}", highlight=False)
 

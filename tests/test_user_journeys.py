@@ -698,10 +698,13 @@ def test_failed_remote_connection_is_one_line(tmp_path, monkeypatch, demo, wheel
                "--keys", tmp_path / "keys.yaml", "--design", "~ condition", "--levels",
                "condition=A,B", "--genes", tmp_path / "genes.txt", "--out", tmp_path / "o",
                "--timeout", "5"])
-    assert res.exit_code in (1, 2)
+    assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()
-    assert lines[0].startswith("error: unexpected ConnectionError") and len(lines) == 2
-    assert "Traceback" not in res.stderr and "fed-de --debug run" in lines[1]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr
+    assert "'aggregator' at http://127.0.0.1:9: ConnectionError" in lines[0]
+    assert "check the url in the credentials file" in lines[0]
+    record = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert record["status"] == "failed" and record["site"] == "aggregator"
 
 
 def test_placeholder_credentials_refused_before_connecting(monkeypatch, tmp_path):
