@@ -149,11 +149,20 @@ def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel:
     plan = record_plan(strategy, [orgs[n] for n in keys], orgs["aggregator"])
     if progress is not None:
         progress("submitting compute plan", orgs["aggregator"], 0)
-    cp = execute_experiment(
-        client=agg_client, strategy=strategy, train_data_nodes=nodes,
-        aggregation_node=AggregationNode(orgs["aggregator"]),
-        experiment_folder=workdir / "experiment", dependencies=dependency(wheel),
-        clean_models=False, name=f"fed_de-{type(strategy).__name__}")
+    try:
+        cp = execute_experiment(
+            client=agg_client, strategy=strategy, train_data_nodes=nodes,
+            aggregation_node=AggregationNode(orgs["aggregator"]),
+            experiment_folder=workdir / "experiment", dependencies=dependency(wheel),
+            clean_models=False, name=f"fed_de-{type(strategy).__name__}")
+    except Exception as err:
+        # the subprocess backend runs the plan while submitting it: a task that fails there
+        # raises substra's ExecutionError, which names no task; find the failed one
+        if type(err).__name__ != "ExecutionError":
+            raise
+        failed = _failure(agg_client, None, "failed")
+        failed.facts = {**plan.facts(), "wall_seconds": round(time.perf_counter() - started, 3)}
+        raise failed from err
     log.info("submitted compute plan %s", cp.key)
     if progress is not None:  # printed, so that a user can reattach (fed-de status KEY)
         progress(f"submitted compute plan {cp.key}", orgs["aggregator"], 0)
@@ -296,16 +305,21 @@ def poll_with_retries(client, compute_plan_key: str, *, retries: int = 5,
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _failure(client, key: str, status: str) -> SiteTaskError:
-    """The error of a failed plan, naming its first failed task, function and organisation."""
+def _failure(client, key: str | None, status: str) -> SiteTaskError:
+    """The error of a failed plan, naming its first failed task, function and organisation
+    (``key`` None: the plan substra's subprocess backend was running when a task failed)."""
+    filters = {"status": ["STATUS_FAILED"]}
+    if key is not None:
+        filters["compute_plan_key"] = [key]
     try:
-        tasks = client.list_task(filters={"compute_plan_key": [key], "status": ["STATUS_FAILED"]})
+        tasks = client.list_task(filters=filters)
     except Exception:  # noqa: BLE001 - best effort: the error message is what matters
         tasks = []
     if not tasks:
         return SiteTaskError(f"compute plan {key} ended with status {status}",
                              site="unknown", step="unknown")
-    task = tasks[0]
+    task = tasks[0] if key is not None else tasks[-1]  # (the last one this client ran)
+    key = key or getattr(task, "compute_plan_key", None)
     fn = getattr(getattr(task, "function", None), "name", "unknown")
     worker = getattr(task, "worker", "unknown")
     return SiteTaskError(f"compute plan {key} {status}: task {task.key} ({fn}) failed at "
