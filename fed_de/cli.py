@@ -6,6 +6,7 @@ Errors go to stderr with a non-zero exit code (2: bad input or options; 1: unexp
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -209,6 +210,9 @@ def run(
     spill_dir: Path | None = typer.Option(None, "--spill-dir", help="Simulation: keep "
                                           "messages and run states as files under this "
                                           "folder instead of in memory."),
+    attach: str | None = typer.Option(None, "--attach", help="Remote: wait for this compute "
+                                      "plan, submitted before with the same options, "
+                                      "instead of submitting one (see fed-de download)."),
 ) -> None:
     """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites.
 
@@ -252,7 +256,7 @@ def run(
             layer=_parse_layer(layer), progress=not STATE["quiet"], test=test, reduced=reduced,
             cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
             keys=keys, timeout=timeout, genes=gene_list, n_jobs=workers, spill_dir=spill_dir,
-            **post)
+            attach=attach, **post)
     res.facts["warnings"] = report_warnings(caught)
     if shrink:
         res.facts.update(posterior_threshold=posterior_threshold, credible_level=credible_level)
@@ -427,6 +431,59 @@ def register_site(
                                      kind=value(kind), layer=layer)
     console.print(f"registered {name!r} as dataset {entry['dataset_key']} at "
                   f"{entry['organization_id']}; keys written to {keys}", highlight=False)
+
+
+@app.command("status", cls=FedDECommand)
+@cli_errors("status")
+def status(
+    plan_key: str = typer.Argument(..., help="The compute plan key fed-de run printed."),
+    credentials: Path = typer.Option(..., help="Credentials YAML."),
+    org: str = typer.Option("aggregator", "--as", help="Entry of the credentials YAML."),
+) -> None:
+    """Where a compute plan submitted to a Substra network stands (tasks done, failures)."""
+    from fed_de.backends.substra import _load_yaml, make_client, plan_status, remote_errors
+    from fed_de.errors import FedDEError
+
+    creds = _load_yaml(credentials)
+    if org not in creds:
+        raise FedDEError(f"credentials have no entry {org!r} (entries: {list(creds)})")
+    client = make_client(creds[org], org)
+    with remote_errors(org, creds[org].get("url")):
+        info = plan_status(client, plan_key)
+    tasks = f" ({info['done']}/{info['total']} tasks)" if info["total"] else ""
+    console.print(f"compute plan {plan_key}: {info['status']}{tasks}", highlight=False)
+    if "failed" in info:
+        typer.echo(f"error: {info['failed']}", err=True)
+        raise typer.Exit(code=1)
+
+
+@app.command("download", cls=FedDECommand)
+@cli_errors("download")
+def download(
+    plan_key: str = typer.Argument(..., help="The compute plan key fed-de run printed."),
+    out: Path = typer.Option(..., "--out", help="The run's output folder: its run.json "
+                             "(written when the run failed or was interrupted) holds the "
+                             "command that submitted the plan."),
+) -> None:
+    """Wait for a compute plan a failed or interrupted ``fed-de run`` submitted, download its
+    result and write the results files, as that run would have."""
+    from fed_de.errors import FedDEError
+
+    record_path = out / "run.json"
+    if not record_path.exists():
+        raise FedDEError(f"{record_path} does not exist: give the --out folder of the run "
+                         "that submitted the plan, or rerun it with --attach "
+                         f"{plan_key}")
+    args = list(json.loads(record_path.read_text()).get("command_line") or [])
+    if args[:2] != ["fed-de", "run"] or "remote" not in args:
+        raise FedDEError(f"{record_path} records no remote fed-de run ({args[:2]}); rerun "
+                         f"the command that submitted the plan with --attach {plan_key}")
+    args = args[2:]
+    if "--attach" in args:  # a previous download: reattach to this key instead
+        i = args.index("--attach")
+        del args[i:i + 2]
+    typer.main.get_command(app).main(["run", *args, "--attach", plan_key],
+                                     standalone_mode=False)
 
 
 @app.command(cls=FedDECommand)

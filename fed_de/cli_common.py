@@ -143,13 +143,16 @@ def cli_errors(command: str):
 
 @contextlib.contextmanager
 def record_failure(out: Path | None, command: list[str], **known):
-    """Around a federated run: if it raises, write ``out/run.json`` with ``status: "failed"``,
-    the failed step, the site, the error and the facts so far (:func:`fed_de.files.
-    failure_record`), then let the error through (``cli_errors`` prints it)."""
+    """Around a federated run: if a task fails (the error names its step), the network
+    fails, or the run is interrupted, write ``out/run.json`` with ``status: "failed"``, the
+    failed step, the site, the error and the facts so far (:func:`fed_de.files.
+    failure_record`), then let the error through (``cli_errors`` prints it). Input refused
+    before the first task writes nothing."""
     try:
         yield
-    except Exception as err:
-        if out is not None:
+    except (Exception, KeyboardInterrupt) as err:  # an interrupted run is recorded too
+        started = hasattr(err, "step") or hasattr(err, "facts")
+        if out is not None and (started or isinstance(err, KeyboardInterrupt)):
             from fed_de.files import failure_record, write_json
 
             try:

@@ -111,8 +111,14 @@ def test_successful_run_json_says_ok_and_results_come_before_optional_output(
     assert (out / "results.h5ad").stat().st_size > 0
 
 
-def test_failed_screen_writes_run_json(tmp_path):
+def test_failed_screen_writes_run_json(tmp_path, monkeypatch):
+    import fed_de.screening.setup as setup
     from fed_de.screening.data import make_screen
+
+    def unreadable(*args, **kwargs):
+        raise OSError("input/output error reading the cells")
+
+    monkeypatch.setattr(setup, "_check_disclosure", unreadable)
 
     scr = make_screen(n_cells=200, n_genes=8, n_perturbations=2, n_sites=2, seed=1)
     args = []
@@ -121,9 +127,14 @@ def test_failed_screen_writes_run_json(tmp_path):
         args += ["--site", f"{name}={tmp_path / f'{name}.h5ad'}"]
     res = cli(["screen", *args, "--perturbation-column", "guide", "--control",
                "non-targeting", "--out", tmp_path / "o"])
-    assert res.exit_code == 2
+    assert res.exit_code == 2 and "guide" in res.stderr
+    assert not (tmp_path / "o").exists()  # refused before any task: nothing written
+    res = cli(["screen", *args, "--perturbation-column", "perturbation", "--control",
+               "non-targeting", "--out", tmp_path / "o"])
+    assert res.exit_code == 2 and "input/output error" in res.stderr
     record = json.loads((tmp_path / "o" / "run.json").read_text())
-    assert record["status"] == "failed" and "guide" in record["error"]
+    assert record["status"] == "failed" and "input/output error" in record["error"]
+    assert record["step"] == "setup_sums" and record["site"] in scr.sites
     assert record["command_line"][:2] == ["fed-de", "screen"]
 
 

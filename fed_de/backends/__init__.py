@@ -40,11 +40,13 @@ def check_backend(backend: str) -> None:
 def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, credentials=None,
         keys=None, timeout: float | None = None, progress=None, record_messages: bool = False,
         opener_source: str | None = None, write_site=None, prefix: str = "fed_de_",
-        n_jobs: int | None = 1, spill_dir=None) -> Run:
+        n_jobs: int | None = 1, spill_dir=None, attach: str | None = None) -> Run:
     """Run ``strategy`` over ``sites`` (simulation, subprocess) or a remote network's
     registered datasets (``keys``); ``opener_source`` and ``write_site`` let other kinds of
     site (screens) travel the substra backends. ``n_jobs`` (worker processes for a round's
-    site tasks) and ``spill_dir`` (shared states kept as files there) are the simulation's."""
+    site tasks) and ``spill_dir`` (shared states kept as files there) are the simulation's;
+    ``attach`` (remote) waits for an already submitted compute plan of the same study and
+    options instead of submitting a new one."""
     check_backend(backend)
     check_workers(backend, n_jobs, spill_dir)
     if backend == "simulation":
@@ -69,7 +71,7 @@ def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, cre
                                      **extra)
     else:
         sub = substra.run_remote(strategy, credentials, keys, workdir=workdir,
-                                 timeout=timeout, progress=progress)
+                                 timeout=timeout, progress=progress, attach=attach)
     facts = dict(sub.facts)
     facts.update(workdir=str(workdir), backend=backend)
     return Run(sub.shared_state, facts)

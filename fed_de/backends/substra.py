@@ -17,6 +17,7 @@ import logging
 import subprocess
 import sys
 import time
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -137,7 +138,8 @@ def run_subprocess(strategy, sites: list[SiteData], *, workdir: Path,
 
 def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel: Path,
              started: float, progress=None, poll_seconds: float = 5.0,
-             timeout: float | None = None, download=None) -> SubstraRun:
+             timeout: float | None = None, download=None,
+             attach: str | None = None) -> SubstraRun:
     from substrafl.experiment import execute_experiment
     from substrafl.model_loading import download_aggregate_shared_state
     from substrafl.nodes import AggregationNode, TrainDataNode
@@ -147,14 +149,17 @@ def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel:
                            data_sample_keys=list(k["data_sample_keys"]))
              for name, k in keys.items()]
     plan = record_plan(strategy, [orgs[n] for n in keys], orgs["aggregator"])
-    if progress is not None:
+    if attach is not None:  # reattach to a plan submitted before: submit nothing
+        cp = attach_plan(agg_client, attach, len(plan.tasks))
+    elif progress is not None:
         progress("submitting compute plan", orgs["aggregator"], 0)
     try:
-        cp = execute_experiment(
-            client=agg_client, strategy=strategy, train_data_nodes=nodes,
-            aggregation_node=AggregationNode(orgs["aggregator"]),
-            experiment_folder=workdir / "experiment", dependencies=dependency(wheel),
-            clean_models=False, name=f"fed_de-{type(strategy).__name__}")
+        if attach is None:
+            cp = execute_experiment(
+                client=agg_client, strategy=strategy, train_data_nodes=nodes,
+                aggregation_node=AggregationNode(orgs["aggregator"]),
+                experiment_folder=workdir / "experiment", dependencies=dependency(wheel),
+                clean_models=False, name=f"fed_de-{type(strategy).__name__}")
     except Exception as err:
         # the subprocess backend runs the plan while submitting it: a task that fails there
         # raises substra's ExecutionError, which names no task; find the failed one
@@ -163,8 +168,8 @@ def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel:
         failed = _failure(agg_client, None, "failed")
         failed.facts = {**plan.facts(), "wall_seconds": round(time.perf_counter() - started, 3)}
         raise failed from err
-    log.info("submitted compute plan %s", cp.key)
-    if progress is not None:  # printed, so that a user can reattach (fed-de status KEY)
+    log.info("compute plan %s", cp.key)
+    if progress is not None and attach is None:  # printed, so that a user can reattach
         progress(f"submitted compute plan {cp.key}", orgs["aggregator"], 0)
     try:
         wait_for(agg_client, cp.key, plan_tasks=len(plan.tasks), progress=progress,
@@ -270,6 +275,26 @@ def wait_for(client, compute_plan_key: str, *, plan_tasks: int, progress=None,
         sleep(poll_seconds)
 
 
+def plan_status(client, compute_plan_key: str, *, retries: int = 5, sleep=time.sleep
+                ) -> dict:
+    """Where a submitted compute plan stands (``fed-de status``).
+
+    Returns
+    -------
+    dict
+        ``key``, ``status`` (``doing``, ``done``, ``failed``, ...), ``done`` and ``total``
+        task counts where the node reports them, and for a failed plan ``failed``: the
+        first failed task's message (task, function, organisation).
+    """
+    cp = poll_with_retries(client, compute_plan_key, retries=retries, sleep=sleep)
+    status = str(getattr(cp, "status", "")).split(".")[-1].lower().replace("plan_status_", "")
+    out = {"key": compute_plan_key, "status": status,
+           "done": getattr(cp, "done_count", None), "total": getattr(cp, "task_count", None)}
+    if "fail" in status or "cancel" in status:
+        out["failed"] = str(_failure(client, compute_plan_key, status))
+    return out
+
+
 def transient(err: BaseException) -> bool:
     """Whether a substra client error may pass if tried again (network or gateway trouble)."""
     from substra.sdk import exceptions as sx
@@ -303,6 +328,24 @@ def poll_with_retries(client, compute_plan_key: str, *, retries: int = 5,
             sleep(wait)
             wait = min(max(2 * wait, 1.0), 300.0)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def attach_plan(client, compute_plan_key: str, n_tasks: int):
+    """The compute plan ``key`` on the network, to wait for and download (``attach``).
+
+    Raises
+    ------
+    FedDEError
+        The node reports a task count other than this study's plan's ``n_tasks`` (another
+        study, or other options).
+    """
+    cp = poll_with_retries(client, compute_plan_key)
+    total = getattr(cp, "task_count", None)
+    if isinstance(total, int) and total != n_tasks:
+        raise FedDEError(f"compute plan {compute_plan_key} has {total} tasks, this study's "
+                         f"plan {n_tasks}: reattach with the design, levels, genes and "
+                         "options of the run that submitted it")
+    return types.SimpleNamespace(key=compute_plan_key, status=getattr(cp, "status", None))
 
 
 def _failure(client, key: str | None, status: str) -> SiteTaskError:
@@ -483,7 +526,7 @@ def register_site_remote(client, name: str, site_folder: Path, aggregator_org: s
 def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "aggregator",
                wheel: Path | None = None, timeout: float | None = None,
                poll_seconds: float = 10.0, progress=None, client_factory=None,
-               download=None) -> SubstraRun:
+               download=None, attach: str | None = None) -> SubstraRun:
     """Submit ``strategy`` to a remote Substra network and wait for its result.
 
     Parameters
@@ -494,6 +537,9 @@ def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "
     keys
         YAML path or dict written by ``fed-de register-site``: ``aggregator_organization``
         and ``sites`` -> {name: {organization_id, dataset_key, data_sample_keys}}.
+    attach
+        The key of a compute plan submitted before for the same study and options (printed
+        at its submission): wait for it and download its result, submitting nothing.
     """
     creds, keys = _load_yaml(credentials), _load_yaml(keys)
     if submitter not in creds:
@@ -514,7 +560,8 @@ def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    wheel = wheel or build_wheel(workdir / "dist")
+    if attach is None:  # only a new submission ships the wheel
+        wheel = wheel or build_wheel(workdir / "dist")
     orgs = {name: k["organization_id"] for name, k in sites.items()}
     orgs["aggregator"] = keys["aggregator_organization"]
     with remote_errors(submitter, url):
@@ -523,4 +570,5 @@ def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "
                              "data_sample_keys": list(k["data_sample_keys"])}
                          for n, k in sites.items()},
                         workdir, wheel, started, progress=progress,
-                        poll_seconds=poll_seconds, timeout=timeout, download=download)
+                        poll_seconds=poll_seconds, timeout=timeout, download=download,
+                        attach=attach)

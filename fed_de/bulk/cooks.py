@@ -156,12 +156,13 @@ def robust_groups(n_cells: np.ndarray, n: int, p: int, min_replace: float
     return sizes, ranks, np.append(use_cells, repl)
 
 
-def check_robust_request(site: Site, robust: RobustSearch, totals: Totals, step: str) -> None:
+def check_robust_request(site: Site, robust: RobustSearch, totals: Totals, step: str,
+                         n_sites: int = 0) -> None:
     """A site's check of a trimmed-statistics request against the protocol: the groups,
     their sizes and trimming ranks are those the study totals give (so the summed interval
     spans ``hi - lo + 1`` pooled samples, never fewer than ``min_cell_size`` while the
-    disclosure rule applies), no group claims fewer samples than this site holds, and every
-    search targets its group's trimming ranks.
+    disclosure rule applies: ``min_cell_size > 0`` and ``n_sites != 1``), no group claims
+    fewer samples than this site holds, and every search targets its group's trimming ranks.
 
     Raises
     ------
@@ -196,7 +197,7 @@ def check_robust_request(site: Site, robust: RobustSearch, totals: Totals, step:
                    f"this site's {int(own[own > sizes][0])}")
     rule = site.options.min_cell_size
     width = ranks[:, 1] - ranks[:, 0] + 1
-    if problem is None and rule > 0 and np.any(active & (width < rule)):
+    if problem is None and rule > 0 and n_sites != 1 and np.any(active & (width < rule)):
         problem = f"a trimmed set would span fewer than min_cell_size={rule} samples"
     if problem is not None:
         raise DisclosureError(f"site {site.name!r}, step {step}: refused the Cook's trimmed-"
@@ -263,10 +264,11 @@ def _members(site: Site, g: int, n_groups: int) -> np.ndarray:
 
 
 @site_step
-def robust_sums(site: Site, robust: RobustSearch, totals: Totals) -> RobustSums:
+def robust_sums(site: Site, robust: RobustSearch, totals: Totals, n_sites: int = 0
+                ) -> RobustSums:
     """Per open (gene, group, boundary) target: the number of the site's values below each
     of the target's thresholds."""
-    check_robust_request(site, robust, totals, "robust_sums")
+    check_robust_request(site, robust, totals, "robust_sums", n_sites)
     x = _robust_values(site, robust, totals)
     search = robust.search
     G, T, K = search.thresholds.shape
@@ -290,10 +292,11 @@ def robust_refine(sums: RobustSums, robust: RobustSearch) -> dict:
 
 
 @site_step
-def robust_parts(site: Site, robust: RobustSearch, totals: Totals) -> RobustParts:
+def robust_parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int = 0
+                 ) -> RobustParts:
     """Per gene and group: the sum of the values between the two thresholds, and count and
     sum of the values in a tied boundary bracket."""
-    check_robust_request(site, robust, totals, "robust_parts")
+    check_robust_request(site, robust, totals, "robust_parts", n_sites)
     x = _robust_values(site, robust, totals)
     n_groups = robust.groups_active.size
     G = robust.search.done.shape[0]
