@@ -250,6 +250,7 @@ def deseq2(
     n_jobs: int | None = 1,
     spill_dir: str | Path | None = None,
     attach: str | None = None,
+    checkpoint: str | Path | None = None,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -345,6 +346,11 @@ def deseq2(
     attach
         Remote: the key of a compute plan submitted before with the same study and options
         (printed at submission); wait for it and download its result instead of submitting.
+    checkpoint
+        Simulation: a folder keeping the run's frontier after every task (the last run
+        state, each site's last local state). A run that fails or is interrupted resumes
+        when called again with the same arguments: finished tasks are not run again, and
+        ``facts["checkpoint"]`` says how many were reused. Removed when the run ends well.
 
     Warns
     -----
@@ -408,7 +414,8 @@ def deseq2(
                    keys=keys, timeout=timeout, progress=callback,
                    record_messages=record_messages and backend == "simulation",
                    n_jobs=n_jobs, spill_dir=spill_dir,
-                   **({"attach": attach} if attach is not None else {}))
+                   **({"attach": attach} if attach is not None else {}),
+                   **({"checkpoint": checkpoint} if checkpoint is not None else {}))
     facts = done.facts
     facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
                  min_cell_size=min_cell_size, min_pooled_cell_size=min_pooled_cell_size,

@@ -213,6 +213,9 @@ def run(
     attach: str | None = typer.Option(None, "--attach", help="Remote: wait for this compute "
                                       "plan, submitted before with the same options, "
                                       "instead of submitting one (see fed-de download)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Simulation: keep the "
+                                           "run's frontier in this folder, so that a failed "
+                                           "run resumes (fed-de resume OUT)."),
 ) -> None:
     """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites.
 
@@ -256,7 +259,7 @@ def run(
             layer=_parse_layer(layer), progress=not STATE["quiet"], test=test, reduced=reduced,
             cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
             keys=keys, timeout=timeout, genes=gene_list, n_jobs=workers, spill_dir=spill_dir,
-            attach=attach, **post)
+            attach=attach, checkpoint=checkpoint, **post)
     res.facts["warnings"] = report_warnings(caught)
     if shrink:
         res.facts.update(posterior_threshold=posterior_threshold, credible_level=credible_level)
@@ -457,6 +460,43 @@ def status(
         raise typer.Exit(code=1)
 
 
+def _rerun(out: Path, extra: list[str], what: str) -> None:
+    """Run again the ``fed-de run`` command ``out/run.json`` records, with ``extra``."""
+    from fed_de.errors import FedDEError
+
+    record_path = out / "run.json"
+    if not record_path.exists():
+        raise FedDEError(f"{record_path} does not exist: give the --out folder of the run "
+                         f"to {what}")
+    args = list(json.loads(record_path.read_text()).get("command_line") or [])
+    if args[:2] != ["fed-de", "run"]:
+        raise FedDEError(f"{record_path} records no fed-de run command ({args[:2]}); rerun "
+                         "that command instead")
+    args = args[2:]
+    for option in ("--attach",):  # a previous download: replaced by this one
+        if option in args and option in extra:
+            i = args.index(option)
+            del args[i:i + 2]
+    typer.main.get_command(app).main(["run", *args, *extra], standalone_mode=False)
+
+
+@app.command("resume", cls=FedDECommand)
+@cli_errors("resume")
+def resume(
+    out: Path = typer.Argument(..., help="The --out folder of a run started with "
+                               "--checkpoint that failed or was interrupted."),
+) -> None:
+    """Resume a failed or interrupted simulated run from its checkpoint: the recorded command
+    runs again, and the tasks that finished are not run again."""
+    from fed_de.errors import FedDEError
+
+    record = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    if "--checkpoint" not in (record.get("command_line") or []):
+        raise FedDEError(f"{out / 'run.json'} records no run started with --checkpoint; "
+                         "nothing to resume from: run the command again")
+    _rerun(out, [], "resume")
+
+
 @app.command("download", cls=FedDECommand)
 @cli_errors("download")
 def download(
@@ -467,23 +507,7 @@ def download(
 ) -> None:
     """Wait for a compute plan a failed or interrupted ``fed-de run`` submitted, download its
     result and write the results files, as that run would have."""
-    from fed_de.errors import FedDEError
-
-    record_path = out / "run.json"
-    if not record_path.exists():
-        raise FedDEError(f"{record_path} does not exist: give the --out folder of the run "
-                         "that submitted the plan, or rerun it with --attach "
-                         f"{plan_key}")
-    args = list(json.loads(record_path.read_text()).get("command_line") or [])
-    if args[:2] != ["fed-de", "run"] or "remote" not in args:
-        raise FedDEError(f"{record_path} records no remote fed-de run ({args[:2]}); rerun "
-                         f"the command that submitted the plan with --attach {plan_key}")
-    args = args[2:]
-    if "--attach" in args:  # a previous download: reattach to this key instead
-        i = args.index("--attach")
-        del args[i:i + 2]
-    typer.main.get_command(app).main(["run", *args, "--attach", plan_key],
-                                     standalone_mode=False)
+    _rerun(out, ["--attach", plan_key], f"download (or rerun it with --attach {plan_key})")
 
 
 @app.command(cls=FedDECommand)

@@ -24,7 +24,13 @@ from fed_de.bulk.state import RunState, Totals
 from fed_de.bulk.strategy import DESeq2Strategy
 from fed_de.cli import app
 from fed_de.demo_data import make_demo_study
-from fed_de.errors import DisclosureError, RemoteError, SiteDataError, SiteTaskError
+from fed_de.errors import (
+    DisclosureError,
+    FedDEError,
+    RemoteError,
+    SiteDataError,
+    SiteTaskError,
+)
 from fed_de.federation.calls import aggregator_step, as_call
 from fed_de.site import load_site
 
@@ -270,6 +276,76 @@ def test_a_site_refuses_a_trimmed_sum_narrowed_by_the_aggregator(demo, monkeypat
     with pytest.raises(DisclosureError, match=message) as info:
         run_strict(_strategy(demo), _loaded(demo))
     assert info.value.site in demo.sites and info.value.step.startswith("robust_")
+
+
+# -- checkpoint and resume ------------------------------------------------------------------
+def _unreadable_after(monkeypatch, site: str, reads: int):
+    """hospital storage that fails after ``reads`` reads of the site's counts (a disk that
+    goes away mid-run)."""
+    from fed_de.bulk.state import Site
+
+    real, seen = Site.counts, {"n": 0}
+
+    def counts(self):
+        if self.name == site:
+            seen["n"] += 1
+            if seen["n"] > reads:
+                raise OSError(f"[Errno 5] Input/output error: '/data/{site}/counts.csv'")
+        return real(self)
+
+    monkeypatch.setattr(Site, "counts", counts)
+
+
+def test_a_failed_run_resumes_from_its_checkpoint_and_equals_an_uninterrupted_one(
+        demo, tmp_path, monkeypatch):
+    kw = dict(levels=demo.levels, genes=demo.genes, contrasts=[("condition", "B", "A")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = fed_de.deseq2(demo.sites, demo.design, **kw)
+        folder = tmp_path / "checkpoint"
+        _unreadable_after(monkeypatch, "hospital_b", 30)
+        with pytest.raises(SiteTaskError, match=r"'hospital_b'.*Input/output error") as info:
+            fed_de.deseq2(demo.sites, demo.design, checkpoint=folder, **kw)
+        assert info.value.site == "hospital_b" and info.value.step
+        assert (folder / "plan.json").exists() and list(folder.glob("*.local"))
+        monkeypatch.undo()  # the disk is back
+        resumed = fed_de.deseq2(demo.sites, demo.design, checkpoint=folder, **kw)
+    for a, b in ((resumed.results(), full.results()), (resumed.dispersions, full.dispersions),
+                 (resumed.coefficients, full.coefficients)):
+        np.testing.assert_array_equal(a.to_numpy(float), b.to_numpy(float))
+    reused = resumed.facts["checkpoint"]
+    assert reused["rounds_reused"] > 3 and reused["site_tasks_reused"] > 0
+    assert resumed.facts["tasks"] + reused["tasks_reused"] <= full.facts["tasks"]
+    assert not folder.exists()  # ended well: nothing left to resume
+
+
+def test_a_checkpoint_of_other_options_is_refused(demo, tmp_path, monkeypatch):
+    kw = dict(levels=demo.levels, genes=demo.genes, checkpoint=tmp_path / "c")
+    _unreadable_after(monkeypatch, "hospital_a", 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(SiteTaskError):
+            fed_de.deseq2(demo.sites, demo.design, **kw)
+        monkeypatch.undo()
+        with pytest.raises(FedDEError, match="checkpoint of another run"):
+            fed_de.deseq2(demo.sites, demo.design, fit_type="mean", **kw)
+
+
+def test_cli_resume(demo, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["run", *_site_args(demo, tmp_path), "--design", demo.design, *_levels(demo),
+            "--contrast", "condition", "B", "A", "--out", out, "--checkpoint", out / "ckpt"]
+    _unreadable_after(monkeypatch, "hospital_c", 40)
+    res = cli(args)
+    assert res.exit_code == 2 and "hospital_c" in res.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    monkeypatch.undo()
+    res = cli(["resume", out])
+    assert res.exit_code == 0, res.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "ok" and record["checkpoint"]["rounds_reused"] > 0
+    res = cli(["resume", tmp_path])
+    assert res.exit_code == 2 and "no run started with --checkpoint" in res.stderr
 
 
 # -- 3. remote networks fail politely ----------------------------------------------------------
