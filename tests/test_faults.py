@@ -335,7 +335,7 @@ def test_cli_resume(demo, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = ["run", *_site_args(demo, tmp_path), "--design", demo.design, *_levels(demo),
             "--contrast", "condition", "B", "A", "--out", out, "--checkpoint", out / "ckpt"]
-    _unreadable_after(monkeypatch, "hospital_c", 40)
+    _unreadable_after(monkeypatch, "hospital_c", 12)
     res = cli(args)
     assert res.exit_code == 2 and "hospital_c" in res.stderr
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
