@@ -249,6 +249,8 @@ def deseq2(
     pca_group: str | None = None,
     n_jobs: int | None = 1,
     spill_dir: str | Path | None = None,
+    attach: str | None = None,
+    checkpoint: str | Path | None = None,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -341,6 +343,14 @@ def deseq2(
     spill_dir
         Simulation: keep the messages and run states between tasks as files in a temporary
         folder under this directory (removed at the end) rather than in memory.
+    attach
+        Remote: the key of a compute plan submitted before with the same study and options
+        (printed at submission); wait for it and download its result instead of submitting.
+    checkpoint
+        Simulation: a folder keeping the run's frontier after every task (the last run
+        state, each site's last local state). A run that fails or is interrupted resumes
+        when called again with the same arguments: finished tasks are not run again, and
+        ``facts["checkpoint"]`` says how many were reused. Removed when the run ends well.
 
     Warns
     -----
@@ -403,7 +413,9 @@ def deseq2(
         done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials,
                    keys=keys, timeout=timeout, progress=callback,
                    record_messages=record_messages and backend == "simulation",
-                   n_jobs=n_jobs, spill_dir=spill_dir)
+                   n_jobs=n_jobs, spill_dir=spill_dir,
+                   **({"attach": attach} if attach is not None else {}),
+                   **({"checkpoint": checkpoint} if checkpoint is not None else {}))
     facts = done.facts
     facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
                  min_cell_size=min_cell_size, min_pooled_cell_size=min_pooled_cell_size,

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from fed_de import files
 from fed_de.cli_common import (
     STATE,
     AltHypothesis,
@@ -28,6 +29,7 @@ from fed_de.cli_common import (
     console,
     parse_sites,
     print_facts,
+    record_failure,
     report_warnings,
     value,
 )
@@ -92,7 +94,7 @@ def demo(
                           report=report_path)
     report_warnings(caught)
     if out is not None:
-        (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+        files.write_json(out / "demo_report.json", report, default=str)
 
 
 def _parse_layer(items: list[str]) -> str | dict[str, str] | None:
@@ -208,6 +210,12 @@ def run(
     spill_dir: Path | None = typer.Option(None, "--spill-dir", help="Simulation: keep "
                                           "messages and run states as files under this "
                                           "folder instead of in memory."),
+    attach: str | None = typer.Option(None, "--attach", help="Remote: wait for this compute "
+                                      "plan, submitted before with the same options, "
+                                      "instead of submitting one (see fed-de download)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Simulation: keep the "
+                                           "run's frontier in this folder, so that a failed "
+                                           "run resumes (fed-de resume OUT)."),
 ) -> None:
     """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites.
 
@@ -239,7 +247,8 @@ def run(
                     reduced, value(size_factors), min_cell_size, cooks, _parse_layer(layer),
                     post)
         return
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, \
+            record_failure(out, command_line(ctx, "run"), design=design, backend=backend):
         warnings.simplefilter("always")
         res = fed_de.deseq2(
             sites, design, contrasts=contrasts or None, alpha=alpha,
@@ -250,23 +259,24 @@ def run(
             layer=_parse_layer(layer), progress=not STATE["quiet"], test=test, reduced=reduced,
             cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
             keys=keys, timeout=timeout, genes=gene_list, n_jobs=workers, spill_dir=spill_dir,
-            **post)
+            attach=attach, checkpoint=checkpoint, **post)
     res.facts["warnings"] = report_warnings(caught)
     if shrink:
         res.facts.update(posterior_threshold=posterior_threshold, credible_level=credible_level)
     res.facts.update(command_line=command_line(ctx, "run"), design=design, alpha=alpha,
                      test=test, cooks=cooks, reduced=reduced,
                      contrast=[contrast_label(res.study, c) for c in contrasts or [None]])
+    kw = dict(lfc_threshold=lfc_threshold, alt_hypothesis=value(alt_hypothesis))
+    paths = res.write(out, contrasts or None, **kw)  # results first, then anything optional
+    if res.state.shrink is not None:
+        _write_shrunk(res, contrasts, paths, kw, posterior_threshold, credible_level)
+    _write_pca_tables(res, out)
     inferred = res.facts["options"]["levels_inferred"]
     if inferred:
         console.print("levels read from the sites (declare them with --levels to fix the "
                       "reference level): " + "; ".join(
                           f"{k}={','.join(res.study.levels[k])}" for k in inferred),
                       highlight=False, soft_wrap=True)
-    kw = dict(lfc_threshold=lfc_threshold, alt_hypothesis=value(alt_hypothesis))
-    paths = res.write(out, contrasts or None, **kw)
-    if res.state.shrink is not None:
-        _write_shrunk(res, contrasts, paths, kw, posterior_threshold, credible_level)
     for c in contrasts or [None]:
         label = contrast_label(res.study, c)
         console.print(f"\n[bold]{label}[/] ({paths['results:' + label].name})", highlight=False)
@@ -298,25 +308,30 @@ def _write_shrunk(res, contrasts: list, paths: dict, kw: dict, threshold: float,
             table = res.shrunk_results(c, threshold=threshold, level=level, **kw)
         except ShrinkNotComputedError:
             continue
-        table.reset_index().to_csv(paths["results:" + contrast_label(res.study, c)],
-                                   index=False)
+        files.write_csv(table.reset_index(), paths["results:" + contrast_label(res.study, c)],
+                        index=False)
+
+
+def _write_pca_tables(res, out: Path) -> None:
+    """The PCA's axes and centroids (results files: written before anything optional)."""
+    import pandas as pd
+
+    if res.state.pca is None:
+        return
+    summary = res.pca
+    files.write_csv(summary["axes"], out / "pca_axes.csv", index_label="gene")
+    rows = [frame.assign(site=site) for site, frame in
+            summary.get("centroids_by_site", {}).items()]
+    if rows:
+        files.write_csv(pd.concat(rows).rename_axis("level").reset_index(),
+                        out / "pca_centroids.csv", index=False)
 
 
 def _write_postfit(res, contrast, out: Path, plots: Path | None, report: Path | None,
                    reference: Path | None) -> None:
-    """PCA tables, plots and the HTML report, as asked."""
-    import pandas as pd
-
+    """Plots and the HTML report, as asked (after the results files)."""
     from fed_de.report import save_plots, write_report
 
-    if res.state.pca is not None:
-        summary = res.pca
-        summary["axes"].to_csv(out / "pca_axes.csv", index_label="gene")
-        rows = [frame.assign(site=site) for site, frame in
-                summary.get("centroids_by_site", {}).items()]
-        if rows:
-            pd.concat(rows).rename_axis("level").reset_index().to_csv(
-                out / "pca_centroids.csv", index=False)
     post = res.facts.get("postfit")
     if post:
         console.print(f"post-fit phase (shrinkage, PCA): {post['rounds']} rounds, "
@@ -402,17 +417,97 @@ def register_site(
                               "site.json, which the node's opener reads)."),
 ) -> None:
     """Register this site's dataset on its own Substra node and record its keys."""
-    from fed_de.backends.substra import _load_yaml, make_client, register_site_remote
+    from fed_de.backends.substra import (
+        _load_yaml,
+        make_client,
+        register_site_remote,
+        remote_errors,
+    )
     from fed_de.errors import FedDEError
 
     creds = _load_yaml(credentials)
     if org not in creds:
         raise FedDEError(f"credentials have no entry {org!r} (entries: {list(creds)})")
     client = make_client(creds[org], org)
-    entry = register_site_remote(client, name, site, aggregator_org, keys, kind=value(kind),
-                                 layer=layer)
+    with remote_errors(org, creds[org].get("url"), "registering the dataset at"):
+        entry = register_site_remote(client, name, site, aggregator_org, keys,
+                                     kind=value(kind), layer=layer)
     console.print(f"registered {name!r} as dataset {entry['dataset_key']} at "
                   f"{entry['organization_id']}; keys written to {keys}", highlight=False)
+
+
+@app.command("status", cls=FedDECommand)
+@cli_errors("status")
+def status(
+    plan_key: str = typer.Argument(..., help="The compute plan key fed-de run printed."),
+    credentials: Path = typer.Option(..., help="Credentials YAML."),
+    org: str = typer.Option("aggregator", "--as", help="Entry of the credentials YAML."),
+) -> None:
+    """Where a compute plan submitted to a Substra network stands (tasks done, failures)."""
+    from fed_de.backends.substra import _load_yaml, make_client, plan_status, remote_errors
+    from fed_de.errors import FedDEError
+
+    creds = _load_yaml(credentials)
+    if org not in creds:
+        raise FedDEError(f"credentials have no entry {org!r} (entries: {list(creds)})")
+    client = make_client(creds[org], org)
+    with remote_errors(org, creds[org].get("url")):
+        info = plan_status(client, plan_key)
+    tasks = f" ({info['done']}/{info['total']} tasks)" if info["total"] else ""
+    console.print(f"compute plan {plan_key}: {info['status']}{tasks}", highlight=False)
+    if "failed" in info:
+        typer.echo(f"error: {info['failed']}", err=True)
+        raise typer.Exit(code=1)
+
+
+def _rerun(out: Path, extra: list[str], what: str) -> None:
+    """Run again the ``fed-de run`` command ``out/run.json`` records, with ``extra``."""
+    from fed_de.errors import FedDEError
+
+    record_path = out / "run.json"
+    if not record_path.exists():
+        raise FedDEError(f"{record_path} does not exist: give the --out folder of the run "
+                         f"to {what}")
+    args = list(json.loads(record_path.read_text()).get("command_line") or [])
+    if args[:2] != ["fed-de", "run"]:
+        raise FedDEError(f"{record_path} records no fed-de run command ({args[:2]}); rerun "
+                         "that command instead")
+    args = args[2:]
+    for option in ("--attach",):  # a previous download: replaced by this one
+        if option in args and option in extra:
+            i = args.index(option)
+            del args[i:i + 2]
+    typer.main.get_command(app).main(["run", *args, *extra], standalone_mode=False)
+
+
+@app.command("resume", cls=FedDECommand)
+@cli_errors("resume")
+def resume(
+    out: Path = typer.Argument(..., help="The --out folder of a run started with "
+                               "--checkpoint that failed or was interrupted."),
+) -> None:
+    """Resume a failed or interrupted simulated run from its checkpoint: the recorded command
+    runs again, and the tasks that finished are not run again."""
+    from fed_de.errors import FedDEError
+
+    record = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    if "--checkpoint" not in (record.get("command_line") or []):
+        raise FedDEError(f"{out / 'run.json'} records no run started with --checkpoint; "
+                         "nothing to resume from: run the command again")
+    _rerun(out, [], "resume")
+
+
+@app.command("download", cls=FedDECommand)
+@cli_errors("download")
+def download(
+    plan_key: str = typer.Argument(..., help="The compute plan key fed-de run printed."),
+    out: Path = typer.Option(..., "--out", help="The run's output folder: its run.json "
+                             "(written when the run failed or was interrupted) holds the "
+                             "command that submitted the plan."),
+) -> None:
+    """Wait for a compute plan a failed or interrupted ``fed-de run`` submitted, download its
+    result and write the results files, as that run would have."""
+    _rerun(out, ["--attach", plan_key], f"download (or rerun it with --attach {plan_key})")
 
 
 @app.command(cls=FedDECommand)

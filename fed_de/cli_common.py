@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -138,6 +139,29 @@ def cli_errors(command: str):
         return wrapper
 
     return decorate
+
+
+@contextlib.contextmanager
+def record_failure(out: Path | None, command: list[str], **known):
+    """Around a federated run: if a task fails (the error names its step), the network
+    fails, or the run is interrupted, write ``out/run.json`` with ``status: "failed"``, the
+    failed step, the site, the error and the facts so far (:func:`fed_de.files.
+    failure_record`), then let the error through (``cli_errors`` prints it). Input refused
+    before the first task writes nothing."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as err:  # an interrupted run is recorded too
+        started = hasattr(err, "step") or hasattr(err, "facts")
+        if out is not None and (started or isinstance(err, KeyboardInterrupt)):
+            from fed_de.files import failure_record, write_json
+
+            try:
+                write_json(Path(out) / "run.json", failure_record(err, command, **known),
+                           default=str)
+            except OSError as io_err:  # the run's error is the one to report
+                logging.getLogger("fed_de").warning("could not write %s/run.json: %s", out,
+                                                    io_err)
+        raise
 
 
 def report_warnings(caught: list) -> list[str]:

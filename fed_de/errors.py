@@ -35,6 +35,18 @@ class SiteTaskError(FedDEError, RuntimeError):
         self.facts = facts or {}
 
 
+class RemoteError(FedDEError):
+    """A Substra node could not be reached, refused the credentials or the request."""
+
+    def __init__(self, message: str, *, org: str, url: str | None, step: str = "connect"):
+        super().__init__(message)
+        self.site = org
+        self.org = org
+        self.url = url
+        self.step = step
+        self.facts: dict = {}
+
+
 class FitWarning(UserWarning):
     """Something about the fit a user should know: the dispersion trend fell back to another
     type, genes did not converge, Cook's step filtered or refitted genes."""

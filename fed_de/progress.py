@@ -3,7 +3,8 @@
 The plan is static, so its task count is known before the first task
 (``fed_de.backends.plan.record_plan(strategy, names).tasks``). A bar is a progress callback
 ``(step, organisation, round_idx)`` as the backends call it: the simulation calls it before
-every task; the substra backends call it once when submitting, then at each poll with
+every task; the substra backends call it once when submitting, once with
+``"submitted compute plan <key>"`` (printed above the bar), then at each poll with
 ``"compute plan <status> (<done>/<total> tasks)"``, which sets the bar to ``done``.
 """
 
@@ -60,7 +61,9 @@ class TaskBar:
     def __call__(self, step: str, organisation: str, round_idx) -> None:
         poll = _POLL.search(step)
         self.last_step = f"round {round_idx}: {step} at {organisation}"
-        if poll:  # a substra backend polling its compute plan
+        if step.startswith("submitted compute plan"):  # its key: to reattach later
+            self._progress.console.print(step, highlight=False)
+        elif poll:  # a substra backend polling its compute plan
             done = int(poll[1]) if poll[1].isdigit() else 0
             self._progress.update(self._task, completed=done)
         elif not step.startswith("submitting"):

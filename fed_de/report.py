@@ -104,7 +104,8 @@ def _facts_rows(facts: dict) -> list:
             ("wall seconds", facts.get("wall_seconds"))]
     for site, b in facts.get("bytes_sent_by_site", {}).items():
         rows.append((f"bytes sent by {site}", f"{b:,}"))
-    rows.append(("bytes sent by the aggregator", f"{facts.get('bytes_sent_by_aggregator', 0):,}"))
+    agg = facts.get("bytes_sent_by_aggregator")  # None: not measured (substra backends)
+    rows.append(("bytes sent by the aggregator", f"{agg:,}" if agg is not None else "n/a"))
     post = facts.get("postfit")
     if post:
         rows += [("post-fit rounds (shrinkage, PCA)", post["rounds"]),

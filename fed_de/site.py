@@ -20,6 +20,7 @@ The same loader backs the substratools opener of the substra backends
 
 from __future__ import annotations
 
+import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,12 @@ def site_from_frames(counts: pd.DataFrame, metadata: pd.DataFrame, name: str,
     counts.columns = counts.columns.astype(str)
     metadata.index = metadata.index.astype(str)
     counts = _orient(counts, metadata, name, what, meta_what)
+    for table, label in ((counts, what), (metadata, meta_what)):
+        if table.index.has_duplicates:
+            dup = table.index[table.index.duplicated()].unique().tolist()[:5]
+            raise SiteDataError(f"site {name!r}: duplicated sample id(s) {dup} in {label} "
+                                "(an empty id reads as 'nan'); give every sample one row and "
+                                "a unique id")
     missing = counts.index.difference(metadata.index)
     if len(missing):
         raise SiteDataError(
@@ -167,6 +174,10 @@ def _load_folder(path: Path, name: str, layer: str | None) -> SiteData:
     if not counts_files:
         if len(h5) == 1:
             return load_site(h5[0], name, layer)
+        if len(h5) > 1:
+            raise SiteDataError(
+                f"site {name!r}: {path} holds {len(h5)} .h5ad files {[f.name for f in h5]}; "
+                "keep one per site folder, or give the path of the file to use")
         raise SiteDataError(
             f"site {name!r}: {path} holds neither a counts table ({', '.join(COUNTS_NAMES)}) "
             "with its metadata table nor one .h5ad file")
@@ -193,13 +204,25 @@ def read_counts_table(path: Path, name: str = "site") -> pd.DataFrame:
     ``Chr Start End Strand Length`` before one column per BAM file) is returned samples x
     genes, each sample named by its BAM file's name without directory and ``.bam``.
     """
-    with path.open() as fh:
-        head = [fh.readline() for _ in range(50)]
+    try:
+        with path.open() as fh:
+            head = [fh.readline() for _ in range(50)]
+    except UnicodeDecodeError as err:
+        raise SiteDataError(f"site {name!r}: cannot read {path}: not a text table ({err}); "
+                            "save it as UTF-8 CSV or TSV") from None
     skip = 0
     while skip < len(head) and head[skip].startswith("#"):
         skip += 1
     sep = _separator(path, head[skip] if skip < len(head) else "")
     table = _read_table(path, name, sep=sep, skiprows=skip)
+    header = next(csv.reader([head[skip].rstrip("\r\n")], delimiter=sep), []) \
+        if skip < len(head) else []
+    seen = pd.Index(header[1:])
+    if seen.has_duplicates:  # pandas would read the second "g1" as "g1.1": a new gene
+        dup = seen[seen.duplicated()].unique().tolist()[:5]
+        raise SiteDataError(f"site {name!r}: duplicated column name(s) {dup} in {path.name}; "
+                            "make gene (or sample) ids unique, e.g. merge the duplicated "
+                            "rows of counts")
     if table.index.name == "Geneid" and all(c in table.columns
                                             for c in FEATURECOUNTS_ANNOTATION):
         table = table.drop(columns=list(FEATURECOUNTS_ANNOTATION)).T
@@ -225,12 +248,12 @@ def _separator(path: Path, header: str) -> str:
 
 def _read_table(path: Path, name: str, sep: str | None = None, skiprows: int = 0
                 ) -> pd.DataFrame:
-    if sep is None:
-        with path.open() as fh:
-            sep = _separator(path, fh.readline())
     try:
+        if sep is None:
+            with path.open() as fh:
+                sep = _separator(path, fh.readline())
         return pd.read_csv(path, sep=sep, index_col=0, skiprows=skiprows)
-    except (ValueError, pd.errors.ParserError) as err:
+    except (ValueError, pd.errors.ParserError) as err:  # UnicodeDecodeError is a ValueError
         raise SiteDataError(f"site {name!r}: cannot read {path}: {err}") from None
 
 

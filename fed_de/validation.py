@@ -13,6 +13,9 @@ from fed_de.design import Study, check_covariates, check_full_rank, design_matri
 from fed_de.errors import DisclosureError, SiteDataError
 from fed_de.site import SiteData
 
+#: The largest count a site accepts: float64 holds every integer exactly up to 2**53.
+MAX_COUNT = float(2**53)
+
 
 def aligned_counts(study: Study, site: SiteData) -> np.ndarray:
     """The site's counts as a dense float array with the study's gene order."""
@@ -61,6 +64,11 @@ def check_counts(study: Study, site: SiteData, round_counts: bool | str = False)
     if (values < 0).any():
         raise SiteDataError(f"site {name!r}: negative counts at {where(values < 0)}; "
                             "counts must be raw, non-negative integers")
+    if (values > MAX_COUNT).any():
+        raise SiteDataError(
+            f"site {name!r}: counts above 2**53 at {where(values > MAX_COUNT)}; float64 sums "
+            "hold integers exactly only up to 2**53 (no sequencing count comes near): check "
+            "that the file holds raw counts, not an overflowed or scaled column")
     frac = values != np.round(values)
     if frac.any() and not round_counts:
         raise SiteDataError(f"site {name!r}: non-integer counts at {where(frac)}; "

@@ -40,18 +40,28 @@ def check_backend(backend: str) -> None:
 def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, credentials=None,
         keys=None, timeout: float | None = None, progress=None, record_messages: bool = False,
         opener_source: str | None = None, write_site=None, prefix: str = "fed_de_",
-        n_jobs: int | None = 1, spill_dir=None) -> Run:
+        n_jobs: int | None = 1, spill_dir=None, attach: str | None = None,
+        checkpoint=None) -> Run:
     """Run ``strategy`` over ``sites`` (simulation, subprocess) or a remote network's
     registered datasets (``keys``); ``opener_source`` and ``write_site`` let other kinds of
     site (screens) travel the substra backends. ``n_jobs`` (worker processes for a round's
-    site tasks) and ``spill_dir`` (shared states kept as files there) are the simulation's."""
+    site tasks) and ``spill_dir`` (shared states kept as files there) are the simulation's;
+    ``attach`` (remote) waits for an already submitted compute plan of the same study and
+    options instead of submitting a new one; ``checkpoint`` (simulation) a folder from which
+    a failed or interrupted run resumes (:mod:`.checkpoint`)."""
     check_backend(backend)
     check_workers(backend, n_jobs, spill_dir)
+    if attach is not None and backend != "remote":
+        raise ValueError("attach= (a submitted compute plan's key) applies to the remote "
+                         "backend")
+    if checkpoint is not None and backend != "simulation":
+        raise ValueError(f"checkpoint= applies to the simulation backend; on {backend!r} "
+                         "the network keeps the plan: reattach with attach= (fed-de download)")
     if backend == "simulation":
         from fed_de.backends.simulation import run_strict
 
         sim = run_strict(strategy, sites, record_messages=record_messages, progress=progress,
-                         n_jobs=n_jobs, spill_dir=spill_dir)
+                         n_jobs=n_jobs, spill_dir=spill_dir, checkpoint=checkpoint)
         facts = sim.ledger.facts()
         if record_messages:
             facts["messages"] = sim.ledger.messages
@@ -69,7 +79,7 @@ def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, cre
                                      **extra)
     else:
         sub = substra.run_remote(strategy, credentials, keys, workdir=workdir,
-                                 timeout=timeout, progress=progress)
+                                 timeout=timeout, progress=progress, attach=attach)
     facts = dict(sub.facts)
     facts.update(workdir=str(workdir), backend=backend)
     return Run(sub.shared_state, facts)

@@ -76,6 +76,7 @@ class RunLedger:
     steps_log: list[tuple[int, str, str]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     n_jobs: int = 1
+    checkpoint: Any = None  # fed_de.backends.checkpoint.Checkpoint of a resumable run
 
     @property
     def sequential_steps(self) -> int:
@@ -113,6 +114,8 @@ class RunLedger:
             "n_jobs": self.n_jobs,
             "site_task_cpu_seconds": {k: round(v, 3) for k, v in self.site_cpu.items()},
             "wall_seconds": round(time.perf_counter() - self.started, 4),
+            **({"checkpoint": self.checkpoint.facts()} if self.checkpoint is not None
+               else {}),
         }
 
 
@@ -270,6 +273,8 @@ class _Platform:
         self._seq = itertools.count()
         self._site_dumps: dict[int, str] = {}
         self._parallel = None
+        self.ckpt = ledger.checkpoint
+        self.index: dict[str, int] = {}  # output key -> its task's number in the checkpoint
 
     # -- references and freeing ---------------------------------------------------------------
     def hold(self, key: str, ref):
@@ -300,6 +305,34 @@ class _Platform:
         path = self.local_paths.pop(key, None)
         if path is not None:
             path.unlink(missing_ok=True)
+        if self.ckpt is not None and key in self.index:
+            self.ckpt.freed(self.index[key])
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def declare(self, key: str, kind: str, org: str, step: str) -> str:
+        """Number task ``key`` in the checkpoint; ``"run"`` it, or its outputs were kept
+        (``"reuse"``: read back now) or are needed by nothing left (``"skip"``)."""
+        if self.ckpt is None:
+            return "run"
+        n, action = self.ckpt.declare(kind, org, step)
+        self.index[key] = n
+        if action == "reuse":
+            blob = self.ckpt.path(n, "shared").read_bytes()
+            if self.files:
+                self.shared_path(key).write_bytes(blob)
+            else:
+                self.shared[key] = blob
+            self.sizes[key] = len(blob)
+            local = self.ckpt.path(n, "local")
+            if local.exists():
+                self.local_paths[key] = self.workdir / f"local-{key}"
+                shutil.copyfile(local, self.local_paths[key])
+        return action
+
+    def keep(self, key: str, local: str | Path | None = None) -> None:
+        """Checkpoint the finished task ``key``'s outputs."""
+        if self.ckpt is not None:
+            self.ckpt.finish(self.index[key], self.shared_source(key), local)
 
     def set_last_local(self, org: str, key: str) -> None:
         old = self.last_local.get(org)
@@ -407,6 +440,7 @@ class _Platform:
                 self._record(p, d)
             elif failed is None:
                 failed = (p, d)
+        for p in wave:  # after every record: a failed task's inputs stay in the checkpoint
             for key in p.needs:
                 self._release(key)
             p.job.shared_in = None
@@ -433,6 +467,7 @@ class _Platform:
         if p.reads_aggregate is not None:
             ledger.received_by_site[org] = (ledger.received_by_site.get(org, 0)
                                             + self.sizes.get(p.reads_aggregate, 0))
+        self.keep(key, p.job.local_out)
         if ledger.record_messages:
             msg = _read_blob(self.shared_source(key))
             ledger.messages.append(
@@ -547,16 +582,17 @@ class StrictTrainDataNode:
             parents.append(reads_aggregate)
         elif has_local:
             own = local_state.key  # substrafl wires the parent task's own shared output
-        job = _SiteJob(
-            op_id=op_id, org=self.organization_id, remote_struct=cloudpickle.dumps(rs),
-            site=pf.site_for_job(self._site),
-            local_in=str(pf.workdir / f"local-{local_state.key}") if has_local else None,
-            shared_in=None,
-            shared_out=str(pf.shared_path(op_id)) if pf.files else None,
-            local_out=str(pf.workdir / f"local-{op_id}"))
-        pf.defer(job, needs=parents, step=step, round_idx=round_idx,
-                 reads_aggregate=reads_aggregate, own_shared=own,
-                 weight=int(getattr(self._site, "n_samples", 0)))
+        if pf.declare(op_id, "site", self.organization_id, step) == "run":
+            job = _SiteJob(
+                op_id=op_id, org=self.organization_id, remote_struct=cloudpickle.dumps(rs),
+                site=pf.site_for_job(self._site),
+                local_in=str(pf.workdir / f"local-{local_state.key}") if has_local else None,
+                shared_in=None,
+                shared_out=str(pf.shared_path(op_id)) if pf.files else None,
+                local_out=str(pf.workdir / f"local-{op_id}"))
+            pf.defer(job, needs=parents, step=step, round_idx=round_idx,
+                     reads_aggregate=reads_aggregate, own_shared=own,
+                     weight=int(getattr(self._site, "n_samples", 0)))
         ledger.depth[op_id] = 1 + max((ledger.depth.get(k, 0) for k in parents), default=0)
         ledger.steps_log.append((ledger.depth[op_id], self.organization_id, step))
         pf.set_last_local(self.organization_id, op_id)
@@ -596,22 +632,24 @@ class StrictAggregationNode:
         _check_method_params(rs._method_parameters, f"aggregator, {step}")
         ledger.functions.add(rs)
         refs = operation.shared_states or []
-        pf.run_pending([r.key for r in refs])
-        states = [pf.get_shared(r.key) for r in refs]
-        instance = _rebuild(rs).get_instance()
-        if pf.progress is not None:
-            pf.progress(step, self.organization_id, round_idx)
-        out = _call(getattr(instance, rs._method_name), self.organization_id, step, ledger,
-                    f"aggregation {step!r} failed", shared_states=states, _skip=True,
-                    **rs._method_parameters)
-        del states
         op_id = str(uuid.uuid4())
-        n_bytes = pf.put_shared(op_id, out)
-        del out
-        ledger.tasks += 1
-        ledger.aggregator_bytes += n_bytes
-        seen = ledger.aggregator_step_bytes.setdefault(step, [0, 0])
-        seen[:] = [seen[0] + n_bytes, max(seen[1], n_bytes)]
+        if pf.declare(op_id, "aggregation", self.organization_id, step) == "run":
+            pf.run_pending([r.key for r in refs])
+            states = [pf.get_shared(r.key) for r in refs]
+            instance = _rebuild(rs).get_instance()
+            if pf.progress is not None:
+                pf.progress(step, self.organization_id, round_idx)
+            out = _call(getattr(instance, rs._method_name), self.organization_id, step,
+                        ledger, f"aggregation {step!r} failed", shared_states=states,
+                        _skip=True, **rs._method_parameters)
+            del states
+            n_bytes = pf.put_shared(op_id, out)
+            del out
+            pf.keep(op_id)
+            ledger.tasks += 1
+            ledger.aggregator_bytes += n_bytes
+            seen = ledger.aggregator_step_bytes.setdefault(step, [0, 0])
+            seen[:] = [seen[0] + n_bytes, max(seen[1], n_bytes)]
         ledger.depth[op_id] = 1 + max((ledger.depth.get(r.key, 0) for r in refs), default=0)
         ledger.steps_log.append((ledger.depth[op_id], self.organization_id, step))
         pf.set_last_aggregate(op_id)
@@ -654,6 +692,7 @@ def run_strict(
     keep_local_states: bool = True,
     n_jobs: int | None = 1,
     spill_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
 ) -> SimulationResult:
     """Build and execute ``strategy``'s compute plan over ``sites``.
 
@@ -676,12 +715,20 @@ def run_strict(
         Keep shared states as files in a fresh folder under this directory (removed at the
         end) instead of in memory. Workers always exchange them through files (in a
         temporary folder when no ``spill_dir`` is given).
+    checkpoint
+        A folder keeping the run's frontier (:mod:`fed_de.backends.checkpoint`): a run that
+        fails or is interrupted resumes from it when called again with the same strategy
+        and sites (finished tasks are not run again); removed when the run ends well.
     """
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise ValueError(f"site names must be unique, got {names}")
     n_jobs = resolve_jobs(n_jobs)
     ledger = RunLedger(record_messages=record_messages, n_jobs=n_jobs)
+    if checkpoint is not None:
+        from fed_de.backends.checkpoint import Checkpoint, fingerprint
+
+        ledger.checkpoint = Checkpoint(checkpoint, fingerprint(strategy, names))
     if spill_dir is not None:
         Path(spill_dir).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="fed_de_sim_", dir=spill_dir)
@@ -704,7 +751,11 @@ def run_strict(
             for name, op_id in platform.last_local.items():
                 with open(platform.local_paths[op_id], "rb") as fh:
                     local_states[name] = pickle.load(fh)
+        if ledger.checkpoint is not None:  # the run ended well: nothing to resume
+            ledger.checkpoint.clear()
     finally:
+        if ledger.checkpoint is not None and ledger.checkpoint.folder.exists():
+            ledger.checkpoint.save_plan()
         platform.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return SimulationResult(shared_state=final, ledger=ledger, local_states=local_states)

@@ -13,17 +13,21 @@ needs into a keys YAML.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 from fed_de.backends.plan import record_plan
-from fed_de.errors import FedDEError, SiteTaskError
+from fed_de.errors import FedDEError, RemoteError, SiteTaskError
 from fed_de.site import SITE_META, SiteData
 
+log = logging.getLogger("fed_de")
 OPENER_SOURCE = "from fed_de.backends.opener import FedDEOpener  # noqa: F401\n"
 PINNED = ("numpy", "scipy", "pandas", "anndata", "formulaic", "joblib", "typer", "rich")
 
@@ -134,7 +138,8 @@ def run_subprocess(strategy, sites: list[SiteData], *, workdir: Path,
 
 def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel: Path,
              started: float, progress=None, poll_seconds: float = 5.0,
-             timeout: float | None = None, download=None) -> SubstraRun:
+             timeout: float | None = None, download=None,
+             attach: str | None = None) -> SubstraRun:
     from substrafl.experiment import execute_experiment
     from substrafl.model_loading import download_aggregate_shared_state
     from substrafl.nodes import AggregationNode, TrainDataNode
@@ -144,16 +149,38 @@ def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel:
                            data_sample_keys=list(k["data_sample_keys"]))
              for name, k in keys.items()]
     plan = record_plan(strategy, [orgs[n] for n in keys], orgs["aggregator"])
-    if progress is not None:
+    if attach is not None:  # reattach to a plan submitted before: submit nothing
+        cp = attach_plan(agg_client, attach, len(plan.tasks))
+    elif progress is not None:
         progress("submitting compute plan", orgs["aggregator"], 0)
-    cp = execute_experiment(
-        client=agg_client, strategy=strategy, train_data_nodes=nodes,
-        aggregation_node=AggregationNode(orgs["aggregator"]),
-        experiment_folder=workdir / "experiment", dependencies=dependency(wheel),
-        clean_models=False, name=f"fed_de-{type(strategy).__name__}")
-    wait_for(agg_client, cp.key, plan_tasks=len(plan.tasks), progress=progress,
-             poll_seconds=poll_seconds, timeout=timeout)
-    state = download(client=agg_client, compute_plan_key=cp.key, round_idx=plan.final_round)
+    try:
+        if attach is None:
+            cp = execute_experiment(
+                client=agg_client, strategy=strategy, train_data_nodes=nodes,
+                aggregation_node=AggregationNode(orgs["aggregator"]),
+                experiment_folder=workdir / "experiment", dependencies=dependency(wheel),
+                clean_models=False, name=f"fed_de-{type(strategy).__name__}")
+    except Exception as err:
+        # the subprocess backend runs the plan while submitting it: a task that fails there
+        # raises substra's ExecutionError, which names no task; find the failed one
+        if type(err).__name__ != "ExecutionError":
+            raise
+        failed = _failure(agg_client, None, "failed")
+        failed.facts = {**plan.facts(), "wall_seconds": round(time.perf_counter() - started, 3)}
+        raise failed from err
+    log.info("compute plan %s", cp.key)
+    if progress is not None and attach is None:  # printed, so that a user can reattach
+        progress(f"submitted compute plan {cp.key}", orgs["aggregator"], 0)
+    try:
+        wait_for(agg_client, cp.key, plan_tasks=len(plan.tasks), progress=progress,
+                 poll_seconds=poll_seconds, timeout=timeout)
+        state = download(client=agg_client, compute_plan_key=cp.key,
+                         round_idx=plan.final_round)
+    except Exception as err:  # what is known so far travels with the error (run.json)
+        err.facts = {**plan.facts(), **(getattr(err, "facts", None) or {}),
+                     "compute_plan_key": cp.key,
+                     "wall_seconds": round(time.perf_counter() - started, 3)}
+        raise
     names = {v: k for k, v in orgs.items()}
     facts = run_facts(plan, measure_outputs(agg_client, cp.key, orgs["aggregator"]), names)
     facts.update(wall_seconds=round(time.perf_counter() - started, 3), compute_plan_key=cp.key)
@@ -219,11 +246,18 @@ def measure_outputs(client, compute_plan_key: str, aggregator_org: str) -> dict 
 
 
 def wait_for(client, compute_plan_key: str, *, plan_tasks: int, progress=None,
-             poll_seconds: float = 5.0, timeout: float | None = None) -> None:
-    """Poll a compute plan until it ends; raise naming the failed task and organisation."""
+             poll_seconds: float = 5.0, timeout: float | None = None,
+             retries: int = 5, sleep=time.sleep) -> None:
+    """Poll a compute plan until it ends; raise naming the failed task and organisation.
+
+    A transient error while polling (connection lost, time-out, 502/503/504, 500) is retried
+    ``retries`` times in a row with back-off (``poll_seconds`` doubled each time, at most 5
+    minutes); the plan keeps running on the network meanwhile.
+    """
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        cp = client.get_compute_plan(compute_plan_key)
+        cp = poll_with_retries(client, compute_plan_key, retries=retries,
+                               first_wait=poll_seconds, sleep=sleep)
         # enum (ComputePlanStatus.done) or raw value (PLAN_STATUS_DONE) -> "done"
         status = str(getattr(cp, "status", "")).split(".")[-1].lower()
         status = status.replace("plan_status_", "")
@@ -236,20 +270,99 @@ def wait_for(client, compute_plan_key: str, *, plan_tasks: int, progress=None,
             raise _failure(client, compute_plan_key, status)
         if deadline is not None and time.monotonic() > deadline:
             raise FedDEError(f"compute plan {compute_plan_key} still {status} after "
-                             f"{timeout:.0f} s; it keeps running on the network")
-        time.sleep(poll_seconds)
+                             f"{timeout:.0f} s; it keeps running on the network (follow it "
+                             f"with fed-de status {compute_plan_key})")
+        sleep(poll_seconds)
 
 
-def _failure(client, key: str, status: str) -> SiteTaskError:
-    """The error of a failed plan, naming its first failed task, function and organisation."""
+def plan_status(client, compute_plan_key: str, *, retries: int = 5, sleep=time.sleep
+                ) -> dict:
+    """Where a submitted compute plan stands (``fed-de status``).
+
+    Returns
+    -------
+    dict
+        ``key``, ``status`` (``doing``, ``done``, ``failed``, ...), ``done`` and ``total``
+        task counts where the node reports them, and for a failed plan ``failed``: the
+        first failed task's message (task, function, organisation).
+    """
+    cp = poll_with_retries(client, compute_plan_key, retries=retries, sleep=sleep)
+    status = str(getattr(cp, "status", "")).split(".")[-1].lower().replace("plan_status_", "")
+    out = {"key": compute_plan_key, "status": status,
+           "done": getattr(cp, "done_count", None), "total": getattr(cp, "task_count", None)}
+    if "fail" in status or "cancel" in status:
+        out["failed"] = str(_failure(client, compute_plan_key, status))
+    return out
+
+
+def transient(err: BaseException) -> bool:
+    """Whether a substra client error may pass if tried again (network or gateway trouble)."""
+    from substra.sdk import exceptions as sx
+
+    return isinstance(err, sx.ConnectionError | sx.Timeout | sx.GatewayUnavailable
+                      | sx.InternalServerError | sx.RequestTimeout)
+
+
+def poll_with_retries(client, compute_plan_key: str, *, retries: int = 5,
+                      first_wait: float = 5.0, sleep=time.sleep):
+    """``client.get_compute_plan(key)``, retrying transient errors with back-off.
+
+    Parameters
+    ----------
+    retries
+        Transient errors tolerated in a row; the next one is raised.
+    first_wait
+        Seconds before the first retry; doubled for each next one (at most 300).
+    sleep
+        The waiting function (tests pass a recorder).
+    """
+    wait = max(float(first_wait), 0.0)
+    for attempt in range(retries + 1):
+        try:
+            return client.get_compute_plan(compute_plan_key)
+        except Exception as err:
+            if not transient(err) or attempt == retries:
+                raise
+            log.warning("polling compute plan %s: %s; retrying in %.0f s (%d/%d)",
+                        compute_plan_key, type(err).__name__, wait, attempt + 1, retries)
+            sleep(wait)
+            wait = min(max(2 * wait, 1.0), 300.0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def attach_plan(client, compute_plan_key: str, n_tasks: int):
+    """The compute plan ``key`` on the network, to wait for and download (``attach``).
+
+    Raises
+    ------
+    FedDEError
+        The node reports a task count other than this study's plan's ``n_tasks`` (another
+        study, or other options).
+    """
+    cp = poll_with_retries(client, compute_plan_key)
+    total = getattr(cp, "task_count", None)
+    if isinstance(total, int) and total != n_tasks:
+        raise FedDEError(f"compute plan {compute_plan_key} has {total} tasks, this study's "
+                         f"plan {n_tasks}: reattach with the design, levels, genes and "
+                         "options of the run that submitted it")
+    return types.SimpleNamespace(key=compute_plan_key, status=getattr(cp, "status", None))
+
+
+def _failure(client, key: str | None, status: str) -> SiteTaskError:
+    """The error of a failed plan, naming its first failed task, function and organisation
+    (``key`` None: the plan substra's subprocess backend was running when a task failed)."""
+    filters = {"status": ["STATUS_FAILED"]}
+    if key is not None:
+        filters["compute_plan_key"] = [key]
     try:
-        tasks = client.list_task(filters={"compute_plan_key": [key], "status": ["STATUS_FAILED"]})
+        tasks = client.list_task(filters=filters)
     except Exception:  # noqa: BLE001 - best effort: the error message is what matters
         tasks = []
     if not tasks:
         return SiteTaskError(f"compute plan {key} ended with status {status}",
                              site="unknown", step="unknown")
-    task = tasks[0]
+    task = tasks[0] if key is not None else tasks[-1]  # (the last one this client ran)
+    key = key or getattr(task, "compute_plan_key", None)
     fn = getattr(getattr(task, "function", None), "name", "unknown")
     worker = getattr(task, "worker", "unknown")
     return SiteTaskError(f"compute plan {key} {status}: task {task.key} ({fn}) failed at "
@@ -292,6 +405,59 @@ def check_credentials_entry(entry: dict, name: str) -> None:
         raise FedDEError(f"credentials for {name!r} need 'token' or 'username' and 'password'")
 
 
+@contextmanager
+def remote_errors(org: str, url: str | None, doing: str = "talking to"):
+    """Turn substra's network, authentication and permission errors into one
+    :class:`~fed_de.errors.RemoteError` naming the organisation, the node URL and the fix."""
+    try:
+        yield
+    except FedDEError:
+        raise
+    except Exception as err:
+        polite = remote_error(err, org, url, doing)
+        if polite is None:
+            raise
+        raise polite from err
+
+
+def remote_error(err: BaseException, org: str, url: str | None,
+                 doing: str = "talking to") -> RemoteError | None:
+    """The one-line error of a substra client error (None: not a network error)."""
+    from substra.sdk import exceptions as sx
+
+    where = f"{doing} organisation {org!r} at {url or 'its node'}"
+    status = getattr(err, "status_code", None)
+    code = f" (HTTP {status})" if status else ""
+    if isinstance(err, sx.AuthenticationError | sx.BadLoginException):
+        fix = ("the token expired or the username/password is wrong: generate a new token "
+               "on that node's web frontend and put it under 'token' in the credentials file")
+    elif isinstance(err, sx.UsernamePasswordLoginDisabledException):
+        fix = ("that node accepts tokens only: generate one on its web frontend and put it "
+               "under 'token' in the credentials file")
+    elif isinstance(err, sx.AuthorizationError):
+        fix = ("this user may not do that there: ask that organisation's admin to grant the "
+               "user access, or check that the dataset was registered with --aggregator-org "
+               "naming this organisation")
+    elif isinstance(err, sx.ConnectionError | sx.Timeout):
+        fix = ("the node cannot be reached: check the url in the credentials file, your "
+               "network or VPN, and that the node is up (ask its admin)")
+    elif isinstance(err, sx.GatewayUnavailable | sx.InternalServerError | sx.RequestTimeout):
+        fix = "the node is down or overloaded: try again later, or ask its admin"
+    elif isinstance(err, sx.NotFound):
+        fix = ("the node does not know that key: check the keys file (fed-de register-site "
+               "writes it) or the compute plan key")
+    elif isinstance(err, sx.BadConfiguration | sx.ConfigurationInfoError):
+        fix = "check the url and the options of that entry of the credentials file"
+    else:
+        return None
+    detail = str(getattr(err, "msg", "") or err).strip().splitlines()
+    first = detail[0][:200] if detail else ""
+    polite = RemoteError(f"{where}: {type(err).__name__}{code}: {first}; {fix}", org=org,
+                         url=url, step=doing)
+    polite.facts = dict(getattr(err, "facts", None) or {})
+    return polite
+
+
 def make_client(entry: dict, name: str):
     """substra client for one organisation of a credentials YAML entry.
 
@@ -309,7 +475,8 @@ def make_client(entry: dict, name: str):
         kwargs.update(username=entry["username"], password=entry["password"])
     else:
         raise FedDEError(f"credentials for {name!r} need 'token' or 'username' and 'password'")
-    return substra.Client(**kwargs)
+    with remote_errors(name, entry["url"], "connecting to"):
+        return substra.Client(**kwargs)
 
 
 def register_site_remote(client, name: str, site_folder: Path, aggregator_org: str,
@@ -359,7 +526,7 @@ def register_site_remote(client, name: str, site_folder: Path, aggregator_org: s
 def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "aggregator",
                wheel: Path | None = None, timeout: float | None = None,
                poll_seconds: float = 10.0, progress=None, client_factory=None,
-               download=None) -> SubstraRun:
+               download=None, attach: str | None = None) -> SubstraRun:
     """Submit ``strategy`` to a remote Substra network and wait for its result.
 
     Parameters
@@ -370,6 +537,9 @@ def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "
     keys
         YAML path or dict written by ``fed-de register-site``: ``aggregator_organization``
         and ``sites`` -> {name: {organization_id, dataset_key, data_sample_keys}}.
+    attach
+        The key of a compute plan submitted before for the same study and options (printed
+        at its submission): wait for it and download its result, submitting nothing.
     """
     creds, keys = _load_yaml(credentials), _load_yaml(keys)
     if submitter not in creds:
@@ -383,16 +553,22 @@ def run_remote(strategy, credentials, keys, *, workdir: Path, submitter: str = "
                    if not k.get(f)]
         if missing:
             raise FedDEError(f"keys of site {name!r} lack {missing}")
-    client = (client_factory or make_client)(creds[submitter], submitter)
+    check_credentials_entry(creds[submitter], submitter)
+    url = creds[submitter].get("url")
+    with remote_errors(submitter, url, "connecting to"):
+        client = (client_factory or make_client)(creds[submitter], submitter)
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    wheel = wheel or build_wheel(workdir / "dist")
+    if attach is None:  # only a new submission ships the wheel
+        wheel = wheel or build_wheel(workdir / "dist")
     orgs = {name: k["organization_id"] for name, k in sites.items()}
     orgs["aggregator"] = keys["aggregator_organization"]
-    return _execute(strategy, client, orgs,
-                    {n: {"dataset_key": k["dataset_key"],
-                         "data_sample_keys": list(k["data_sample_keys"])}
-                     for n, k in sites.items()},
-                    workdir, wheel, started, progress=progress, poll_seconds=poll_seconds,
-                    timeout=timeout, download=download)
+    with remote_errors(submitter, url):
+        return _execute(strategy, client, orgs,
+                        {n: {"dataset_key": k["dataset_key"],
+                             "data_sample_keys": list(k["data_sample_keys"])}
+                         for n, k in sites.items()},
+                        workdir, wheel, started, progress=progress,
+                        poll_seconds=poll_seconds, timeout=timeout, download=download,
+                        attach=attach)

@@ -48,6 +48,7 @@ from fed_de.core import cooks, trimmed
 from fed_de.core.irls import MIN_MU
 from fed_de.core.moments import start_from_cell_sums
 from fed_de.design import cell_design_rows
+from fed_de.errors import DisclosureError
 from fed_de.federation.calls import aggregator_step, site_step
 from fed_de.federation.messages import Message, sums
 from fed_de.federation.strategy import Phase, Round
@@ -126,20 +127,115 @@ def replace_minimum(option: float | None, min_cell_size: int, n_sites: int) -> f
     return np.inf if rules else float(cooks.MIN_REPLICATES_REPLACE)
 
 
+def robust_groups(n_cells: np.ndarray, n: int, p: int, min_replace: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The trimmed-statistics groups of a study: every design cell, then all samples.
+
+    Parameters
+    ----------
+    n_cells
+        Pooled samples per declared design cell.
+    n, p
+        Pooled samples and coefficients.
+    min_replace
+        DESeq2's ``minReplicatesForReplace`` of the run (:func:`replace_minimum`).
+
+    Returns
+    -------
+    sizes, ranks, active
+        Samples per group (int), the trimmed set's 1-based ranks (groups x 2, float) and
+        the groups searched (cells of >= 3 samples; all samples when some cell can be
+        replaced).
+    """
+    use_cells = (n_cells >= cooks.MIN_REPLICATES_COOKS) & (n > p)
+    repl = bool((n_cells >= min_replace).any()) and n > p
+    sizes = np.append(n_cells, n).astype(int)
+    trims = [cooks.cell_trim(int(s))[0] for s in n_cells] + [cooks.REPLACE_TRIM]
+    ranks = np.array([trimmed.trim_ranks(int(s), t) if s > 0 else (1, 1)
+                      for s, t in zip(sizes, trims, strict=True)], dtype=float)
+    return sizes, ranks, np.append(use_cells, repl)
+
+
+def check_robust_request(site: Site, robust: RobustSearch, totals: Totals, step: str,
+                         n_sites: int = 0) -> None:
+    """A site's check of a trimmed-statistics request against the protocol: the groups,
+    their sizes and trimming ranks are those the study totals give (so the summed interval
+    spans ``hi - lo + 1`` pooled samples, never fewer than ``min_cell_size`` while the
+    disclosure rule applies: ``min_cell_size > 0`` and ``n_sites != 1``), no group claims
+    fewer samples than this site holds, and every search targets its group's trimming ranks.
+
+    Raises
+    ------
+    DisclosureError
+        The request differs from the protocol's (nothing is sent).
+    """
+    from fed_de.federation.guard import check_finite
+
+    check_finite(totals, ("n_samples", "cell_counts"), site=site.name, step=step,
+                 where="totals.")
+    n_cells = np.asarray(totals.cell_counts, dtype=float)
+    sizes, ranks, active = robust_groups(n_cells, int(round(totals.n_samples)),
+                                         site.study.n_coefs,
+                                         site.options.min_replicates_for_replace)
+    cells = site.cells()
+    own = np.append(np.bincount(cells[cells >= 0], minlength=n_cells.size)[:n_cells.size],
+                    cells.size)
+    G = len(site.study.genes)
+    search = robust.search
+    k = np.tile(np.column_stack([ranks[:, 0] - 1, ranks[:, 1]]).ravel(), (G, 1))
+    same = (np.shape(robust.sizes) == sizes.shape and np.array_equal(robust.sizes, sizes)
+            and np.shape(robust.ranks) == ranks.shape and np.array_equal(robust.ranks, ranks)
+            and np.array_equal(np.asarray(robust.groups_active, dtype=bool), active)
+            and search is not None and np.shape(search.k) == k.shape
+            and np.array_equal(search.k, k))
+    problem = None
+    if not same:
+        problem = ("its groups, sizes or trimming ranks are not those the study's totals give "
+                   "(a trimmed sum could be narrowed to a few samples)")
+    elif np.any(own > sizes):
+        problem = (f"it says a group holds {int(sizes[own > sizes][0])} samples, fewer than "
+                   f"this site's {int(own[own > sizes][0])}")
+    rule = site.options.min_cell_size
+    width = ranks[:, 1] - ranks[:, 0] + 1
+    if problem is None and rule > 0 and n_sites != 1 and np.any(active & (width < rule)):
+        problem = f"a trimmed set would span fewer than min_cell_size={rule} samples"
+    if problem is not None:
+        raise DisclosureError(f"site {site.name!r}, step {step}: refused the Cook's trimmed-"
+                              f"statistics request, {problem}; nothing sent (the aggregator "
+                              "is faulty, tampered with, or runs another fed_de version)")
+
+
+def _check_interval(site: Site, x: np.ndarray, search: trimmed.Search, t_lo: int, t_up: int,
+                    step: str) -> None:
+    """Refuse when the site holds more of its values in a summed interval or a tied bracket
+    than the request's own counts allow (the aggregator narrowed it around a few values)."""
+    a, b = trimmed._bounds(search, search, t_lo, t_up)
+    ended = search.done[:, t_lo] & search.done[:, t_up]
+    below_a = np.where(search.tie[:, t_lo], search.n_hi[:, t_lo], search.k[:, t_lo])
+    below_b = np.where(search.tie[:, t_up], search.n_lo[:, t_up], search.k[:, t_up])
+    inside = ((x >= a[None]) & (x < b[None])).sum(axis=0)
+    bad = ended & (inside > np.maximum(below_b - below_a, 0))
+    for t in (t_lo, t_up):
+        tied = search.tie[:, t] & ended
+        in_tie = ((x >= search.lo[:, t][None]) & (x < search.hi[:, t][None])).sum(axis=0)
+        claim = search.n_hi[:, t] - search.n_lo[:, t]
+        bad |= tied & ((claim < 2) | (in_tie > claim))
+    if bad.any():
+        gene = site.study.genes[int(np.flatnonzero(bad)[0])]
+        raise DisclosureError(
+            f"site {site.name!r}, step {step}: refused the Cook's trimmed-sum request for gene "
+            f"{gene!r} (and {int(bad.sum()) - 1} more): its interval holds more of this site's "
+            "samples than the request's counts say, or a tied bracket of fewer than two "
+            "samples (a sum narrowed to single values); nothing sent")
+
+
 @aggregator_step(writes=("robust",))
 def robust_start(totals: Totals, start: FitStart, study, options) -> dict:
     """Groups (design cells of >= 3 samples; all samples when some cell can be replaced), their
     trims and ranks; the first thresholds."""
     n_cells = np.asarray(totals.cell_counts, dtype=float)
-    n = int(round(totals.n_samples))
-    p = study.n_coefs
-    use_cells = (n_cells >= cooks.MIN_REPLICATES_COOKS) & (n > p)
-    repl = bool((n_cells >= options.min_replicates_for_replace).any()) and n > p
-    sizes = np.append(n_cells, n).astype(int)
-    trims = [cooks.cell_trim(int(s))[0] for s in n_cells] + [cooks.REPLACE_TRIM]
-    ranks = np.array([trimmed.trim_ranks(int(s), t) if s > 0 else (1, 1)
-                      for s, t in zip(sizes, trims, strict=True)], dtype=float)
-    active = np.append(use_cells, repl)
+    sizes, ranks, active = robust_groups(n_cells, int(round(totals.n_samples)), study.n_coefs,
+                                         options.min_replicates_for_replace)
     rob = RobustSearch(groups_active=active, ranks=ranks, sizes=sizes.astype(float),
                        n_cells=n_cells.size, phase="A", search=None,
                        scales=np.array([cooks.cell_trim(int(s))[1] for s in n_cells]))
@@ -168,9 +264,11 @@ def _members(site: Site, g: int, n_groups: int) -> np.ndarray:
 
 
 @site_step
-def robust_sums(site: Site, robust: RobustSearch, totals: Totals) -> RobustSums:
+def robust_sums(site: Site, robust: RobustSearch, totals: Totals, n_sites: int = 0
+                ) -> RobustSums:
     """Per open (gene, group, boundary) target: the number of the site's values below each
     of the target's thresholds."""
+    check_robust_request(site, robust, totals, "robust_sums", n_sites)
     x = _robust_values(site, robust, totals)
     search = robust.search
     G, T, K = search.thresholds.shape
@@ -194,9 +292,11 @@ def robust_refine(sums: RobustSums, robust: RobustSearch) -> dict:
 
 
 @site_step
-def robust_parts(site: Site, robust: RobustSearch, totals: Totals) -> RobustParts:
+def robust_parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int = 0
+                 ) -> RobustParts:
     """Per gene and group: the sum of the values between the two thresholds, and count and
     sum of the values in a tied boundary bracket."""
+    check_robust_request(site, robust, totals, "robust_parts", n_sites)
     x = _robust_values(site, robust, totals)
     n_groups = robust.groups_active.size
     G = robust.search.done.shape[0]
@@ -205,6 +305,7 @@ def robust_parts(site: Site, robust: RobustSearch, totals: Totals) -> RobustPart
         members = _members(site, g, n_groups)
         if not robust.groups_active[g] or not members.any():
             continue
+        _check_interval(site, x[g][members], robust.search, 2 * g, 2 * g + 1, "robust_parts")
         part = trimmed.trimmed_parts(x[g][members], robust.search, robust.search, 2 * g,
                                      2 * g + 1)
         for key, v in part.items():

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2
 
+from fed_de import files
 from fed_de.bulk.state import GeneResults, Refit, RunState
 from fed_de.core.contrast_zero import (
     apply_contrast_all_zero,
@@ -588,7 +589,8 @@ class DESeq2Result:
         ``dispersions.csv`` (R's column names, see :attr:`gene_table`);
         ``coefficients.csv`` (log2); ``results.h5ad`` (:meth:`to_anndata`); ``run.json``
         (:attr:`facts` with each contrast's test description, independent-filtering
-        threshold and summary). ``kw`` as :meth:`results`.
+        threshold and summary; ``status: "ok"``). ``kw`` as :meth:`results`. Each file is
+        written to a temporary file and renamed (:mod:`fed_de.files`): never half a file.
         """
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -599,21 +601,21 @@ class DESeq2Result:
         for label, table in tables.items():
             name = "results.csv" if len(tables) == 1 else f"results_{_file_label(label)}.csv"
             paths[f"results:{label}"] = out / name
-            table.reset_index().to_csv(paths[f"results:{label}"], index=False)
+            files.write_csv(table.reset_index(), paths[f"results:{label}"], index=False)
         paths["dispersions"] = out / "dispersions.csv"
-        self.gene_table.reset_index().to_csv(paths["dispersions"], index=False)
+        files.write_csv(self.gene_table.reset_index(), paths["dispersions"], index=False)
         paths["coefficients"] = out / "coefficients.csv"
-        self.coefficients.reset_index().to_csv(paths["coefficients"], index=False)
+        files.write_csv(self.coefficients.reset_index(), paths["coefficients"], index=False)
         paths["h5ad"] = out / "results.h5ad"
-        self.to_anndata(contrasts, **kw).write_h5ad(paths["h5ad"])
-        facts = dict(self.facts)
+        files.write_h5ad(self.to_anndata(contrasts, **kw), paths["h5ad"])
+        facts = {"status": "ok", **self.facts}
         facts["contrasts"] = {
             label: {**{k: v for k, v in t.attrs.items() if k != "contrast"},
                     "file": paths[f"results:{label}"].name,
                     "summary": summarize(t).to_dict()}
             for label, t in tables.items()}
         paths["run"] = out / "run.json"
-        paths["run"].write_text(json.dumps(facts, indent=2, default=json_default))
+        files.write_json(paths["run"], facts, default=json_default)
         return paths
 
     # -- after the fit: shrinkage, posterior summaries, PCA, plots (fed_de.bulk.postfit) ------

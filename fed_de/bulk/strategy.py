@@ -42,9 +42,17 @@ from fed_de.core import disp_path
 from fed_de.core.fallback import STEPS as FALLBACK_STEPS
 from fed_de.core.irls import N_CANDIDATES
 from fed_de.design import Study, reduced_study
+from fed_de.federation import guard
 from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, Round, run_phases
 
 OPTIONS = DESeq2Options()
+#: Parts of the run state that always hold finite numbers (others may hold NaN for genes
+#: out of a pass, or infinite search bounds): a site refuses a request where they do not.
+FINITE = ("totals.n_samples", "totals.sf_scale", "totals.xtx", "totals.xim",
+          "totals.cell_counts", "totals.max_disp", "robust.ranks", "robust.sizes",
+          "robust.scales", "robust.search.k", "robust.search.lo", "robust.search.thresholds",
+          "robust.search.n_lo", "robust.search.n_hi", "pca.V", "pca.shift",
+          "shrink.candidates")
 TESTS = ("Wald", "LRT")
 
 
@@ -73,6 +81,21 @@ class _BulkStrategy(FedStrategy):
     def context(self) -> dict:
         return {"study": self.study, "options": self.options, "reduced": self.reduced,
                 "n_sites": self.n_sites}
+
+    def data_digest(self, data) -> str:
+        """SHA-256 of the site's genes, samples, counts and the design's sample columns."""
+        columns = [c for c in [*self.study.levels, *self.study.continuous]
+                   if c in data._obs.columns]
+        return guard.digest_arrays([data.genes, data.samples, data.counts,
+                                    data._obs[columns]])
+
+    def check_request(self, state, site: str, step: str) -> None:
+        """The run state is a :class:`RunState` of typed parts, the numbers a site computes
+        with are finite (:data:`FINITE`), a gene selection names genes of the study; the
+        Cook's trimmed sums are checked in their steps (:func:`cooks.check_robust_request`)."""
+        guard.check_parts(state, RunState, site=site, step=step)
+        guard.check_finite(state, FINITE, site=site, step=step)
+        guard.check_rows(state.rows, len(self.study.genes), site=site, step=step)
 
     def dims(self) -> dict[str, int]:
         """Message sizes: study sizes, and the most points per gene a request may name."""

@@ -22,7 +22,7 @@ from typing import Any
 from substrafl.compute_plan_builder import ComputePlanBuilder
 from substrafl.remote import remote, remote_data
 
-from fed_de.federation import secure
+from fed_de.federation import guard, secure
 from fed_de.federation.calls import (
     Call,
     apply_aggregation,
@@ -49,6 +49,7 @@ class FedStrategy(ComputePlanBuilder):
         self.n_sites = int(n_sites)
         self.kept = self.new_kept()
         self.keyring = secure.Keyring()
+        self.digest: str | None = None  # of the site's data, kept from its first task
 
     def masks(self, n_nodes: int) -> bool:
         """Secure aggregation in this plan: asked for, and more than one site."""
@@ -84,6 +85,15 @@ class FedStrategy(ComputePlanBuilder):
         """Values every step may ask for by name besides the state parts (study, options)."""
         return {}
 
+    def data_digest(self, data) -> str | None:
+        """A digest of what the site analyses (:func:`guard.digest_arrays`), compared at
+        every task with the one kept from its first; ``None``: not checked."""
+        return None
+
+    def check_request(self, state, site: str, step: str) -> None:
+        """Refuse (raise) a shared state the protocol would not send, before any step runs
+        (:mod:`fed_de.federation.guard`). The base accepts everything."""
+
     # -- the two remote methods ------------------------------------------------------------
     @remote_data
     def local(self, data_from_opener, shared_state=None, site_step: str = "",
@@ -93,6 +103,11 @@ class FedStrategy(ComputePlanBuilder):
         forked chains never reuse a mask)."""
         ((fn, params),) = decode(site_step, "site")
         state = shared_state if shared_state is not None else self.initial_state()
+        name = getattr(data_from_opener, "name", "?")
+        digest = self.data_digest(data_from_opener)
+        if digest is not None:
+            self.digest = guard.check_digest(self.digest, digest, site=name, step=fn.__name__)
+        self.check_request(state, name, fn.__name__)
         site = self.site_view(data_from_opener)
         message = invoke(fn, state, {"site": site, "keyring": self.keyring, **self.context()},
                          params)
@@ -138,14 +153,15 @@ class FedStrategy(ComputePlanBuilder):
 
     # -- local state -----------------------------------------------------------------------
     def save_local_state(self, path: Path) -> None:
-        """Write what the site keeps between tasks (its keyring included)."""
+        """Write what the site keeps between tasks (its keyring and data digest included)."""
         with Path(path).open("wb") as fh:
-            pickle.dump((self.kept, self.keyring), fh, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump((self.kept, self.keyring, self.digest), fh,
+                        protocol=pickle.HIGHEST_PROTOCOL)
 
     def load_local_state(self, path: Path):
         """Read what the site kept from its previous task."""
         with Path(path).open("rb") as fh:
-            self.kept, self.keyring = pickle.load(fh)
+            self.kept, self.keyring, self.digest = pickle.load(fh)
         return self
 
 

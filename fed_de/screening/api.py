@@ -25,6 +25,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from fed_de import files
 from fed_de.backends import run
 from fed_de.core.screen_sums import MIN_MU
 from fed_de.errors import DesignError, FitWarning
@@ -159,20 +160,21 @@ class ScreenResult(Mapping):
         return out
 
     def write(self, out: str | Path, wall_seconds: float | None = None) -> dict[str, Path]:
-        """Write ``results.csv`` (long), ``screen.h5ad`` and ``run.json`` into ``out``."""
+        """Write ``results.csv`` (long), ``screen.h5ad`` and ``run.json`` (``status: "ok"``)
+        into ``out``, each through a temporary file and a rename (:mod:`fed_de.files`)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"results": out / "results.csv", "h5ad": out / "screen.h5ad",
                  "run": out / "run.json"}
-        self.to_long().to_csv(paths["results"], index=False)
-        self.to_anndata().write_h5ad(paths["h5ad"])
+        files.write_csv(self.to_long(), paths["results"], index=False)
+        files.write_h5ad(self.to_anndata(), paths["h5ad"])
         facts = dict(self.facts)
         if wall_seconds is not None:
             facts["wall_seconds"] = round(wall_seconds, 3)
-        run = {"method": self.method, "perturbations": len(self.study.perturbations),
-               "genes": len(self.study.genes), "control_cells": int(self.n_control),
-               **facts, "params": self.params}
-        paths["run"].write_text(json.dumps(run, indent=2, default=json_default))
+        run = {"status": "ok", "method": self.method,
+               "perturbations": len(self.study.perturbations), "genes": len(self.study.genes),
+               "control_cells": int(self.n_control), **facts, "params": self.params}
+        files.write_json(paths["run"], run, default=json_default)
         return paths
 
 

@@ -27,6 +27,7 @@ from fed_de.cli_common import (
     cli_errors,
     command_line,
     parse_sites,
+    record_failure,
     report_warnings,
     value,
 )
@@ -127,7 +128,9 @@ def screen_command(
         raise typer.BadParameter("--alpha must be in (0, 1)")
     sites = _parse_sites(site)
     started = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, \
+            record_failure(out, command_line(ctx, "screen"), method=value(method),
+                           backend=value(backend)):
         warnings.simplefilter("always")
         res = screen(sites, perturbation_column=perturbation_column, control=control,
                      covariates=list(covariate or []) or None, method=value(method),
