@@ -49,8 +49,10 @@ def run_demo(n_samples: int = 150, n_genes: int = 5000, seed: int = 0,
     res = fed.results()
     console.print("2/2 pooled reference: the same analysis on all samples in one place",
                   highlight=False)
+    # the same analysis on one site: Cook's outliers filtered as in the federated run
+    same = fed.facts["options"]["min_replicates_for_replace"]
     pooled_fit = fed_de.deseq2({"pooled": study.pooled()}, study.design, progress=progress,
-                               **kw)
+                               min_replicates_for_replace=same, **kw)
     pooled = pooled_fit.results()
 
     top = res.dropna(subset=["padj"]).sort_values("padj").head(10)

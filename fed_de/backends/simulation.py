@@ -729,8 +729,9 @@ def run_strict(
         from fed_de.backends.checkpoint import Checkpoint, fingerprint
 
         ledger.checkpoint = Checkpoint(checkpoint, fingerprint(strategy, names))
-    if spill_dir is not None:
-        Path(spill_dir).mkdir(parents=True, exist_ok=True)
+    if spill_dir is not None:  # absolute: worker processes may run in another directory
+        spill_dir = Path(spill_dir).resolve()
+        spill_dir.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="fed_de_sim_", dir=spill_dir)
     platform = _Platform(ledger, Path(tmp), progress, n_jobs=n_jobs,
                          files=spill_dir is not None)
