@@ -270,14 +270,16 @@ def test_docs_shrinkage_command(tmp_path, monkeypatch, demo):
 
 
 @pytest.mark.slow
-def test_readme_demo_command():
+def test_readme_demo_command(tmp_path, monkeypatch):
     """``fed-de demo`` as documented (150 x 5,000, pooled runs and PyDESeq2; ~2 min)."""
+    monkeypatch.chdir(tmp_path)  # the demo writes its report into the working directory
     (cmd,) = documented("fed-de demo")
     res = cli(shlex.split(cmd)[1:])
     assert res.exit_code == 0, res.stderr
     assert "Federated vs pooled" in res.stdout
     assert "{'" not in res.stdout  # a table, not Python dicts
     assert "100%" in res.stderr  # the progress bar ran to its total
+    assert (tmp_path / "fed_de_demo_report.html").exists()
 
 
 def _screen_files(tmp_path: Path):
