@@ -144,6 +144,7 @@ def test_failed_screen_writes_run_json(tmp_path, monkeypatch):
     assert record["command_line"][:2] == ["fed-de", "screen"]
 
 
+@pytest.mark.slow
 def test_cli_on_the_subprocess_backend_writes_the_simulations_results(tmp_path):
     """``fed-de run --backend subprocess`` end to end (substra's real tasks; ~50 tasks
     without Cook's): the files equal the simulation's, the facts print (no KeyError)."""

@@ -209,6 +209,7 @@ def test_remote_timeout_and_bad_keys(small, tmp_path, wheel):
         substra_runner.make_client({"url": "https://x"}, "aggregator")
 
 
+@pytest.mark.slow
 def test_screen_runs_unchanged_on_subprocess_backend(tmp_path):
     """The screen strategy on substra's subprocess backend equals its simulation (~1 min)."""
     from fed_de.screening.api import COLUMNS, screen
