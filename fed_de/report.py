@@ -147,6 +147,9 @@ def _privacy_rows(res) -> list:
                                  "pooled design cell with fewer samples; two sites on)"),
         ("genes withheld", f"{f.get('genes_withheld', 0)} (a pooled design cell with fewer "
                            f"than min_nonzero={f.get('min_nonzero')} non-zero counts)"),
+        ("Cook's outliers", "replaced and refitted in pooled cells of >= "
+                            f"{f.get('options', {}).get('min_replicates_for_replace')} samples "
+                            "(inf: filtered, p-value NA)"),
         ("what leaves a site", "per-gene sums over its samples; shapes in study sizes only"),
         ("stays at the sites", "counts, size factors, fitted means, VST values, PCA "
                                "coordinates"),
