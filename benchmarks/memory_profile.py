@@ -1,4 +1,4 @@
-"""Where the simulation's memory peaks: tracemalloc after every step call.
+"""Where the simulation's memory peaks: tracemalloc after every aggregator step.
 
 ``python benchmarks/memory_profile.py [GENES]``: a default run of the demo study (150
 samples, 3 hospitals); prints the largest traced memory seen after a step, the step, and the
