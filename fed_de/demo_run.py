@@ -49,10 +49,15 @@ def run_demo(n_samples: int = 150, n_genes: int = 5000, seed: int = 0,
     res = fed.results()
     console.print("2/2 pooled reference: the same analysis on all samples in one place",
                   highlight=False)
-    # the same analysis on one site: Cook's outliers filtered as in the federated run
+    # the same analysis on one site: Cook's outliers filtered as in the federated run, and
+    # without the genes the disclosure rule withheld (they take no part in the federated one)
     same = fed.facts["options"]["min_replicates_for_replace"]
-    pooled_fit = fed_de.deseq2({"pooled": study.pooled()}, study.design, progress=progress,
-                               min_replicates_for_replace=same, **kw)
+    withheld = fed.gene_results.withheld
+    analysed = [g for g, w in zip(study.genes, withheld, strict=True) if not w] \
+        if withheld is not None else study.genes
+    pooled_fit = fed_de.deseq2({"pooled": study.pooled()[:, analysed].copy()}, study.design,
+                               progress=progress, min_replicates_for_replace=same,
+                               **{**kw, "genes": analysed})
     pooled = pooled_fit.results()
 
     top = res.dropna(subset=["padj"]).sort_values("padj").head(10)
@@ -123,7 +128,8 @@ def _shrunk_table(fed, study, alpha: float) -> Table:
 
 
 def _shrunk_agreement(a, b) -> dict:
-    x, y = a.lfc_shrink().log2FoldChange, b.lfc_shrink().log2FoldChange
+    x = a.lfc_shrink().log2FoldChange
+    y = b.lfc_shrink().log2FoldChange.reindex(x.index)
     ok = x.notna() & y.notna()
     return {"max_abs_diff": float(f"{np.abs(x - y)[ok].max():.3g}")}
 
@@ -153,6 +159,8 @@ def agreement_table(report: dict, alpha: float) -> Table:
 
 
 def _agreement(a: pd.DataFrame, b: pd.DataFrame, alpha: float) -> dict:
+    """LFC relative differences and differing calls over the genes both tables report."""
+    b = b.reindex(a.index)
     ok = a.log2FoldChange.notna() & b.log2FoldChange.notna()
     rel = (np.abs(a.log2FoldChange - b.log2FoldChange) / np.abs(b.log2FoldChange))[ok]
     calls_a, calls_b = a.padj < alpha, b.padj < alpha

@@ -257,3 +257,24 @@ def test_gene_with_one_nonzero_count_in_a_pooled_cell_is_withheld():
         for key, arr in _array_leaves(m["message"]):
             if arr.ndim and arr.shape[0] == n_genes:
                 assert not np.any(arr[withheld]), (m["step"], key)
+
+
+def test_defaults_equal_deseq2_on_the_pooled_genes_not_withheld():
+    """Under every default rule the federated answer is the one-site answer on the pooled
+    data without the withheld genes (they take no part: not in the trend, the priors,
+    independent filtering or BH), Cook's outliers filtered as the federated run does."""
+    study, sites = _demo_three_sites()
+    kw = dict(levels=study.levels, contrasts=[("condition", "B", "A")], shrink="apeglm")
+    fed = fed_de.deseq2(sites, study.design, **kw)
+    withheld = np.asarray(fed.state.genes.withheld)
+    assert withheld.any()  # the demo has genes with a single non-zero count in a cell
+    kept = [g for g, w in zip(study.genes, withheld, strict=True) if not w]
+    pooled = fed_de.deseq2(
+        {"pooled": study.pooled()[:, kept].copy()}, study.design, genes=kept,
+        min_replicates_for_replace=fed.facts["options"]["min_replicates_for_replace"], **kw)
+    ours, ref = fed.results().loc[kept], pooled.results()
+    for col in ref.columns:
+        np.testing.assert_allclose(ours[col], ref[col], rtol=1e-9, atol=1e-12, err_msg=col)
+    np.testing.assert_allclose(fed.lfc_shrink().loc[kept, "log2FoldChange"],
+                               pooled.lfc_shrink()["log2FoldChange"], rtol=1e-8, atol=1e-10)
+    assert fed.results()[withheld].isna().all().all()

@@ -187,12 +187,17 @@ def contrast_results(genes: GeneResults, contrast: np.ndarray, *, refit: Refit |
         # DESeq2: p-values of genes whose largest Cook's distance passes the cutoff are NA
         pvalue = np.where(genes.cooks_outlier, np.nan, pvalue)
     base_mean = genes.base_mean
+    kept = np.ones(base_mean.shape, dtype=bool)
     if genes.withheld is not None and genes.withheld.any():
-        # kept out by a disclosure rule (a pooled cell with a single non-zero count): no result
+        # kept out by a disclosure rule (a pooled cell with a single non-zero count): no
+        # result, and not among the genes independent filtering and BH see (as if absent)
         w = genes.withheld
+        kept = ~w
         base_mean, log2fc, lfcse = (np.where(w, np.nan, v) for v in (base_mean, log2fc, lfcse))
         stat, pvalue = np.where(w, np.nan, stat), np.where(w, np.nan, pvalue)
-    padj, info = adjust_pvalues(np.nan_to_num(base_mean), pvalue, alpha, independent_filtering)
+    padj = np.full(base_mean.shape, np.nan)
+    padj[kept], info = adjust_pvalues(base_mean[kept], pvalue[kept], alpha,
+                                      independent_filtering)
     frame = pd.DataFrame({"baseMean": base_mean, "log2FoldChange": _no_negative_zero(log2fc),
                           "lfcSE": _no_negative_zero(lfcse), "stat": _no_negative_zero(stat),
                           "pvalue": pvalue, "padj": padj}, index=names)
