@@ -267,9 +267,9 @@ def run(
                      test=test, cooks=cooks, reduced=reduced,
                      contrast=[contrast_label(res.study, c) for c in contrasts or [None]])
     kw = dict(lfc_threshold=lfc_threshold, alt_hypothesis=value(alt_hypothesis))
-    paths = res.write(out, contrasts or None, **kw)  # results first, then anything optional
-    if res.state.shrink is not None:
-        _write_shrunk(res, contrasts, paths, kw, posterior_threshold, credible_level)
+    # results first (the shrinkage columns beside the MLEs), then anything optional
+    paths = res.write(out, contrasts or None, posterior=(posterior_threshold, credible_level),
+                      **kw)
     _write_pca_tables(res, out)
     inferred = res.facts["options"]["levels_inferred"]
     if inferred:
@@ -294,22 +294,6 @@ def _postfit_args(shrink, shrink_coef, pca, pca_genes, pca_group) -> dict:
     coefs = [tuple(c.split(",")) if "," in c else c for c in shrink_coef]
     return {"shrink": shrink, "shrink_coef": coefs or None, "pca": pca,
             "pca_genes": pca_genes, "pca_group": pca_group}
-
-
-def _write_shrunk(res, contrasts: list, paths: dict, kw: dict, threshold: float,
-                  level: float) -> None:
-    """Rewrite the results file of each contrast the run shrank with the shrunken columns
-    beside the MLEs (:meth:`DESeq2Result.shrunk_results`)."""
-    from fed_de.bulk.results import contrast_label
-    from fed_de.bulk.shrink import ShrinkNotComputedError
-
-    for c in contrasts or [None]:
-        try:
-            table = res.shrunk_results(c, threshold=threshold, level=level, **kw)
-        except ShrinkNotComputedError:
-            continue
-        files.write_csv(table.reset_index(), paths["results:" + contrast_label(res.study, c)],
-                        index=False)
 
 
 def _write_pca_tables(res, out: Path) -> None:

@@ -549,11 +549,14 @@ class DESeq2Result:
         ``contrasts``: one or a list (default: those given at fit time); ``kw`` as
         :meth:`results`.
         """
-        import anndata as ad
-
         if contrasts is None:
             contrasts = self.contrasts or [None]
-        tables = self._tables(contrasts, **kw)
+        return self._anndata(self._tables(contrasts, **kw))
+
+    def _anndata(self, tables: dict[str, pd.DataFrame]):
+        """:meth:`to_anndata` of tables already made (one per contrast)."""
+        import anndata as ad
+
         labels = list(tables)
         layers = {c: np.vstack([t[c].to_numpy(float) for t in tables.values()])
                   for c in RESULT_COLUMNS[1:]}
@@ -586,11 +589,13 @@ class DESeq2Result:
                 "n_up": s.up, "n_down": s.down, "n_outliers": s.outliers,
                 "n_low_counts": s.low_counts}
 
-    def write(self, out: str | Path, contrasts: Contrast | list = None, **kw
-              ) -> dict[str, Path]:
+    def write(self, out: str | Path, contrasts: Contrast | list = None, *,
+              posterior: tuple[float, float] | None = None, **kw) -> dict[str, Path]:
         """Write what ``fed-de run`` writes into ``out``.
 
-        ``results.csv`` for one contrast, or ``results_<label>.csv`` per contrast;
+        ``results.csv`` for one contrast, or ``results_<label>.csv`` per contrast (with
+        ``posterior=(threshold, level)``, the shrinkage columns of :meth:`shrunk_results`
+        beside them for every contrast the run shrank);
         ``dispersions.csv`` (R's column names, see :attr:`gene_table`);
         ``coefficients.csv`` (log2); ``results.h5ad`` (:meth:`to_anndata`); ``run.json``
         (:attr:`facts` with each contrast's test description, independent-filtering
@@ -603,16 +608,19 @@ class DESeq2Result:
             contrasts = self.contrasts or [None]
         tables = self._tables(contrasts, **kw)
         paths: dict[str, Path] = {}
-        for label, table in tables.items():
+        items = contrast_list(self.study, contrasts) if contrasts is not None else [None]
+        for c, (label, table) in zip(items, tables.items(), strict=True):
             name = "results.csv" if len(tables) == 1 else f"results_{_file_label(label)}.csv"
             paths[f"results:{label}"] = out / name
+            if posterior is not None:
+                table = self._with_shrinkage(table, c, *posterior)
             files.write_csv(table.reset_index(), paths[f"results:{label}"], index=False)
         paths["dispersions"] = out / "dispersions.csv"
         files.write_csv(self.gene_table.reset_index(), paths["dispersions"], index=False)
         paths["coefficients"] = out / "coefficients.csv"
         files.write_csv(self.coefficients.reset_index(), paths["coefficients"], index=False)
         paths["h5ad"] = out / "results.h5ad"
-        files.write_h5ad(self.to_anndata(contrasts, **kw), paths["h5ad"])
+        files.write_h5ad(self._anndata(tables), paths["h5ad"])
         facts = {"status": "ok", **self.facts}
         facts["contrasts"] = {
             label: {**{k: v for k, v in t.attrs.items() if k != "contrast"},
@@ -656,6 +664,12 @@ class DESeq2Result:
         table = self.results(contrast, **kwargs)
         if self.state.shrink is None:
             return table
+        return self._shrinkage_beside(table, contrast, threshold, level)
+
+    def _shrinkage_beside(self, table: pd.DataFrame, contrast: Contrast, threshold: float,
+                          level: float) -> pd.DataFrame:
+        """``table`` with the shrunken LFC, its SE and the posterior columns added (raises
+        :class:`fed_de.bulk.shrink.ShrinkNotComputedError` for a contrast not shrunk)."""
         post = self.posterior(contrast, threshold=threshold, level=level)
         shrunk = self.lfc_shrink(contrast)
         table["log2FoldChangeShrunk"] = shrunk["log2FoldChange"]
@@ -663,6 +677,19 @@ class DESeq2Result:
         for col in post.columns.drop(["baseMean", "posteriorMean"]):
             table[col] = post[col]
         return table
+
+    def _with_shrinkage(self, table: pd.DataFrame, contrast: Contrast, threshold: float,
+                        level: float) -> pd.DataFrame:
+        """A copy of ``table`` with the shrinkage columns when the run shrank ``contrast``;
+        ``table`` itself otherwise (the results files of ``fed-de run --shrink``)."""
+        from fed_de.bulk.shrink import ShrinkNotComputedError
+
+        if self.state.shrink is None:
+            return table
+        try:
+            return self._shrinkage_beside(table.copy(), contrast, threshold, level)
+        except ShrinkNotComputedError:
+            return table
 
     @property
     def pca(self) -> dict:
