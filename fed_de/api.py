@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fed_de.backends import check_backend, n_declared_sites, run, secure_option
+from fed_de.backends import (
+    check_backend,
+    declared_site_names,
+    n_declared_sites,
+    run,
+    secure_option,
+)
 from fed_de.bulk.results import DESeq2Result, contrast_list, study_contrast_vector
 from fed_de.core.size_factors import SIZE_FACTOR_TYPES
 from fed_de.design import (
@@ -396,7 +402,7 @@ def deseq2(
                       "outlier's, when one is replaced in a design cell; docs/privacy.md)",
                       stacklevel=2)
     post = postfit_options(study, contrasts, shrink, shrink_coef, pca, pca_genes, pca_group,
-                           site_names(loaded, keys))
+                           declared_site_names(loaded, keys))
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
                               min_cell_size=min_cell_size, round_counts=round_counts,
                               test=test, reduced=reduced, cooks=cooks,
@@ -408,7 +414,7 @@ def deseq2(
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
     total = 0
     if progress is True:
-        total = len(record_plan(strategy, list(site_names(loaded, keys))).tasks)
+        total = len(record_plan(strategy, list(declared_site_names(loaded, keys))).tasks)
     with progress_callback(progress, total) as callback:
         done = run(strategy, loaded, backend, workdir=workdir, credentials=credentials,
                    keys=keys, timeout=timeout, progress=callback,
@@ -459,17 +465,6 @@ def deseq2(
 
 
 # -- the post-fit phase: shrinkage, VST + PCA (fed_de.bulk.postfit) -------------------------------
-def site_names(loaded: list[SiteData], keys=None) -> tuple[str, ...]:
-    """The study's site names, as the sites know themselves (per-site PCA centroids)."""
-    if loaded:
-        return tuple(s.name for s in loaded)
-    if keys is None:
-        return ()
-    from fed_de.backends.substra import _load_yaml
-
-    return tuple((_load_yaml(keys) or {}).get("sites") or {})
-
-
 def postfit_options(study: Study, contrasts, shrink, shrink_coef, pca: bool, pca_genes: int,
                     pca_group, names: tuple) -> dict:
     """The strategy's post-fit options, every name checked against the study now (before

@@ -334,6 +334,7 @@ def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
                 min_cell_size, cooks=True, layer=None, post: dict | None = None) -> None:
     """``--plan-only``: steps, tasks, distinct functions, and each site's messages."""
     from fed_de.api import declare_study, load_sites, postfit_options
+    from fed_de.backends import declared_site_names
     from fed_de.backends.plan import record_plan
     from fed_de.bulk.strategy import DESeq2Strategy
     from fed_de.design import make_study
@@ -343,9 +344,7 @@ def _print_plan(sites, design, levels, genes, keys, test, reduced, size_factors,
         study = declare_study(loaded, design, levels, genes)
         names = [s.name for s in loaded]
     else:
-        import yaml
-
-        names = list((yaml.safe_load(Path(keys).read_text()) or {}).get("sites", {}))
+        names = list(declared_site_names([], keys))
         if genes is None:
             raise typer.BadParameter("--plan-only with --keys needs --genes")
         study = make_study(design, genes, levels or {})

@@ -94,13 +94,21 @@ def check_workers(backend: str, n_jobs: int | None, spill_dir) -> None:
                          "the platform runs each site's tasks on that site's own node")
 
 
-def n_declared_sites(loaded: list, keys=None) -> int:
-    """The study's number of sites: those given, or those the keys file lists (remote)."""
+def declared_site_names(loaded: list, keys=None) -> tuple[str, ...]:
+    """The study's site names: those of the sites given, or those the keys file lists (a
+    remote study, whose data stays at the sites)."""
     if loaded:
-        return len(loaded)
+        return tuple(s.name for s in loaded)
+    if keys is None:
+        return ()
     from fed_de.backends.substra import _load_yaml
 
-    return len((_load_yaml(keys) or {}).get("sites") or {}) if keys is not None else 0
+    return tuple((_load_yaml(keys) or {}).get("sites") or {})
+
+
+def n_declared_sites(loaded: list, keys=None) -> int:
+    """The study's number of sites: those given, or those the keys file lists (remote)."""
+    return len(declared_site_names(loaded, keys))
 
 
 def secure_option(asked: bool, n_sites: int) -> bool:

@@ -239,21 +239,14 @@ def declare_screen(sites: list[ScreenSite], perturbation_column: str, control: s
                        and site_effects and len(sites) > 1)
 
 
-def study_site_names(keys) -> list[str]:
-    """Site names a keys file lists (a remote study's sites)."""
-    from fed_de.backends.substra import _load_yaml
-
-    return list((_load_yaml(keys) or {}).get("sites") or {}) if keys is not None else []
-
-
 def _declared_remote_study(keys, perturbation_column: str, control: str, covariates,
                            perturbations, genes, levels, site_effects: bool) -> ScreenStudy:
     """The screen study of a remote network: declared by the user, site names from keys."""
-    from fed_de.backends.substra import _load_yaml
+    from fed_de.backends import declared_site_names
 
     if perturbations is None or genes is None:
         raise ValueError("backend='remote' needs the study declared: perturbations= and genes=")
-    site_names = list(_load_yaml(keys).get("sites") or {})
+    site_names = list(declared_site_names([], keys))
     if not site_names:
         raise ValueError("the keys file lists no site (write it with fed-de register-site)")
     factors = []
@@ -406,7 +399,7 @@ def screen(
                   min_pct_pert=min_pct_pert, min_mean_ctrl=min_mean_ctrl,
                   min_mean_pert=min_mean_pert, min_cells_ctrl=min_cells_ctrl,
                   min_cells_pert=min_cells_pert, **dict(rounds or {}))
-    from fed_de.backends import n_declared_sites, secure_option
+    from fed_de.backends import declared_site_names, n_declared_sites, secure_option
 
     n_sites = n_declared_sites(loaded, keys)
     strategy = ScreenStrategy(study.to_dict(), **params, n_sites=n_sites,
@@ -418,7 +411,7 @@ def screen(
         tracemalloc.start()
     total = 0
     if progress is True:
-        names = [s.name for s in loaded] or list(study_site_names(keys))
+        names = list(declared_site_names(loaded, keys))
         total = len(record_plan(strategy, names).tasks)
     try:
         with progress_callback(progress, total, "fed_de screen") as callback:
