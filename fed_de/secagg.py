@@ -11,12 +11,15 @@ Protocol (``S`` sites, ids compared as Python strings)
    seed: HKDF-SHA256 over the X25519 shared secret, bound to the run id and both site ids
    (:func:`pair_seeds`). Both members of a pair derive the same seed; nobody else can.
 3. For each message, a site encodes every array in fixed point in the ring ``Z_{2^K}``
-   (:class:`FixedPoint`) and adds, for each peer ``j``, a mask expanded from the pair seed by
-   ChaCha20 and addressed by ``(stream, round tag, message key)``: ``+mask`` if ``me < j``,
-   ``-mask`` otherwise (:func:`mask`). The two members of a pair add opposite masks, so every
-   mask cancels in the sum over all sites, and the aggregator decodes the exact total of the
-   encoded values (:func:`unmask_sum`). Any strict subset of the messages is covered by at
-   least one uncancelled mask and is computationally indistinguishable from uniform.
+   (:class:`FixedPoint`) and adds, for each of its mask neighbours ``j``
+   (:func:`mask_neighbours`: every other site in studies of up to 9 sites, 8 of them beyond),
+   a mask expanded from the pair seed by ChaCha20 and addressed by ``(stream, round tag,
+   message key)``: ``+mask`` if ``me < j``, ``-mask`` otherwise (:func:`mask`). The two
+   members of a pair add opposite masks, so every mask cancels in the sum over all sites, and
+   the aggregator decodes the exact total of the encoded values (:func:`unmask_sum`). The
+   neighbour graph is connected, so any strict subset of the messages is covered by at least
+   one uncancelled mask and is computationally indistinguishable from uniform; a coalition of
+   fewer sites than the graph's connectivity (8) cannot uncover a subset either.
 
 A mask must never cover two different messages: the difference of two messages masked alike is
 the difference of their data. Masks are addressed by ``(stream, tag, key)`` and a site refuses
@@ -53,6 +56,7 @@ HEADER = "_secagg"
 _VERSION = b"fed_de/secagg/v1"
 _MAX_TAG = 2**63
 _LO32 = np.uint64(0xFFFFFFFF)
+MASK_DEGREE = 8  # peers each site masks with (all of them in studies of up to 9 sites)
 
 
 class SecAggError(ValueError):
@@ -325,14 +329,15 @@ class SecAggSession:
 
     me: str
     run_id: bytes
-    seeds: dict[str, bytes] = field(repr=False)
+    seeds: dict[str, bytes] = field(repr=False)  # the mask neighbours' pair seeds
     encoding: FixedPoint = field(default_factory=FixedPoint)
     last_tag: dict[int, int] = field(default_factory=dict)
+    all_sites: tuple[str, ...] = ()  # every site (default: me and the seeds' peers)
 
     @property
     def parties(self) -> tuple[str, ...]:
         """Every site of the run, sorted."""
-        return tuple(sorted([self.me, *self.seeds]))
+        return tuple(sorted(self.all_sites or [self.me, *self.seeds]))
 
     @property
     def run_digest(self) -> bytes:
@@ -344,21 +349,51 @@ class SecAggSession:
         return h.digest()[:16]
 
 
+def mask_neighbours(sites: Collection[str], me: str, degree: int = MASK_DEGREE
+                    ) -> tuple[str, ...]:
+    """The sites ``me`` shares masks with: within ``degree // 2`` places of it on the ring of
+    the sorted site ids (a circulant graph); every other site when there are at most
+    ``degree + 1`` sites.
+
+    The graph is symmetric (both members of a pair agree) and its vertex connectivity is
+    ``2 * (degree // 2)``: fewer colluding sites than that cannot split the others, so the
+    aggregator and a coalition that small learn from the masked messages only what they learn
+    with masks between every pair (the total over the other sites). Each site masks with
+    ``degree`` peers, not ``S - 1``: the masking cost of a study grows as ``S``, not ``S**2``
+    (the idea of Bell et al. 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic
+    Overhead", ACM CCS; here without dropouts, so a fixed graph suffices).
+    """
+    ring = sorted(sites)
+    if me not in ring:
+        raise SecAggError(f"site {me!r} is not among the sites {ring}")
+    n, half = len(ring), max(1, degree // 2)
+    if n - 1 <= 2 * half:
+        return tuple(s for s in ring if s != me)
+    i = ring.index(me)
+    return tuple(ring[(i + d) % n] for d in range(-half, half + 1) if d != 0)
+
+
 def open_session(private: bytes, public_by_site: Mapping[str, bytes], me: str, run_id: bytes,
                  *, encoding: FixedPoint | None = None,
-                 expected_sites: Collection[str] | None = None) -> SecAggSession:
+                 expected_sites: Collection[str] | None = None,
+                 degree: int = MASK_DEGREE) -> SecAggSession:
     """A site's session from its private key and the relayed public keys.
 
     ``expected_sites`` (the study's declared sites) guards against a relay that adds or drops
-    a site. The private key is not kept: the session holds the pair seeds only.
+    a site. The site masks with its :func:`mask_neighbours` (``degree`` of them; all the
+    others in studies of up to ``degree + 1`` sites). The private key is not kept: the
+    session holds the pair seeds only.
     """
     if expected_sites is not None and set(public_by_site) != set(expected_sites):
         raise SecAggError(
             f"relayed sites {sorted(public_by_site)} differ from the study's "
             f"{sorted(expected_sites)}")
     seeds = pair_seeds(private, public_by_site, me, run_id)
-    return SecAggSession(me=me, run_id=bytes(run_id), seeds=seeds,
-                         encoding=encoding or FixedPoint())
+    near = set(mask_neighbours(public_by_site, me, degree))
+    return SecAggSession(me=me, run_id=bytes(run_id),
+                         seeds={k: v for k, v in seeds.items() if k in near},
+                         encoding=encoding or FixedPoint(),
+                         all_sites=tuple(sorted(public_by_site)))
 
 
 def _mask_stream(seed: bytes, stream: int, tag: int, key: str, n_words: int) -> np.ndarray:
@@ -430,7 +465,7 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
     if not all(isinstance(key, str) for key in message):
         raise SecAggError("message keys must be strings")
     fmt = session.encoding
-    n_parties = len(session.seeds) + 1
+    n_parties = len(session.parties)
     out: dict = {}
     for key, value in message.items():
         arr = _as_float_array(key, value)
@@ -450,33 +485,87 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
 # --------------------------------------------------------------------------- aggregator
 
 
-def _check_headers(masked: Sequence[Mapping]) -> dict:
-    if not masked:
-        raise SecAggError("no message to sum")
-    heads = []
-    for m in masked:
-        if HEADER not in m:
+class MaskedSum:
+    """Cross-site totals of one masked round, accumulated one site's message at a time.
+
+    :meth:`add` checks each message against the first (same round, run and encoding, same
+    keys and shapes) and adds it into the ring totals; the message can be dropped at once, so
+    an aggregator holds one message and the running totals, not every site's message.
+    :meth:`total` checks that every party sent exactly once and decodes. Ring addition is
+    exact, so the totals do not depend on the order of the sites.
+    """
+
+    _COMMON = ("parties", "run", "stream", "tag", "limbs", "frac_bits")
+
+    def __init__(self) -> None:
+        self.head: dict | None = None
+        self.sites: list[str] = []
+        self.acc: dict[str, np.ndarray] = {}
+        self.shapes: dict[str, tuple] = {}
+
+    def __bool__(self) -> bool:
+        return self.head is not None
+
+    def add(self, masked: Mapping) -> None:
+        """Add one site's masked message.
+
+        Raises
+        ------
+        SecAggError
+            The message is not masked, is of another round, run or encoding, or its keys or
+            shapes differ from the first message's.
+        """
+        if HEADER not in masked:
             raise SecAggError("a message is not masked (no secure-aggregation header)")
-        heads.append(m[HEADER])
-    first = heads[0]
-    common = ("parties", "run", "stream", "tag", "limbs", "frac_bits")
-    for h in heads[1:]:
-        diff = [k for k in common if h[k] != first[k]]
+        head = masked[HEADER]
+        if self.head is None:
+            self.head = head
+        diff = [k for k in self._COMMON if head[k] != self.head[k]]
         if diff:
             raise SecAggError(f"messages differ in {diff}: not from the same masked round")
-    sites = sorted(h["site"] for h in heads)
-    if sites != sorted(first["parties"]):
-        raise SecAggError(
-            f"masks cancel only over every site: got {sites}, need {sorted(first['parties'])}")
-    keys = set(masked[0]) - {HEADER}
-    for m in masked[1:]:
-        if set(m) - {HEADER} != keys:
+        keys = set(masked) - {HEADER}
+        if self.sites and keys != set(self.acc):
             raise SecAggError("messages carry different keys")
-    return first
+        limbs = self.head["limbs"]
+        for key in keys:
+            a = np.asarray(masked[key])
+            if a.dtype != np.uint64 or a.shape[:1] != (limbs,) or (
+                    self.sites and a.shape != self.shapes[key]):
+                raise SecAggError(
+                    f"{key!r}: masked arrays differ in shape or are not uint64 limbs")
+            if not self.sites:
+                self.shapes[key] = a.shape
+                self.acc[key] = a.reshape(limbs, -1).copy()
+            else:
+                _iadd(self.acc[key], a.reshape(limbs, -1))
+        self.sites.append(head["site"])
+
+    def total(self) -> dict:
+        """The decoded totals ``{key: float64 array}`` (``np.float64`` for scalars).
+
+        Raises
+        ------
+        SecAggError
+            No message was added, or not every party sent exactly once (the masks cancel
+            only over every site).
+        """
+        if self.head is None:
+            raise SecAggError("no message to sum")
+        if sorted(self.sites) != sorted(self.head["parties"]):
+            raise SecAggError(
+                f"masks cancel only over every site: got {sorted(self.sites)}, need "
+                f"{sorted(self.head['parties'])}")
+        fmt = FixedPoint(self.head["limbs"], self.head["frac_bits"])
+        totals: dict = {}
+        for key, acc in self.acc.items():
+            value = fmt.decode(acc.reshape(self.shapes[key]))
+            totals[key] = np.float64(value) if value.ndim == 0 else value
+        return totals
 
 
 def unmask_sum(masked: Sequence[Mapping]) -> dict:
-    """Cross-site totals from every site's masked message of one round.
+    """Cross-site totals from every site's masked message of one round (all at once; see
+    :class:`MaskedSum` to add them as they arrive).
 
     Returns
     -------
@@ -490,21 +579,7 @@ def unmask_sum(masked: Sequence[Mapping]) -> dict:
         A site is missing or repeated, or the messages are not of the same round, run and
         encoding, or their keys or shapes differ.
     """
-    head = _check_headers(masked)
-    fmt = FixedPoint(head["limbs"], head["frac_bits"])
-    totals: dict = {}
-    for key in masked[0]:
-        if key == HEADER:
-            continue
-        arrays = [np.asarray(m[key]) for m in masked]
-        shape = arrays[0].shape
-        if any(a.shape != shape or a.dtype != np.uint64 for a in arrays) or \
-                shape[:1] != (fmt.limbs,):
-            raise SecAggError(f"{key!r}: masked arrays differ in shape or are not uint64 limbs")
-        acc = arrays[0].reshape(fmt.limbs, -1).copy()
-        for a in arrays[1:]:
-            _iadd(acc, a.reshape(fmt.limbs, -1))
-        acc = acc.reshape(shape)
-        value = fmt.decode(acc)
-        totals[key] = np.float64(value) if value.ndim == 0 else value
-    return totals
+    total = MaskedSum()
+    for m in masked:
+        total.add(m)
+    return total.total()

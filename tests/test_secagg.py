@@ -5,6 +5,7 @@ realistic message sizes (printed with ``pytest -s``, not asserted)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import pickle
 import time
@@ -137,6 +138,53 @@ def test_totals_do_not_depend_on_the_order_of_the_sites():
     b = sa.unmask_sum(masked[::-1])["x"]
     c = sa.unmask_sum([masked[i] for i in (2, 0, 4, 1, 3)])["x"]
     assert np.array_equal(a, b) and np.array_equal(a, c)  # exact integer sums
+
+
+def _split_by(colluders: set, sites: list[str], graph: dict) -> bool:
+    """Whether removing ``colluders`` disconnects the other sites in the mask graph."""
+    rest = [s for s in sites if s not in colluders]
+    seen, todo = {rest[0]}, [rest[0]]
+    while todo:
+        for peer in graph[todo.pop()]:
+            if peer not in colluders and peer not in seen:
+                seen.add(peer)
+                todo.append(peer)
+    return len(seen) < len(rest)
+
+
+@pytest.mark.parametrize("n_sites", [2, 9, 10, 20, 33])
+def test_mask_graph_is_symmetric_with_connectivity_eight(n_sites):
+    names = _names(n_sites)
+    graph = {n: set(sa.mask_neighbours(names, n)) for n in names}
+    assert all(n in graph[peer] for n in names for peer in graph[n])  # both mask the pair
+    degree = min(n_sites - 1, sa.MASK_DEGREE)
+    assert {len(v) for v in graph.values()} == {degree}
+    if n_sites <= sa.MASK_DEGREE + 1:
+        return  # every pair masks: only all the others together uncover a site
+    # no coalition of 7 sites splits the others (every such coalition, for 10 and 20 sites)
+    rng = np.random.default_rng(n_sites)
+    coalitions = (itertools.combinations(names, 7) if n_sites <= 20 else
+                  (rng.choice(names, 7, replace=False) for _ in range(3000)))
+    assert not any(_split_by(set(c), names, graph) for c in coalitions)
+    # while 8 neighbours of one site do: the stated connectivity is tight
+    assert _split_by(graph[names[0]], names, graph)
+
+
+def test_masks_cancel_and_hide_with_twenty_sites_and_eight_neighbours():
+    names = _names(20)
+    sessions = _sessions(names)
+    assert all(len(s.seeds) == 8 and s.parties == tuple(names) for s in sessions.values())
+    rng = np.random.default_rng(20)
+    n = 5000
+    data = {m: np.floor(rng.uniform(0, 50, n)) for m in names}
+    masked = [sa.mask({"x": data[m]}, sessions[m], 1) for m in names]
+    np.testing.assert_array_equal(sa.unmask_sum(masked)["x"], sum(data.values()))
+    # the ring sum of any 19 of the 20, or of a run of neighbours, is still masked
+    for subset in (names[1:], names[:5], names[3:11]):
+        acc = masked[names.index(subset[0])]["x"].reshape(FP.limbs, -1).copy()
+        for m in subset[1:]:
+            sa._iadd(acc, masked[names.index(m)]["x"].reshape(FP.limbs, -1))
+        assert np.median(np.abs(FP.decode(acc) - sum(data[m] for m in subset))) > 1e20
 
 
 # --------------------------------------------------------------------------- what leaks
@@ -416,3 +464,21 @@ def test_every_message_of_a_real_run_sums_securely_to_the_plain_totals():
             bound = (3 * 2.0 ** -(F + 1) * (1 + 2**-52) + 2.0**-52 * np.abs(plain)
                      + 3 * 2.0**-53 * scale)
             assert np.all(np.abs(value - plain) <= bound), key
+
+
+def test_twelve_sites_masking_with_eight_neighbours_give_the_plain_answer():
+    """Beyond 9 sites each site masks with 8 neighbours only: the federated answer is the
+    unmasked run's (sums in the ring are exact; only float summation order differs)."""
+    import fed_de
+    from fed_de.demo_data import make_demo_study
+
+    study = make_demo_study(n_samples=96, n_genes=120, seed=12, n_sites=12)
+    kw = dict(levels=study.levels, min_cell_size=0, cooks=False)
+    masked = fed_de.deseq2(study.sites, study.design, **kw)
+    plain = fed_de.deseq2(study.sites, study.design, secure_aggregation=False, **kw)
+    assert masked.facts["secure_aggregation"] and not plain.facts["secure_aggregation"]
+    a, b = masked.results(), plain.results()
+    for col in ("log2FoldChange", "lfcSE", "pvalue"):
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(masked.dispersions["final"], plain.dispersions["final"],
+                               rtol=1e-8)

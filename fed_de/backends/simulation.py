@@ -37,6 +37,7 @@ import time
 import traceback
 import uuid
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -607,6 +608,30 @@ class StrictTrainDataNode:
         return {"organization_id": self.organization_id, "n_samples": self._site.n_samples}
 
 
+class _Inputs(Sequence):
+    """An aggregation's inputs, unpickled when read and not kept: a task that reads them
+    once, in order, holds one site's message at a time (the pickled outputs stay with the
+    platform until the task is done). Every read is a fresh copy, as every consumer gets."""
+
+    def __init__(self, platform: _Platform, keys: list[str]):
+        self._platform, self._keys = platform, keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._platform.get_shared(k) for k in self._keys[i]]
+        return self._platform.get_shared(self._keys[i])
+
+    def __iter__(self):
+        for key in self._keys:
+            yield self._platform.get_shared(key)
+
+    def __reduce__(self):  # a task that returns its inputs returns a list of them
+        return list, (list(self),)
+
+
 class StrictAggregationNode:
     """The aggregator: stateless tasks over unpickled copies of the sites' messages."""
 
@@ -635,7 +660,7 @@ class StrictAggregationNode:
         op_id = str(uuid.uuid4())
         if pf.declare(op_id, "aggregation", self.organization_id, step) == "run":
             pf.run_pending([r.key for r in refs])
-            states = [pf.get_shared(r.key) for r in refs]
+            states = _Inputs(pf, [r.key for r in refs])
             instance = _rebuild(rs).get_instance()
             if pf.progress is not None:
                 pf.progress(step, self.organization_id, round_idx)

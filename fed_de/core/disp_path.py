@@ -313,6 +313,23 @@ def _certain_genewise(path, ulp_total, ua, noise, gw) -> tuple:
     return ok, no_inc, dec["refit"]
 
 
+def _nearest_gap(a: np.ndarray, b: np.ndarray, rows: np.ndarray | None = None,
+                 block: int = 1 << 21) -> np.ndarray:
+    """Per gene, each ``a`` point's distance to the nearest ``b`` point (genes x m and
+    genes x w, NaN-padded; NaN ignored, ``inf`` when no point) for the genes in ``rows``
+    (all by default; ``inf`` elsewhere). Computed over blocks of genes of about ``block``
+    pairs: genes x m x w at once is gigabytes from ~10,000 genes."""
+    out = np.full(a.shape, np.inf)
+    todo = np.arange(a.shape[0]) if rows is None else np.flatnonzero(rows)
+    per = max(1, block // max(1, a.shape[1] * b.shape[1]))
+    with np.errstate(invalid="ignore"):
+        for lo in range(0, todo.size, per):
+            r = todo[lo:lo + per]
+            d = np.abs(a[r, :, None] - b[r, None, :])
+            out[r] = np.min(np.where(np.isnan(d), np.inf, d), axis=2, initial=np.inf)
+    return out
+
+
 def _pick_needed(steps: list, k: int, open_: np.ndarray, mem: dict) -> np.ndarray:
     """Up to ``k`` points per open gene to evaluate next: the first uncertain decision, then
     the path points with the largest surrogate errors (MIN_GAP apart, not yet evaluated),
@@ -320,9 +337,7 @@ def _pick_needed(steps: list, k: int, open_: np.ndarray, mem: dict) -> np.ndarra
     pts = np.array([p for p, _, _ in steps]).T  # genes x steps
     act = np.array([a for _, a, _ in steps]).T & np.isfinite(pts) & open_[:, None]
     score = np.where(act, np.array([sc for _, _, sc in steps]).T, -np.inf)
-    with np.errstate(invalid="ignore"):
-        seen = (np.abs(pts[:, :, None] - mem["x"][:, None, :]) < 1e-12).any(axis=2)
-    score = np.where(seen, -np.inf, score)
+    score = np.where(_nearest_gap(pts, mem["x"], open_) < 1e-12, -np.inf, score)
     G = pts.shape[0]
     rows = np.arange(G)
     need = np.full((G, k), np.nan)
@@ -363,8 +378,7 @@ def _support(have: np.ndarray, lo: np.ndarray, hi: np.ndarray, room: np.ndarray)
     lo_, hi_ = np.clip(np.where(ok, lo, 0.0), LOG_LO, LOG_HI), np.clip(np.where(ok, hi, 0.0),
                                                                       LOG_LO, LOG_HI)
     cand = lo_[:, None] + (hi_ - lo_)[:, None] * np.linspace(0.0, 1.0, 4 * n + 9)[None, :]
-    with np.errstate(invalid="ignore"):
-        gap = np.nanmin(np.abs(cand[:, :, None] - have[:, None, :]), axis=2, initial=np.inf)
+    gap = _nearest_gap(cand, have)
     rows = np.arange(G)
     for j in range(n):
         best = np.argmax(gap, axis=1)

@@ -103,18 +103,42 @@ def mask_message(message: Message, keys: Keyring, relay: KeyRelay, n_sites: int,
                                                         stream=stream))
 
 
+class MaskedTotal:
+    """The sum of one round's masked messages, added as they arrive (one site's message is
+    held at a time, not all of them): :meth:`add` each, then :meth:`message`."""
+
+    def __init__(self) -> None:
+        self.kind: str | None = None
+        self.sum = secagg.MaskedSum()
+
+    def __bool__(self) -> bool:
+        return self.kind is not None
+
+    def add(self, masked: MaskedMessage) -> None:
+        """Add one site's masked message (all must be of one message type)."""
+        if self.kind is not None and masked.kind != self.kind:
+            raise ValueError(f"sites sent different messages in one round: "
+                             f"{sorted({self.kind, masked.kind})}")
+        self.kind = masked.kind
+        self.sum.add(masked.payload)
+
+    def message(self) -> Message:
+        """The cross-site total, rebuilt as its message type."""
+        module, _, name = (self.kind or "").partition(":")
+        if not module.startswith("fed_de."):
+            raise ValueError(f"{self.kind} is not a fed_de message")
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, Message)):
+            raise ValueError(f"{self.kind} is not a fed_de message")
+        return from_arrays(cls, self.sum.total())
+
+
 def unmask_total(masked: list[MaskedMessage]) -> Message:
     """The sum of the sites' messages, rebuilt as its message type."""
-    kinds = {m.kind for m in masked}
-    if len(kinds) != 1:
-        raise ValueError(f"sites sent different messages in one round: {sorted(kinds)}")
-    module, _, name = masked[0].kind.partition(":")
-    if not module.startswith("fed_de."):
-        raise ValueError(f"{masked[0].kind} is not a fed_de message")
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, Message)):
-        raise ValueError(f"{masked[0].kind} is not a fed_de message")
-    return from_arrays(cls, secagg.unmask_sum([m.payload for m in masked]))
+    total = MaskedTotal()
+    for m in masked:
+        total.add(m)
+    return total.message()
 
 
 def from_arrays(cls: type, flat: dict, prefix: str = "") -> Message:

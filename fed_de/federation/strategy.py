@@ -130,22 +130,27 @@ class FedStrategy(ComputePlanBuilder):
         Inputs are the sites' messages, then (optionally) a side chain's final state, then the
         previous run state (aggregations keep no state: it travels this way).
         """
-        sent = (Message, secure.MaskedMessage)
-        messages = [s for s in shared_states if isinstance(s, sent)]
-        states = [s for s in shared_states if not isinstance(s, sent)]
+        offers, plain, states = [], [], []
+        masked = secure.MaskedTotal()
+        for item in shared_states:  # one pass: masked messages are summed as they come
+            if isinstance(item, secure.KeyOffer):
+                offers.append(item)
+            elif isinstance(item, secure.MaskedMessage):
+                masked.add(item)
+            elif isinstance(item, Message):
+                plain.append(item)
+            else:
+                states.append(item)
+        item = None  # drop the last one read
         state = states[-1] if states else self.initial_state()
         side = states[0] if len(states) > 1 else None
-        offers = [m for m in messages if isinstance(m, secure.KeyOffer)]
-        masked = [m for m in messages if isinstance(m, secure.MaskedMessage)]
-        plain = [m for m in messages if not isinstance(m, secure.KeyOffer | secure.MaskedMessage)]
         if masked and plain:
             raise ValueError("some sites sent masked messages and others did not")
         sums = None
         if masked or plain:
             rows = getattr(state, "rows", None)
             n_genes = self.dims()["G"] if rows is not None else None
-            summed = [secure.unmask_total(masked)] if masked else plain
-            sums = total(summed, rows, n_genes)
+            sums = total([masked.message()] if masked else plain, rows, n_genes)
         provided = {"sums": sums, "side": side, "offers": offers, **self.context()}
         for fn, params in decode(steps, "aggregator"):
             state = apply_aggregation(fn, state, provided, params)
