@@ -943,8 +943,9 @@ def attack_counts(tasks: list[Task], geo: Geometry, sizes: dict | None = None,
     ``later``: add the equations of later rounds (:func:`add_affine_rows`). ``oracle_s``:
     per cell, the true size factors (sorted), handed to the attacker instead of its fit -- an
     attacker stronger than any aggregator, to measure what the count equations alone would
-    give (``oracle_rel``: their relative error, for a perturbed oracle). ``only``: message kinds whose equations are used (the others' rows dropped; the
-    cell sums' zero bounds kept), to show what one round kind gives by itself.
+    give (``oracle_rel``: their relative error, for a perturbed oracle). ``only``: message
+    kinds whose equations are used (the others' rows dropped; the cell sums' bounds kept),
+    to show what one round kind gives by itself.
     """
     sizes = sizes or attack_sizes(tasks, geo)
     if sizes["cells"] is None:
@@ -1099,7 +1100,7 @@ def add_affine_rows(sy: CellSystem, tasks: list[Task], geo: Geometry, c: int,
         zero = np.zeros((1, genes.size))
         f0, coef = {}, {}
         with np.errstate(all="ignore"):
-            for j, sj in enumerate(s):
+            for sj in s:
                 o0 = ev(zero, Xc, np.array([sj]), a, cd)
                 o1 = ev(zero + 1, Xc, np.array([sj]), a, cd)
                 o2 = ev(zero + 2, Xc, np.array([sj]), a, cd)
