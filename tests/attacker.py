@@ -440,7 +440,8 @@ def _prony_start(m, alpha, kind, value, n) -> np.ndarray | None:
 
 
 def fit_size_factors(ws: WeightSums, n: int, *, s_floor: float = 0.05, max_obs: int = 2000,
-                     starts: int = 8, seed: int = 0, effort: int = 50) -> SizeFactorClaim:
+                     starts: int = 8, seed: int = 0, effort: int = 50,
+                     min_mu: float = MIN_MU) -> SizeFactorClaim:
     """Least-squares fit of a cell's ``n`` size factors to its weight sums.
 
     Claimed when the fit reproduces every sum to rounding (relative residual < 1e-9), the
@@ -451,7 +452,7 @@ def fit_size_factors(ws: WeightSums, n: int, *, s_floor: float = 0.05, max_obs: 
     m, alpha, kind, value = ws.arrays()
     if n == 0 or m.size == 0:
         return SizeFactorClaim(np.full(n, np.nan), False, np.inf, np.inf, 0)
-    ok = (m * s_floor > MIN_MU * 1.0001) & (value != 0)  # the floor cannot bind
+    ok = (m * s_floor > min_mu * 1.0001) & (value != 0)  # the floor cannot bind
     m, alpha, kind, value = m[ok], alpha[ok], kind[ok], value[ok]
     if m.size < 2 * n:
         return SizeFactorClaim(np.full(n, np.nan), False, np.inf, np.inf, int(m.size))
@@ -597,12 +598,14 @@ def attack_size_factors(tasks: list[Task], geo: Geometry, cell_counts, **kwargs
     return [fit_size_factors(ws[c], int(cell_counts[c]), **kwargs) for c in range(geo.C)]
 
 
-def size_factor_bound(ws: WeightSums, s_true: np.ndarray, s_floor: float = 0.05) -> float:
+def size_factor_bound(ws: WeightSums, s_true: np.ndarray, s_floor: float = 0.05,
+                      min_mu: float = MIN_MU) -> float:
     """How well the weight sums can pin a cell's size factors at all: the predicted relative
     error (rounding noise 1e-14 on every sum) of a fit at the *true* size factors. Above
-    ~1e-6 no decoder of these sums recovers them (a scoring aid: uses the truth)."""
+    ~1e-6 no decoder of these sums recovers them (a scoring aid: uses the truth).
+    ``min_mu``: the means' floor (bulk 0.5; screens 1e-8)."""
     m, alpha, kind, value = ws.arrays()
-    ok = (m * s_floor > MIN_MU * 1.0001) & (value != 0)
+    ok = (m * s_floor > min_mu * 1.0001) & (value != 0)
     m, alpha, kind, value = m[ok], alpha[ok], kind[ok], value[ok]
     if m.size == 0:
         return np.inf
@@ -1442,3 +1445,39 @@ def _screen_gene(Y: float, N: float, k: int, s: np.ndarray, budget: int) -> np.n
     return out
 
 
+
+
+def attack_screen_subgroups(tasks: list[Task], study, max_cells: int = 7) -> list[dict]:
+    """Size factors of a perturbation's cells within one design cell, from the last fit
+    round's ``WaldSums.pert_wx``: per (perturbation, gene, design cell) the sum of
+    ``w = mu / (1 + alpha mu)`` over those cells, ``mu = s m`` with ``m`` the mean table at the
+    point the aggregator sent (``cf.mean_table``), ``alpha`` the fit's dispersions. With the
+    site as a design factor, a design cell is one site, and ``GroupSums.pert_n`` (P, C) gives
+    each site's count of the group's cells. Claims as :func:`fit_size_factors` (floor 1e-8).
+
+    Returns
+    -------
+    list of dict
+        ``{"perturbation", "cell", "s"}`` (sorted size factors; library sizes are ``s`` times
+        the public scale).
+    """
+    from fed_de.core import screen_fit as cf
+
+    last = [t for t in tasks if t.kind == "FitSums" and "wald.pert_wx" in t.message]
+    grp = next((t for t in tasks if t.kind == "GroupSums"), None)
+    if not last or grp is None:
+        return []
+    fit = last[-1].state.fit
+    table = cf.mean_table(study.fit_design, fit.control.b, fit.beta)  # Q x C x G
+    wx = np.asarray(last[-1].message["wald.pert_wx"])  # P x G x p (X = I: per cell)
+    if not np.allclose(study.fit_design, np.eye(study.fit_design.shape[0])):
+        wx = wx @ np.linalg.pinv(study.fit_design)  # per design cell
+    pn = np.asarray(grp.message["pert_n"])
+    out = []
+    for p, c in zip(*np.nonzero((pn > 0.5) & (pn < max_cells + 0.5)), strict=True):
+        ws = WeightSums()
+        ws.add(table[p + 1, c], fit.alpha, 1, wx[p, :, c])
+        f = fit_size_factors(ws, int(round(pn[p, c])), s_floor=1e-3, min_mu=1e-8, starts=4)
+        if f.claimed:
+            out.append({"perturbation": int(p), "cell": int(c), "s": f.values})
+    return out

@@ -375,3 +375,28 @@ def test_default_plan_has_no_refit_round(default_run):
     """Defaults from two sites: no round runs on replaced counts (no refit in the plan)."""
     rec, _, _ = default_run
     assert not any(getattr(r.received, "rows", None) is not None for r in rec["rounds"])
+
+
+def test_screen_site_subgroups_residual(screen_data):
+    """Residual found by attack (defaults): the screen's design has the site as a factor, so
+    its per-design-cell sums are per-site sums in the clear of the totals. A perturbation
+    group of >= 15 pooled cells can hold 3-7 cells at one site, and the last round's
+    ``WaldSums.pert_wx`` (per perturbation, gene and design cell: the sum of the Fisher
+    weights) gives those cells' size factors -- library sizes exactly -- with no wrong
+    claim. ``GroupSums.pert_n`` gives each site's cells per group."""
+    rec = atk.record_run(screen_data, screen=True, **KW_SCREEN)
+    st = rec["study"]
+    tasks = atk.view(rec, "totals")
+    grp = next(t for t in tasks if t.kind == "GroupSums")
+    scale = float(np.exp(grp.state.scale.sf_log_scale))
+    claims = atk.attack_screen_subgroups(tasks, st)
+    right = wrong = 0
+    names = list(screen_data)
+    for cl in claims:
+        tr = scen.screen_truth(screen_data, names[cl["cell"]], list(st.perturbations),
+                               list(st.genes))
+        lib = np.sort(tr[cl["perturbation"]][1])
+        good = lib.size == cl["s"].size and np.allclose(cl["s"] * scale, lib, rtol=1e-6)
+        right += int(lib.size) if good else 0
+        wrong += 0 if good else int(cl["s"].size)
+    assert right >= 10 and wrong == 0, (right, wrong)
