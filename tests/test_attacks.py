@@ -377,26 +377,61 @@ def test_default_plan_has_no_refit_round(default_run):
     assert not any(getattr(r.received, "rows", None) is not None for r in rec["rounds"])
 
 
-def test_screen_site_subgroups_residual(screen_data):
-    """Residual found by attack (defaults): the screen's design has the site as a factor, so
-    its per-design-cell sums are per-site sums in the clear of the totals. A perturbation
-    group of >= 15 pooled cells can hold 3-7 cells at one site, and the last round's
-    ``WaldSums.pert_wx`` (per perturbation, gene and design cell: the sum of the Fisher
-    weights) gives those cells' size factors -- library sizes exactly -- with no wrong
-    claim. ``GroupSums.pert_n`` gives each site's cells per group."""
-    rec = atk.record_run(screen_data, screen=True, **KW_SCREEN)
+def _subgroup_attack(sites, max_cells: int, **kwargs):
+    """Record a screen, attack each site's (perturbation, design cell) groups of up to
+    ``max_cells`` cells through ``WaldSums.pert_wx``, grade the claimed library sizes."""
+    rec = atk.record_run(sites, screen=True, **KW_SCREEN, **kwargs)
     st = rec["study"]
     tasks = atk.view(rec, "totals")
     grp = next(t for t in tasks if t.kind == "GroupSums")
     scale = float(np.exp(grp.state.scale.sf_log_scale))
-    claims = atk.attack_screen_subgroups(tasks, st)
+    claims = atk.attack_screen_subgroups(tasks, st, max_cells=max_cells)
     right = wrong = 0
-    names = list(screen_data)
+    names = list(sites)
     for cl in claims:
-        tr = scen.screen_truth(screen_data, names[cl["cell"]], list(st.perturbations),
-                               list(st.genes))
+        tr = scen.screen_truth(sites, names[cl["cell"]], list(st.perturbations),
+                               list(st.genes), min_cell_size=kwargs.get("min_cell_size", 3))
         lib = np.sort(tr[cl["perturbation"]][1])
         good = lib.size == cl["s"].size and np.allclose(cl["s"] * scale, lib, rtol=1e-6)
         right += int(lib.size) if good else 0
         wrong += 0 if good else int(cl["s"].size)
+    return tasks, st, right, wrong
+
+
+def test_screen_site_subgroups_audit(screen_data):
+    """Audit (every disclosure rule off): the screen's design has the site as a factor, so
+    its per-design-cell sums are per-site sums in the clear of the totals, and the last
+    round's ``WaldSums.pert_wx`` (per perturbation, gene and design cell: the sum of the
+    Fisher weights) gives the size factors -- library sizes exactly -- of a site's 1-7 cells
+    of a perturbation, with no wrong claim. (Before the per-group rule, the same held under
+    the defaults for groups of 3-7 cells at a site inside pooled groups of >= 15.)"""
+    _, _, right, wrong = _subgroup_attack(screen_data, 7, min_cell_size=0)
     assert right >= 10 and wrong == 0, (right, wrong)
+
+
+@pytest.fixture(scope="module")
+def screen_mixed():
+    """A screen whose groups at a site hold 0-44 cells."""
+    return scen.screen_sites(n_cells=3000, n_perturbations=40, n_genes=200, seed=0)
+
+
+def test_screen_site_subgroups_defaults_nothing(screen_mixed):
+    """Defaults: a (perturbation, design cell) group of fewer than 15 cells is left out at
+    its site, so no per-design-cell sum covers fewer than 15 cells -- ``pert_n``, and the
+    Newton (``pert_hx``) and Wald (``pert_wx``) sums per design cell are zero on every group
+    left out -- and the attack on the smallest groups sent (15-20 cells) claims nothing."""
+    tasks, st, right, wrong = _subgroup_attack(screen_mixed, 20)
+    grp = next(t for t in tasks if t.kind == "GroupSums")
+    pn = np.asarray(grp.message["pert_n"])
+    assert not ((pn > 0) & (pn < 15)).any()
+    assert ((pn >= 15) & (pn <= 20)).sum() >= 10  # what the attack tried
+    assert grp.state.scale.n_groups_out > 0  # the rule left groups out on this screen
+    to_cells = np.linalg.pinv(st.fit_design)
+    for t in tasks:
+        if t.kind != "FitSums":
+            continue
+        for key in ("pert_hx", "wald.pert_wx"):
+            if key in t.message:
+                per_cell = np.asarray(t.message[key]) @ to_cells  # P x G x C
+                assert np.allclose(per_cell.transpose(0, 2, 1)[pn == 0], 0.0, atol=1e-9), key
+    assert right == wrong == 0, (right, wrong)

@@ -1,12 +1,16 @@
 """A screen's first rounds: checks, size factors, and the per-group sums every method needs.
 
 Round 1 (``setup``)  site : check counts, codes and disclosure; library sizes (kept); sum of
-                            log library sizes and cells; cells per perturbation group and,
-                            per group and gene, expressing cells (``poscounts``: per-gene
-                            sums of log positive counts)                  -> SetupSums
+                            log library sizes and cells; cells per (perturbation, design
+                            cell) group and, per group and gene, expressing cells; with the
+                            site as a design factor, groups of fewer than
+                            ``min_pooled_group`` cells are left out here, and only how many
+                            were is sent (``poscounts``: per-gene sums of log positive
+                            counts)                                       -> SetupSums
                      agg  : the global geometric-mean scale (``poscounts``: log geometric
-                            means); the study-level disclosure rules: perturbations left
-                            out, (perturbation, gene) pairs withheld     (:func:`scale_step`)
+                            means); the study-level disclosure rules: (perturbation, design
+                            cell) groups and perturbations left out, (perturbation, gene)
+                            pairs withheld                               (:func:`scale_step`)
 Round 1b (``size_factors``, ``poscounts`` only)
                      site : median-of-ratios factors (kept), sum of their logs -> FactorSums
                      agg  : their geometric-mean scale              (:func:`posfactor_scale`)
@@ -22,6 +26,8 @@ Size factors, codes and every per-cell quantity stay at the site.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -50,14 +56,16 @@ class LogCountSums(Message):
 
 
 class SetupSums(Message):
-    """Round 1: sum of log library sizes and the cells used; cells per perturbation group
-    and, per group and gene, how many express it (the study-level disclosure rules, decided
-    before any sum of values over a group is sent)."""
+    """Round 1: sum of log library sizes and the cells used; cells per (perturbation, design
+    cell) group and, per group and gene, how many express it; per perturbation, how many of
+    the site's groups it left out itself (the study-level disclosure rules, decided before
+    any sum of values over a group is sent)."""
 
     sum_log_lib: float = sums()
     n_cells: float = sums()
-    group_n: np.ndarray = sums("P")
-    group_expr: np.ndarray = sums("P", "G")
+    group_n: np.ndarray = sums("P", "C")
+    group_expr: np.ndarray = sums("P", "C", "G")
+    groups_out: np.ndarray = sums("P")
     log_counts: LogCountSums | None = part()
 
 
@@ -152,39 +160,62 @@ def _check_disclosure(site: ScreenSiteView, q: np.ndarray, c: np.ndarray) -> np.
 @site_step
 @tracked
 def setup_sums(site: ScreenSiteView) -> SetupSums:
-    """Check the site; library sizes (kept); the sums of the size-factor scale."""
+    """Check the site; library sizes (kept); the sums of the size-factor scale; cells and
+    expressing cells per (perturbation, design cell) group, the groups this site leaves out
+    (:func:`own_groups_out`) sent as zeros."""
     q, c = _codes(site)
     q = _check_disclosure(site, q, c)
     poscounts = site.options.size_factors == "poscounts"
     lib = np.zeros(site.data.n_samples)
     G, P = len(site.study.genes), len(site.study.perturbations)
+    C = int(np.prod(site.study.n_levels)) if site.study.factors else 1
     sum_log = np.zeros(G)
-    expr = np.zeros((P, G))
+    expr = np.zeros((P * C, G))
     for start, X in site.data.chunks():
+        sl = slice(start, start + X.shape[0])
         bad = cs.check_counts(X)
         if bad:
             raise SiteDataError(f"site {site.name!r}: {bad} in cells {start}.."
                                 f"{start + X.shape[0] - 1}; fed_de models raw UMI counts")
-        lib[start:start + X.shape[0]] = cs.library_sizes(X)
-        expr += _expressing(X, q[start:start + X.shape[0]], lib[start:start + X.shape[0]], P)
+        lib[sl] = cs.library_sizes(X)
+        expr += _expressing(X, q[sl], c[sl], lib[sl], P, C)
         if poscounts:
-            used = q[start:start + X.shape[0]] >= 0
+            used = q[sl] >= 0
             sum_log += cs.log_positive_sums(X[np.flatnonzero(used)])
     q = np.where(lib > 0, q, -1)  # empty cells carry no information
     used = q >= 0
-    site.kept.q, site.kept.c, site.kept.lib = q, c, lib
-    group_n = np.bincount(q[q > 0] - 1, minlength=P).astype(float)
+    pert = q > 0
+    group_n = np.bincount((q[pert] - 1) * C + c[pert], minlength=P * C).reshape(P, C)
+    out = own_groups_out(site, group_n)
+    site.kept.q, site.kept.c, site.kept.lib, site.kept.groups_out = q, c, lib, out
+    expr = np.where(out[:, :, None], 0.0, expr.reshape(P, C, G))
     return SetupSums(sum_log_lib=float(np.log(lib[used]).sum()), n_cells=float(used.sum()),
-                     group_n=group_n, group_expr=expr,
+                     group_n=np.where(out, 0, group_n).astype(float), group_expr=expr,
+                     groups_out=out.sum(axis=1).astype(float),
                      log_counts=LogCountSums(sum_log=sum_log) if poscounts else None)
 
 
-def _expressing(X, q: np.ndarray, lib: np.ndarray, P: int) -> np.ndarray:
-    """Per perturbation group and gene, the chunk's cells with a positive count."""
+def own_groups_out(site: ScreenSiteView, group_n: np.ndarray) -> np.ndarray:
+    """(perturbation, design cell) groups this site leaves out itself: with the site as a
+    design factor a design cell is one site's, so its pooled group is the site's own and the
+    study-level minimum ``min_pooled_group`` is checked here; the count of a group left out
+    never leaves the site. ``(P, C)`` bool (none when the rules are off, or when design cells
+    pool sites: the aggregator checks those on the masked totals)."""
+    o = site.options
+    if o.min_cell_size <= 0 or not site.study.site_factor:
+        return np.zeros(group_n.shape, dtype=bool)
+    return (group_n > 0) & (group_n < o.min_pooled_group)
+
+
+def _expressing(X, q: np.ndarray, c: np.ndarray, lib: np.ndarray, P: int, C: int
+                ) -> np.ndarray:
+    """Per (perturbation, design cell) group and gene, the chunk's cells with a positive
+    count: ``(P * C, G)``."""
     pert = np.flatnonzero((q > 0) & (lib > 0))
     if pert.size == 0:
-        return np.zeros((P, X.shape[1]))
-    onehot = sp.csr_matrix((np.ones(pert.size), (q[pert] - 1, pert)), shape=(P, X.shape[0]))
+        return np.zeros((P * C, X.shape[1]))
+    onehot = sp.csr_matrix((np.ones(pert.size), ((q[pert] - 1) * C + c[pert], pert)),
+                           shape=(P * C, X.shape[0]))
     positive = X > 0
     out = onehot @ (positive.astype(np.float64) if sp.issparse(positive)
                     else np.asarray(positive, dtype=np.float64))
@@ -204,13 +235,27 @@ def posfactor_sums(site: ScreenSiteView, scale: Scale) -> FactorSums:
     return FactorSums(sum_log_sf=float(np.log(raw[used]).sum()), n_cells=float(used.sum()))
 
 
+def _groups_left_out(scale: Scale, kept) -> np.ndarray:
+    """(perturbation, design cell) groups whose cells leave every later sum: those this site
+    left out itself, those the aggregator's rule left out, and every group of a perturbation
+    left out. ``(P, C)`` bool."""
+    out = kept.groups_out.copy()
+    if scale.groups_out is not None:
+        out |= scale.groups_out
+    if scale.dropped is not None:
+        out |= scale.dropped[:, None]
+    return out
+
+
 def keep_size_factors(site: ScreenSiteView, scale: Scale) -> None:
-    """This site's final size factors (kept here, never sent); the cells of perturbations
-    the study-level rule left out leave every later sum."""
+    """This site's final size factors (kept here, never sent); the cells of the
+    (perturbation, design cell) groups and of the perturbations the disclosure rules left out
+    leave every later sum (they stay in the size factors' global scale)."""
     kept = site.kept
-    if scale.dropped is not None and scale.dropped.any():
-        q = kept.q
-        kept.q = np.where((q > 0) & scale.dropped[np.maximum(q, 1) - 1], -1, q)
+    out = _groups_left_out(scale, kept)
+    if out.any():
+        q, c = kept.q, kept.c
+        kept.q = np.where((q > 0) & out[np.maximum(q, 1) - 1, c], -1, q)
     raw = kept.sf_raw if kept.sf_raw is not None else kept.lib
     sf = raw / np.exp(scale.sf_log_scale)
     kept.sf = np.where(kept.q >= 0, sf, 1.0)
@@ -242,40 +287,64 @@ def scale_step(sums: SetupSums, options: ScreenOptions) -> dict:
     """The global scale of library-size factors (or the poscounts geometric means), and the
     study-level disclosure rules (:func:`pooled_rules`)."""
     n = float(sums.n_cells)
-    dropped, withheld = pooled_rules(sums.group_n, sums.group_expr, options)
+    rules = pooled_rules(sums.group_n, sums.group_expr, sums.groups_out, options)
     if options.size_factors == "poscounts":
         s = sums.log_counts.sum_log
         return {"scale": Scale(n_cells=n, log_geo_means=np.where(s > 0, s / n, -np.inf),
-                               dropped=dropped, withheld=withheld)}
-    return {"scale": Scale(n_cells=n, sf_log_scale=float(sums.sum_log_lib) / n,
-                           dropped=dropped, withheld=withheld)}
+                               **rules)}
+    return {"scale": Scale(n_cells=n, sf_log_scale=float(sums.sum_log_lib) / n, **rules)}
 
 
-def pooled_rules(group_n: np.ndarray, group_expr: np.ndarray, options: ScreenOptions
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def pooled_rules(group_n: np.ndarray, group_expr: np.ndarray, groups_out: np.ndarray,
+                 options: ScreenOptions) -> dict:
     """The study-level disclosure rules of a screen (with ``min_cell_size > 0``, whatever the
     number of sites, so a federated run and its pooled twin agree).
 
-    A perturbation whose pooled group holds fewer than ``min_pooled_group`` cells is left
-    out (``dropped``); a (perturbation, gene) pair whose pooled group holds 1 ..
-    ``min_nonzero - 1`` expressing cells is withheld: a sum with a single non-zero
-    contributor is that cell's value, and ``sum y / sum y/s`` its size factor (the screen
-    analogue of bulk's withheld genes, docs/privacy.md).
+    A (perturbation, design cell) group of fewer than ``min_pooled_group`` cells is left out
+    (``groups_out``): every per-design-cell sum of the fit (Newton, Wald and dispersion sums)
+    would be a sum over those cells alone, and with the site as a design factor that is one
+    site's few cells (the sites check their own groups, :func:`own_groups_out`, and send
+    only ``groups_out`` counts). A perturbation with no group left is left out (``dropped``).
+    A (perturbation, gene) pair whose remaining groups hold 1 .. ``min_nonzero - 1``
+    expressing cells is withheld: a sum with a single non-zero contributor is that cell's
+    value, and ``sum y / sum y/s`` its size factor (the screen analogue of bulk's withheld
+    genes, docs/privacy.md).
+
+    Parameters
+    ----------
+    group_n, group_expr
+        ``(P, C)`` cells and ``(P, C, G)`` expressing cells per (perturbation, design cell)
+        group, summed over the sites.
+    groups_out
+        ``(P,)`` groups the sites left out themselves.
+    options
+        The screen's options.
+
+    Returns
+    -------
+    dict
+        ``dropped`` ``(P,)``, ``groups_out`` ``(P, C)`` and ``withheld`` ``(P, G)`` (bool), the
+        fields of :class:`~fed_de.screening.state.Scale`.
     """
-    P, G = group_expr.shape
+    P, C, G = group_expr.shape
     if options.min_cell_size <= 0:
-        return np.zeros(P, dtype=bool), np.zeros((P, G), dtype=bool)
-    dropped = (group_n > 0) & (group_n < options.min_pooled_group)
-    withheld = (group_expr > 0) & (group_expr < options.min_nonzero)
-    return dropped, withheld | dropped[:, None]
+        return {"dropped": np.zeros(P, dtype=bool), "groups_out": np.zeros((P, C), dtype=bool),
+                "withheld": np.zeros((P, G), dtype=bool)}
+    out = (group_n > 0) & (group_n < options.min_pooled_group)
+    left = np.where(out, 0.0, group_n).sum(axis=1)
+    dropped = (left == 0) & ((group_n.sum(axis=1) > 0) | (groups_out > 0))
+    expr = np.where(out[:, :, None], 0.0, group_expr).sum(axis=1)
+    withheld = (expr > 0) & (expr < options.min_nonzero)
+    return {"dropped": dropped, "groups_out": out, "withheld": withheld | dropped[:, None],
+            "n_groups_out": int(out.sum() + groups_out.sum())}
 
 
 @aggregator_step(writes=("scale",))
 def posfactor_scale(sums: FactorSums, scale: Scale) -> dict:
     """``poscounts`` factors are divided by their geometric mean over all cells."""
     n = float(sums.n_cells)
-    return {"scale": Scale(n_cells=n, sf_log_scale=float(sums.sum_log_sf) / n,
-                           dropped=scale.dropped, withheld=scale.withheld)}
+    return {"scale": replace(scale, n_cells=n, sf_log_scale=float(sums.sum_log_sf) / n,
+                             log_geo_means=None)}
 
 
 def check_control_levels(study: ScreenStudy, ctrl_n: np.ndarray) -> None:

@@ -68,8 +68,9 @@ class ScreenStrategy(FedStrategy):
         Disclosure control: a site leaves out perturbation groups with fewer cells and
         refuses a design cell with fewer control cells (0 = every disclosure rule off).
     min_pooled_group, min_nonzero
-        Study-level disclosure rules (with ``min_cell_size > 0``): a perturbation whose
-        pooled group holds fewer than ``min_pooled_group`` cells is left out, and a
+        Study-level disclosure rules (with ``min_cell_size > 0``): a (perturbation, design
+        cell) group of fewer than ``min_pooled_group`` cells is left out of every sum (a
+        perturbation with no group left is left out), and a
         (perturbation, gene) pair whose pooled group holds 1 .. ``min_nonzero - 1``
         expressing cells is withheld (its sums are sent as zeros; results NaN).
     min_pct_ctrl, min_pct_pert, min_mean_ctrl, min_mean_pert, min_cells_ctrl, min_cells_pert

@@ -1,0 +1,91 @@
+"""The screen's per-(perturbation, design cell) disclosure rule (issue 12).
+
+With the site as a design factor a design cell is one site's, so a (perturbation, design cell)
+group of fewer than ``min_pooled_group`` cells is left out at that site, before anything is
+sent. The rule must leave every other perturbation's results as they were (checked against a
+run with every rule off), and a perturbation it touches must be the analysis of its remaining
+cells (checked against a rules-off run in which the cells left out carry another label).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import fed_de
+from fed_de.screening.data import make_screen
+
+KW = {"perturbation_column": "perturbation", "control": "non-targeting"}
+KEYS = ("log2FoldChange", "lfcSE", "pvalue", "baseMean")
+
+
+def _groups(sites: dict, perturbations: list[str]) -> np.ndarray:
+    """Non-empty cells of each perturbation at each site: ``(P, sites)``."""
+    out = np.zeros((len(perturbations), len(sites)), dtype=int)
+    for j, a in enumerate(sites.values()):
+        lib = np.asarray(a.X.sum(axis=1)).ravel()
+        labels = a.obs["perturbation"].to_numpy()[lib > 0]
+        for i, p in enumerate(perturbations):
+            out[i, j] = int((labels == p).sum())
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """A screen whose groups at a site hold 0-44 cells: the rule touches some perturbations."""
+    scr = make_screen(n_cells=3000, n_genes=60, n_perturbations=40, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        on = fed_de.screen(scr.sites, **KW)
+        off = fed_de.screen(scr.sites, **KW, min_cell_size=0)
+    perts = list(on.study.perturbations)
+    return scr, on, off, perts, _groups(scr.sites, perts)
+
+
+def test_group_rule_reports_what_it_left_out(mixed):
+    _, on, _, _, tab = mixed
+    small = (tab > 0) & (tab < 15)
+    assert on.facts["groups_left_out"] == int(small.sum()) > 0
+    assert on.facts["perturbations_left_out"] == []  # each keeps a group of >= 15 here
+    assert np.array_equal(on.n_cells.to_numpy(), np.where(small, 0, tab).sum(axis=1))
+
+
+def test_group_rule_keeps_unaffected_results(mixed):
+    """Perturbations with no small group: the same results as with every rule off (the pairs
+    the ``min_nonzero`` rule withholds aside)."""
+    _, on, off, _, tab = mixed
+    rows = ~((tab > 0) & (tab < 15)).any(axis=1)
+    assert rows.sum() >= 10
+    keep = rows[:, None] & on.tested
+    assert keep.sum() > 100 and not (on.tested & ~off.tested)[rows].any()
+    for key in KEYS:
+        a, b = on.arrays[key][keep], off.arrays[key][keep]
+        assert np.allclose(a, b, rtol=1e-9, atol=0), key
+
+
+def test_group_rule_fits_the_remaining_cells(mixed):
+    """An affected perturbation's results are those of its groups of >= 15 cells alone: a
+    rules-off run where the cells left out carry another label (a perturbation of its own,
+    so they stay in the size factors' scale; groups of 1-2, which the sites leave out of the
+    scale too, an undeclared one) gives the same numbers."""
+    scr, on, _, perts, tab = mixed
+    small = (tab > 0) & (tab < 15)
+    rows = small.any(axis=1)
+    sites = {}
+    for j, (name, a) in enumerate(scr.sites.items()):
+        a = a.copy()
+        labels = a.obs["perturbation"].astype(str).to_numpy().copy()
+        for i in np.flatnonzero(small[:, j]):
+            labels[labels == perts[i]] = "held_out" if tab[i, j] >= 3 else "unused"
+        a.obs["perturbation"] = labels
+        sites[name] = a
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = fed_de.screen(sites, **KW, min_cell_size=0, perturbations=[*perts, "held_out"])
+    keep = rows[:, None] & on.tested
+    assert keep.sum() > 100
+    for key in KEYS:
+        a, b = on.arrays[key][keep], ref.arrays[key][:len(perts)][keep]
+        assert np.allclose(a, b, rtol=1e-9, atol=0), key
