@@ -435,3 +435,29 @@ def test_screen_site_subgroups_defaults_nothing(screen_mixed):
                 per_cell = np.asarray(t.message[key]) @ to_cells  # P x G x C
                 assert np.allclose(per_cell.transpose(0, 2, 1)[pn == 0], 0.0, atol=1e-9), key
     assert right == wrong == 0, (right, wrong)
+
+
+def test_screen_control_single_expressor_residual(screen_mixed):
+    """Residual found by attack (defaults, not fixed): the control sums per design cell
+    (``GroupSums.ctrl_y`` / ``ctrl_norm`` / ``ctrl_expr``) are per-site sums with the site as
+    a design factor, and ``min_nonzero`` is applied to perturbation groups only: a (site,
+    gene) control sum with one expressing cell gives that control cell's count and, from
+    ``ctrl_y / ctrl_norm``, its library size -- exactly, with no wrong claim."""
+    rec = atk.record_run(screen_mixed, screen=True, **KW_SCREEN)
+    st = rec["study"]
+    grp = next(t for t in atk.view(rec, "totals") if t.kind == "GroupSums")
+    E, Y, N = (np.asarray(grp.message[k]) for k in ("ctrl_expr", "ctrl_y", "ctrl_norm"))
+    scale = float(np.exp(grp.state.scale.sf_log_scale))
+    names, genes = list(screen_mixed), list(st.genes)
+    right = wrong = 0
+    for c, g in zip(*np.nonzero(np.abs(E - 1) < 1e-9), strict=True):
+        a = screen_mixed[names[c]]
+        ctrl = (a.obs["perturbation"] == KW_SCREEN["control"]).to_numpy()
+        x = np.asarray(a[:, genes[g]].X.toarray()).ravel()[ctrl]
+        lib = np.asarray(a.X.sum(axis=1)).ravel()[ctrl]
+        hit = np.flatnonzero(x > 0)
+        ok = (hit.size == 1 and x[hit[0]] == Y[c, g]
+              and abs(Y[c, g] / N[c, g] * scale - lib[hit[0]]) <= 1e-6 * lib[hit[0]])
+        right += int(ok)
+        wrong += int(not ok)
+    assert right >= 20 and wrong == 0, (right, wrong)
