@@ -21,12 +21,13 @@ KW = {"perturbation_column": "perturbation", "control": "non-targeting"}
 KEYS = ("log2FoldChange", "lfcSE", "pvalue", "baseMean")
 
 
-def _groups(sites: dict, perturbations: list[str]) -> np.ndarray:
-    """Non-empty cells of each perturbation at each site: ``(P, sites)``."""
+def _groups(sites: dict, perturbations: list[str], empty: bool = False) -> np.ndarray:
+    """Non-empty cells (``empty``: all cells) of each perturbation at each site:
+    ``(P, sites)``."""
     out = np.zeros((len(perturbations), len(sites)), dtype=int)
     for j, a in enumerate(sites.values()):
         lib = np.asarray(a.X.sum(axis=1)).ravel()
-        labels = a.obs["perturbation"].to_numpy()[lib > 0]
+        labels = a.obs["perturbation"].to_numpy()[(lib > 0) | empty]
         for i, p in enumerate(perturbations):
             out[i, j] = int((labels == p).sum())
     return out
@@ -89,3 +90,23 @@ def test_group_rule_fits_the_remaining_cells(mixed):
     for key in KEYS:
         a, b = on.arrays[key][keep], ref.arrays[key][:len(perts)][keep]
         assert np.allclose(a, b, rtol=1e-9, atol=0), key
+
+
+def test_group_rule_on_design_cells_shared_by_sites():
+    """Without site effects a design cell pools the sites: the aggregator applies the rule to
+    the masked totals, and a perturbation is left out exactly when its pooled cells (all
+    sites) are fewer than 15, though each site's share is smaller."""
+    scr = make_screen(n_cells=1200, n_genes=40, n_perturbations=40, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fed_de.screen(scr.sites, **KW, site_effects=False)
+    perts = list(res.study.perturbations)
+    tab = _groups(scr.sites, perts)
+    # min_cell_size (3) is checked at the site on all its cells of the group, empty or not
+    pooled = np.where(_groups(scr.sites, perts, empty=True) >= 3, tab, 0).sum(axis=1)
+    share = ((tab > 0) & (tab < 15)).any(axis=1) & (pooled >= 15)
+    assert share.sum() >= 10  # analysed though a site holds fewer than 15 of their cells
+    small = [p for p, n in zip(perts, pooled, strict=True) if 0 < n < 15]
+    assert small and res.facts["perturbations_left_out"] == small
+    assert np.isnan(res.arrays["pvalue"][[perts.index(p) for p in small]]).all()
+    assert res.tested[pooled >= 15].sum() > 100
