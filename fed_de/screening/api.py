@@ -262,6 +262,20 @@ def _declared_remote_study(keys, perturbation_column: str, control: str, covaria
                        site_factor=bool(factors) and factors[0][0] == SITE_FACTOR)
 
 
+def _report_genes_withheld(facts: dict, scale, genes: list[str], min_nonzero: int) -> None:
+    """``facts["genes_withheld"]`` and a warning: genes whose controls in some design cell
+    hold 1 .. ``min_nonzero - 1`` expressing cells (every pair of them NaN, untested)."""
+    flags = scale.genes_withheld
+    names = [g for g, w in zip(genes, flags, strict=True) if w] if flags is not None else []
+    facts["genes_withheld"] = len(names)
+    if names:
+        warnings.warn(f"{len(names)} gene(s) withheld for disclosure control: the control "
+                      f"cells of a design cell hold 1 to {min_nonzero - 1} cell(s) "
+                      f"expressing them (min_nonzero={min_nonzero}), so their control sums "
+                      f"would be single cells' counts (results NaN): {names[:5]}",
+                      FitWarning, stacklevel=3)
+
+
 def screen(
     sites: Mapping,
     *,
@@ -341,6 +355,10 @@ def screen(
         results), and a (perturbation, gene) pair whose groups hold 1 ..
         ``min_nonzero - 1`` expressing cells is
         withheld (NaN, untested): a sum with one non-zero contributor is that cell's count.
+        A gene whose control cells of one design cell (with site effects, one site's) hold
+        1 .. ``min_nonzero - 1`` expressing cells is withheld whole
+        (``facts["genes_withheld"]``), and a design cell with fewer than
+        ``min_pooled_group`` control cells stops the run.
     min_pct_ctrl, min_pct_pert, min_mean_ctrl, min_mean_pert, min_cells_ctrl, min_cells_pert
         Expression filters: untested pairs are NaN and excluded from BH.
     chunk_size, backed
@@ -446,6 +464,7 @@ def screen(
                      groups_left_out=int(scale.n_groups_out),
                      pairs_withheld=int(scale.withheld[~scale.dropped].sum()),
                      min_pooled_group=min_pooled_group, min_nonzero=min_nonzero)
+        _report_genes_withheld(facts, scale, study.genes, min_nonzero)
         if dropped:
             warnings.warn(f"{len(dropped)} perturbation(s) left out for disclosure control: "
                           f"each of their (perturbation, design cell) groups holds fewer "

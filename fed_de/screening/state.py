@@ -81,6 +81,7 @@ class Scale:
     dropped: np.ndarray | None = None  # perturbations with no group left (P,)
     withheld: np.ndarray | None = None  # (perturbation, gene) pairs withheld (P, G)
     groups_out: np.ndarray | None = None  # (perturbation, design cell) groups too small (P, C)
+    genes_withheld: np.ndarray | None = None  # genes withheld whole (a design cell's controls) (G,)
     n_groups_out: int = 0  # groups left out, by the sites themselves and by the rule
 
 
