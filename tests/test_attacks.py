@@ -244,12 +244,13 @@ def test_screen_defaults_nothing_exact(screen_data):
 
 def test_screen_rules_keep_other_answers():
     """The rules change nothing but the pairs they withhold: with groups of >= 15 cells at
-    every site, results equal a run with the rules off except on withheld pairs (NaN)."""
+    every site, results equal a run with the rules off except on withheld pairs (NaN). No MAP
+    shrinkage: the genes withheld whole leave the trend every gene shares."""
     import fed_de
 
     sites = scen.screen_sites(n_cells=900, n_perturbations=6, n_genes=80, seed=1)
-    on = fed_de.screen(sites, **KW_SCREEN)
-    off = fed_de.screen(sites, **KW_SCREEN, min_cell_size=0)
+    on = fed_de.screen(sites, **KW_SCREEN, shrink=False)
+    off = fed_de.screen(sites, **KW_SCREEN, shrink=False, min_cell_size=0)
     withheld = on.tested != off.tested
     assert withheld.any() and not (on.tested & ~off.tested).any()
     for key in ("log2FoldChange", "pvalue", "baseMean"):
@@ -437,21 +438,20 @@ def test_screen_site_subgroups_defaults_nothing(screen_mixed):
     assert right == wrong == 0, (right, wrong)
 
 
-def test_screen_control_single_expressor_residual(screen_mixed):
-    """Residual found by attack (defaults, not fixed): the control sums per design cell
-    (``GroupSums.ctrl_y`` / ``ctrl_norm`` / ``ctrl_expr``) are per-site sums with the site as
-    a design factor, and ``min_nonzero`` is applied to perturbation groups only: a (site,
-    gene) control sum with one expressing cell gives that control cell's count and, from
-    ``ctrl_y / ctrl_norm``, its library size -- exactly, with no wrong claim."""
-    rec = atk.record_run(screen_mixed, screen=True, **KW_SCREEN)
+def _control_single_expressor_attack(sites, **kwargs):
+    """Read every (design cell, gene) control sum of ``GroupSums`` with one expressing cell
+    as that cell's count and, from ``ctrl_y / ctrl_norm``, its library size; grade the claims
+    against the truth. Returns the recording's totals view, and claims right and wrong."""
+    rec = atk.record_run(sites, screen=True, **KW_SCREEN, **kwargs)
     st = rec["study"]
-    grp = next(t for t in atk.view(rec, "totals") if t.kind == "GroupSums")
+    tasks = atk.view(rec, "totals")
+    grp = next(t for t in tasks if t.kind == "GroupSums")
     E, Y, N = (np.asarray(grp.message[k]) for k in ("ctrl_expr", "ctrl_y", "ctrl_norm"))
     scale = float(np.exp(grp.state.scale.sf_log_scale))
-    names, genes = list(screen_mixed), list(st.genes)
+    names, genes = list(sites), list(st.genes)
     right = wrong = 0
     for c, g in zip(*np.nonzero(np.abs(E - 1) < 1e-9), strict=True):
-        a = screen_mixed[names[c]]
+        a = sites[names[c]]
         ctrl = (a.obs["perturbation"] == KW_SCREEN["control"]).to_numpy()
         x = np.asarray(a[:, genes[g]].X.toarray()).ravel()[ctrl]
         lib = np.asarray(a.X.sum(axis=1)).ravel()[ctrl]
@@ -460,4 +460,66 @@ def test_screen_control_single_expressor_residual(screen_mixed):
               and abs(Y[c, g] / N[c, g] * scale - lib[hit[0]]) <= 1e-6 * lib[hit[0]])
         right += int(ok)
         wrong += int(not ok)
+    return tasks, right, wrong
+
+
+def test_screen_control_single_expressor_audit(screen_mixed):
+    """Audit (every disclosure rule off): with the site as a design factor the control sums
+    per design cell (``GroupSums.ctrl_y`` / ``ctrl_norm`` / ``ctrl_expr``) are per-site sums,
+    and a (site, gene) control sum with one expressing cell gives that control cell's count
+    and, from ``ctrl_y / ctrl_norm``, its library size -- exactly, with no wrong claim (61
+    such sums on this screen; before the control rule, the same under the defaults)."""
+    _, right, wrong = _control_single_expressor_attack(screen_mixed, min_cell_size=0)
     assert right >= 20 and wrong == 0, (right, wrong)
+
+
+def _gene_axes(cls, prefix: str = "") -> dict:
+    """Dotted field name -> position of the gene axis, for every array of a message type
+    that has one."""
+    import dataclasses
+    import typing
+
+    from fed_de.federation.messages import Message
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        shape = f.metadata.get("shape")
+        if shape is not None:
+            if "G" in shape:
+                out[prefix + f.name] = shape.index("G")
+            continue
+        for kind in typing.get_args(hints[f.name]):
+            if isinstance(kind, type) and issubclass(kind, Message):
+                out.update(_gene_axes(kind, f"{prefix}{f.name}."))
+    return out
+
+
+def test_screen_control_single_expressors_defaults_nothing(screen_mixed):
+    """Defaults: a gene whose controls in some design cell hold one expressing cell is
+    withheld (the site flags its own design cells in the setup round): no control sum of
+    any later message has a single expressing cell, every array of every later message is
+    zero on the withheld genes (group sums, the Newton and Wald sums of the control fit and
+    effects, the dispersion sums), and the attack claims nothing."""
+    from fed_de.screening import dispersion, fit, setup
+
+    tasks, right, wrong = _control_single_expressor_attack(screen_mixed)
+    assert right == wrong == 0, (right, wrong)
+    grp = next(t for t in tasks if t.kind == "GroupSums")
+    E = np.asarray(grp.message["ctrl_expr"])
+    assert not ((E > 0) & (E < 2)).any()
+    genes = grp.state.scale.genes_withheld
+    assert genes.sum() >= 20  # the genes the audit's attack read
+    types = {"GroupSums": setup.GroupSums, "FitSums": fit.FitSums,
+             "DispSums": dispersion.DispSums}
+    seen = set()
+    for t in tasks:
+        if t.kind not in types:
+            continue
+        for key, axis in _gene_axes(types[t.kind]).items():
+            if key in t.message:
+                value = np.moveaxis(np.asarray(t.message[key]), axis, 0)
+                assert not value[genes].any(), (t.kind, key)
+                seen.add((t.kind, key))
+    assert {("FitSums", "ctrl_score"), ("FitSums", "wald.ctrl_info"),
+            ("DispSums", "A")} <= seen

@@ -270,8 +270,8 @@ def _report_genes_withheld(facts: dict, scale, genes: list[str], min_nonzero: in
     facts["genes_withheld"] = len(names)
     if names:
         warnings.warn(f"{len(names)} gene(s) withheld for disclosure control: the control "
-                      f"cells of a design cell hold 1 to {min_nonzero - 1} cell(s) "
-                      f"expressing them (min_nonzero={min_nonzero}), so their control sums "
+                      f"cells of a design cell include some, but fewer than "
+                      f"min_nonzero={min_nonzero}, expressing them, so their control sums "
                       f"would be single cells' counts (results NaN): {names[:5]}",
                       FitWarning, stacklevel=3)
 
