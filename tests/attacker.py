@@ -440,7 +440,8 @@ def _prony_start(m, alpha, kind, value, n) -> np.ndarray | None:
 
 
 def fit_size_factors(ws: WeightSums, n: int, *, s_floor: float = 0.05, max_obs: int = 2000,
-                     starts: int = 8, seed: int = 0, effort: int = 50) -> SizeFactorClaim:
+                     starts: int = 8, seed: int = 0, effort: int = 50,
+                     min_mu: float = MIN_MU) -> SizeFactorClaim:
     """Least-squares fit of a cell's ``n`` size factors to its weight sums.
 
     Claimed when the fit reproduces every sum to rounding (relative residual < 1e-9), the
@@ -451,7 +452,7 @@ def fit_size_factors(ws: WeightSums, n: int, *, s_floor: float = 0.05, max_obs: 
     m, alpha, kind, value = ws.arrays()
     if n == 0 or m.size == 0:
         return SizeFactorClaim(np.full(n, np.nan), False, np.inf, np.inf, 0)
-    ok = (m * s_floor > MIN_MU * 1.0001) & (value != 0)  # the floor cannot bind
+    ok = (m * s_floor > min_mu * 1.0001) & (value != 0)  # the floor cannot bind
     m, alpha, kind, value = m[ok], alpha[ok], kind[ok], value[ok]
     if m.size < 2 * n:
         return SizeFactorClaim(np.full(n, np.nan), False, np.inf, np.inf, int(m.size))
@@ -537,6 +538,9 @@ def weight_sums(tasks: list[Task], geo: Geometry) -> list[WeightSums]:
         if t.kind == "DispSums" and t.state is not None and t.state.rows is None:
             _disp_weight_sums(t, geo, out)
             continue
+        if t.kind == "PostFitSums" and "normal.xtwx" in t.message and t.state is not None:
+            _ridge_weight_sums(t, geo, out)
+            continue
         if t.kind != "IRLSSums" or t.state is None:
             continue
         stage = _stage(t.steps)
@@ -552,6 +556,20 @@ def weight_sums(tasks: list[Task], geo: Geometry) -> list[WeightSums]:
         for c in range(geo.C):
             out[c].add(m[..., c], a[:, None], 1, v[..., c])
     return out
+
+
+def _ridge_weight_sums(t: Task, geo: Geometry, out: list[WeightSums]) -> None:
+    """The normal prior's ``X'WX`` at its candidates (``RidgeSums.xtwx``): weight sums at the
+    final dispersions, means floored as the IRLS's."""
+    sh = t.state.shrink
+    live = np.asarray(sh.active, dtype=bool)
+    if not live.any():
+        return
+    a = np.nan_to_num(np.asarray(t.state.genes.dispersions.final)[live], nan=1.0)
+    m = geo.cell_means(np.asarray(sh.candidates)[live])  # g x K x C
+    v = geo.cells_from_packed(np.asarray(t.message["normal.xtwx"])[live])
+    for c in range(geo.C):
+        out[c].add(m[..., c], a[:, None], 1, v[..., c])
 
 
 def _disp_weight_sums(t: Task, geo: Geometry, out: list[WeightSums]) -> None:
@@ -580,12 +598,14 @@ def attack_size_factors(tasks: list[Task], geo: Geometry, cell_counts, **kwargs
     return [fit_size_factors(ws[c], int(cell_counts[c]), **kwargs) for c in range(geo.C)]
 
 
-def size_factor_bound(ws: WeightSums, s_true: np.ndarray, s_floor: float = 0.05) -> float:
+def size_factor_bound(ws: WeightSums, s_true: np.ndarray, s_floor: float = 0.05,
+                      min_mu: float = MIN_MU) -> float:
     """How well the weight sums can pin a cell's size factors at all: the predicted relative
     error (rounding noise 1e-14 on every sum) of a fit at the *true* size factors. Above
-    ~1e-6 no decoder of these sums recovers them (a scoring aid: uses the truth)."""
+    ~1e-6 no decoder of these sums recovers them (a scoring aid: uses the truth).
+    ``min_mu``: the means' floor (bulk 0.5; screens 1e-8)."""
     m, alpha, kind, value = ws.arrays()
-    ok = (m * s_floor > MIN_MU * 1.0001) & (value != 0)
+    ok = (m * s_floor > min_mu * 1.0001) & (value != 0)
     m, alpha, kind, value = m[ok], alpha[ok], kind[ok], value[ok]
     if m.size == 0:
         return np.inf
@@ -916,15 +936,28 @@ MAX_REL_SF = 1e-3  # size factors this uncertain (relative) still seed the count
 
 
 def attack_counts(tasks: list[Task], geo: Geometry, sizes: dict | None = None,
-                  budget: int = 2000, genes=None, sf_kwargs: dict | None = None
-                  ) -> CountClaims:
+                  budget: int = 2000, genes=None, sf_kwargs: dict | None = None,
+                  later: bool = True, oracle_s: list | None = None,
+                  oracle_rel: float = 0.0, only: tuple | None = None) -> CountClaims:
     """Size factors per cell (weight-sum fit, ``sf_kwargs`` to :func:`fit_size_factors`),
     then every (gene, cell) solved for its integer counts; a count is claimed only when every
-    integer solution agrees on it."""
+    integer solution agrees on it.
+
+    ``later``: add the equations of later rounds (:func:`add_affine_rows`). ``oracle_s``:
+    per cell, the true size factors (sorted), handed to the attacker instead of its fit -- an
+    attacker stronger than any aggregator, to measure what the count equations alone would
+    give (``oracle_rel``: their relative error, for a perturbed oracle). ``only``: message
+    kinds whose equations are used (the others' rows dropped; the cell sums' bounds kept),
+    to show what one round kind gives by itself.
+    """
     sizes = sizes or attack_sizes(tasks, geo)
     if sizes["cells"] is None:
         raise ValueError("cell sizes unknown: nothing to solve for")
-    sf = attack_size_factors(tasks, geo, sizes["cells"], **(sf_kwargs or {}))
+    if oracle_s is not None:
+        sf = [SizeFactorClaim(np.sort(np.asarray(s, float)), False, 0.0, oracle_rel, 0)
+              for s in oracle_s]
+    else:
+        sf = attack_size_factors(tasks, geo, sizes["cells"], **(sf_kwargs or {}))
     G = _n_genes(tasks)
     genes = range(G) if genes is None else genes
     s_cells, claimed, counts = [], [], []
@@ -939,6 +972,10 @@ def attack_counts(tasks: list[Task], geo: Geometry, sizes: dict | None = None,
         if not usable or s_c.size == 0:
             continue
         sy = cell_system(tasks, geo, c, s_c, rel_err=fit.rel_sd)
+        if only is not None:
+            sy.rows = defaultdict(list)
+        if later:
+            add_affine_rows(sy, tasks, geo, c, fit.rel_sd, kinds=only)
         for g in genes:
             if not sy.rows.get(g):
                 if g in sy.upper and not sy.upper[g].any():
@@ -956,6 +993,162 @@ def _n_genes(tasks: list[Task]) -> int:
         if "sum_log" in t.message:
             return int(np.asarray(t.message["sum_log"]).shape[0])
     raise ValueError("no per-gene message in the view")
+
+
+# =========================================================================================
+# Sums affine in each count, read by running the site's own code (issue 12, item 6)
+# =========================================================================================
+def _irls_eval(y, X, s, alpha, cands):
+    from fed_de.core import nb
+
+    out = []
+    for k in range(cands.shape[1]):
+        out.append(nb.irls_summands(y, X, s, cands[:, k], alpha, MIN_MU)["xtwx_obs"])
+    return {"full.xtwx_obs": np.stack(out, axis=1)}
+
+
+def _fallback_eval(y, X, s, alpha, cands):
+    from fed_de.core.fallback import fallback_sums
+
+    out = fallback_sums(y, X, s, alpha, cands)
+    return {"grad": out["grad"], "info": out["info"]}
+
+
+def _apeglm_eval(y, X, s, alpha, cands):
+    from fed_de.core.apeglm import nb_loglik_grad_hess
+
+    _, grad, hess = nb_loglik_grad_hess(y, X, np.log(s), cands, alpha)
+    return {"apeglm.grad": grad, "apeglm.hess": hess}
+
+
+def _ridge_eval(y, X, s, alpha, cands):
+    from fed_de.core.normal_prior import ridge_fixed_point_summands
+
+    out = ridge_fixed_point_summands(y, X, np.log(s), cands, alpha)
+    return {"normal.score": out["score"], "normal.jac": out["jac"]}
+
+
+def affine_sources(t: Task) -> tuple | None:
+    """The per-sample sums of a later round that are affine in each count, as the protocol
+    defines them: ``(evaluate, alpha, candidates, active, refit)``, or None.
+
+    ``evaluate(y, X, s, alpha, candidates)`` is the site's own code (``fed_de.core``); the
+    attacker runs it on one sample at a time to read each sum's coefficient of that
+    sample's count. Covered: the IRLS observed information ``IRLSSums.full.xtwx_obs`` (the
+    ``xtwz`` rows are :func:`cell_system`'s), the fallback's gradient and observed
+    information (``FallbackSums.grad`` / ``info``), the shrinkage's likelihood gradient and
+    Hessian (``apeglm``) or ridge score and Jacobian (``normal``).
+    """
+    st = t.state
+    if st is None:
+        return None
+    if t.kind == "IRLSSums":
+        from fed_de.bulk.irls import fit_alpha
+
+        stage = _stage(t.steps)
+        fit = st.irls_mu if stage == "mu" else st.irls_final
+        if fit is None:
+            return None
+        alpha = np.nan_to_num(fit_alpha(stage, st.start, st.dispersions), nan=1.0)
+        return (_irls_eval, alpha, np.asarray(fit.candidates), ~np.asarray(fit.stopped),
+                getattr(st, "rows", None) is not None)
+    if t.kind == "FallbackSums" and st.fallback is not None:
+        alpha = np.nan_to_num(st.dispersions.final, nan=1.0)
+        return (_fallback_eval, alpha, np.asarray(st.fallback.candidates),
+                np.asarray(st.fallback.active, dtype=bool), False)
+    if t.kind == "PostFitSums" and st.shrink is not None and (
+            "apeglm.grad" in t.message or "normal.score" in t.message):
+        ev = _apeglm_eval if st.shrink.type == "apeglm" else _ridge_eval
+        alpha = np.nan_to_num(st.genes.dispersions.final, nan=1.0)
+        return (ev, alpha, np.asarray(st.shrink.candidates),
+                np.asarray(st.shrink.active, dtype=bool), False)
+    return None
+
+
+def _to_cells(geo: Geometry, v: np.ndarray) -> np.ndarray:
+    """Per-cell sums from an X'v-type (last axis p) or packed X'WX-type (last axis T) array."""
+    if v.shape[-1] == geo.p and geo.linear_ok:
+        return geo.cells_from_linear(v)
+    return geo.cells_from_packed(v)
+
+
+def add_affine_rows(sy: CellSystem, tasks: list[Task], geo: Geometry, c: int,
+                    rel_err: float = 1e-12, kinds: tuple | None = None) -> int:
+    """Add to ``sy`` every later round's equation in cell ``c``'s counts (see
+    :func:`affine_sources`); returns how many rows were added.
+
+    For a sum ``F = sum_i f(y_i, s_i)`` with ``f`` affine in ``y_i``, the site's code run on
+    sample ``i`` alone at ``y = 0`` and ``y = 1`` gives ``f(0, s_i)`` and the coefficient
+    ``f(1, s_i) - f(0, s_i)``: ``F - sum_i f(0, s_i) = sum_i coef_i y_i`` (checked affine at
+    ``y = 2``). Rounds of the refit (on replaced counts) are left out; so are rows the site
+    sent as zeros (withheld, stopped or failed genes).
+    """
+    if not (geo.linear_ok and geo.packed_ok):
+        return 0
+    s = sy.s
+    eps = 1e-12 + 30 * rel_err
+    Xc = geo.Xc[c][None, :]
+    added = 0
+    for t in tasks:
+        if kinds is not None and t.kind not in kinds:
+            continue
+        src = affine_sources(t)
+        if src is None or src[4]:
+            continue
+        ev, alpha, cands, active = src[:4]
+        genes = np.flatnonzero(active)
+        if genes.size == 0 or s.size == 0:
+            continue
+        a, cd = alpha[genes], cands[genes]
+        zero = np.zeros((1, genes.size))
+        f0, coef = {}, {}
+        with np.errstate(all="ignore"):
+            for sj in s:
+                o0 = ev(zero, Xc, np.array([sj]), a, cd)
+                o1 = ev(zero + 1, Xc, np.array([sj]), a, cd)
+                o2 = ev(zero + 2, Xc, np.array([sj]), a, cd)
+                for key in o0:
+                    if key not in t.message:
+                        continue
+                    d1, d2 = o1[key] - o0[key], o2[key] - o1[key]
+                    lin = np.abs(d2 - d1) <= 1e-9 * (np.abs(d1) + np.abs(o0[key]) + 1e-300)
+                    d1 = np.where(lin, d1, np.nan)
+                    f0.setdefault(key, []).append(_to_cells(geo, o0[key])[..., c])
+                    coef.setdefault(key, []).append(_to_cells(geo, d1)[..., c])
+        for key in f0:
+            msg = np.asarray(t.message[key])[genes]
+            sent = np.abs(msg).sum(axis=-1) > 0  # g x K
+            E = _to_cells(geo, msg)[..., c]  # g x K
+            F0 = np.stack(f0[key], axis=-1)  # g x K x n
+            Cf = np.stack(coef[key], axis=-1)
+            for j, g in enumerate(genes):
+                up = sy.upper.get(int(g))
+                if up is None:
+                    continue
+                for k in range(E.shape[1]):
+                    cf, fz = Cf[j, k], F0[j, k]
+                    if not sent[j, k] or not (np.isfinite(cf).all() and np.isfinite(fz).all()):
+                        continue
+                    if not np.any(np.abs(cf) > 0):
+                        continue
+                    rhs = E[j, k] - fz.sum()
+                    tol = eps * (abs(E[j, k]) + np.abs(fz).sum() + np.abs(cf) @ up) + 1e-12
+                    sy.rows[int(g)].append((cf, rhs, tol))
+                    added += 1
+    return added
+
+
+def affine_rank(sy: CellSystem, g: int, rel: float = 1e-6) -> int:
+    """Numerical rank of gene ``g``'s equations (rows scaled by their tolerance): how many
+    independent directions of the cell's counts the sums pin to better than one count
+    (singular values above 2: a move of one count changes some row by more than its
+    tolerance)."""
+    rows = sy.rows.get(g) or []
+    if not rows:
+        return 0
+    A = np.array([r[0] / r[2] for r in rows])
+    sv = np.linalg.svd(A, compute_uv=False)
+    return int((sv > 2.0).sum())
 
 
 # =========================================================================================
@@ -1252,3 +1445,39 @@ def _screen_gene(Y: float, N: float, k: int, s: np.ndarray, budget: int) -> np.n
     return out
 
 
+
+
+def attack_screen_subgroups(tasks: list[Task], study, max_cells: int = 7) -> list[dict]:
+    """Size factors of a perturbation's cells within one design cell, from the last fit
+    round's ``WaldSums.pert_wx``: per (perturbation, gene, design cell) the sum of
+    ``w = mu / (1 + alpha mu)`` over those cells, ``mu = s m`` with ``m`` the mean table at the
+    point the aggregator sent (``cf.mean_table``), ``alpha`` the fit's dispersions. With the
+    site as a design factor, a design cell is one site, and ``GroupSums.pert_n`` (P, C) gives
+    each site's count of the group's cells. Claims as :func:`fit_size_factors` (floor 1e-8).
+
+    Returns
+    -------
+    list of dict
+        ``{"perturbation", "cell", "s"}`` (sorted size factors; library sizes are ``s`` times
+        the public scale).
+    """
+    from fed_de.core import screen_fit as cf
+
+    last = [t for t in tasks if t.kind == "FitSums" and "wald.pert_wx" in t.message]
+    grp = next((t for t in tasks if t.kind == "GroupSums"), None)
+    if not last or grp is None:
+        return []
+    fit = last[-1].state.fit
+    table = cf.mean_table(study.fit_design, fit.control.b, fit.beta)  # Q x C x G
+    wx = np.asarray(last[-1].message["wald.pert_wx"])  # P x G x p (X = I: per cell)
+    if not np.allclose(study.fit_design, np.eye(study.fit_design.shape[0])):
+        wx = wx @ np.linalg.pinv(study.fit_design)  # per design cell
+    pn = np.asarray(grp.message["pert_n"])
+    out = []
+    for p, c in zip(*np.nonzero((pn > 0.5) & (pn < max_cells + 0.5)), strict=True):
+        ws = WeightSums()
+        ws.add(table[p + 1, c], fit.alpha, 1, wx[p, :, c])
+        f = fit_size_factors(ws, int(round(pn[p, c])), s_floor=1e-3, min_mu=1e-8, starts=4)
+        if f.claimed:
+            out.append({"perturbation": int(p), "cell": int(c), "s": f.values})
+    return out

@@ -262,6 +262,20 @@ def _declared_remote_study(keys, perturbation_column: str, control: str, covaria
                        site_factor=bool(factors) and factors[0][0] == SITE_FACTOR)
 
 
+def _report_genes_withheld(facts: dict, scale, genes: list[str], min_nonzero: int) -> None:
+    """``facts["genes_withheld"]`` and a warning: genes whose controls in some design cell
+    hold 1 .. ``min_nonzero - 1`` expressing cells (every pair of them NaN, untested)."""
+    flags = scale.genes_withheld
+    names = [g for g, w in zip(genes, flags, strict=True) if w] if flags is not None else []
+    facts["genes_withheld"] = len(names)
+    if names:
+        warnings.warn(f"{len(names)} gene(s) withheld for disclosure control: the control "
+                      f"cells of a design cell include some, but fewer than "
+                      f"min_nonzero={min_nonzero}, expressing them, so their control sums "
+                      f"would be single cells' counts (results NaN): {names[:5]}",
+                      FitWarning, stacklevel=3)
+
+
 def screen(
     sites: Mapping,
     *,
@@ -335,10 +349,16 @@ def screen(
         Disclosure control: smaller perturbation groups are left out at their site; a site
         refuses a design cell with fewer control cells (0 = every disclosure rule off).
     min_pooled_group, min_nonzero
-        Study-level disclosure rules: a perturbation whose pooled group (all sites) holds
-        fewer than ``min_pooled_group`` cells is left out (NaN results), and a (perturbation,
-        gene) pair whose pooled group holds 1 .. ``min_nonzero - 1`` expressing cells is
+        Study-level disclosure rules: a (perturbation, design cell) group holding fewer
+        than ``min_pooled_group`` cells (over all sites; with site effects, one site's) is
+        left out of every sum, a perturbation with no group left is left out (NaN
+        results), and a (perturbation, gene) pair whose groups hold 1 ..
+        ``min_nonzero - 1`` expressing cells is
         withheld (NaN, untested): a sum with one non-zero contributor is that cell's count.
+        A gene whose control cells of one design cell (with site effects, one site's) hold
+        1 .. ``min_nonzero - 1`` expressing cells is withheld whole
+        (``facts["genes_withheld"]``), and a design cell with fewer than
+        ``min_pooled_group`` control cells stops the run.
     min_pct_ctrl, min_pct_pert, min_mean_ctrl, min_mean_pert, min_cells_ctrl, min_cells_pert
         Expression filters: untested pairs are NaN and excluded from BH.
     chunk_size, backed
@@ -441,12 +461,20 @@ def screen(
     if scale is not None and scale.withheld is not None:
         dropped = [p for p, d in zip(study.perturbations, scale.dropped, strict=True) if d]
         facts.update(perturbations_left_out=dropped,
+                     groups_left_out=int(scale.n_groups_out),
                      pairs_withheld=int(scale.withheld[~scale.dropped].sum()),
                      min_pooled_group=min_pooled_group, min_nonzero=min_nonzero)
+        _report_genes_withheld(facts, scale, study.genes, min_nonzero)
         if dropped:
             warnings.warn(f"{len(dropped)} perturbation(s) left out for disclosure control: "
-                          f"their pooled group holds fewer than min_pooled_group="
-                          f"{min_pooled_group} cells (results NaN): {dropped[:5]}",
+                          f"each of their (perturbation, design cell) groups holds fewer "
+                          f"than min_pooled_group={min_pooled_group} cells (results NaN): "
+                          f"{dropped[:5]}", FitWarning, stacklevel=2)
+        if scale.n_groups_out:
+            warnings.warn(f"{scale.n_groups_out} (perturbation, design cell) group(s) of "
+                          f"fewer than min_pooled_group={min_pooled_group} cells left out "
+                          "for disclosure control: those perturbations are estimated from "
+                          "their other design cells (facts['groups_left_out'])",
                           FitWarning, stacklevel=2)
     facts.update(provenance, layer=layer)
     gene_table = pd.DataFrame({"control_mean": state.summary.ctrl_mean}, index=study.genes)

@@ -104,8 +104,9 @@ def screen_command(
         "disclosure rule off).")
     ] = 3,
     min_pooled_group: Annotated[int, typer.Option(
-        "--min-pooled-group", help="Perturbations whose pooled group (all sites) holds fewer "
-        "cells are left out (NaN).")] = 15,
+        "--min-pooled-group", help="(perturbation, design cell) groups of fewer cells (all "
+        "sites; with site effects, one site's) are left out of every sum; perturbations "
+        "with no group left are left out (NaN).")] = 15,
     measure_memory: Annotated[bool, typer.Option(
         "--measure-memory/--no-measure-memory",
         help="Trace each site's peak memory (tracemalloc; a little slower).")] = True,

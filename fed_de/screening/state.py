@@ -57,7 +57,7 @@ class ScreenOptions:
     fit_type: str = "parametric"
     min_mu: float = screen_sums.MIN_MU
     min_cell_size: int = 3
-    min_pooled_group: int = 15  # pooled perturbation group (cells over all sites)
+    min_pooled_group: int = 15  # pooled (perturbation, design cell) group (cells over sites)
     min_nonzero: int = 2  # (perturbation, gene) sums of fewer expressing cells are withheld
     min_pct_ctrl: float = 0.01
     min_pct_pert: float = 0.002
@@ -78,8 +78,11 @@ class Scale:
     n_cells: float
     sf_log_scale: float | None = None  # size factors are divided by exp(sf_log_scale)
     log_geo_means: np.ndarray | None = None  # poscounts, round 1: per-gene log geometric means
-    dropped: np.ndarray | None = None  # perturbations whose pooled group is too small (P,)
+    dropped: np.ndarray | None = None  # perturbations with no group left (P,)
     withheld: np.ndarray | None = None  # (perturbation, gene) pairs withheld (P, G)
+    groups_out: np.ndarray | None = None  # (perturbation, design cell) groups too small (P, C)
+    genes_withheld: np.ndarray | None = None  # genes withheld whole (a design cell's controls) (G,)
+    n_groups_out: int = 0  # groups left out, by the sites themselves and by the rule
 
 
 @dataclass
@@ -190,6 +193,7 @@ class ScreenSiteState:
     lib: np.ndarray | None = None  # library sizes
     sf_raw: np.ndarray | None = None  # poscounts: unscaled median-of-ratios factors
     sf: np.ndarray | None = None  # final size factors
+    groups_out: np.ndarray | None = None  # (P, C) own groups below min_pooled_group, left out
     peak_bytes: int = 0  # largest traced memory of a task (measure_memory)
 
 

@@ -68,8 +68,9 @@ class ScreenStrategy(FedStrategy):
         Disclosure control: a site leaves out perturbation groups with fewer cells and
         refuses a design cell with fewer control cells (0 = every disclosure rule off).
     min_pooled_group, min_nonzero
-        Study-level disclosure rules (with ``min_cell_size > 0``): a perturbation whose
-        pooled group holds fewer than ``min_pooled_group`` cells is left out, and a
+        Study-level disclosure rules (with ``min_cell_size > 0``): a (perturbation, design
+        cell) group of fewer than ``min_pooled_group`` cells is left out of every sum (a
+        perturbation with no group left is left out), and a
         (perturbation, gene) pair whose pooled group holds 1 .. ``min_nonzero - 1``
         expressing cells is withheld (its sums are sent as zeros; results NaN).
     min_pct_ctrl, min_pct_pert, min_mean_ctrl, min_mean_pert, min_cells_ctrl, min_cells_pert
@@ -136,14 +137,15 @@ class ScreenStrategy(FedStrategy):
         return {"study": self.screen, "options": self.options}
 
     def withhold(self, message, state):
-        """Zero the withheld (perturbation, gene) pairs in every per-pair field of a message
-        (the study-level rule decided at the first aggregation, :func:`scale_step`)."""
+        """Zero the withheld (perturbation, gene) pairs in every per-pair field of a message,
+        and the withheld genes in every field with a gene axis (the study-level rules
+        decided at the first aggregation, :func:`scale_step`)."""
         scale = getattr(state, "scale", None)
         if scale is None or scale.withheld is None or not scale.withheld.any():
             return message
         groups = (len(self.screen.perturbations) + 1
                   if self.options.dispersion_cells == "all" else 0)
-        return zero_pairs(message, scale.withheld, groups)
+        return zero_pairs(message, scale.withheld, groups, scale.genes_withheld)
 
     def dims(self) -> dict[str, int]:
         """Message sizes: genes, perturbations, design cells, coefficients, dispersion groups,
@@ -186,18 +188,23 @@ class ScreenStrategy(FedStrategy):
         self.n_rounds = plan.round_idx
 
 
-def zero_pairs(message: Message, withheld: np.ndarray, groups: int = 0) -> Message:
+def zero_pairs(message: Message, withheld: np.ndarray, groups: int = 0,
+               genes: np.ndarray | None = None) -> Message:
     """The message with the pairs ``withheld`` (perturbations x genes) set to zero in every
     field declared ``(P, G, ...)`` or ``(PC, G)`` (perturbation-major, design cells inside),
     and -- ``groups`` = P + 1 when every cell enters the dispersions -- in the dispersion
-    sums ``(G, ..., D)`` of the perturbation groups (``D``: group-major, control first)."""
+    sums ``(G, ..., D)`` of the perturbation groups (``D``: group-major, control first);
+    the ``genes`` withheld whole (``(G,)`` bool) are set to zero along the gene axis of every
+    field that has one (control sums per design cell, the control fit's sums, dispersion
+    sums, rank tests' control sums)."""
     P = withheld.shape[0]
     kwargs = {}
     for f in fields(message):
         value = getattr(message, f.name)
         shape = f.metadata.get("shape")
         if shape is None:
-            kwargs[f.name] = None if value is None else zero_pairs(value, withheld, groups)
+            kwargs[f.name] = (None if value is None
+                              else zero_pairs(value, withheld, groups, genes))
             continue
         value = np.asarray(value)
         if shape[:2] == ("P", "G"):
@@ -211,6 +218,10 @@ def zero_pairs(message: Message, withheld: np.ndarray, groups: int = 0) -> Messa
             by_group = np.vstack([np.zeros((1, withheld.shape[1]), dtype=bool), withheld])
             mask = np.repeat(by_group, cells, axis=0).T  # G x D
             mask = mask.reshape((mask.shape[0],) + (1,) * (value.ndim - 2) + (mask.shape[1],))
+            value = np.where(mask, 0.0, value)
+        if genes is not None and genes.any() and "G" in shape:
+            axis = shape.index("G")
+            mask = genes.reshape((1,) * axis + (-1,) + (1,) * (value.ndim - axis - 1))
             value = np.where(mask, 0.0, value)
         kwargs[f.name] = value
     return type(message)(**kwargs)
