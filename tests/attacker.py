@@ -128,6 +128,8 @@ def record_run(sites, design: str | None = None, *, screen: bool = False, **kwar
     orig = sim._call
 
     def spy(method, org, step, ledger, what, **kw):
+        if "shared_states" in kw:  # read twice here: a list, not the simulation's stream
+            kw["shared_states"] = list(kw["shared_states"])
         out = orig(method, org, step, ledger, what, **kw)
         if not what.startswith("aggregation"):
             return out

@@ -276,6 +276,7 @@ class _Platform:
         self._parallel = None
         self.ckpt = ledger.checkpoint
         self.index: dict[str, int] = {}  # output key -> its task's number in the checkpoint
+        self.consumed: set[str] = set()  # site outputs freed once their aggregation read them
 
     # -- references and freeing ---------------------------------------------------------------
     def hold(self, key: str, ref):
@@ -359,8 +360,23 @@ class _Platform:
         self.sizes[key] = len(blob)
         return len(blob)
 
+    def consume(self, key: str) -> None:
+        """Free the in-memory copy of site output ``key`` now that its aggregation read it,
+        unless a pending task reads it too (files are freed as before)."""
+        if self.files or key not in self.local_paths or key not in self.shared:
+            return
+        if any(key in p.needs for p in self.pending.values()):
+            return
+        del self.shared[key]
+        self.consumed.add(key)
+
     def shared_source(self, key: str) -> bytes | str:
         """The pickled output ``key``, or the file holding it."""
+        if key in self.consumed:
+            raise FedDEError(
+                f"the simulation freed the message of task {key} once its aggregation read "
+                "it, and another task reads it now (a train task given no shared state reads "
+                "its own previous message): run with spill_dir= to keep messages as files")
         return str(self.shared_path(key)) if self.files else self.shared[key]
 
     def get_shared(self, key: str) -> Any:
@@ -528,6 +544,8 @@ def _call(method, org: str, step: str, ledger: RunLedger, what: str, **kwargs):
     """Run a task's method; errors name the organisation and step and keep partial facts."""
     try:
         return method(**kwargs)
+    except _SiteFailedError as failed:
+        raise failed.error from None
     except FedDEError as err:
         err.site, err.step, err.facts = org, step, ledger.facts()
         raise
@@ -608,6 +626,15 @@ class StrictTrainDataNode:
         return {"organization_id": self.organization_id, "n_samples": self._site.n_samples}
 
 
+class _SiteFailedError(Exception):
+    """A site task run while an aggregation read its message failed: :func:`_call` re-raises
+    the site's own error (naming the site), not an error of the aggregation."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Inputs(Sequence):
     """An aggregation's inputs, unpickled when read and not kept: a task that reads them
     once, in order, holds one site's message at a time (the pickled outputs stay with the
@@ -619,14 +646,31 @@ class _Inputs(Sequence):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def _read(self, key: str):
+        try:
+            self._platform.run_pending([key])  # a deferred site task runs when read
+        except BaseException as err:  # noqa: BLE001 - re-raised as the site's own error
+            raise _SiteFailedError(err) from None
+        return self._platform.get_shared(key)
+
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self._platform.get_shared(k) for k in self._keys[i]]
-        return self._platform.get_shared(self._keys[i])
+            return [self._read(k) for k in self._keys[i]]
+        return self._read(self._keys[i])
 
     def __iter__(self):
         for key in self._keys:
-            yield self._platform.get_shared(key)
+            yield self._read(key)
+
+    def stream(self):
+        """Each input once, in order, its pickled copy freed once read when nothing else
+        reads it (a site's message, read by its aggregation only). With the site tasks run
+        as their messages are read, at most one site's message is held, pickled or not,
+        beside what the task keeps of it."""
+        for key in self._keys:
+            value = self._read(key)
+            self._platform.consume(key)
+            yield value
 
     def __reduce__(self):  # a task that returns its inputs returns a list of them
         return list, (list(self),)
@@ -659,8 +703,9 @@ class StrictAggregationNode:
         refs = operation.shared_states or []
         op_id = str(uuid.uuid4())
         if pf.declare(op_id, "aggregation", self.organization_id, step) == "run":
-            pf.run_pending([r.key for r in refs])
-            states = _Inputs(pf, [r.key for r in refs])
+            if pf.n_jobs != 1:  # a round's site tasks run together, on the workers
+                pf.run_pending([r.key for r in refs])
+            states = _Inputs(pf, [r.key for r in refs])  # else each one as it is read
             instance = _rebuild(rs).get_instance()
             if pf.progress is not None:
                 pf.progress(step, self.organization_id, round_idx)

@@ -132,7 +132,9 @@ class FedStrategy(ComputePlanBuilder):
         """
         offers, plain, states = [], [], []
         masked = secure.MaskedTotal()
-        for item in shared_states:  # one pass: masked messages are summed as they come
+        # one pass: masked messages are summed as they come (the simulation's inputs also
+        # free each message once read: ``stream``)
+        for item in getattr(shared_states, "stream", lambda: shared_states)():
             if isinstance(item, secure.KeyOffer):
                 offers.append(item)
             elif isinstance(item, secure.MaskedMessage):
