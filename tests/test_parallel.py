@@ -26,7 +26,7 @@ from fed_de.backends.substra import measure_outputs, run_facts
 from fed_de.bulk.strategy import DESeq2Strategy
 from fed_de.cli_common import print_facts
 from fed_de.demo_data import make_demo_study
-from fed_de.errors import DisclosureError, SiteTaskError
+from fed_de.errors import DisclosureError, FedDEError, SiteTaskError
 from fed_de.federation.secure import MaskedMessage
 from fed_de.site import load_site
 
@@ -151,10 +151,12 @@ class Probe(ComputePlanBuilder):
         locals_ = [None] * len(nodes)
         shared = None
         platform = aggregation_node._platform
-        for _ in range(self.rounds):
+        for r in range(self.rounds):
             refs = []
             for i, node in enumerate(nodes):
-                op = self.send(data_samples=node.data_sample_keys, shared_state=shared)
+                # "reread": later tasks get no shared state, so each reads its own last message
+                op = self.send(data_samples=node.data_sample_keys,
+                               shared_state=None if self.plan == "reread" and r else shared)
                 locals_[i], ref = node.update_states(op, local_state=locals_[i], round_idx=0,
                                                      authorized_ids=set(), aggregation_id="",
                                                      clean_models=True)
@@ -197,6 +199,40 @@ def test_outputs_are_freed_once_read(seen, tmp_path, options):
     assert res.ledger.tasks == 6 * 4
     np.testing.assert_array_equal(res.shared_state["sum"], np.full(50_000, 54.0))
     assert res.shared_state["round"] == 6
+
+
+class StreamProbe(Probe):
+    """Probe whose aggregation reads each input once, from the simulation's stream."""
+
+    @remote
+    def total(self, shared_states):
+        acc, first = 0.0, None
+        for s in shared_states.stream():
+            acc = acc + s["big"]
+            first = s["round"] if first is None else first
+        return {"sum": acc, "round": first + 1}
+
+
+def test_a_serial_aggregation_holds_one_site_message_at_a_time(monkeypatch):
+    """Each site task runs when its aggregation reads its message, and the message is freed
+    once read: at every read exactly one site message is in memory (all three when the
+    round's site tasks ran before the aggregation)."""
+    from fed_de.backends import simulation
+
+    held: list[int] = []
+    consume = simulation._Platform.consume
+
+    def spy(self, key):
+        held.append(sum(1 for k in self.shared if k in self.local_paths))
+        consume(self, key)
+
+    monkeypatch.setattr(simulation._Platform, "consume", spy)
+    res = run_strict(StreamProbe(rounds=3), _sites(3))
+    assert held == [1] * 9
+    np.testing.assert_array_equal(res.shared_state["sum"], np.full(50_000, 54.0))
+    assert res.shared_state["round"] == 3
+    with pytest.raises(FedDEError, match="freed the message"):  # a second reader is refused
+        run_strict(StreamProbe("reread", rounds=2), _sites(3))
 
 
 @pytest.mark.parametrize("n_jobs", [1, 2])
