@@ -3,9 +3,9 @@
 The node classes below satisfy substrafl's ``TrainDataNodeProtocol`` and
 ``AggregationNodeProtocol``, so an unchanged ``ComputePlanBuilder.build_compute_plan`` runs
 through them. A site task is deferred when the plan declares it and run when something needs
-its outputs (the aggregation that reads them, or the end of the plan): the site tasks of one
-round then run together, in worker processes when ``n_jobs`` asks for them. Every task has
-the semantics of real substra execution:
+its outputs (the aggregation that reads them, or the end of the plan): with ``n_jobs`` the
+site tasks of one round run together in worker processes; serially, each runs when the
+aggregation reads its message. Every task has the semantics of real substra execution:
 
 - a fresh instance per task, rebuilt from the pickled ``RemoteStruct`` (constructor arguments
   only: an attribute set anywhere else is gone, as on a real node);
@@ -19,8 +19,10 @@ the semantics of real substra execution:
 - method parameters must be small plain scalars (each distinct value is a registered function).
 
 An output is freed once no reference to it is left in the plan and no pending task reads it;
-with ``spill_dir`` (and always with workers) outputs are files, so the parent holds only what
-the running aggregation reads. Every run records the sequential step count (longest dependency
+an aggregation that reads its inputs from ``stream()`` (fed_de's do) frees each site's message
+as soon as it has read it, so a serial run holds one site's message at a time. With
+``spill_dir`` (and always with workers) outputs are files, so the parent holds only what the
+running aggregation reads. Every run records the sequential step count (longest dependency
 chain), the task count, the distinct functions, and the bytes each site and the aggregator
 send: the pickled outputs (masked, when secure aggregation is on) and the plaintext float64
 payload of the sites' messages.
