@@ -478,7 +478,7 @@ def deseq2(
     return result
 
 
-# -- differential privacy (fed_de.bulk.dp) ----------------------------------------------------------
+# -- differential privacy (fed_de.bulk.dp) -------------------------------------------------------
 def dp_cooks(cooks: bool, dp_epsilon: float | None) -> bool:
     """Cook's step under DP: off, with a warning when it was asked for (its threshold
     searches assume exact counts, and their rounds would spend budget)."""

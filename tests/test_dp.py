@@ -37,7 +37,7 @@ def plain(study):
     return fed_de.deseq2(study.sites, study.design, min_nonzero=0, **_kw(study))
 
 
-# -- the one-sample decomposition -------------------------------------------------------------------
+# -- the one-sample decomposition -----------------------------------------------------------------
 def test_one_sample_views_add_up_to_every_message(study, monkeypatch):
     """For every site step of a default run (Cook's off), the step evaluated on each sample's
     one-sample view sums to the step's message; public arrays do not move with the counts."""

@@ -135,8 +135,7 @@ def main() -> None:
                "study": {"samples": args.samples, "genes": args.genes, "seed": args.seed,
                          "sites": {k: v.n_obs for k, v in study.sites.items()},
                          "design": study.design},
-               "delta": 1e-6, "non_dp_seconds": t_ref, "runs": rows,
-               "releases": ref is not None and rows and None}
+               "delta": 1e-6, "non_dp_seconds": t_ref, "runs": rows}
     out.write_text(json.dumps(payload, indent=1, default=str))
     print(f"wrote {out}")
 
