@@ -45,11 +45,10 @@ def round_up(x: float) -> float:
 def calibrate(study, kw: dict) -> dict:
     """Per (message, array): quantiles of the per-sample row norms over a whole run."""
     norms: dict[tuple, list] = {}
-    original = bulk_dp.contributions
+    original = bulk_dp.released_contributions
 
-    def recording(fn, state, provided, params, kept, invoke):
-        parts = original(fn, state, provided, params, kept, invoke)
-        kind = bulk_dp.step_message_type(fn).__name__
+    def recording(kind, fn, state, provided, params, kept, invoke):
+        parts = original(kind, fn, state, provided, params, kept, invoke)
         for key in parts[0]:
             if (kind, key) not in bulk_dp.BOUNDS:
                 continue
@@ -62,11 +61,11 @@ def calibrate(study, kw: dict) -> dict:
             norms.setdefault((kind, key), []).append(n.ravel())
         return parts
 
-    bulk_dp.contributions = recording
+    bulk_dp.released_contributions = recording
     try:
         fed_de.deseq2(study.sites, study.design, dp_epsilon=math.inf, dp_clip=math.inf, **kw)
     finally:
-        bulk_dp.contributions = original
+        bulk_dp.released_contributions = original
     out = {}
     for (kind, key), chunks in sorted(norms.items()):
         n = np.concatenate(chunks)
@@ -75,6 +74,33 @@ def calibrate(study, kw: dict) -> dict:
                                 "max": float(n.max(initial=0)), "suggested": round_up(q[2]),
                                 "bound": bulk_dp.BOUNDS[(kind, key)]}
     return out
+
+
+def noise_only(kinds: list[str]) -> None:
+    """From now on, noise only the arrays of these message kinds (``Kind`` or ``Kind.key``),
+    at the noise multiplier of the whole run: which releases cost the accuracy."""
+    original = bulk_dp.dp.release
+
+    class Shim:
+        kind = key = None
+
+        def __getattr__(self, name):
+            return getattr(bulk_dp.__dict__["_dp_module"], name)
+
+        @staticmethod
+        def release(stacked, bound, z, n_sites, rng):
+            keep = Shim.kind in kinds or f"{Shim.kind}.{Shim.key}" in kinds
+            return original(stacked, bound, z if keep else 0.0, n_sites, rng)
+
+    rule = bulk_dp.rule
+
+    def spying(kind, key):
+        Shim.kind, Shim.key = kind, key
+        return rule(kind, key)
+
+    bulk_dp._dp_module = bulk_dp.dp
+    bulk_dp.dp = Shim()
+    bulk_dp.rule = spying
 
 
 def compare(ref, res, truth) -> dict:
@@ -102,6 +128,8 @@ def main() -> None:
     ap.add_argument("--eps", type=float, nargs="*", default=[1, 10, 100, 1000, math.inf])
     ap.add_argument("--clip", type=float, default=1.0, help="dp_clip (scales every bound)")
     ap.add_argument("--calibrate", action="store_true")
+    ap.add_argument("--noise-only", nargs="*", default=None, metavar="KIND[.KEY]",
+                    help="noise only these message kinds / arrays (diagnosis)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -111,6 +139,8 @@ def main() -> None:
         for key, row in calibrate(study, kw).items():
             print(f"{key:28s} " + " ".join(f"{k}={v:.3g}" for k, v in row.items()))
         return
+    if args.noise_only:
+        noise_only(args.noise_only)
     t0 = time.perf_counter()
     ref = fed_de.deseq2(study.sites, study.design, **kw)
     t_ref = time.perf_counter() - t0
@@ -124,6 +154,7 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             budget = run.facts["privacy"]["differential_privacy"]
             row = {"epsilon": eps, "repeat": rep, "seconds": seconds,
+                   "noise_only": args.noise_only,
                    "rho": budget["rho"], "noise_multiplier": budget["noise_multiplier"],
                    **compare(ref_res, run.results(CONTRAST), study.truth)}
             rows.append(row)
@@ -131,7 +162,9 @@ def main() -> None:
     out = args.out or OUT / f"dp_accuracy_{args.samples}x{args.genes}.json"
     payload = {"command": "python benchmarks/privacy/dp_accuracy.py "
                           f"--samples {args.samples} --genes {args.genes} --seed {args.seed} "
-                          f"--repeats {args.repeats} --clip {args.clip}",
+                          f"--repeats {args.repeats} --clip {args.clip}"
+                          + (f" --noise-only {' '.join(args.noise_only)}"
+                             if args.noise_only else ""),
                "study": {"samples": args.samples, "genes": args.genes, "seed": args.seed,
                          "sites": {k: v.n_obs for k, v in study.sites.items()},
                          "design": study.design},

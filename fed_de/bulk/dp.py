@@ -68,7 +68,7 @@ BOUNDS = {
     ("IRLSSums", "full.xtwz"): 500.0,
     ("IRLSSums", "full.deviance"): 50.0,
     ("IRLSSums", "full.xtwx_obs"): 100.0,
-    ("DispSums", "ll"): 2000.0,
+    ("DispSums", "ll"): 10.0,  # centred (centre_loglik)
     ("DispSums", "d1"): 2.0,
     ("DispSums", "d2"): 2.0,
     ("DispSums", "A"): 500.0,
@@ -149,7 +149,8 @@ def private_message(fn, state, provided: dict, params: dict, invoke, z: float,
     kind = type(message).__name__
     if not any(rule(kind, k) == "noised" for k in flat):
         return message
-    parts = contributions(fn, state, provided, params, before, invoke)
+    parts = released_contributions(kind, fn, state, provided, params, before, invoke,
+                                   centre=z > 0)
     rng = rng if rng is not None else np.random.default_rng()
     scale = site.options.dp_clip
     out = {}
@@ -163,6 +164,43 @@ def private_message(fn, state, provided: dict, params: dict, invoke, z: float,
             stacked = np.stack([np.asarray(p[key], dtype=np.float64) for p in parts])
             out[key] = dp.release(stacked, BOUNDS[(kind, key)] * scale, z, n_sites, rng)
     return from_arrays(type(message), out)
+
+
+def released_contributions(kind: str, fn, state, provided: dict, params: dict,
+                           kept: SiteState, invoke, centre: bool = True
+                           ) -> list[dict[str, np.ndarray]]:
+    """The per-sample contributions a site clips and releases: :func:`contributions`, with
+    (``centre``: when noise is added) the dispersion searches' log likelihoods centred
+    (:func:`centre_loglik`)."""
+    parts = contributions(fn, state, provided, params, kept, invoke)
+    if centre and kind == "DispSums":
+        centre_loglik(parts, fn, state, provided, params, kept, invoke)
+    return parts
+
+
+def reference_log_alpha(state) -> np.ndarray:
+    """A public log dispersion per gene, fixed for the whole run: DESeq2's starting estimate
+    ``alpha_hat`` (1 for genes out of the fit)."""
+    start = state.start
+    alpha = np.where(start.skip, 1.0, np.nan_to_num(start.alpha_hat, nan=1.0))
+    return np.log(np.clip(alpha, 1e-8, 1e4))
+
+
+def centre_loglik(parts: list, fn, state, provided: dict, params: dict, kept: SiteState,
+                  invoke) -> None:
+    """Each sample's log likelihood at a (gene, log alpha) point minus its own at the gene's
+    reference point (:func:`reference_log_alpha`), in place.
+
+    The dispersion searches compare a gene's objective between points, so a per-gene constant
+    changes none of their moves (only the scale of two relative tolerances); the centred
+    values are a few units where the raw ones reach thousands, so their clip bound, and the
+    noise, are hundreds of times smaller. Still a function of the sample alone.
+    """
+    disp = state.disp
+    ref = replace(disp, pair_point=reference_log_alpha(state)[disp.pair_gene])
+    at_ref = contributions(fn, replace(state, disp=ref), provided, params, kept, invoke)
+    for part, base in zip(parts, at_ref, strict=True):
+        part["ll"] = part["ll"] - base["ll"]
 
 
 # -- the aggregator's post-processing ------------------------------------------------------------
@@ -231,5 +269,9 @@ def budget(epsilon: float, delta: float, per_phase: dict[str, int], n_sites: int
         collude[str(t)] = {"rho": r, "epsilon": dp.epsilon_from_rho(r, delta)}
     return {"epsilon": epsilon, "delta": delta, "rho": rho, "noise_multiplier": z,
             "releases": n, "per_phase": phases, "clip_scale": clip,
+            "clip_bounds": {f"{kind}.{key}": bound * clip
+                            for (kind, key), bound in BOUNDS.items()},
+            "public": sorted(f"{kind}.{key}" for kind, key in PUBLIC),
+            "not_sent": sorted(f"{kind}.{key}" for kind, key in DROPPED),
             "neighbouring": "one sample's counts replaced (metadata and design public)",
             "if_t_sites_collude": collude}
