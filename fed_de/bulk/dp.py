@@ -149,10 +149,12 @@ def private_message(fn, state, provided: dict, params: dict, invoke, z: float,
     kind = type(message).__name__
     if not any(rule(kind, k) == "noised" for k in flat):
         return message
-    parts = released_contributions(kind, fn, state, provided, params, before, invoke,
-                                   centre=z > 0)
-    rng = rng if rng is not None else np.random.default_rng()
+    # centred whenever noise or clipping acts (the bound is for centred values); raw only in
+    # the exact mode (no noise, no clipping) that reproduces the plain run
     scale = site.options.dp_clip
+    parts = released_contributions(kind, fn, state, provided, params, before, invoke,
+                                   centre=z > 0 or math.isfinite(scale))
+    rng = rng if rng is not None else np.random.default_rng()
     out = {}
     for key, value in flat.items():
         how = rule(kind, key)
@@ -170,8 +172,7 @@ def released_contributions(kind: str, fn, state, provided: dict, params: dict,
                            kept: SiteState, invoke, centre: bool = True
                            ) -> list[dict[str, np.ndarray]]:
     """The per-sample contributions a site clips and releases: :func:`contributions`, with
-    (``centre``: when noise is added) the dispersion searches' log likelihoods centred
-    (:func:`centre_loglik`)."""
+    (``centre``) the dispersion searches' log likelihoods centred (:func:`centre_loglik`)."""
     parts = contributions(fn, state, provided, params, kept, invoke)
     if centre and kind == "DispSums":
         centre_loglik(parts, fn, state, provided, params, kept, invoke)
