@@ -6,7 +6,9 @@ its metadata row, its rows of every per-sample array the site keeps); ``tests/te
 checks, for every step of a run, that these contributions add up to the step's message. Under
 DP each site releases, per array, its contributions clipped row by row to a public bound, summed,
 plus its share of Gaussian noise (:mod:`fed_de.federation.dp`); the aggregator post-processes
-the noisy totals (:func:`postprocess`) so the fit stays defined.
+the noisy totals (:func:`postprocess`) so the fit stays defined. The dispersion searches'
+log likelihoods are released centred at a public reference point per gene
+(:func:`centre_loglik`), which keeps their bound small.
 
 Which arrays are released with noise, sent exactly (they depend on the public design only) or
 not sent at all is declared here (:data:`PUBLIC`, :data:`DROPPED`, :data:`BOUNDS`); a message
