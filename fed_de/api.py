@@ -260,6 +260,7 @@ def deseq2(
     dp_epsilon: float | None = None,
     dp_delta: float = 1e-6,
     dp_clip: float = 1.0,
+    dp_floor: bool = True,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -365,8 +366,10 @@ def deseq2(
         each sample's contribution to every message to public bounds (scaled by ``dp_clip``)
         and adds its share of Gaussian noise, so everything the aggregator sees, and so the
         results, is ``(dp_epsilon, dp_delta)``-DP for one sample's counts; the budget per
-        phase is in ``facts["privacy"]``. Turns Cook's off (with a warning); refuses LRT,
-        shrinkage and PCA. Costs accuracy: see benchmarks/privacy/README.md.
+        phase is in ``facts["privacy"]``. ``dp_floor`` (default): final dispersions no lower
+        than the trend (noise drives gene-wise estimates to the lower bound). Turns Cook's
+        off (with a warning); refuses LRT, shrinkage and PCA. Costs accuracy: see
+        benchmarks/privacy/README.md.
 
     Warns
     -----
@@ -422,7 +425,7 @@ def deseq2(
                               min_nonzero=min_nonzero,
                               secure_aggregation=secure_option(secure_aggregation, n_sites),
                               n_sites=n_sites, **post, **dp_options(dp_epsilon, dp_delta,
-                                                                     dp_clip),
+                                                                     dp_clip, dp_floor),
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
     total = 0
     if progress is True:
@@ -490,7 +493,8 @@ def dp_cooks(cooks: bool, dp_epsilon: float | None) -> bool:
     return False
 
 
-def dp_options(dp_epsilon: float | None, dp_delta: float, dp_clip: float) -> dict:
+def dp_options(dp_epsilon: float | None, dp_delta: float, dp_clip: float,
+               dp_floor: bool = True) -> dict:
     """The strategy's DP options, checked (nothing when DP is off)."""
     if dp_epsilon is None:
         return {}
@@ -501,7 +505,7 @@ def dp_options(dp_epsilon: float | None, dp_delta: float, dp_clip: float) -> dic
     if not dp_clip > 0:
         raise ValueError(f"dp_clip must be positive (inf: no clipping), not {dp_clip}")
     return {"dp_epsilon": float(dp_epsilon), "dp_delta": float(dp_delta),
-            "dp_clip": float(dp_clip)}
+            "dp_clip": float(dp_clip), "dp_floor": bool(dp_floor)}
 
 
 # -- the post-fit phase: shrinkage, VST + PCA (fed_de.bulk.postfit) -------------------------------

@@ -224,6 +224,8 @@ def run(
     dp_delta: float = typer.Option(1e-6, "--dp-delta", help="With --dp-epsilon: delta."),
     dp_clip: float = typer.Option(1.0, "--dp-clip", help="With --dp-epsilon: scales every "
                                   "public clip bound (fed_de.bulk.dp.BOUNDS)."),
+    dp_floor: bool = typer.Option(True, "--dp-floor/--no-dp-floor", help="With --dp-epsilon: "
+                                  "final dispersions no lower than the trend."),
 ) -> None:
     """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites.
 
@@ -268,7 +270,7 @@ def run(
             cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
             keys=keys, timeout=timeout, genes=gene_list, n_jobs=workers, spill_dir=spill_dir,
             attach=attach, checkpoint=checkpoint, **post,
-            **_dp_args(dp_epsilon, dp_delta, dp_clip))
+            **_dp_args(dp_epsilon, dp_delta, dp_clip, dp_floor))
     res.facts["warnings"] = report_warnings(caught)
     if shrink:
         res.facts.update(posterior_threshold=posterior_threshold, credible_level=credible_level)
@@ -296,12 +298,14 @@ def run(
     print_facts(res.facts, console=console)
 
 
-def _dp_args(dp_epsilon: float | None, dp_delta: float, dp_clip: float) -> dict:
+def _dp_args(dp_epsilon: float | None, dp_delta: float, dp_clip: float,
+             dp_floor: bool) -> dict:
     """``fed_de.deseq2``'s differential-privacy arguments (none unless --dp-epsilon; Cook's
     is then turned off by fed_de.deseq2, with a warning)."""
     if dp_epsilon is None:
         return {}
-    return {"dp_epsilon": dp_epsilon, "dp_delta": dp_delta, "dp_clip": dp_clip}
+    return {"dp_epsilon": dp_epsilon, "dp_delta": dp_delta, "dp_clip": dp_clip,
+            "dp_floor": dp_floor}
 
 
 def _postfit_args(shrink, shrink_coef, pca, pca_genes, pca_group) -> dict:

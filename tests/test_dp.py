@@ -133,7 +133,7 @@ def test_accountant_matches_the_gaussian_zcdp_formulas():
 # -- whole runs ------------------------------------------------------------------------------------
 def test_no_noise_no_clipping_equals_the_plain_run(study, plain):
     run = fed_de.deseq2(study.sites, study.design, dp_epsilon=math.inf, dp_clip=math.inf,
-                        **_kw(study))
+                        dp_floor=False, **_kw(study))
     a, b = plain.results(CONTRAST), run.results(CONTRAST)
     for col in ("baseMean", "log2FoldChange", "lfcSE", "stat", "pvalue"):
         x, y = a[col].to_numpy(), b[col].to_numpy()
@@ -150,7 +150,7 @@ def test_centred_log_likelihoods_keep_the_answer(study, plain, monkeypatch):
     tolerances (measured: LFC within 3e-5, dispersions within 0.3 %)."""
     monkeypatch.setattr(dp, "noise_share", lambda shape, *a: np.zeros(shape))
     run = fed_de.deseq2(study.sites, study.design, dp_epsilon=1e12, dp_clip=math.inf,
-                        **_kw(study))
+                        dp_floor=False, **_kw(study))
     assert run.facts["privacy"]["differential_privacy"]["noise_multiplier"] > 0
     a = plain.results(CONTRAST)
     b = run.results(CONTRAST)
@@ -165,7 +165,8 @@ def test_centred_log_likelihoods_keep_the_answer(study, plain, monkeypatch):
 def test_clipping_alone_costs_little_on_demo_like_data(study, plain):
     """No noise, the public bounds: the bounds were set on the demo generator, so clipping
     alone moves a study of the same kind (another seed) little."""
-    run = fed_de.deseq2(study.sites, study.design, dp_epsilon=math.inf, **_kw(study))
+    run = fed_de.deseq2(study.sites, study.design, dp_epsilon=math.inf, dp_floor=False,
+                        **_kw(study))
     a = plain.results(CONTRAST)["log2FoldChange"].to_numpy()
     b = run.results(CONTRAST)["log2FoldChange"].to_numpy()
     ok = np.isfinite(a) & np.isfinite(b)
@@ -185,6 +186,9 @@ def test_small_epsilon_run_differs_and_reports_its_budget(study, plain, monkeypa
     run = fed_de.deseq2(study.sites, study.design, dp_epsilon=1.0, dp_delta=1e-5,
                         **_kw(study))
     budget = run.facts["privacy"]["differential_privacy"]
+    disp = run.gene_results.dispersions  # dp_floor (default): never below the trend
+    ok = np.isfinite(disp.final) & np.isfinite(disp.fit)
+    assert ok.sum() > 0 and np.all(disp.final[ok] >= disp.fit[ok])
     # the accountant's count of releases is what the sites released (3 sites)
     assert len(calls) == 3 * budget["releases"]
     assert budget["clip_bounds"]["DispSums.ll"] == bulk_dp.BOUNDS[("DispSums", "ll")]

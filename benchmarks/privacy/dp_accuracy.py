@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="DP runs per epsilon")
     ap.add_argument("--eps", type=float, nargs="*", default=[1, 10, 100, 1000, math.inf])
     ap.add_argument("--clip", type=float, default=1.0, help="dp_clip (scales every bound)")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="dp_floor=False: dispersions not floored at the trend")
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--noise-only", nargs="*", default=None, metavar="KIND[.KEY]",
                     help="noise only these message kinds / arrays (diagnosis)")
@@ -150,11 +152,11 @@ def main() -> None:
         for rep in range(args.repeats if math.isfinite(eps) else 1):
             t0 = time.perf_counter()
             run = fed_de.deseq2(study.sites, study.design, dp_epsilon=eps, dp_delta=1e-6,
-                                dp_clip=args.clip, **kw)
+                                dp_clip=args.clip, dp_floor=not args.no_floor, **kw)
             seconds = time.perf_counter() - t0
             budget = run.facts["privacy"]["differential_privacy"]
             row = {"epsilon": eps, "repeat": rep, "seconds": seconds,
-                   "noise_only": args.noise_only,
+                   "noise_only": args.noise_only, "dp_floor": not args.no_floor,
                    "rho": budget["rho"], "noise_multiplier": budget["noise_multiplier"],
                    **compare(ref_res, run.results(CONTRAST), study.truth)}
             rows.append(row)
@@ -163,6 +165,7 @@ def main() -> None:
     payload = {"command": "python benchmarks/privacy/dp_accuracy.py "
                           f"--samples {args.samples} --genes {args.genes} --seed {args.seed} "
                           f"--repeats {args.repeats} --clip {args.clip}"
+                          + (" --no-floor" if args.no_floor else "")
                           + (f" --noise-only {' '.join(args.noise_only)}"
                              if args.noise_only else ""),
                "study": {"samples": args.samples, "genes": args.genes, "seed": args.seed,

@@ -26,7 +26,7 @@ import numpy as np
 
 from fed_de.bulk.state import Site, SiteState
 from fed_de.federation import dp
-from fed_de.federation.calls import decode
+from fed_de.federation.calls import aggregator_step, decode
 from fed_de.federation.messages import Message, arrays, declared_shapes
 from fed_de.federation.secure import from_arrays
 from fed_de.site import SiteData
@@ -204,6 +204,18 @@ def centre_loglik(parts: list, fn, state, provided: dict, params: dict, kept: Si
     at_ref = contributions(fn, replace(state, disp=ref), provided, params, kept, invoke)
     for part, base in zip(parts, at_ref, strict=True):
         part["ll"] = part["ll"] - base["ll"]
+
+
+# -- a DP-only estimator choice --------------------------------------------------------------
+@aggregator_step(writes=("dispersions",))
+def floor_at_trend(dispersions) -> dict:
+    """Under DP, final dispersions no lower than the trend (post-processing; not DESeq2's).
+
+    Noise sends gene-wise estimates to the lower bound and the MAP after them, and the Wald
+    test then takes a far too small dispersion as exact; the trend, fitted over all genes,
+    is the stable part (``benchmarks/privacy/README.md``)."""
+    final = np.fmax(dispersions.final, dispersions.fit)
+    return {"dispersions": replace(dispersions, final=final)}
 
 
 # -- the aggregator's post-processing ------------------------------------------------------------

@@ -87,6 +87,7 @@ class DESeq2Options:
     dp_epsilon: float | None = None
     dp_delta: float = 1e-6
     dp_clip: float = 1.0  # multiplies every public clip bound (inf: no clipping)
+    dp_floor: bool = True  # final dispersions no lower than the trend (DP only)
 
 
 # -- what the aggregator sends -----------------------------------------------------------------

@@ -170,7 +170,8 @@ class DESeq2Strategy(_BulkStrategy):
     dp_epsilon, dp_delta, dp_clip
         Differential privacy (:mod:`fed_de.bulk.dp`): ``(dp_epsilon, dp_delta)``-DP of
         everything the aggregator sees, for one sample's counts; ``None``: off. ``dp_clip``
-        scales the public clip bounds. Refuses LRT, Cook's, shrinkage and PCA.
+        scales the public clip bounds; ``dp_floor``: final dispersions no lower than the
+        trend (:func:`fed_de.bulk.dp.floor_at_trend`). Refuses LRT, Cook's, shrinkage, PCA.
     """
 
     def __init__(self, study: dict, size_factors: str = OPTIONS.size_factors,
@@ -193,7 +194,8 @@ class DESeq2Strategy(_BulkStrategy):
                  pca_axes: int = OPTIONS.pca_axes, pca_block: int = OPTIONS.pca_block,
                  pca_rounds: int = OPTIONS.pca_rounds, pca_group: str = "",
                  site_names: tuple = (), dp_epsilon: float | None = None,
-                 dp_delta: float = OPTIONS.dp_delta, dp_clip: float = OPTIONS.dp_clip):
+                 dp_delta: float = OPTIONS.dp_delta, dp_clip: float = OPTIONS.dp_clip,
+                 dp_floor: bool = OPTIONS.dp_floor):
         if test not in TESTS:
             raise ValueError(f"test must be 'Wald' or 'LRT', not {test!r}")
         if test == "LRT" and not reduced:
@@ -214,7 +216,7 @@ class DESeq2Strategy(_BulkStrategy):
                          pca=bool(pca), pca_genes=pca_genes, pca_axes=pca_axes,
                          pca_block=pca_block, pca_rounds=pca_rounds, pca_group=pca_group,
                          site_names=tuple(site_names), dp_epsilon=dp_epsilon,
-                         dp_delta=dp_delta, dp_clip=dp_clip)
+                         dp_delta=dp_delta, dp_clip=dp_clip, dp_floor=bool(dp_floor))
         self.dp_budget = self._dp_budget() if dp_epsilon is not None else None
 
     # -- differential privacy (fed_de.bulk.dp) ---------------------------------------------
@@ -283,6 +285,9 @@ class DESeq2Strategy(_BulkStrategy):
             if np.isfinite(o.min_replicates_for_replace):  # outliers replaced: the refit
                 plan += refit.phases(o.refit_mu_rounds if mu_rounds else 0, o.genewise_rounds,
                                      o.map_rounds, o.refit_final_rounds, o.test == "LRT")
+        if o.dp_epsilon is not None and o.dp_floor:  # DP: dispersions floored at the trend
+            next(p for p in plan if p.name == "trend_prior_map").closing.append(
+                bulk_dp.floor_at_trend)
         after = postfit.phase(o)  # shrinkage, VST + PCA: when asked for
         return plan if after is None else [*plan, after]
 
