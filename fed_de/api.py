@@ -257,6 +257,10 @@ def deseq2(
     spill_dir: str | Path | None = None,
     attach: str | None = None,
     checkpoint: str | Path | None = None,
+    dp_epsilon: float | None = None,
+    dp_delta: float = 1e-6,
+    dp_clip: float = 1.0,
+    dp_floor: bool = True,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -357,6 +361,15 @@ def deseq2(
         state, each site's last local state). A run that fails or is interrupted resumes
         when called again with the same arguments: finished tasks are not run again, and
         ``facts["checkpoint"]`` says how many were reused. Removed when the run ends well.
+    dp_epsilon, dp_delta, dp_clip
+        Opt-in differential privacy (docs/privacy.md, ``fed_de.bulk.dp``): every site clips
+        each sample's contribution to every message to public bounds (scaled by ``dp_clip``)
+        and adds its share of Gaussian noise, so everything the aggregator sees, and so the
+        results, is ``(dp_epsilon, dp_delta)``-DP for one sample's counts; the budget per
+        phase is in ``facts["privacy"]``. ``dp_floor`` (default): final dispersions no lower
+        than the trend (noise drives gene-wise estimates to the lower bound). Turns Cook's
+        off (with a warning); refuses LRT, shrinkage and PCA. Costs accuracy: see
+        benchmarks/privacy/README.md.
 
     Warns
     -----
@@ -403,6 +416,7 @@ def deseq2(
                       stacklevel=2)
     post = postfit_options(study, contrasts, shrink, shrink_coef, pca, pca_genes, pca_group,
                            declared_site_names(loaded, keys))
+    cooks = dp_cooks(cooks, dp_epsilon)
     strategy = DESeq2Strategy(study.to_dict(), size_factors=size_factors, fit_type=fit_type,
                               min_cell_size=min_cell_size, round_counts=round_counts,
                               test=test, reduced=reduced, cooks=cooks,
@@ -410,7 +424,8 @@ def deseq2(
                               min_pooled_cell_size=min_pooled_cell_size,
                               min_nonzero=min_nonzero,
                               secure_aggregation=secure_option(secure_aggregation, n_sites),
-                              n_sites=n_sites, **post,
+                              n_sites=n_sites, **post, **dp_options(dp_epsilon, dp_delta,
+                                                                     dp_clip, dp_floor),
                               **{f"{k}_rounds": int(v) for k, v in (rounds or {}).items()})
     total = 0
     if progress is True:
@@ -443,6 +458,8 @@ def deseq2(
         "disclosure_rule_applied": bool(min_cell_size) and n_sites != 1,
         "backend": backend, "rounds": dict(rounds or {})}
     facts.update(started)
+    if strategy.dp_budget is not None:
+        facts.setdefault("privacy", {})["differential_privacy"] = strategy.dp_budget
     site_pca = postfit_facts(facts, strategy, done, loaded)
     result = DESeq2Result(study=study, state=done.state, facts=facts,
                           contrasts=contrast_list(study, contrasts) if contrasts else [],
@@ -462,6 +479,33 @@ def deseq2(
     for message in facts["warnings"]:
         warnings.warn(message, FitWarning, stacklevel=2)
     return result
+
+
+# -- differential privacy (fed_de.bulk.dp) -------------------------------------------------------
+def dp_cooks(cooks: bool, dp_epsilon: float | None) -> bool:
+    """Cook's step under DP: off, with a warning when it was asked for (its threshold
+    searches assume exact counts, and their rounds would spend budget)."""
+    if dp_epsilon is None or not cooks:
+        return cooks
+    warnings.warn("dp_epsilon: Cook's outlier filtering is off (its order-statistic searches "
+                  "need exact counts and would spend privacy budget); pass cooks=False to "
+                  "silence this", FitWarning, stacklevel=3)
+    return False
+
+
+def dp_options(dp_epsilon: float | None, dp_delta: float, dp_clip: float,
+               dp_floor: bool = True) -> dict:
+    """The strategy's DP options, checked (nothing when DP is off)."""
+    if dp_epsilon is None:
+        return {}
+    if not dp_epsilon > 0:
+        raise ValueError(f"dp_epsilon must be positive (inf: no noise), not {dp_epsilon}")
+    if not 0 < dp_delta < 1:
+        raise ValueError(f"dp_delta must lie in (0, 1), not {dp_delta}")
+    if not dp_clip > 0:
+        raise ValueError(f"dp_clip must be positive (inf: no clipping), not {dp_clip}")
+    return {"dp_epsilon": float(dp_epsilon), "dp_delta": float(dp_delta),
+            "dp_clip": float(dp_clip), "dp_floor": bool(dp_floor)}
 
 
 # -- the post-fit phase: shrinkage, VST + PCA (fed_de.bulk.postfit) -------------------------------

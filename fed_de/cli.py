@@ -216,6 +216,16 @@ def run(
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Simulation: keep the "
                                            "run's frontier in this folder, so that a failed "
                                            "run resumes (fed-de resume OUT)."),
+    dp_epsilon: float | None = typer.Option(
+        None, "--dp-epsilon", help="Opt-in differential privacy: (epsilon, --dp-delta)-DP of "
+                                   "everything the aggregator sees, for one sample's counts "
+                                   "(clipped contributions + Gaussian noise from every site; "
+                                   "Cook's off; costs accuracy: docs/privacy.md)."),
+    dp_delta: float = typer.Option(1e-6, "--dp-delta", help="With --dp-epsilon: delta."),
+    dp_clip: float = typer.Option(1.0, "--dp-clip", help="With --dp-epsilon: scales every "
+                                  "public clip bound (fed_de.bulk.dp.BOUNDS)."),
+    dp_floor: bool = typer.Option(True, "--dp-floor/--no-dp-floor", help="With --dp-epsilon: "
+                                  "final dispersions no lower than the trend."),
 ) -> None:
     """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites.
 
@@ -259,12 +269,13 @@ def run(
             layer=_parse_layer(layer), progress=not STATE["quiet"], test=test, reduced=reduced,
             cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
             keys=keys, timeout=timeout, genes=gene_list, n_jobs=workers, spill_dir=spill_dir,
-            attach=attach, checkpoint=checkpoint, **post)
+            attach=attach, checkpoint=checkpoint, **post,
+            **_dp_args(dp_epsilon, dp_delta, dp_clip, dp_floor))
     res.facts["warnings"] = report_warnings(caught)
     if shrink:
         res.facts.update(posterior_threshold=posterior_threshold, credible_level=credible_level)
     res.facts.update(command_line=command_line(ctx, "run"), design=design, alpha=alpha,
-                     test=test, cooks=cooks, reduced=reduced,
+                     test=test, cooks=res.facts["options"]["cooks"], reduced=reduced,
                      contrast=[contrast_label(res.study, c) for c in contrasts or [None]])
     kw = dict(lfc_threshold=lfc_threshold, alt_hypothesis=value(alt_hypothesis))
     # results first (the shrinkage columns beside the MLEs), then anything optional
@@ -285,6 +296,16 @@ def run(
                   highlight=False, soft_wrap=True)
     _write_postfit(res, contrasts[0] if contrasts else None, out, plots, report, reference)
     print_facts(res.facts, console=console)
+
+
+def _dp_args(dp_epsilon: float | None, dp_delta: float, dp_clip: float,
+             dp_floor: bool) -> dict:
+    """``fed_de.deseq2``'s differential-privacy arguments (none unless --dp-epsilon; Cook's
+    is then turned off by fed_de.deseq2, with a warning)."""
+    if dp_epsilon is None:
+        return {}
+    return {"dp_epsilon": dp_epsilon, "dp_delta": dp_delta, "dp_clip": dp_clip,
+            "dp_floor": dp_floor}
 
 
 def _postfit_args(shrink, shrink_coef, pca, pca_genes, pca_group) -> dict:

@@ -79,8 +79,11 @@ def log_sums(site: Site, n_sites: int = 0) -> LogSums:
     one-site analysis, which sends nothing to another organisation.
     """
     kept, data = site.kept, site.data
-    kept.design = validate_site(site.study, data, min_cell_size=site.options.min_cell_size,
-                                round_counts=site.options.round_counts, n_sites=n_sites)
+    if site.one_sample:  # a DP contribution: the whole site was checked by the real step
+        kept.design = design_matrix(site.study, data.obs, data.name)
+    else:
+        kept.design = validate_site(site.study, data, min_cell_size=site.options.min_cell_size,
+                                    round_counts=site.options.round_counts, n_sites=n_sites)
     if site.reduced is not None:
         kept.design_reduced = design_matrix(site.reduced, data.obs, data.name)
     counts = site.counts()

@@ -83,6 +83,11 @@ class DESeq2Options:
     pca_rounds: int = 4
     pca_group: str = ""  # factor whose levels the centroids are taken over
     site_names: tuple = ()  # the study's declared sites (centroids per site)
+    # differential privacy (fed_de.bulk.dp): off when dp_epsilon is None
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-6
+    dp_clip: float = 1.0  # multiplies every public clip bound (inf: no clipping)
+    dp_floor: bool = True  # final dispersions no lower than the trend (DP only)
 
 
 # -- what the aggregator sends -----------------------------------------------------------------
@@ -317,6 +322,7 @@ class Site:
     study: Study
     options: DESeq2Options
     reduced: Study | None = None
+    one_sample: bool = False  # a one-sample view (fed_de.bulk.dp): never sent on its own
 
     @property
     def name(self) -> str:

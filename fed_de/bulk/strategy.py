@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from fed_de.bulk import closing, cooks, dispersions, irls, postfit, refit
+from fed_de.bulk import dp as bulk_dp
 from fed_de.bulk import size_factors as sfs
 from fed_de.bulk.cooks import replace_minimum
 from fed_de.bulk.state import DESeq2Options, RunState, Site, SiteState
@@ -42,7 +43,8 @@ from fed_de.core import disp_path
 from fed_de.core.fallback import STEPS as FALLBACK_STEPS
 from fed_de.core.irls import N_CANDIDATES
 from fed_de.design import Study, reduced_study
-from fed_de.federation import guard
+from fed_de.federation import guard, secure
+from fed_de.federation.calls import invoke
 from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, Round, run_phases
 
 OPTIONS = DESeq2Options()
@@ -165,6 +167,11 @@ class DESeq2Strategy(_BulkStrategy):
     pca, pca_genes, pca_axes, pca_block, pca_rounds, pca_group, site_names
         VST and PCA after the fit (:mod:`fed_de.bulk.pca`): top genes, axes, block size,
         subspace rounds, the factor of the centroids, the study's sites (centroids per site).
+    dp_epsilon, dp_delta, dp_clip
+        Differential privacy (:mod:`fed_de.bulk.dp`): ``(dp_epsilon, dp_delta)``-DP of
+        everything the aggregator sees, for one sample's counts; ``None``: off. ``dp_clip``
+        scales the public clip bounds; ``dp_floor``: final dispersions no lower than the
+        trend (:func:`fed_de.bulk.dp.floor_at_trend`). Refuses LRT, Cook's, shrinkage, PCA.
     """
 
     def __init__(self, study: dict, size_factors: str = OPTIONS.size_factors,
@@ -186,7 +193,9 @@ class DESeq2Strategy(_BulkStrategy):
                  pca: bool = False, pca_genes: int = OPTIONS.pca_genes,
                  pca_axes: int = OPTIONS.pca_axes, pca_block: int = OPTIONS.pca_block,
                  pca_rounds: int = OPTIONS.pca_rounds, pca_group: str = "",
-                 site_names: tuple = ()):
+                 site_names: tuple = (), dp_epsilon: float | None = None,
+                 dp_delta: float = OPTIONS.dp_delta, dp_clip: float = OPTIONS.dp_clip,
+                 dp_floor: bool = OPTIONS.dp_floor):
         if test not in TESTS:
             raise ValueError(f"test must be 'Wald' or 'LRT', not {test!r}")
         if test == "LRT" and not reduced:
@@ -206,7 +215,42 @@ class DESeq2Strategy(_BulkStrategy):
                          shrink=shrink, shrink_coef=shrink_coef, shrink_rounds=shrink_rounds,
                          pca=bool(pca), pca_genes=pca_genes, pca_axes=pca_axes,
                          pca_block=pca_block, pca_rounds=pca_rounds, pca_group=pca_group,
-                         site_names=tuple(site_names))
+                         site_names=tuple(site_names), dp_epsilon=dp_epsilon,
+                         dp_delta=dp_delta, dp_clip=dp_clip, dp_floor=bool(dp_floor))
+        self.dp_budget = self._dp_budget() if dp_epsilon is not None else None
+
+    # -- differential privacy (fed_de.bulk.dp) ---------------------------------------------
+    def _dp_budget(self) -> dict:
+        """Refuse what DP does not cover; the plan's releases and the noise multiplier."""
+        o = self.options
+        refused = [name for name, on in (
+            ("test='LRT'", o.test == "LRT"), ("cooks=True", self.with_cooks()),
+            ("shrink", o.shrink is not None), ("pca=True", o.pca)) if on]
+        if refused:
+            raise ValueError(f"dp_epsilon does not cover {', '.join(refused)}: their rounds' "
+                             "per-sample contributions are not clipped and noised; turn them "
+                             "off for a differentially private run (docs/privacy.md)")
+        if self.n_sites < 1:
+            raise ValueError("dp_epsilon needs the study's number of sites (n_sites): each "
+                             "site adds 1/n_sites of the noise variance")
+        if self.n_sites > 1 and not self.secure_aggregation:
+            raise ValueError("dp_epsilon with several sites needs secure aggregation: each "
+                             "site's message carries only its share of the noise")
+        per_phase = bulk_dp.phase_releases(self.phases(), self.dims())
+        return bulk_dp.budget(o.dp_epsilon, o.dp_delta, per_phase, self.n_sites, o.dp_clip)
+
+    def site_message(self, fn, state, provided: dict, params: dict):
+        """Under DP, the step's message released with clipped contributions and noise."""
+        if self.dp_budget is None or fn is secure.offer_key:
+            return super().site_message(fn, state, provided, params)
+        return bulk_dp.private_message(fn, state, provided, params, invoke,
+                                       self.dp_budget["noise_multiplier"], self.n_sites)
+
+    def postprocess(self, sums):
+        """Under DP, the noisy totals made usable (:func:`fed_de.bulk.dp.postprocess`)."""
+        if self.dp_budget is None:
+            return sums
+        return bulk_dp.postprocess(sums, self.study.n_coefs)
 
     def dims(self) -> dict[str, int]:
         """The fit's message sizes and the post-fit phase's (:mod:`fed_de.bulk.postfit`)."""
@@ -241,6 +285,9 @@ class DESeq2Strategy(_BulkStrategy):
             if np.isfinite(o.min_replicates_for_replace):  # outliers replaced: the refit
                 plan += refit.phases(o.refit_mu_rounds if mu_rounds else 0, o.genewise_rounds,
                                      o.map_rounds, o.refit_final_rounds, o.test == "LRT")
+        if o.dp_epsilon is not None and o.dp_floor:  # DP: dispersions floored at the trend
+            next(p for p in plan if p.name == "trend_prior_map").closing.append(
+                bulk_dp.floor_at_trend)
         after = postfit.phase(o)  # shrinkage, VST + PCA: when asked for
         return plan if after is None else [*plan, after]
 

@@ -94,6 +94,15 @@ class FedStrategy(ComputePlanBuilder):
         """Refuse (raise) a shared state the protocol would not send, before any step runs
         (:mod:`fed_de.federation.guard`). The base accepts everything."""
 
+    def site_message(self, fn: Callable, state, provided: dict, params: dict) -> Message:
+        """Run a site step; the message it sends (the base: the step's own; a subclass may
+        release it differently, e.g. with calibrated noise)."""
+        return invoke(fn, state, provided, params)
+
+    def postprocess(self, sums: Message) -> Message:
+        """The round's summed message as the aggregator steps read it (the base: as summed)."""
+        return sums
+
     # -- the two remote methods ------------------------------------------------------------
     @remote_data
     def local(self, data_from_opener, shared_state=None, site_step: str = "",
@@ -109,8 +118,8 @@ class FedStrategy(ComputePlanBuilder):
             self.digest = guard.check_digest(self.digest, digest, site=name, step=fn.__name__)
         self.check_request(state, name, fn.__name__)
         site = self.site_view(data_from_opener)
-        message = invoke(fn, state, {"site": site, "keyring": self.keyring, **self.context()},
-                         params)
+        message = self.site_message(fn, state, {"site": site, "keyring": self.keyring,
+                                                **self.context()}, params)
         dims = {**self.dims(), **self.request_dims(state)}
         rows = getattr(state, "rows", None)
         if rows is not None:  # the aggregator asked for these genes only (a refit)
@@ -152,7 +161,8 @@ class FedStrategy(ComputePlanBuilder):
         if masked or plain:
             rows = getattr(state, "rows", None)
             n_genes = self.dims()["G"] if rows is not None else None
-            sums = total([masked.message()] if masked else plain, rows, n_genes)
+            sums = self.postprocess(
+                total([masked.message()] if masked else plain, rows, n_genes))
         provided = {"sums": sums, "side": side, "offers": offers, **self.context()}
         for fn, params in decode(steps, "aggregator"):
             state = apply_aggregation(fn, state, provided, params)
