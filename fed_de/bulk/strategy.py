@@ -91,6 +91,14 @@ class _BulkStrategy(FedStrategy):
         return guard.digest_arrays([data.genes, data.samples, data.counts,
                                     data._obs[columns]])
 
+    def kept_parts(self) -> tuple[str, ...]:
+        """Parts every aggregation sends besides those later steps read: what the results
+        read from the final state (:mod:`fed_de.bulk.results`), the masking relay and a gene
+        selection; the others stop travelling once no later step reads them (the dispersion
+        search's evaluated points after the MAP round, the first fit after the final one)."""
+        return ("totals", "start", "dispersions", "genes", "cooks", "refit", "trend", "shrink",
+                "pca", "secure", "rows")
+
     def check_request(self, state, site: str, step: str) -> None:
         """The run state is a :class:`RunState` of typed parts, the numbers a site computes
         with are finite (:data:`FINITE`), a gene selection names genes of the study; the

@@ -22,7 +22,7 @@ from typing import Any
 from substrafl.compute_plan_builder import ComputePlanBuilder
 from substrafl.remote import remote, remote_data
 
-from fed_de.federation import guard, secure
+from fed_de.federation import guard, liveness, secure
 from fed_de.federation.calls import (
     Call,
     apply_aggregation,
@@ -84,6 +84,11 @@ class FedStrategy(ComputePlanBuilder):
     def context(self) -> dict:
         """Values every step may ask for by name besides the state parts (study, options)."""
         return {}
+
+    def kept_parts(self) -> tuple[str, ...] | None:
+        """Run-state parts an aggregation always sends, besides those a later step reads
+        (:mod:`fed_de.federation.liveness`); ``None`` (the base): every part is sent."""
+        return None
 
     def data_digest(self, data) -> str | None:
         """A digest of what the site analyses (:func:`guard.digest_arrays`), compared at
@@ -166,7 +171,7 @@ class FedStrategy(ComputePlanBuilder):
         provided = {"sums": sums, "side": side, "offers": offers, **self.context()}
         for fn, params in decode(steps, "aggregator"):
             state = apply_aggregation(fn, state, provided, params)
-        return state
+        return liveness.trim(state, self, steps)
 
     # -- local state -----------------------------------------------------------------------
     def save_local_state(self, path: Path) -> None:

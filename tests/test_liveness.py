@@ -1,0 +1,51 @@
+"""An aggregation sends only the run-state parts a later step reads (fed_de.federation.liveness):
+the answer is unchanged, to the bit, and the sites receive less."""
+
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+import pytest
+
+import fed_de
+from fed_de.bulk.strategy import DESeq2Strategy
+from fed_de.demo_data import make_demo_study
+from fed_de.federation import liveness
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return make_demo_study(n_samples=150, n_genes=150, seed=4)
+
+
+def _run(demo, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fed_de.deseq2(demo.sites, demo.design, levels=demo.levels, **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {"test": "LRT", "reduced": "~ batch"},
+                                {"shrink": "normal", "pca": True}])
+def test_dead_parts_are_not_sent_and_the_answer_is_unchanged(demo, monkeypatch, kw):
+    trimmed = _run(demo, **kw)
+    monkeypatch.setattr(DESeq2Strategy, "kept_parts", lambda self: None)
+    everything = _run(demo, **kw)
+    for part in ("results", "dispersions", "coefficients"):
+        a, b = getattr(trimmed, part), getattr(everything, part)
+        a, b = (a(), b()) if callable(a) else (a, b)
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    got = trimmed.facts["bytes_received_by_site"]
+    full = everything.facts["bytes_received_by_site"]
+    assert all(got[s] < 0.9 * full[s] for s in full), (got, full)
+
+
+def test_the_dispersion_search_stops_travelling_after_the_map_round(demo):
+    study = fed_de.make_study(demo.design, demo.genes, demo.levels)
+    live = liveness.live_after(DESeq2Strategy(study.to_dict(), n_sites=3))
+    chains = list(live)
+    first_final = next(c for c in chains if "stage='final'" in c and "irls_step" in c)
+    genewise = next(c for c in chains if c.endswith("genewise_step"))
+    assert "disp" in live[genewise]  # still searched
+    assert "disp" not in live[first_final] and "irls_mu" not in live[chains[-1]]
+    assert live[chains[-1]] == frozenset()  # nothing runs after the last aggregation
