@@ -257,6 +257,7 @@ def deseq2(
     spill_dir: str | Path | None = None,
     attach: str | None = None,
     checkpoint: str | Path | None = None,
+    resume_from=None,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -357,6 +358,12 @@ def deseq2(
         state, each site's last local state). A run that fails or is interrupted resumes
         when called again with the same arguments: finished tasks are not run again, and
         ``facts["checkpoint"]`` says how many were reused. Removed when the run ends well.
+    resume_from
+        Any backend: a failed compute plan's downloaded state (a run folder holding
+        ``resume.pkl``, or a :class:`fed_de.federation.resume.Seed`; a failed substra run's
+        error carries it as ``err.resume``): a new plan runs only the rounds after it, with
+        the same arguments otherwise (:mod:`fed_de.backends.resume`);
+        ``facts["resumed"]`` names the plan and round it continued.
 
     Warns
     -----
@@ -421,7 +428,8 @@ def deseq2(
                    record_messages=record_messages and backend == "simulation",
                    n_jobs=n_jobs, spill_dir=spill_dir,
                    **({"attach": attach} if attach is not None else {}),
-                   **({"checkpoint": checkpoint} if checkpoint is not None else {}))
+                   **({"checkpoint": checkpoint} if checkpoint is not None else {}),
+                   **({"resume": resume_from} if resume_from is not None else {}))
     facts = done.facts
     facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
                  min_cell_size=min_cell_size, min_pooled_cell_size=min_pooled_cell_size,

@@ -167,6 +167,7 @@ def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel:
             raise
         failed = _failure(agg_client, None, "failed")
         failed.facts = {**plan.facts(), "wall_seconds": round(time.perf_counter() - started, 3)}
+        _attach_seed(failed, agg_client, strategy, orgs["aggregator"], download)
         raise failed from err
     log.info("compute plan %s", cp.key)
     if progress is not None and attach is None:  # printed, so that a user can reattach
@@ -180,11 +181,45 @@ def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel:
         err.facts = {**plan.facts(), **(getattr(err, "facts", None) or {}),
                      "compute_plan_key": cp.key,
                      "wall_seconds": round(time.perf_counter() - started, 3)}
+        if isinstance(err, SiteTaskError):  # a failed task: what a new plan resumes from
+            _attach_seed(err, agg_client, strategy, orgs["aggregator"], download, cp.key)
         raise
     names = {v: k for k, v in orgs.items()}
     facts = run_facts(plan, measure_outputs(agg_client, cp.key, orgs["aggregator"]), names)
     facts.update(wall_seconds=round(time.perf_counter() - started, 3), compute_plan_key=cp.key)
     return SubstraRun(shared_state=state, facts=facts, compute_plan_key=cp.key)
+
+
+def _attach_seed(err: BaseException, client, strategy, aggregator_org: str, download,
+                 key: str | None = None) -> None:
+    """Download, while the failed plan is reachable, the seed a new plan resumes from
+    (:mod:`fed_de.backends.resume`) and attach it to ``err`` as ``err.resume`` (None, with
+    ``err.resume_error`` saying why, when there is none)."""
+    from fed_de.backends.resume import download_seed
+
+    key = key or (getattr(err, "facts", None) or {}).get("compute_plan_key") or _plan_key(err)
+    err.resume, err.resume_error = None, None
+    if key is None:  # the subprocess backend's failure may not name its plan: the newest
+        try:
+            plans = sorted(client.list_compute_plan(), key=lambda p: str(p.creation_date))
+            key = plans[-1].key if plans else None
+        except Exception:  # noqa: BLE001 - best effort
+            key = None
+    if key is None:
+        err.resume_error = "the failed compute plan's key is unknown"
+        return
+    try:
+        err.resume = download_seed(client, key, strategy, aggregator_org,
+                                   download=download if download is not None else None)
+    except Exception as why:  # noqa: BLE001 - resuming is offered, never required
+        err.resume_error = f"{type(why).__name__}: {why}"
+
+
+def _plan_key(err: BaseException) -> str | None:
+    text = str(err)
+    if text.startswith("compute plan ") and text.split()[2] != "None":
+        return text.split()[2]
+    return None
 
 
 def run_facts(plan, measured: dict | None, names: dict) -> dict:

@@ -89,6 +89,33 @@ class _BulkStrategy(FedStrategy):
         return guard.digest_arrays([data.genes, data.samples, data.counts,
                                     data._obs[columns]])
 
+    def restore(self, data, state) -> None:
+        """A resumed plan's first task at this site: re-derive what it keeps from its data
+        and the seeded state (:func:`fed_de.bulk.rebuild.restore`)."""
+        if self.kept.design is None and isinstance(state, RunState) and state.totals is not None:
+            from fed_de.bulk import rebuild
+
+            rebuild.restore(self.site_view(data), state, n_sites=self.n_sites)
+
+    def resume_refusal(self, state) -> str | None:
+        """Why a resumed plan cannot start from ``state`` (:func:`fed_de.bulk.rebuild.refusal`)."""
+        from fed_de.bulk import rebuild
+
+        cooks_on = getattr(self, "with_cooks", lambda: False)()
+        return rebuild.refusal(state, cooks_on)
+
+    def resume_seed(self, state, fetch) -> RunState:
+        """``state`` with the study's log geometric means (the sites' size factors), read from
+        the state after the first round of the study (after the key round, if any)."""
+        from fed_de.bulk import rebuild
+
+        if state.totals.log_geo_means is not None:
+            return state
+        first = fetch(1)  # the study's first aggregation, or the key round's
+        if first.totals is None or first.totals.log_geo_means is None:
+            first = fetch(3)
+        return rebuild.with_geo_means(state, first)
+
     def check_request(self, state, site: str, step: str) -> None:
         """The run state is a :class:`RunState` of typed parts, the numbers a site computes
         with are finite (:data:`FINITE`), a gene selection names genes of the study; the

@@ -1,0 +1,69 @@
+"""A resumed plan: a new compute plan that starts from a run state downloaded from a failed
+one and runs only the rounds that plan had not finished.
+
+The seed (the last finished aggregation's run state) enters the new plan once, as the
+parameter of :func:`install`, the first step of the new plan's first aggregation (with
+secure aggregation: the key round's, which every new plan needs anyway, since the sites'
+secret keys of the failed plan are not kept for the coordinator). Sites keep nothing for the
+coordinator either: each re-derives its local state from its own data plus the seed at its
+first task that reads it (:meth:`fed_de.federation.strategy.FedStrategy.restore`).
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+import zlib
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from fed_de.federation.calls import aggregator_step, call, site_step
+from fed_de.federation.messages import Message
+
+
+@dataclass
+class Seed:
+    """Where a resumed plan starts: the run state after the aggregation of round
+    ``round_idx`` of the failed plan ``source`` (its rounds up to there are not run again)."""
+
+    state: Any
+    round_idx: int
+    source: str = ""
+    tasks_done: int = 0  # tasks of the failed plan finished before the seed (reused)
+
+    def encode(self) -> str:
+        """The seed state as one plan parameter (zlib-compressed pickle, base64)."""
+        blob = zlib.compress(pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL), 6)
+        return base64.b64encode(blob).decode("ascii")
+
+
+def decode_state(text: str) -> Any:
+    """The run state :meth:`Seed.encode` wrote."""
+    return pickle.loads(zlib.decompress(base64.b64decode(text)))
+
+
+class Ready(Message):
+    """A site's answer to a resumed plan's first round without secure aggregation: nothing."""
+
+
+@site_step
+def ready() -> Ready:
+    """First task of a resumed plan at a site (no key round): send nothing."""
+    return Ready()
+
+
+@aggregator_step(writes=("*",))
+def install(seed: str) -> dict:
+    """Every part of the seed run state (the aggregator starts from it)."""
+    state = decode_state(seed)
+    for value in (getattr(state, f.name) for f in fields(state)):
+        if isinstance(value, np.ndarray) and value.dtype == object:
+            raise ValueError("a seed run state holds no object arrays")
+    return {f.name: getattr(state, f.name) for f in fields(state)}
+
+
+def install_call(seed: Seed):
+    """The plan's call of :func:`install` for ``seed``."""
+    return call(install, seed=seed.encode())
