@@ -32,6 +32,7 @@ class PlannedTask:
     round_idx: int
     depth: int
     message: dict | None = None  # key -> shape, for local tasks
+    spec: str = ""  # the steps it runs (``federation.calls`` encoding)
 
 
 @dataclass
@@ -94,12 +95,12 @@ class _DryNode:
         self._record = record
         self._dims = dims
 
-    def _add(self, method, parents, round_idx, message=None) -> str:
+    def _add(self, method, parents, round_idx, message=None, spec: str = "") -> str:
         key = str(uuid.uuid4())
         depth = 1 + max((self._record.depth.get(p, 0) for p in parents), default=0)
         self._record.depth[key] = depth
         self._record.tasks.append(PlannedTask(key, self.organization_id, method,
-                                              round_idx or 0, depth, message))
+                                              round_idx or 0, depth, message, spec))
         return key
 
     def register_operations(self, *args, **kwargs):
@@ -133,7 +134,7 @@ class DryTrainDataNode(_DryNode):
                 getattr(method, "__wrapped__", None), "message_schema", {})
             message = {k: _shape(v, self._dims) for k, v in schema.items()}
         key = self._add(describe(rs._method_name, rs._method_parameters), parents, round_idx,
-                        message)
+                        message, rs._method_parameters.get("site_step", ""))
         return LocalStateRef(key), SharedStateRef(key)
 
 
@@ -146,7 +147,8 @@ class DryAggregationNode(_DryNode):
         self._record.functions.add(rs)
         parents = [r.key for r in (operation.shared_states or [])]
         return SharedStateRef(self._add(describe(rs._method_name, rs._method_parameters),
-                                        parents, round_idx))
+                                        parents, round_idx,
+                                        spec=rs._method_parameters.get("steps", "")))
 
 
 def _shape(symbols: tuple, dims: dict) -> tuple:

@@ -18,11 +18,14 @@ and the seed.
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 
 from fed_de.errors import FedDEError
+from fed_de.federation.calls import decode
 from fed_de.federation.resume import Seed
 
 SEED_FILE = "resume.pkl"
@@ -69,12 +72,47 @@ def download_seed(client, compute_plan_key: str, strategy, aggregator_org: str,
             continue
         why = strategy.resume_refusal(state)
         if why is None:
-            reused = sum(1 for t in tasks if _done(t) and (_round(t) or 0) <= r)
-            return Seed(strategy.resume_seed(state, fetch), r, compute_plan_key, reused)
+            side = strategy.resume_side(state, r, fetch, rounds)
+            last = r if side is None else max(r, side[1])  # what the new plan does not run
+            reused = sum(1 for t in tasks if _done(t) and (_round(t) or 0) <= last)
+            n_sites = getattr(strategy, "n_sites", 0) or len(
+                {t.worker for t in tasks if t.worker != aggregator_org})
+            keep = parts_read_after(strategy, r if side is None else min(r, side[1]),
+                                    n_sites)
+            side = side and (trim(side[0], keep, strategy), side[1])
+            return Seed(trim(strategy.resume_seed(state, fetch), keep, strategy), r,
+                        compute_plan_key, reused, *(side or (None, None)))
         reasons.append(f"round {r}: {why}")
     detail = "; ".join(reasons[:2]) or "no aggregation of it finished"
     raise FedDEError(f"compute plan {compute_plan_key} has no finished round a new plan can "
                      f"start from ({detail}); run the study again from the start")
+
+
+def parts_read_after(strategy, round_idx: int, n_sites: int) -> set[str]:
+    """Names of the run state's parts that a step of ``strategy``'s plan (over ``n_sites``
+    sites) after round ``round_idx`` reads: the parameters of its site and aggregator steps
+    (a step's signature says what it reads, :mod:`fed_de.federation.calls`)."""
+    from fed_de.backends.plan import record_plan
+
+    plan = record_plan(strategy, [f"site{i}" for i in range(max(n_sites, 1))])
+    reads: set[str] = set()
+    for task in plan.tasks:
+        if task.round_idx > round_idx and task.spec:
+            role = "site" if task.message is not None else "aggregator"
+            for fn, _ in decode(task.spec, role):
+                reads |= set(inspect.signature(fn).parameters)
+    return reads
+
+
+def trim(state, keep: set[str], strategy):
+    """``state`` with only the parts in ``keep`` or in ``strategy.resume_keeps()`` (what
+    the results read from the final state); the others are None (a smaller seed: only what
+    the remaining rounds read). A strategy whose ``resume_keeps()`` is None keeps all."""
+    always = strategy.resume_keeps()
+    if always is None or not is_dataclass(state):
+        return state
+    drop = {f.name: None for f in fields(state) if f.name not in keep | set(always)}
+    return replace(state, **drop)
 
 
 def save_seed(seed: Seed, folder: str | Path) -> Path:

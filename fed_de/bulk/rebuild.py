@@ -18,9 +18,11 @@ size factors       its counts and the study's log geometric means (the resumed p
 ``pca_coords``     the PCA axes, once the centroids are known
 =================  ===============================================================
 
-Cook's replaced counts are the one part that needs the closing round's inputs again: a plan
-is not resumed from a state after a replacement (:func:`refusal`); it resumes from an
-earlier round instead.
+Cook's side chain (``robust``) keeps the same parts: when it was in flight, the resumed
+plan seeds it too (:func:`side_seed`), and its sites re-derive their state at their first
+side task as the main chain's do. Cook's replaced counts are the one part that needs the
+closing round's inputs again: a plan is not resumed from a state after a replacement
+(:func:`refusal`); it resumes from an earlier round instead.
 """
 
 from __future__ import annotations
@@ -74,13 +76,41 @@ def refusal(state: RunState, with_cooks: bool) -> str | None:
         return "a state of the Cook's side chain"
     if state.totals is None:
         return "no round of the study finished yet"
-    forked = state.start is not None and state.start.alpha_hat is not None
-    if with_cooks and forked and state.cooks is None:
-        return ("the Cook's side chain was in flight (between size factors and the closing "
-                "round); a resumed plan seeds the main chain only")
     if state.refit is not None and np.any(state.refit.replace):
         return "after Cook's replacement (the sites' replaced counts are not re-derived)"
     return None
+
+
+def side_seed(state: RunState, round_idx: int, fetch, rounds: list[int]
+              ) -> tuple[RunState, int] | None:
+    """The Cook's side chain's seed for a plan resumed from the main-chain ``state`` (after
+    round ``round_idx``): None when the side chain had not forked yet (it forks after the
+    size factors, the first state with ``start``: it forks anew in the resumed plan) or had
+    joined (``state.cooks`` known); else ``(its last finished state, round)``, or, when none
+    of its aggregations finished, ``(the state it forked from, round)``: the side chain
+    restarts while the main chain keeps its progress. ``rounds``: the failed plan's finished
+    aggregations; ``fetch(r)``: the state after round ``r``."""
+    if state.cooks is not None or state.start is None:
+        return None
+    fork = next((r for r in sorted(rounds) if _is_main(s := _get(fetch, r))
+                 and s.start is not None), None)
+    if fork is None or fork >= round_idx:
+        return None
+    for r in sorted(rounds, reverse=True):
+        if r > fork and isinstance(side := _get(fetch, r), RunState) and not _is_main(side):
+            return side, r
+    return fetch(fork), fork
+
+
+def _get(fetch, r: int):
+    try:
+        return fetch(r)
+    except Exception:  # noqa: BLE001 - a round that cannot be read is skipped
+        return None
+
+
+def _is_main(state) -> bool:
+    return isinstance(state, RunState) and state.robust is None
 
 
 def with_geo_means(state: RunState, first: RunState) -> RunState:

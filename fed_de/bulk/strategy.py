@@ -104,6 +104,27 @@ class _BulkStrategy(FedStrategy):
         cooks_on = getattr(self, "with_cooks", lambda: False)()
         return rebuild.refusal(state, cooks_on)
 
+    def resume_side(self, state, round_idx: int, fetch, rounds: list[int]
+                    ) -> tuple[RunState, int] | None:
+        """Cook's side chain in flight at ``state``: its last finished state, or the state it
+        forked from (:func:`fed_de.bulk.rebuild.side_seed`), with the sites' geometric
+        means."""
+        from fed_de.bulk import rebuild
+
+        if not getattr(self, "with_cooks", lambda: False)():
+            return None
+        found = rebuild.side_seed(state, round_idx, fetch, rounds)
+        if found is None:
+            return None
+        side, r = found
+        return self.resume_seed(side, fetch), r
+
+    def resume_keeps(self) -> tuple[str, ...]:
+        """What the results and the sites' re-derived state read besides the remaining
+        steps (:mod:`fed_de.bulk.results`, :func:`fed_de.bulk.rebuild.restore`)."""
+        return ("totals", "start", "genes", "refit", "trend", "shrink", "pca", "secure",
+                "rows")
+
     def resume_seed(self, state, fetch) -> RunState:
         """``state`` with the study's log geometric means (the sites' size factors), read from
         the state after the first round of the study (after the key round, if any)."""

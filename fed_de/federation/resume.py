@@ -26,16 +26,25 @@ from fed_de.federation.messages import Message
 @dataclass
 class Seed:
     """Where a resumed plan starts: the run state after the aggregation of round
-    ``round_idx`` of the failed plan ``source`` (its rounds up to there are not run again)."""
+    ``round_idx`` of the failed plan ``source`` (its rounds up to there are not run again).
+
+    ``side``: when the failed plan's side chain was in flight at ``round_idx``, the side
+    chain's state after its aggregation of round ``side_round`` (its last finished one, or
+    the state it forked from): the resumed side chain runs its rounds after that one.
+    """
 
     state: Any
     round_idx: int
     source: str = ""
     tasks_done: int = 0  # tasks of the failed plan finished before the seed (reused)
+    side: Any = None
+    side_round: int | None = None
 
-    def encode(self) -> str:
-        """The seed state as one plan parameter (zlib-compressed pickle, base64)."""
-        blob = zlib.compress(pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL), 6)
+    def encode(self, side: bool = False) -> str:
+        """The seed state (``side``: the side chain's) as one plan parameter
+        (zlib-compressed pickle, base64)."""
+        state = self.side if side else self.state
+        blob = zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), 9)
         return base64.b64encode(blob).decode("ascii")
 
 
@@ -55,15 +64,20 @@ def ready() -> Ready:
 
 
 @aggregator_step(writes=("*",))
-def install(seed: str) -> dict:
-    """Every part of the seed run state (the aggregator starts from it)."""
+def install(seed: str, keep: str = "") -> dict:
+    """Every part of the seed run state (the aggregator starts from it), but the parts
+    ``keep`` names (comma-separated: a side chain's seed keeps the new plan's keys)."""
     state = decode_state(seed)
     for value in (getattr(state, f.name) for f in fields(state)):
         if isinstance(value, np.ndarray) and value.dtype == object:
             raise ValueError("a seed run state holds no object arrays")
-    return {f.name: getattr(state, f.name) for f in fields(state)}
+    kept = set(keep.split(",")) - {""}
+    return {f.name: getattr(state, f.name) for f in fields(state) if f.name not in kept}
 
 
-def install_call(seed: Seed):
-    """The plan's call of :func:`install` for ``seed``."""
+def install_call(seed: Seed, side: bool = False):
+    """The plan's call of :func:`install` for ``seed`` (``side``: its side chain's state,
+    which keeps the new plan's ``secure`` part)."""
+    if side:
+        return call(install, seed=seed.encode(side=True), keep="secure")
     return call(install, seed=seed.encode())

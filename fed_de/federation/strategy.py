@@ -13,6 +13,7 @@ by ``save_local_state`` and read back by ``load_local_state``; what travels is a
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,19 @@ class FedStrategy(ComputePlanBuilder):
         in flight, or site state that cannot be re-derived cheaply. The base refuses: a
         pipeline says how its sites re-derive what they keep (:meth:`restore`)."""
         return f"{type(self).__name__} does not re-derive its sites' local state"
+
+    def resume_side(self, state, round_idx: int, fetch, rounds: list[int]
+                    ) -> tuple[object, int] | None:
+        """The side chain's seed when ``state`` (a main-chain state, after round
+        ``round_idx``) was taken while a side chain was in flight: ``(side state, its
+        round)`` from ``fetch(r)`` over the failed plan's finished aggregations ``rounds``;
+        None when no side chain is in flight (the base: a plan without side chains)."""
+        return None
+
+    def resume_keeps(self) -> tuple[str, ...] | None:
+        """Parts of a resumed plan's seed kept whether or not a remaining step reads them
+        (what the results read from the final state); None: the seed keeps every part."""
+        return None
 
     def resume_seed(self, state, fetch) -> object:
         """The seed a resumed plan installs: ``state``, plus what the sites need to
@@ -200,6 +214,7 @@ class PlanCursor:
         self.stream = stream
         self.forks = 0
         self.seed = None  # a resumed plan: (round index it closes, its reference)
+        self.side_seed = None  # and its side chain's, when one was in flight
 
     def skipping(self) -> bool:
         """A resumed plan: this round was finished by the failed plan (no task)."""
@@ -260,7 +275,11 @@ class PlanCursor:
                           stream=self.stream * 16 + self.forks)
         side.local_states, side.shared, side.round_idx = (list(self.local_states), self.shared,
                                                           self.round_idx)
-        side.seed = self.seed  # resumed after its join: every round of it is skipped
+        if self.skipping():  # forked within the failed plan's rounds: from its side seed,
+            # or (none: the failed plan had joined the side chain) no round of it at all
+            side.seed = self.side_seed or (math.inf, None)
+            if side.round_idx > side.seed[0]:  # seeded with the state it forks from
+                side.shared = side.seed[1]
         return side
 
 
@@ -342,15 +361,21 @@ def run_phases(plan: PlanCursor, phases: Sequence[Phase]):
 
 def _seed_round(plan: PlanCursor, seed, masks: bool) -> None:
     """A resumed plan's first round: fresh keys (secure aggregation) or nothing from the
-    sites, and the seed installed by the aggregator; the failed plan's rounds up to the
-    seed's are then skipped (:meth:`PlanCursor.skipping`)."""
+    sites, and the seed installed by the aggregator (and its side chain's state, in an
+    aggregation of its own); the failed plan's rounds up to the seed's are then skipped
+    (:meth:`PlanCursor.skipping`), the side chain's up to its state's."""
     from fed_de.federation import resume
 
     if masks:
         plan.round(secure.offer_key, [resume.install_call(seed), secure.relay_keys])
     else:
         plan.round(resume.ready, [resume.install_call(seed)])
-    plan.seed = (seed.round_idx, plan.shared)
+    main = plan.shared
+    if getattr(seed, "side", None) is not None:  # numbered as the failed plan's side state;
+        plan.round_idx = seed.side_round  # it keeps the new keys (``secure``) of ``main``
+        plan.side_seed = (seed.side_round,
+                          plan.aggregate([resume.install_call(seed, side=True)], []))
+    plan.seed = (seed.round_idx, main)
     plan.round_idx = 2 if masks else 0  # the failed plan's numbering from here on
     plan.shared = None
 
