@@ -512,8 +512,8 @@ def resume(
         _rerun(out, ["--resume-from", str(out), *extra], "resume", drop=("--attach",))
         return
     if "--checkpoint" not in (record.get("command_line") or []):
-        raise FedDEError(f"{out} holds neither a failed compute plan's state ({SEED_FILE}: "
-                         "fed-de download PLAN_KEY --out OUT saves it) nor a run started with "
+        raise FedDEError(f"{out} holds no failed compute plan's state ({SEED_FILE}: fed-de "
+                         "download PLAN_KEY --out OUT saves it) and no run started with "
                          "--checkpoint; nothing to resume from: run the command again")
     if value(backend) not in (None, "simulation"):
         raise FedDEError("a checkpoint resumes on the simulation only (--backend simulation)")

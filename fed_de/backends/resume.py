@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import pickle
+import zlib
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def download_seed(client, compute_plan_key: str, strategy, aggregator_org: str,
                 {t.worker for t in tasks if t.worker != aggregator_org})
             keep = parts_read_after(strategy, r if side is None else min(r, side[1]),
                                     n_sites)
-            side = side and (trim(side[0], keep, strategy), side[1])
+            if side is not None and "side" not in keep:  # a join reads every part of it
+                side = (trim(side[0], keep, strategy), side[1])
             return Seed(trim(strategy.resume_seed(state, fetch), keep, strategy), r,
                         compute_plan_key, reused, *(side or (None, None)))
         reasons.append(f"round {r}: {why}")
@@ -116,12 +118,13 @@ def trim(state, keep: set[str], strategy):
 
 
 def save_seed(seed: Seed, folder: str | Path) -> Path:
-    """Write ``seed`` to ``folder/resume.pkl`` and a readable ``resume.json``."""
+    """Write ``seed`` to ``folder/resume.pkl`` (a zlib-compressed pickle) and a readable
+    ``resume.json``."""
     from fed_de.files import write_text, write_with
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    blob = pickle.dumps(seed, protocol=pickle.HIGHEST_PROTOCOL)
+    blob = zlib.compress(pickle.dumps(seed, protocol=pickle.HIGHEST_PROTOCOL), 9)
     write_with(folder / SEED_FILE, lambda tmp: tmp.write_bytes(blob))
     write_text(folder / "resume.json", json.dumps(
         {"compute_plan_key": seed.source, "round_idx": seed.round_idx,
@@ -135,8 +138,11 @@ def load_seed(folder: str | Path) -> Seed:
     if not path.exists():
         raise FedDEError(f"{path} does not exist: download the failed plan's state first "
                          "(fed-de download PLAN_KEY --out RUN_DIR)")
-    with path.open("rb") as fh:
-        seed = pickle.load(fh)
+    try:
+        seed = pickle.loads(zlib.decompress(path.read_bytes()))
+    except (zlib.error, pickle.UnpicklingError, EOFError) as err:
+        raise FedDEError(f"{path} is no fed_de resume seed ({err}): download it again "
+                         "(fed-de download PLAN_KEY --out RUN_DIR)") from None
     if not isinstance(seed, Seed):
         raise FedDEError(f"{path} holds no fed_de resume seed")
     return seed

@@ -393,7 +393,8 @@ def _failure(client, key: str | None, status: str, plan=None,
     round; else the registered function's name). ``key`` None: the plan substra's
     subprocess backend was running when a task raised; that backend leaves the task that
     raised in ``STATUS_EXECUTING`` (its in-memory database, shared by every client of the
-    process, is where it is found)."""
+    process, is where it is found, among the tasks of this run's organisations:
+    ``names``)."""
     filters = {"status": ["STATUS_FAILED"]}
     if key is not None:
         filters["compute_plan_key"] = [key]
@@ -405,7 +406,8 @@ def _failure(client, key: str | None, status: str, plan=None,
             wanted = ("STATUS_FAILED",) if key is not None else ("STATUS_FAILED",
                                                                   "STATUS_EXECUTING")
             tasks = [t for t in every if (st := getattr(t, "status", None)) is not None
-                     and str(getattr(st, "value", st)) in wanted]
+                     and str(getattr(st, "value", st)) in wanted
+                     and (not names or getattr(t, "worker", None) in names)]  # this run's
     except Exception:  # noqa: BLE001 - best effort: the error message is what matters
         tasks = []
     if not tasks:
