@@ -12,6 +12,7 @@ first task that reads it (:meth:`fed_de.federation.strategy.FedStrategy.restore`
 from __future__ import annotations
 
 import base64
+import lzma
 import pickle
 import zlib
 from dataclasses import dataclass, fields
@@ -42,15 +43,17 @@ class Seed:
 
     def encode(self, side: bool = False) -> str:
         """The seed state (``side``: the side chain's) as one plan parameter
-        (zlib-compressed pickle, base64)."""
+        (xz-compressed pickle, base64: xz keeps float arrays 10-40% smaller than zlib)."""
         state = self.side if side else self.state
-        blob = zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), 9)
+        blob = lzma.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), preset=6)
         return base64.b64encode(blob).decode("ascii")
 
 
 def decode_state(text: str) -> Any:
-    """The run state :meth:`Seed.encode` wrote."""
-    return pickle.loads(zlib.decompress(base64.b64decode(text)))
+    """The run state :meth:`Seed.encode` wrote (or an earlier zlib-compressed one)."""
+    blob = base64.b64decode(text)
+    raw = lzma.decompress(blob) if blob.startswith(b"\xfd7zXZ") else zlib.decompress(blob)
+    return pickle.loads(raw)
 
 
 class Ready(Message):
