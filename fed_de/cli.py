@@ -496,9 +496,9 @@ def resume(
     """Continue a failed or interrupted run with the recorded command's options.
 
     A substra run (its folder holds the failed compute plan's downloaded state,
-    ``resume.pkl``) continues as a new compute plan that runs only the rounds after that
-    state, on the recorded backend or ``--backend``; a simulated run started with
-    ``--checkpoint`` reruns, and the tasks that finished are not run again.
+    resume.pkl) continues as a new compute plan that runs only the rounds after that
+    state, on the recorded backend or --backend; a simulated run started with
+    --checkpoint reruns, and the tasks that finished are not run again.
     """
     from fed_de.backends.resume import SEED_FILE
     from fed_de.errors import FedDEError
@@ -530,8 +530,8 @@ def download(
 ) -> None:
     """Wait for a compute plan a failed or interrupted ``fed-de run`` submitted, download its
     result and write the results files, as that run would have; a plan that failed leaves
-    its last state a new plan can start from in the folder instead (``resume.pkl``:
-    ``fed-de resume OUT`` continues it)."""
+    its last state a new plan can start from in the folder instead (resume.pkl:
+    fed-de resume OUT continues it)."""
     _rerun(out, ["--attach", plan_key], f"download (or rerun it with --attach {plan_key})")
 
 
