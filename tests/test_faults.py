@@ -694,3 +694,38 @@ def test_a_plan_resumes_from_any_round_with_cooks_side_chain_in_flight(monkeypat
                                           err_msg=name)
             assert res.facts["tasks"] < full.facts["tasks"], name
     assert kinds == {"side", "forked", "in flight"}
+
+
+@pytest.mark.parametrize("first_fails, then_fails", [
+    ("side in flight", "later"), ("side in flight", "at once"),
+    ("side not started", "at once")])
+def test_a_resumed_plan_that_fails_again_resumes_again(monkeypatch, first_fails, then_fails):
+    """A resumed plan (Cook's side chain in flight, or to restart) fails in its turn, later
+    or before any round of its own finished: its finished aggregations (the installed seeds,
+    numbered as the states they hold, among them) seed a third plan, which still equals the
+    uninterrupted run."""
+    from fed_de.backends.resume import download_seed
+
+    small = make_demo_study(n_samples=48, n_genes=30, seed=2)
+    sites = dict(list(small.sites.items())[:2])
+    kw = dict(levels={"condition": ["A", "B"]}, genes=small.genes,
+              contrasts=[("condition", "B", "A")], cooks=True,
+              rounds={"mu": 2, "genewise": 2, "final": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full, strategy, states = _plan_states(monkeypatch, sites, **kw)
+        main = sorted(r for r, st in states.items() if st[0].robust is None)
+        failed = ((lambda r: r < 12) if first_fails == "side in flight"
+                  else (lambda r: r in main[:-3]))
+        first = download_seed(*_failed_plan(states, failed)[:1], "cp1", strategy, "agg",
+                              download=_failed_plan(states, failed)[1])
+        assert first.side is not None
+        assert (first.side.robust is None) == (first_fails == "side not started")
+        _, again, states2 = _plan_states(monkeypatch, sites, resume_from=first, **kw)
+        failed = ((lambda r: r < first.round_idx + 5) if then_fails == "later"
+                  else (lambda r: r <= first.round_idx))
+        second = download_seed(*_failed_plan(states2, failed)[:1], "cp2", again, "agg",
+                               download=_failed_plan(states2, failed)[1])
+        assert (second.round_idx > first.round_idx) == (then_fails == "later")
+        res = fed_de.deseq2(sites, "~ condition", resume_from=second, **kw)
+    np.testing.assert_array_equal(res.results().to_numpy(float), full.results().to_numpy(float))

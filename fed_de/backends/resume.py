@@ -82,7 +82,7 @@ def download_seed(client, compute_plan_key: str, strategy, aggregator_org: str,
                                     n_sites)
             if side is not None and "side" not in keep:  # a join reads every part of it
                 side = (trim(side[0], keep, strategy), side[1])
-            return Seed(trim(strategy.resume_seed(state, fetch), keep, strategy), r,
+            return Seed(trim(strategy.resume_seed(state, fetch, rounds), keep, strategy), r,
                         compute_plan_key, reused, *(side or (None, None)))
         reasons.append(f"round {r}: {why}")
     detail = "; ".join(reasons[:2]) or "no aggregation of it finished"

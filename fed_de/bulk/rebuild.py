@@ -84,25 +84,28 @@ def refusal(state: RunState, with_cooks: bool) -> str | None:
 def side_seed(state: RunState, round_idx: int, fetch, rounds: list[int]
               ) -> tuple[RunState, int] | None:
     """The Cook's side chain's seed for a plan resumed from the main-chain ``state`` (after
-    round ``round_idx``): None when the side chain had not forked yet (it forks after the
-    size factors, the first state with ``start``: it forks anew in the resumed plan) or had
-    joined (``state.cooks`` known); else ``(its last finished state, round)``, or, when none
-    of its aggregations finished, ``(the state it forked from, round)``: the side chain
-    restarts while the main chain keeps its progress. ``rounds``: the failed plan's finished
-    aggregations; ``fetch(r)``: the state after round ``r``."""
+    round ``round_idx``): None when the side chain had not forked yet (``start`` unknown) or
+    had joined (``state.cooks`` known); else ``(its last finished state, round)``, or, when
+    none of its aggregations finished, ``(the state it forked from, round)`` (the state
+    after the size factors: ``start`` known, ``start.alpha_hat`` not yet), so that it
+    restarts while the main chain keeps its progress; None when that is ``state`` itself
+    (it forks anew in the resumed plan). ``rounds``: the failed plan's finished
+    aggregations (a resumed plan's installed seeds among them, numbered as the states they
+    hold); ``fetch(r)``: the state after round ``r``."""
     if state.cooks is not None or state.start is None:
         return None
-    fork = next((r for r in sorted(rounds) if _is_main(s := _get(fetch, r))
-                 and s.start is not None), None)
+    for r in sorted(rounds, reverse=True):
+        if isinstance(side := get_state(fetch, r), RunState) and not _is_main(side):
+            return side, r
+    fork = next((r for r in sorted(rounds) if _is_main(s := get_state(fetch, r))
+                 and s.start is not None and s.start.alpha_hat is None), None)
     if fork is None or fork >= round_idx:
         return None
-    for r in sorted(rounds, reverse=True):
-        if r > fork and isinstance(side := _get(fetch, r), RunState) and not _is_main(side):
-            return side, r
     return fetch(fork), fork
 
 
-def _get(fetch, r: int):
+def get_state(fetch, r: int):
+    """``fetch(r)``, or None when round ``r``'s state cannot be read."""
     try:
         return fetch(r)
     except Exception:  # noqa: BLE001 - a round that cannot be read is skipped

@@ -117,7 +117,7 @@ class _BulkStrategy(FedStrategy):
         if found is None:
             return None
         side, r = found
-        return self.resume_seed(side, fetch), r
+        return self.resume_seed(side, fetch, rounds), r
 
     def resume_keeps(self) -> tuple[str, ...]:
         """What the results and the sites' re-derived state read besides the remaining
@@ -125,17 +125,20 @@ class _BulkStrategy(FedStrategy):
         return ("totals", "start", "genes", "refit", "trend", "shrink", "pca", "secure",
                 "rows")
 
-    def resume_seed(self, state, fetch) -> RunState:
+    def resume_seed(self, state, fetch, rounds=(1, 3)) -> RunState:
         """``state`` with the study's log geometric means (the sites' size factors), read from
-        the state after the first round of the study (after the key round, if any)."""
+        the earliest finished aggregation that carries them (the study's first, or a resumed
+        plan's installed seed)."""
         from fed_de.bulk import rebuild
 
         if state.totals.log_geo_means is not None:
             return state
-        first = fetch(1)  # the study's first aggregation, or the key round's
-        if first.totals is None or first.totals.log_geo_means is None:
-            first = fetch(3)
-        return rebuild.with_geo_means(state, first)
+        for r in sorted(rounds):
+            first = rebuild.get_state(fetch, r)
+            if isinstance(first, RunState) and first.totals is not None \
+                    and first.totals.log_geo_means is not None:
+                return rebuild.with_geo_means(state, first)
+        raise ValueError("no finished aggregation carries the study's geometric means")
 
     def check_request(self, state, site: str, step: str) -> None:
         """The run state is a :class:`RunState` of typed parts, the numbers a site computes

@@ -119,10 +119,10 @@ class FedStrategy(ComputePlanBuilder):
         (what the results read from the final state); None: the seed keeps every part."""
         return None
 
-    def resume_seed(self, state, fetch) -> object:
+    def resume_seed(self, state, fetch, rounds=()) -> object:
         """The seed a resumed plan installs: ``state``, plus what the sites need to
         re-derive their local state that the run state no longer carries (``fetch(r)``: the
-        failed plan's state after the aggregation of round ``r``)."""
+        failed plan's state after its aggregation of round ``r``, one of ``rounds``)."""
         return state
 
     # -- the two remote methods ------------------------------------------------------------
@@ -366,6 +366,7 @@ def _seed_round(plan: PlanCursor, seed, masks: bool) -> None:
     (:meth:`PlanCursor.skipping`), the side chain's up to its state's."""
     from fed_de.federation import resume
 
+    plan.round_idx = seed.round_idx - 1  # the install is numbered as the state it installs
     if masks:
         plan.round(secure.offer_key, [resume.install_call(seed), secure.relay_keys])
     else:
