@@ -261,6 +261,7 @@ def deseq2(
     dp_delta: float = 1e-6,
     dp_clip: float = 1.0,
     dp_floor: bool = True,
+    resume_from=None,
 ) -> DESeq2Result:
     """Federated DESeq2 Wald pipeline; the answer equals DESeq2 on the pooled data.
 
@@ -370,6 +371,12 @@ def deseq2(
         than the trend (noise drives gene-wise estimates to the lower bound). Turns Cook's
         off (with a warning); refuses LRT, shrinkage and PCA. Costs accuracy: see
         benchmarks/privacy/README.md.
+    resume_from
+        Any backend: a failed compute plan's downloaded state (a run folder holding
+        ``resume.pkl``, or a :class:`fed_de.federation.resume.Seed`; a failed substra run's
+        error carries it as ``err.resume``): a new plan runs only the rounds after it, with
+        the same arguments otherwise (:mod:`fed_de.backends.resume`);
+        ``facts["resumed"]`` names the plan and round it continued.
 
     Warns
     -----
@@ -436,7 +443,8 @@ def deseq2(
                    record_messages=record_messages and backend == "simulation",
                    n_jobs=n_jobs, spill_dir=spill_dir,
                    **({"attach": attach} if attach is not None else {}),
-                   **({"checkpoint": checkpoint} if checkpoint is not None else {}))
+                   **({"checkpoint": checkpoint} if checkpoint is not None else {}),
+                   **({"resume": resume_from} if resume_from is not None else {}))
     facts = done.facts
     facts.update(n_sites=len(facts["bytes_sent_by_site"]), n_genes=len(study.genes),
                  min_cell_size=min_cell_size, min_pooled_cell_size=min_pooled_cell_size,

@@ -226,6 +226,10 @@ def run(
                                   "public clip bound (fed_de.bulk.dp.BOUNDS)."),
     dp_floor: bool = typer.Option(True, "--dp-floor/--no-dp-floor", help="With --dp-epsilon: "
                                   "final dispersions no lower than the trend."),
+    resume_from: Path | None = typer.Option(
+        None, "--resume-from", help="A folder holding a failed compute plan's state "
+        "(resume.pkl, saved by a failed substra run or fed-de download): a new plan runs "
+        "only the rounds after it (fed-de resume OUT sets it)."),
 ) -> None:
     """Run the federated DESeq2 pipeline (Wald or LRT) over the given sites.
 
@@ -269,7 +273,7 @@ def run(
             layer=_parse_layer(layer), progress=not STATE["quiet"], test=test, reduced=reduced,
             cooks=cooks, backend=backend, workdir=workdir, credentials=credentials,
             keys=keys, timeout=timeout, genes=gene_list, n_jobs=workers, spill_dir=spill_dir,
-            attach=attach, checkpoint=checkpoint, **post,
+            attach=attach, checkpoint=checkpoint, resume_from=resume_from, **post,
             **_dp_args(dp_epsilon, dp_delta, dp_clip, dp_floor))
     res.facts["warnings"] = report_warnings(caught)
     if shrink:
@@ -464,8 +468,9 @@ def status(
         raise typer.Exit(code=1)
 
 
-def _rerun(out: Path, extra: list[str], what: str) -> None:
-    """Run again the ``fed-de run`` command ``out/run.json`` records, with ``extra``."""
+def _rerun(out: Path, extra: list[str], what: str, drop: tuple[str, ...] = ()) -> None:
+    """Run again the ``fed-de run`` command ``out/run.json`` records, with ``extra`` (and
+    without the options ``drop`` names)."""
     from fed_de.errors import FedDEError
 
     record_path = out / "run.json"
@@ -476,29 +481,64 @@ def _rerun(out: Path, extra: list[str], what: str) -> None:
     if args[:2] != ["fed-de", "run"]:
         raise FedDEError(f"{record_path} records no fed-de run command ({args[:2]}); rerun "
                          "that command instead")
-    args = args[2:]
-    for option in ("--attach",):  # a previous download: replaced by this one
-        if option in args and option in extra:
-            i = args.index(option)
-            del args[i:i + 2]
-    typer.main.get_command(app).main(["run", *args, *extra], standalone_mode=False)
+    args = _without(args[2:], [*drop, *(o for o in extra if o.startswith("--"))])
+    code = typer.main.get_command(app).main(["run", *args, *extra], standalone_mode=False)
+    if isinstance(code, int) and code:  # the rerun failed (it printed why)
+        raise typer.Exit(code=code)
+
+
+def _without(args: list[str], options: list[str]) -> list[str]:
+    """``args`` less ``options`` and their values (``--opt VALUE`` or ``--opt=VALUE``): the
+    ones a rerun gives anew (a previous download's ``--attach``, a resume's backend)."""
+    out, i = [], 0
+    while i < len(args):
+        name = args[i].split("=", 1)[0]
+        if name in options:
+            i += 1 if "=" in args[i] else 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
 
 
 @app.command("resume", cls=FedDECommand)
 @cli_errors("resume")
 def resume(
-    out: Path = typer.Argument(..., help="The --out folder of a run started with "
-                               "--checkpoint that failed or was interrupted."),
+    out: Path = typer.Argument(..., help="The --out folder of a run that failed or was "
+                               "interrupted: a substra run's (it holds the failed plan's "
+                               "state, resume.pkl) or a simulated run's with --checkpoint."),
+    backend: Backend | None = typer.Option(None, help="Where the new plan runs (a substra "
+                                           "run's resume; default: the recorded one)."),
+    credentials: Path | None = typer.Option(None, help="Remote: credentials YAML (default: "
+                                            "the recorded one)."),
+    workdir: Path | None = typer.Option(None, help="Run directory of the substra backends "
+                                        "(default: the recorded one)."),
 ) -> None:
-    """Resume a failed or interrupted simulated run from its checkpoint: the recorded command
-    runs again, and the tasks that finished are not run again."""
+    """Continue a failed or interrupted run with the recorded command's options.
+
+    A substra run (its folder holds the failed compute plan's downloaded state,
+    resume.pkl) continues as a new compute plan that runs only the rounds after that
+    state, on the recorded backend or --backend; a simulated run started with
+    --checkpoint reruns, and the tasks that finished are not run again.
+    """
+    from fed_de.backends.resume import SEED_FILE
     from fed_de.errors import FedDEError
 
     record = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    extra = [*(["--backend", value(backend)] if backend is not None else []),
+             *(["--credentials", str(credentials)] if credentials is not None else []),
+             *(["--workdir", str(workdir)] if workdir is not None else [])]
+    if (out / SEED_FILE).exists():
+        # a new plan: not the failed one a download attached to
+        _rerun(out, ["--resume-from", str(out), *extra], "resume", drop=("--attach",))
+        return
     if "--checkpoint" not in (record.get("command_line") or []):
-        raise FedDEError(f"{out / 'run.json'} records no run started with --checkpoint; "
-                         "nothing to resume from: run the command again")
-    _rerun(out, [], "resume")
+        raise FedDEError(f"{out} holds no failed compute plan's state ({SEED_FILE}: fed-de "
+                         "download PLAN_KEY --out OUT saves it) and no run started with "
+                         "--checkpoint; nothing to resume from: run the command again")
+    if value(backend) not in (None, "simulation"):
+        raise FedDEError("a checkpoint resumes on the simulation only (--backend simulation)")
+    _rerun(out, extra, "resume")
 
 
 @app.command("download", cls=FedDECommand)
@@ -510,7 +550,9 @@ def download(
                              "command that submitted the plan."),
 ) -> None:
     """Wait for a compute plan a failed or interrupted ``fed-de run`` submitted, download its
-    result and write the results files, as that run would have."""
+    result and write the results files, as that run would have; a plan that failed leaves
+    its last state a new plan can start from in the folder instead (resume.pkl:
+    fed-de resume OUT continues it)."""
     _rerun(out, ["--attach", plan_key], f"download (or rerun it with --attach {plan_key})")
 
 

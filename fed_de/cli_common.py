@@ -155,13 +155,37 @@ def record_failure(out: Path | None, command: list[str], **known):
         if out is not None and (started or isinstance(err, KeyboardInterrupt)):
             from fed_de.files import failure_record, write_json
 
+            resume = {}
             try:
-                write_json(Path(out) / "run.json", failure_record(err, command, **known),
-                           default=str)
+                resume = save_resume_seed(err, Path(out))
+            except OSError as io_err:
+                logging.getLogger("fed_de").warning("could not save the failed plan's state "
+                                                    "in %s: %s", out, io_err)
+            try:
+                write_json(Path(out) / "run.json",
+                           failure_record(err, command, **known, **resume), default=str)
             except OSError as io_err:  # the run's error is the one to report
                 logging.getLogger("fed_de").warning("could not write %s/run.json: %s", out,
                                                     io_err)
         raise
+
+
+def save_resume_seed(err: BaseException, out: Path) -> dict:
+    """A failed Substra plan's downloaded seed (``err.resume``), written to ``out`` so that
+    ``fed-de resume OUT`` continues it as a new plan (:mod:`fed_de.backends.resume`); what
+    ``run.json`` says about it (``resume``: the plan, round and tasks reused, or why none)."""
+    seed = getattr(err, "resume", None)
+    if seed is None:
+        why = getattr(err, "resume_error", None)
+        return {"resume": {"available": False, "why": why}} if why else {}
+    from fed_de.backends.resume import facts, save_seed
+
+    path = save_seed(seed, out)
+    logging.getLogger("fed_de").warning(
+        "the failed plan's state after round %s is saved in %s: fix the cause, then continue "
+        "it as a new compute plan with `fed-de resume %s`", seed.round_idx, out, out)
+    return {"resume": {"available": True, **facts(seed), "seed_bytes": path.stat().st_size,
+                       "how": f"fed-de resume {out}"}}
 
 
 def report_warnings(caught: list) -> list[str]:

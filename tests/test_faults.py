@@ -4,6 +4,7 @@ record, sites that defend themselves, remote networks that fail politely."""
 from __future__ import annotations
 
 import json
+import threading
 import types
 import warnings
 from dataclasses import replace
@@ -208,6 +209,36 @@ def test_a_site_refuses_when_its_data_changed_between_tasks(demo):
     assert unchanged.ledger.tasks > 12
 
 
+def test_a_screen_site_refuses_when_its_data_changed_between_tasks():
+    """A screen site keeps the digest of its cells too: one count changed mid-run (its
+    storage rewritten) is refused at its next task, naming the site and the step; the same
+    run on untouched data goes through."""
+    import scipy.sparse as sp
+
+    from fed_de.screening.api import screen
+    from fed_de.screening.data import load_screen_site, make_screen
+
+    scr = make_screen(n_cells=600, n_genes=40, n_perturbations=3, seed=1)
+    kw = dict(perturbation_column="perturbation", control="non-targeting", method="t_test")
+    sites = {n: load_screen_site(a, n) for n, a in scr.sites.items()}
+    target = list(sites.values())[1]
+    calls = []
+
+    def change_data(step, org, round_idx):  # called before each task
+        calls.append(step)
+        if len(calls) == 5:
+            X = sp.csr_matrix(target.adata.X, dtype=np.float64, copy=True)
+            X[0, 0] += 1
+            target.adata.X = X
+
+    with pytest.raises(SiteDataError, match=rf"site '{target.name}'.*changed since its "
+                                            r"first task") as info:
+        screen(sites, **kw, progress=change_data)
+    assert info.value.site == target.name and info.value.step
+    unchanged = screen({n: load_screen_site(a, n) for n, a in scr.sites.items()}, **kw)
+    assert unchanged.facts["tasks"] > 5
+
+
 def _local(strategy, site, state, step):
     """One site task as a node runs it, with a crafted request."""
     return strategy.local(data_from_opener=site, shared_state=state,
@@ -341,6 +372,8 @@ def test_cli_resume(demo, tmp_path, monkeypatch):
     assert res.exit_code == 2 and "hospital_c" in res.stderr
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     monkeypatch.undo()
+    res = cli(["resume", out, "--backend", "subprocess"])  # a checkpoint is the simulation's
+    assert res.exit_code == 2 and "--backend simulation" in res.stderr
     res = cli(["resume", out])
     assert res.exit_code == 0, res.stderr
     record = json.loads((out / "run.json").read_text())
@@ -468,3 +501,231 @@ def test_remote_error_keeps_the_plan_key_in_the_failed_record(demo, tmp_path):
     assert info.value.facts["tasks"] > 0 and info.value.url == "https://n.test"
     assert isinstance(info.value, fed_de.errors.FedDEError)
     assert not isinstance(info.value, SiteTaskError)
+
+
+# -- resume on Substra: a new compute plan from the failed plan's downloaded state ----------
+def _corrupt(path: Path) -> None:
+    """A storage fault: the site's data file becomes unreadable garbage."""
+    path.write_bytes(b"\x00 disk error \x00")
+
+
+def _fault_after(n_tasks: int, path: Path) -> threading.Event:
+    """Corrupt ``path`` once ``n_tasks`` new tasks of substra's subprocess backend are done
+    (read from its in-memory database, which this process holds); set the event to stop."""
+    from substra.sdk import schemas
+    from substra.sdk.backends.local import db
+
+    tasks = db.get_db()._data[schemas.Type.Task]
+    before, stop = set(tasks), threading.Event()
+
+    def watch():
+        while not stop.wait(0.1):
+            done = [t for k, t in list(tasks.items())
+                    if k not in before and getattr(t.status, "value", t.status) == "STATUS_DONE"]
+            if len(done) >= n_tasks:
+                _corrupt(path)
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+    return stop
+
+
+@pytest.mark.slow
+def test_a_failed_subprocess_plan_resumes_as_a_new_plan_from_its_downloaded_state(
+        tmp_path, monkeypatch):
+    """Site storage fails mid-plan on substra's subprocess backend: the error names the site
+    and step and carries the seed (the last finished round's state, downloaded before the
+    backend is gone); a new plan from it, after the site re-derives its state from its data,
+    equals an uninterrupted simulation."""
+    from fed_de.backends.resume import load_seed, save_seed
+
+    small = make_demo_study(n_samples=48, n_genes=30, seed=2)
+    sites = dict(list(small.sites.items())[:2])
+    kw = dict(levels={"condition": ["A", "B"]}, genes=small.genes,
+              contrasts=[("condition", "B", "A")], cooks=False,
+              rounds={"mu": 2, "genewise": 2, "final": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = fed_de.deseq2(sites, "~ condition", **kw)
+        site = list(sites)[1]
+        data = tmp_path / "w1" / "sites" / site / "site.h5ad"
+        stop = _fault_after(12, data)  # the site's disk fails mid-plan
+        with pytest.raises(SiteTaskError) as info:
+            fed_de.deseq2(sites, "~ condition", backend="subprocess",
+                          workdir=tmp_path / "w1", **kw)
+        stop.set()
+        err = info.value  # the site, its step and round, from the failed plan's record
+        assert err.site == site and f"at site {site} (organisation " in str(err)
+        assert err.step.startswith(("irls_sums", "disp_sums", "rough_sums", "log_sums"))
+        assert f"({err.step}, round " in str(err)
+        assert err.resume is not None, err.resume_error
+        save_seed(err.resume, tmp_path / "run")
+        resumed = fed_de.deseq2(sites, "~ condition", backend="subprocess",
+                                workdir=tmp_path / "w2", resume_from=tmp_path / "run", **kw)
+    seed = load_seed(tmp_path / "run")
+    assert resumed.facts["resumed"]["from_round"] == seed.round_idx >= 3
+    assert resumed.facts["resumed"]["tasks_reused"] > 0
+    assert resumed.facts["tasks"] < full.facts["tasks"]
+    for a, b in ((resumed.results(), full.results()), (resumed.dispersions, full.dispersions),
+                 (resumed.coefficients, full.coefficients)):
+        np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float), rtol=1e-10,
+                                   equal_nan=True)
+
+
+@pytest.mark.slow
+def test_cli_resumes_a_failed_subprocess_run_as_a_new_plan(tmp_path):
+    """docker/README.md's procedure on substra's subprocess backend: `fed-de run` fails at a
+    site mid-plan (its disk); run.json names the site and step, and the folder keeps the last
+    finished round's state; `fed-de resume OUT --backend simulation` continues it as a new
+    plan (rounds before the state not run again) and writes the uninterrupted run's files."""
+    small = make_demo_study(n_samples=48, n_genes=30, seed=2)
+    sites = dict(list(small.sites.items())[:2])
+    args = []
+    for name, adata in sites.items():
+        adata.write_h5ad(tmp_path / f"{name}.h5ad")
+        args += ["--site", f"{name}={tmp_path / f'{name}.h5ad'}"]
+    (tmp_path / "genes.txt").write_text("\n".join(small.genes))
+    out, site = tmp_path / "out", list(sites)[0]
+    stop = _fault_after(10, tmp_path / "work" / "sites" / site / "site.h5ad")
+    res = cli(["run", *args, "--design", "~ condition", "--levels", "condition=A,B",
+               "--genes", tmp_path / "genes.txt", "--contrast", "condition", "B", "A",
+               "--no-cooks", "--backend", "subprocess", "--workdir", tmp_path / "work",
+               "--out", out])
+    stop.set()
+    assert res.exit_code == 2 and f"at site {site}" in res.stderr, res.stderr
+    assert f"fed-de resume {out}" in res.stderr and not (out / "results.csv").exists()
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and record["site"] == site
+    assert record["step"] not in (None, "unknown") and record["resume"]["available"]
+    assert record["resume"]["from_round"] >= 3 and (out / "resume.pkl").exists()
+
+    res = cli(["resume", out, "--backend", "simulation"])
+    assert res.exit_code == 0, res.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = fed_de.deseq2(sites, "~ condition", levels={"condition": ["A", "B"]},
+                             genes=small.genes, contrasts=[("condition", "B", "A")],
+                             cooks=False)
+    table = pd.read_csv(out / "results.csv", index_col=0)
+    np.testing.assert_allclose(table.to_numpy(), full.results().to_numpy(), rtol=1e-10,
+                               equal_nan=True)
+    done = json.loads((out / "run.json").read_text())
+    line = done["command_line"]
+    assert done["status"] == "ok" and line[line.index("--backend") + 1] == "simulation"
+    assert done["resumed"]["from_round"] == record["resume"]["from_round"]
+    assert 0 < done["resumed"]["tasks_reused"] and done["tasks"] < full.facts["tasks"]
+    assert "--resume-from" in done["command_line"]
+
+
+# -- resume from any round, Cook's side chain in flight (the simulation stands in for substra)
+def _plan_states(monkeypatch, sites, design="~ condition", **kw):
+    """A simulated run's result, strategy, and the run state after every aggregation by
+    round (as substra keeps them for a plan submitted with clean_models=False)."""
+    from fed_de import api
+    from fed_de.backends import simulation
+
+    states, seen = {}, {}
+    update, run = simulation.StrictAggregationNode.update_states, api.run
+
+    def capture(self, operation, *, round_idx=None, **more):
+        ref = update(self, operation, round_idx=round_idx, **more)
+        states.setdefault(round_idx, []).append(self._platform.get_shared(ref.key))
+        return ref
+
+    def keep_strategy(strategy, *args, **more):
+        seen["strategy"] = strategy
+        return run(strategy, *args, **more)
+
+    with monkeypatch.context() as m:
+        m.setattr(simulation.StrictAggregationNode, "update_states", capture)
+        m.setattr(api, "run", keep_strategy)
+        full = fed_de.deseq2(sites, design, **kw)
+    return full, seen["strategy"], states
+
+
+def _failed_plan(states: dict, finished):
+    """A substra client and download function showing a failed plan whose aggregations of
+    the rounds ``finished`` (a predicate) were done."""
+    tasks = [types.SimpleNamespace(worker="agg", status="STATUS_DONE", key=f"t{r}",
+                                   metadata={"round_idx": str(r)})
+             for r in states if finished(r)]
+    client = types.SimpleNamespace(list_task=lambda filters=None: tasks)
+
+    def download(client, compute_plan_key, round_idx):
+        (state,) = states[round_idx]  # one aggregation per round (side chain: the other parity)
+        return state
+
+    return client, download
+
+
+@pytest.mark.parametrize("robust_rounds", [6, 1])  # side chain ends after / before the main
+def test_a_plan_resumes_from_any_round_with_cooks_side_chain_in_flight(monkeypatch,
+                                                                       robust_rounds):
+    """Cook's on: a plan fails anywhere (side chain in flight or not, finished or not started);
+    the seed holds the main chain's last state and the side chain's (or the state it forked
+    from), and the new plan from it equals the uninterrupted run exactly, running fewer
+    tasks."""
+    from fed_de.backends.resume import download_seed
+
+    small = make_demo_study(n_samples=48, n_genes=30, seed=2)
+    sites = dict(list(small.sites.items())[:2])
+    kw = dict(levels={"condition": ["A", "B"]}, genes=small.genes,
+              contrasts=[("condition", "B", "A")], cooks=True,
+              rounds={"mu": 2, "genewise": 2, "final": 2, "robust": robust_rounds})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full, strategy, states = _plan_states(monkeypatch, sites, **kw)
+        side = sorted(r for r, s in states.items() if s[0].robust is not None)
+        main = sorted(set(states) - set(side))
+        assert len(side) >= 4 and side[0] < main[-1]  # the side chain overlaps the main
+        assert (side[-1] > main[-1]) == (robust_rounds == 6)
+        cases = {f"fails at round {f}": (lambda r, f=f: r < f) for f in range(4, main[-1] + 1)}
+        cases["side chain fails at its start"] = lambda r: r in main[:-2]
+        cases["side chain behind the main"] = lambda r: r in main[:-1] or r in side[:3]
+        expected = full.results().to_numpy(float)
+        kinds = set()
+        for name, finished in cases.items():
+            seed = download_seed(*_failed_plan(states, finished)[:1], "cp", strategy, "agg",
+                                 download=_failed_plan(states, finished)[1])
+            kinds.add("side" if seed.side is None else
+                      "forked" if seed.side.robust is None else "in flight")
+            res = fed_de.deseq2(sites, "~ condition", resume_from=seed, **kw)
+            np.testing.assert_array_equal(res.results().to_numpy(float), expected,
+                                          err_msg=name)
+            assert res.facts["tasks"] < full.facts["tasks"], name
+    assert kinds == {"side", "forked", "in flight"}
+
+
+@pytest.mark.parametrize("first_fails, then_fails", [
+    ("side in flight", "later"), ("side in flight", "at once"),
+    ("side not started", "at once")])
+def test_a_resumed_plan_that_fails_again_resumes_again(monkeypatch, first_fails, then_fails):
+    """A resumed plan (Cook's side chain in flight, or to restart) fails in its turn, later
+    or before any round of its own finished: its finished aggregations (the installed seeds,
+    numbered as the states they hold, among them) seed a third plan, which still equals the
+    uninterrupted run."""
+    from fed_de.backends.resume import download_seed
+
+    small = make_demo_study(n_samples=48, n_genes=30, seed=2)
+    sites = dict(list(small.sites.items())[:2])
+    kw = dict(levels={"condition": ["A", "B"]}, genes=small.genes,
+              contrasts=[("condition", "B", "A")], cooks=True,
+              rounds={"mu": 2, "genewise": 2, "final": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full, strategy, states = _plan_states(monkeypatch, sites, **kw)
+        main = sorted(r for r, st in states.items() if st[0].robust is None)
+        failed = ((lambda r: r < 12) if first_fails == "side in flight"
+                  else (lambda r: r in main[:-3]))
+        first = download_seed(*_failed_plan(states, failed)[:1], "cp1", strategy, "agg",
+                              download=_failed_plan(states, failed)[1])
+        assert first.side is not None
+        assert (first.side.robust is None) == (first_fails == "side not started")
+        _, again, states2 = _plan_states(monkeypatch, sites, resume_from=first, **kw)
+        failed = ((lambda r: r < first.round_idx + 5) if then_fails == "later"
+                  else (lambda r: r <= first.round_idx))
+        second = download_seed(*_failed_plan(states2, failed)[:1], "cp2", again, "agg",
+                               download=_failed_plan(states2, failed)[1])
+        assert (second.round_idx > first.round_idx) == (then_fails == "later")
+        res = fed_de.deseq2(sites, "~ condition", resume_from=second, **kw)
+    np.testing.assert_array_equal(res.results().to_numpy(float), full.results().to_numpy(float))

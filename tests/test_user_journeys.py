@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import types
 import warnings
 from pathlib import Path
 
@@ -145,6 +146,8 @@ RUN_BY = {
         "test_docker_readme_status_and_download_after_a_timeout",
     "fed-de download PLAN_KEY --out results/":
         "test_docker_readme_status_and_download_after_a_timeout",
+    "fed-de resume results/ --credentials credentials.yaml":
+        "test_docker_readme_resume_a_failed_plan_as_a_new_plan",
 }
 
 
@@ -153,8 +156,9 @@ def _normal(cmd: str) -> str:
 
 
 def documented(prefix: str) -> list[str]:
-    """Documented commands starting with ``prefix``, normalised."""
-    return [c for d in DOCS for c in map(_normal, commands(d)) if c.startswith(prefix)]
+    """Documented commands starting with ``prefix``, normalised, each once."""
+    return list(dict.fromkeys(c for d in DOCS for c in map(_normal, commands(d))
+                              if c.startswith(prefix)))
 
 
 def test_every_documented_command_is_run_here():
@@ -464,6 +468,85 @@ def test_docker_readme_status_and_download_after_a_timeout(tmp_path, monkeypatch
     statuses["now"] = ["PLAN_STATUS_FAILED"]
     res = cli(shlex.split(status.replace("PLAN_KEY", key))[1:])
     assert res.exit_code == 1 and "ended with status failed" in res.stderr
+
+
+def test_docker_readme_resume_a_failed_plan_as_a_new_plan(tmp_path, monkeypatch, demo, wheel):
+    """docker/README.md step 6 on a fake network: a site's task fails mid-plan; `fed-de run`
+    and `fed-de status` name the site, step and round; `fed-de download` saves the failed
+    plan's last state; `fed-de resume` submits a new, shorter plan that installs it and
+    writes the results (the network's states are the simulation's, by round)."""
+    import substra
+    from test_faults import _plan_states
+    from test_substra import FakeClient
+
+    monkeypatch.chdir(tmp_path)
+    Path("credentials.yaml").write_text(yaml.safe_dump(
+        {"aggregator": {"url": "https://substra.coord.test", "token": "t0k3n"}}))
+    Path("keys.yaml").write_text(yaml.safe_dump({
+        "aggregator_organization": "AggregatorMSP", "sites": {n: {
+            "organization_id": f"{n}-MSP", "dataset_key": f"d-{n}",
+            "data_sample_keys": [f"s-{n}"]} for n in demo.sites}}))
+    Path("genes.txt").write_text("\n".join(demo.genes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref, _, states = _plan_states(monkeypatch, demo.sites, levels=demo.levels,
+                                      genes=demo.genes, contrasts=[("condition", "B", "A")],
+                                      design=demo.design)
+    fail_round = sorted(states)[len(states) // 2]
+    failed = types.SimpleNamespace(key="task-9", worker="hospital_b-MSP",
+                                   function=types.SimpleNamespace(name="fed_de_function"),
+                                   metadata={"round_idx": str(fail_round - 1)})
+    done = [types.SimpleNamespace(key=f"agg-{r}", worker="AggregatorMSP", status="STATUS_DONE",
+                                  metadata={"round_idx": str(r)})
+            for r in states if r < fail_round]
+    statuses = {"now": ["PLAN_STATUS_FAILED"]}
+    clients = []
+
+    class Network(FakeClient):
+        def list_task(self, filters=None):
+            self.calls.append(("list_task", filters))
+            return [failed] if (filters or {}).get("status") else done
+
+    def client(**kwargs):
+        clients.append(Network(org="AggregatorMSP", statuses=statuses["now"]))
+        return clients[-1]
+
+    def download(client, compute_plan_key, round_idx):
+        (state,) = states[round_idx]
+        return state
+
+    monkeypatch.setattr(substra, "Client", client)
+    monkeypatch.setattr("fed_de.backends.substra.build_wheel", lambda dest: wheel)
+    monkeypatch.setattr("substrafl.model_loading.download_aggregate_shared_state", download)
+    (run,) = [c for c in documented("fed-de run --backend remote") if "--out" in c]
+    res = cli(shlex.split(run)[1:])
+    assert res.exit_code == 2 and "at site hospital_b (organisation hospital_b-MSP)" in res.stderr
+    first = [c[1] for c in clients[-1].calls if c[0] == "add_compute_plan"]
+    key = json.loads(Path("results/run.json").read_text())["facts"]["compute_plan_key"]
+    (status,) = documented("fed-de status")
+    res = cli(shlex.split(status.replace("PLAN_KEY", key))[1:])
+    assert res.exit_code == 1
+    assert f"round {fail_round - 1}) failed at organisation hospital_b-MSP" in res.stderr
+    Path("results/resume.pkl").unlink()  # as if the run had not seen the failure
+    (download_cmd,) = documented("fed-de download")
+    res = cli(shlex.split(download_cmd.replace("PLAN_KEY", key))[1:])
+    assert res.exit_code == 2 and "fed-de resume results" in res.stderr
+    record = json.loads(Path("results/run.json").read_text())
+    assert record["status"] == "failed" and record["site"] == "hospital_b"
+    assert record["resume"]["from_round"] < fail_round and Path("results/resume.pkl").exists()
+
+    statuses["now"] = ["PLAN_STATUS_DONE"]
+    (resume,) = documented("fed-de resume")
+    res = cli(shlex.split(resume)[1:])
+    assert res.exit_code == 0, res.stderr
+    (second,) = [c[1] for c in clients[-1].calls if c[0] == "add_compute_plan"]
+    assert len(second.tasks) < len(first[0].tasks) and second.key != key
+    table = pd.read_csv(tmp_path / "results" / "results.csv", index_col=0)
+    np.testing.assert_allclose(table.to_numpy(), ref.results().to_numpy(), rtol=1e-12,
+                               equal_nan=True)
+    record = json.loads(Path("results/run.json").read_text())
+    assert record["status"] == "ok" and record["resumed"]["from_compute_plan"] == key
+    assert "--attach" not in record["command_line"]
 
 
 # ============================================================================================

@@ -41,15 +41,26 @@ def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, cre
         keys=None, timeout: float | None = None, progress=None, record_messages: bool = False,
         opener_source: str | None = None, write_site=None, prefix: str = "fed_de_",
         n_jobs: int | None = 1, spill_dir=None, attach: str | None = None,
-        checkpoint=None) -> Run:
+        checkpoint=None, resume=None) -> Run:
     """Run ``strategy`` over ``sites`` (simulation, subprocess) or a remote network's
     registered datasets (``keys``); ``opener_source`` and ``write_site`` let other kinds of
     site (screens) travel the substra backends. ``n_jobs`` (worker processes for a round's
     site tasks) and ``spill_dir`` (shared states kept as files there) are the simulation's;
     ``attach`` (remote) waits for an already submitted compute plan of the same study and
     options instead of submitting a new one; ``checkpoint`` (simulation) a folder from which
-    a failed or interrupted run resumes (:mod:`.checkpoint`)."""
+    a failed or interrupted run resumes (:mod:`.checkpoint`); ``resume`` (any backend) a
+    failed plan's downloaded seed, or the folder holding it: a new plan runs the rounds after
+    it (:mod:`.resume`)."""
     check_backend(backend)
+    if resume is not None:
+        done = _resumed(strategy, resume)
+        result = run(strategy, sites, backend, workdir=workdir, credentials=credentials,
+                     keys=keys, timeout=timeout, progress=progress,
+                     record_messages=record_messages, opener_source=opener_source,
+                     write_site=write_site, prefix=prefix, n_jobs=n_jobs, spill_dir=spill_dir,
+                     attach=attach, checkpoint=checkpoint)
+        result.facts["resumed"] = done
+        return result
     check_workers(backend, n_jobs, spill_dir)
     if attach is not None and backend != "remote":
         raise ValueError("attach= (a submitted compute plan's key) applies to the remote "
@@ -83,6 +94,16 @@ def run(strategy, sites: list, backend: str = "simulation", *, workdir=None, cre
     facts = dict(sub.facts)
     facts.update(workdir=str(workdir), backend=backend)
     return Run(sub.shared_state, facts)
+
+
+def _resumed(strategy, resume) -> dict:
+    """Give ``strategy`` the seed (or the folder holding it) it resumes from; its facts."""
+    from fed_de.backends import resume as resume_mod
+    from fed_de.federation.resume import Seed
+
+    seed = resume if isinstance(resume, Seed) else resume_mod.load_seed(resume)
+    strategy.resume_from = seed
+    return resume_mod.facts(seed)
 
 
 def check_workers(backend: str, n_jobs: int | None, spill_dir) -> None:

@@ -165,26 +165,62 @@ def _execute(strategy, agg_client, orgs: dict, keys: dict, workdir: Path, wheel:
         # raises substra's ExecutionError, which names no task; find the failed one
         if type(err).__name__ != "ExecutionError":
             raise
-        failed = _failure(agg_client, None, "failed")
+        failed = _failure(agg_client, None, "failed", plan, {v: k for k, v in orgs.items()})
         failed.facts = {**plan.facts(), "wall_seconds": round(time.perf_counter() - started, 3)}
+        _attach_seed(failed, agg_client, strategy, orgs["aggregator"], download)
         raise failed from err
     log.info("compute plan %s", cp.key)
     if progress is not None and attach is None:  # printed, so that a user can reattach
         progress(f"submitted compute plan {cp.key}", orgs["aggregator"], 0)
     try:
         wait_for(agg_client, cp.key, plan_tasks=len(plan.tasks), progress=progress,
-                 poll_seconds=poll_seconds, timeout=timeout)
+                 poll_seconds=poll_seconds, timeout=timeout, plan=plan,
+                 names={v: k for k, v in orgs.items()})
         state = download(client=agg_client, compute_plan_key=cp.key,
                          round_idx=plan.final_round)
     except Exception as err:  # what is known so far travels with the error (run.json)
         err.facts = {**plan.facts(), **(getattr(err, "facts", None) or {}),
                      "compute_plan_key": cp.key,
                      "wall_seconds": round(time.perf_counter() - started, 3)}
+        if isinstance(err, SiteTaskError):  # a failed task: what a new plan resumes from
+            _attach_seed(err, agg_client, strategy, orgs["aggregator"], download, cp.key)
         raise
     names = {v: k for k, v in orgs.items()}
     facts = run_facts(plan, measure_outputs(agg_client, cp.key, orgs["aggregator"]), names)
     facts.update(wall_seconds=round(time.perf_counter() - started, 3), compute_plan_key=cp.key)
     return SubstraRun(shared_state=state, facts=facts, compute_plan_key=cp.key)
+
+
+def _attach_seed(err: BaseException, client, strategy, aggregator_org: str, download,
+                 key: str | None = None) -> None:
+    """Download, while the failed plan is reachable, the seed a new plan resumes from
+    (:mod:`fed_de.backends.resume`) and attach it to ``err`` as ``err.resume`` (None, with
+    ``err.resume_error`` saying why, when there is none)."""
+    from fed_de.backends.resume import download_seed
+
+    key = key or (getattr(err, "facts", None) or {}).get("compute_plan_key") or _plan_key(err)
+    err.resume, err.resume_error = None, None
+    if key is None:  # the subprocess backend's failure may not name its plan: the newest
+        try:
+            plans = sorted(client.list_compute_plan(), key=lambda p: str(p.creation_date))
+            key = plans[-1].key if plans else None
+        except Exception:  # noqa: BLE001 - best effort
+            key = None
+    if key is None:
+        err.resume_error = "the failed compute plan's key is unknown"
+        return
+    try:
+        err.resume = download_seed(client, key, strategy, aggregator_org,
+                                   download=download if download is not None else None)
+    except Exception as why:  # noqa: BLE001 - resuming is offered, never required
+        err.resume_error = f"{type(why).__name__}: {why}"
+
+
+def _plan_key(err: BaseException) -> str | None:
+    text = str(err)
+    if text.startswith("compute plan ") and text.split()[2] != "None":
+        return text.split()[2]
+    return None
 
 
 def run_facts(plan, measured: dict | None, names: dict) -> dict:
@@ -247,8 +283,10 @@ def measure_outputs(client, compute_plan_key: str, aggregator_org: str) -> dict 
 
 def wait_for(client, compute_plan_key: str, *, plan_tasks: int, progress=None,
              poll_seconds: float = 5.0, timeout: float | None = None,
-             retries: int = 5, sleep=time.sleep) -> None:
-    """Poll a compute plan until it ends; raise naming the failed task and organisation.
+             retries: int = 5, sleep=time.sleep, plan=None, names: dict | None = None
+             ) -> None:
+    """Poll a compute plan until it ends; raise naming the failed task, its site and step
+    (``plan``, ``names``: see :func:`_failure`).
 
     A transient error while polling (connection lost, time-out, 502/503/504, 500) is retried
     ``retries`` times in a row with back-off (``poll_seconds`` doubled each time, at most 5
@@ -267,7 +305,7 @@ def wait_for(client, compute_plan_key: str, *, plan_tasks: int, progress=None,
         if status == "done":
             return
         if "fail" in status or "cancel" in status:
-            raise _failure(client, compute_plan_key, status)
+            raise _failure(client, compute_plan_key, status, plan, names)
         if deadline is not None and time.monotonic() > deadline:
             raise FedDEError(f"compute plan {compute_plan_key} still {status} after "
                              f"{timeout:.0f} s; it keeps running on the network (follow it "
@@ -348,14 +386,28 @@ def attach_plan(client, compute_plan_key: str, n_tasks: int):
     return types.SimpleNamespace(key=compute_plan_key, status=getattr(cp, "status", None))
 
 
-def _failure(client, key: str | None, status: str) -> SiteTaskError:
-    """The error of a failed plan, naming its first failed task, function and organisation
-    (``key`` None: the plan substra's subprocess backend was running when a task failed)."""
+def _failure(client, key: str | None, status: str, plan=None,
+             names: dict | None = None) -> SiteTaskError:
+    """The error of a failed plan, naming its first failed task, the site (``names``: an
+    organisation's site name) and the step (the ``plan`` record's step of that site and
+    round; else the registered function's name). ``key`` None: the plan substra's
+    subprocess backend was running when a task raised; that backend leaves the task that
+    raised in ``STATUS_EXECUTING`` (its in-memory database, shared by every client of the
+    process, is where it is found, among the tasks of this run's organisations:
+    ``names``)."""
     filters = {"status": ["STATUS_FAILED"]}
     if key is not None:
         filters["compute_plan_key"] = [key]
     try:
         tasks = client.list_task(filters=filters)
+        if not tasks:  # the local backends match a status filter against str(enum): never
+            every = client.list_task(filters={k: v for k, v in filters.items()
+                                              if k != "status"})
+            wanted = ("STATUS_FAILED",) if key is not None else ("STATUS_FAILED",
+                                                                  "STATUS_EXECUTING")
+            tasks = [t for t in every if (st := getattr(t, "status", None)) is not None
+                     and str(getattr(st, "value", st)) in wanted
+                     and (not names or getattr(t, "worker", None) in names)]  # this run's
     except Exception:  # noqa: BLE001 - best effort: the error message is what matters
         tasks = []
     if not tasks:
@@ -363,11 +415,32 @@ def _failure(client, key: str | None, status: str) -> SiteTaskError:
                              site="unknown", step="unknown")
     task = tasks[0] if key is not None else tasks[-1]  # (the last one this client ran)
     key = key or getattr(task, "compute_plan_key", None)
-    fn = getattr(getattr(task, "function", None), "name", "unknown")
+    site, step = _locate(task, plan, names or {})
     worker = getattr(task, "worker", "unknown")
-    return SiteTaskError(f"compute plan {key} {status}: task {task.key} ({fn}) failed at "
-                         f"organisation {worker}; see its logs with substra's "
-                         "client.get_logs(task_key)", site=worker, step=fn)
+    where = f"site {site} (organisation {worker})" if site != worker else \
+        f"organisation {worker}"
+    r = _task_round(task)
+    at = f"{step}, round {r}" if r is not None else step
+    return SiteTaskError(f"compute plan {key} {status}: task {task.key} ({at}) failed at "
+                         f"{where}; see its logs with substra's client.get_logs(task_key)",
+                         site=site, step=step)
+
+
+def _task_round(task) -> int | None:
+    value = (getattr(task, "metadata", None) or {}).get("round_idx")
+    return int(value) if value not in (None, "", "None") else None
+
+
+def _locate(task, plan, names: dict) -> tuple[str, str]:
+    """The site name and the fed_de step of a substra task (the plan record's steps of its
+    organisation and round; the registered function's name when the record has none)."""
+    worker = str(getattr(task, "worker", "unknown"))
+    step = getattr(getattr(task, "function", None), "name", "unknown")
+    if plan is not None:
+        r = _task_round(task)
+        steps = sorted({t.method for t in plan.tasks if t.worker == worker and t.round_idx == r})
+        step = " or ".join(steps) or step
+    return names.get(worker, worker), step
 
 
 # -- remote networks ----------------------------------------------------------------------

@@ -99,6 +99,57 @@ class _BulkStrategy(FedStrategy):
         return ("totals", "start", "dispersions", "genes", "cooks", "refit", "trend", "shrink",
                 "pca", "secure", "rows")
 
+    def restore(self, data, state) -> None:
+        """A resumed plan's first task at this site: re-derive what it keeps from its data
+        and the seeded state (:func:`fed_de.bulk.rebuild.restore`)."""
+        if self.kept.design is None and isinstance(state, RunState) and state.totals is not None:
+            from fed_de.bulk import rebuild
+
+            rebuild.restore(self.site_view(data), state, n_sites=self.n_sites)
+
+    def resume_refusal(self, state) -> str | None:
+        """Why a resumed plan cannot start from ``state`` (:func:`fed_de.bulk.rebuild.refusal`)."""
+        from fed_de.bulk import rebuild
+
+        cooks_on = getattr(self, "with_cooks", lambda: False)()
+        return rebuild.refusal(state, cooks_on)
+
+    def resume_side(self, state, round_idx: int, fetch, rounds: list[int]
+                    ) -> tuple[RunState, int] | None:
+        """Cook's side chain in flight at ``state``: its last finished state, or the state it
+        forked from (:func:`fed_de.bulk.rebuild.side_seed`), with the sites' geometric
+        means."""
+        from fed_de.bulk import rebuild
+
+        if not getattr(self, "with_cooks", lambda: False)():
+            return None
+        found = rebuild.side_seed(state, round_idx, fetch, rounds)
+        if found is None:
+            return None
+        side, r = found
+        return self.resume_seed(side, fetch, rounds), r
+
+    def resume_keeps(self) -> tuple[str, ...]:
+        """What a seed keeps besides the parts the remaining steps read: what every
+        aggregation keeps (:meth:`kept_parts`: the results' parts, and ``totals`` / ``start``,
+        which the sites' re-derived state reads, :func:`fed_de.bulk.rebuild.restore`)."""
+        return self.kept_parts()
+
+    def resume_seed(self, state, fetch, rounds=(1, 3)) -> RunState:
+        """``state`` with the study's log geometric means (the sites' size factors), read from
+        the earliest finished aggregation that carries them (the study's first, or a resumed
+        plan's installed seed)."""
+        from fed_de.bulk import rebuild
+
+        if state.totals.log_geo_means is not None:
+            return state
+        for r in sorted(rounds):
+            first = rebuild.get_state(fetch, r)
+            if isinstance(first, RunState) and first.totals is not None \
+                    and first.totals.log_geo_means is not None:
+                return rebuild.with_geo_means(state, first)
+        raise ValueError("no finished aggregation carries the study's geometric means")
+
     def check_request(self, state, site: str, step: str) -> None:
         """The run state is a :class:`RunState` of typed parts, the numbers a site computes
         with are finite (:data:`FINITE`), a gene selection names genes of the study; the

@@ -13,6 +13,7 @@ by ``save_local_state`` and read back by ``load_local_state``; what travels is a
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,36 @@ class FedStrategy(ComputePlanBuilder):
         """The round's summed message as the aggregator steps read it (the base: as summed)."""
         return sums
 
+    def restore(self, data, state) -> None:
+        """Re-derive what the site keeps from its own data and ``state``, at the first task
+        of a resumed plan (:mod:`fed_de.federation.resume`) that reads a seeded state (the
+        base: nothing; see :meth:`resume_refusal`)."""
+
+    def resume_refusal(self, state) -> str | None:
+        """Why a resumed plan cannot start from ``state`` (None: it can): e.g. a side chain
+        in flight, or site state that cannot be re-derived cheaply. The base refuses: a
+        pipeline says how its sites re-derive what they keep (:meth:`restore`)."""
+        return f"{type(self).__name__} does not re-derive its sites' local state"
+
+    def resume_side(self, state, round_idx: int, fetch, rounds: list[int]
+                    ) -> tuple[object, int] | None:
+        """The side chain's seed when ``state`` (a main-chain state, after round
+        ``round_idx``) was taken while a side chain was in flight: ``(side state, its
+        round)`` from ``fetch(r)`` over the failed plan's finished aggregations ``rounds``;
+        None when no side chain is in flight (the base: a plan without side chains)."""
+        return None
+
+    def resume_keeps(self) -> tuple[str, ...] | None:
+        """Parts of a resumed plan's seed kept whether or not a remaining step reads them
+        (what the results read from the final state); None: the seed keeps every part."""
+        return None
+
+    def resume_seed(self, state, fetch, rounds=()) -> object:
+        """The seed a resumed plan installs: ``state``, plus what the sites need to
+        re-derive their local state that the run state no longer carries (``fetch(r)``: the
+        failed plan's state after its aggregation of round ``r``, one of ``rounds``)."""
+        return state
+
     # -- the two remote methods ------------------------------------------------------------
     @remote_data
     def local(self, data_from_opener, shared_state=None, site_step: str = "",
@@ -122,6 +153,8 @@ class FedStrategy(ComputePlanBuilder):
         if digest is not None:
             self.digest = guard.check_digest(self.digest, digest, site=name, step=fn.__name__)
         self.check_request(state, name, fn.__name__)
+        if shared_state is not None:
+            self.restore(data_from_opener, state)
         site = self.site_view(data_from_opener)
         message = self.site_message(fn, state, {"site": site, "keyring": self.keyring,
                                                 **self.context()}, params)
@@ -202,9 +235,23 @@ class PlanCursor:
         self.round_idx = 0
         self.stream = stream
         self.forks = 0
+        self.seed = None  # a resumed plan: (round index it closes, its reference)
+        self.side_seed = None  # and its side chain's, when one was in flight
+
+    def skipping(self) -> bool:
+        """A resumed plan: this round was finished by the failed plan (no task)."""
+        return self.seed is not None and self.round_idx <= self.seed[0]
+
+    def _advance(self) -> None:
+        self.round_idx += 1
+        if self.seed is not None and self.round_idx == self.seed[0] + 1:
+            self.shared = self.seed[1]  # the rounds left start from the seed
 
     def local(self, step: Call | Callable) -> list:
         """One task per site running ``step``; returns the sites' message refs."""
+        if self.skipping():
+            self._advance()
+            return []
         spec = as_call(step).encode()
         extra = {"stream": self.stream} if self.stream else {}
         refs = []
@@ -222,6 +269,9 @@ class PlanCursor:
     def aggregate(self, steps: Sequence[Call | Callable], refs: list,
                   extra: list | None = None):
         """The aggregation task over ``refs`` (then ``extra``, then the previous state)."""
+        if self.skipping():
+            self._advance()
+            return self.shared
         refs = [*refs, *(extra or [])]
         if self.shared is not None:
             refs = [*refs, self.shared]
@@ -247,6 +297,11 @@ class PlanCursor:
                           stream=self.stream * 16 + self.forks)
         side.local_states, side.shared, side.round_idx = (list(self.local_states), self.shared,
                                                           self.round_idx)
+        if self.skipping():  # forked within the failed plan's rounds: from its side seed,
+            # or (none: the failed plan had joined the side chain) no round of it at all
+            side.seed = self.side_seed or (math.inf, None)
+            if side.round_idx > side.seed[0]:  # seeded with the state it forks from
+                side.shared = side.seed[1]
         return side
 
 
@@ -311,7 +366,11 @@ def run_phases(plan: PlanCursor, phases: Sequence[Phase]):
     aggregation's reference."""
     sides = {p.fork_after: p for p in phases if p.fork_after is not None}
     rounds = schedule(phases)
-    if plan.strategy.masks(len(plan.train_nodes)):
+    seed = getattr(plan.strategy, "resume_from", None)
+    masks = plan.strategy.masks(len(plan.train_nodes))
+    if seed is not None:
+        _seed_round(plan, seed, masks)
+    elif masks:
         plan.round(secure.offer_key, [secure.relay_keys])
     side_ref, ref = None, None
     for i, (name, rnd) in enumerate(rounds):
@@ -320,6 +379,28 @@ def run_phases(plan: PlanCursor, phases: Sequence[Phase]):
         if phase_ends and name in sides:
             side_ref = _run_side(plan.fork(), sides[name])
     return ref
+
+
+def _seed_round(plan: PlanCursor, seed, masks: bool) -> None:
+    """A resumed plan's first round: fresh keys (secure aggregation) or nothing from the
+    sites, and the seed installed by the aggregator (and its side chain's state, in an
+    aggregation of its own); the failed plan's rounds up to the seed's are then skipped
+    (:meth:`PlanCursor.skipping`), the side chain's up to its state's."""
+    from fed_de.federation import resume
+
+    plan.round_idx = seed.round_idx - 1  # the install is numbered as the state it installs
+    if masks:
+        plan.round(secure.offer_key, [resume.install_call(seed), secure.relay_keys])
+    else:
+        plan.round(resume.ready, [resume.install_call(seed)])
+    main = plan.shared
+    if getattr(seed, "side", None) is not None:  # numbered as the failed plan's side state;
+        plan.round_idx = seed.side_round  # it keeps the new keys (``secure``) of ``main``
+        plan.side_seed = (seed.side_round,
+                          plan.aggregate([resume.install_call(seed, side=True)], []))
+    plan.seed = (seed.round_idx, main)
+    plan.round_idx = 2 if masks else 0  # the failed plan's numbering from here on
+    plan.shared = None
 
 
 def _run_side(side: PlanCursor, phase: Phase):

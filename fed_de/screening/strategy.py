@@ -29,10 +29,12 @@ perturbations.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import fields
 
 import numpy as np
 
+from fed_de.federation import guard
 from fed_de.federation.messages import Message
 from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, run_phases
 from fed_de.screening import dispersion, fit, rank_tests, setup
@@ -135,6 +137,17 @@ class ScreenStrategy(FedStrategy):
 
     def context(self) -> dict:
         return {"study": self.screen, "options": self.options}
+
+    def data_digest(self, data) -> str:
+        """SHA-256 of the site's genes, cells, counts (read chunk by chunk, as the steps
+        read them) and the study's columns of ``obs`` (the perturbation and the design
+        factors): a site refuses when they change between the tasks of one run
+        (:func:`fed_de.federation.guard.check_digest`)."""
+        obs = data.adata.obs
+        columns = [c for c in [self.screen.perturbation_column,
+                               *(name for name, _ in self.screen.factors)] if c in obs.columns]
+        head = [data.genes, tuple(str(c) for c in obs.index), obs[columns]]
+        return guard.digest_arrays(itertools.chain(head, (X for _, X in data.chunks())))
 
     def withhold(self, message, state):
         """Zero the withheld (perturbation, gene) pairs in every per-pair field of a message,
