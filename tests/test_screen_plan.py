@@ -16,6 +16,7 @@ import pytest
 
 import fed_de
 from fed_de.backends.plan import record_plan
+from fed_de.errors import DisclosureError
 from fed_de.federation.calls import as_call
 from fed_de.federation.secure import KEY_ROUND_STEPS
 from fed_de.federation.strategy import schedule
@@ -81,6 +82,11 @@ def screen_sites():
     return make_screen(n_cells=1500, n_genes=80, n_perturbations=5, seed=2).sites
 
 
+def test_dispersion_cells_all_is_refused_under_the_disclosure_rules(screen_sites):
+    with pytest.raises(DisclosureError, match="single expressing cell"):
+        fed_de.screen(screen_sites, **KW, dispersion_cells="all")
+
+
 @pytest.mark.parametrize("cells", ["control", "all"])
 @pytest.mark.parametrize("constant,value", [
     ("START_OFFSETS", (0.0, -1.0, 1.0, 0.5)),
@@ -89,10 +95,11 @@ def screen_sites():
 ])
 def test_perturbed_start_points_keep_schemas_and_answer(screen_sites, monkeypatch, cells,
                                                         constant, value):
-    ref = fed_de.screen(screen_sites, **KW, dispersion_cells=cells)
+    rules = {"min_cell_size": 0} if cells == "all" else {}  # "all": audited studies only
+    ref = fed_de.screen(screen_sites, **KW, dispersion_cells=cells, **rules)
     monkeypatch.setattr(f"fed_de.screening.dispersion.{constant}", value)
     res = fed_de.screen(screen_sites, **KW, dispersion_cells=cells, record_messages=True,
-                        secure_aggregation=False)
+                        secure_aggregation=False, **rules)
     first = next(m for m in res.facts["messages"] if m["step"] == "disp_sums")
     assert first["message"]["ll"].shape == (80, 9)  # one point more than the plan's 8
     for col in ("log2FoldChange", "lfcSE", "pvalue"):

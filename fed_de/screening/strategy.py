@@ -34,6 +34,7 @@ from dataclasses import fields
 
 import numpy as np
 
+from fed_de.errors import DisclosureError
 from fed_de.federation import guard
 from fed_de.federation.messages import Message
 from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, run_phases
@@ -108,6 +109,15 @@ class ScreenStrategy(FedStrategy):
                 raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
         if genewise_rounds < 2 or map_rounds < 1 or fit_rounds < 1:
             raise ValueError("genewise_rounds >= 2, map_rounds >= 1 and fit_rounds >= 1")
+        if dispersion_cells == "all" and int(n_sites) > 1 and int(min_cell_size) > 0:
+            # its per-(perturbation, design cell) count sums are not ruled per gene: a group
+            # with one expressing cell would send that cell's count (docs/privacy.md)
+            raise DisclosureError(
+                "dispersion_cells='all' sends each (perturbation, design cell) group's count "
+                "sums, and a group with a single expressing cell would send that cell's "
+                "count: it is refused from two sites under the disclosure rules. Use "
+                "dispersion_cells='control' (the default), or min_cell_size=0 for an audited "
+                "study")
         options = dict(
             method=method, size_factors=size_factors, dispersion=dispersion,
             dispersion_cells=dispersion_cells, shrink=bool(shrink), fit_type=fit_type,
