@@ -529,6 +529,16 @@ def _fault_after(n_tasks: int, path: Path) -> threading.Event:
     threading.Thread(target=watch, daemon=True).start()
     return stop
 
+def _two_small_sites(cooks: bool, **rounds) -> tuple[dict, dict]:
+    """Two sites of a 48-sample demo study, and the run arguments of the resume tests (few
+    rounds: the subprocess runs stay short)."""
+    small = make_demo_study(n_samples=48, n_genes=30, seed=2)
+    sites = dict(list(small.sites.items())[:2])
+    return sites, dict(levels={"condition": ["A", "B"]}, genes=small.genes,
+                       contrasts=[("condition", "B", "A")], cooks=cooks,
+                       rounds={"mu": 2, "genewise": 2, "final": 2, **rounds})
+
+
 
 @pytest.mark.slow
 def test_a_failed_subprocess_plan_resumes_as_a_new_plan_from_its_downloaded_state(
@@ -539,11 +549,7 @@ def test_a_failed_subprocess_plan_resumes_as_a_new_plan_from_its_downloaded_stat
     equals an uninterrupted simulation."""
     from fed_de.backends.resume import load_seed, save_seed
 
-    small = make_demo_study(n_samples=48, n_genes=30, seed=2)
-    sites = dict(list(small.sites.items())[:2])
-    kw = dict(levels={"condition": ["A", "B"]}, genes=small.genes,
-              contrasts=[("condition", "B", "A")], cooks=False,
-              rounds={"mu": 2, "genewise": 2, "final": 2})
+    sites, kw = _two_small_sites(cooks=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full = fed_de.deseq2(sites, "~ condition", **kw)
@@ -667,11 +673,7 @@ def test_a_plan_resumes_from_any_round_with_cooks_side_chain_in_flight(monkeypat
     tasks."""
     from fed_de.backends.resume import download_seed
 
-    small = make_demo_study(n_samples=48, n_genes=30, seed=2)
-    sites = dict(list(small.sites.items())[:2])
-    kw = dict(levels={"condition": ["A", "B"]}, genes=small.genes,
-              contrasts=[("condition", "B", "A")], cooks=True,
-              rounds={"mu": 2, "genewise": 2, "final": 2, "robust": robust_rounds})
+    sites, kw = _two_small_sites(cooks=True, robust=robust_rounds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full, strategy, states = _plan_states(monkeypatch, sites, **kw)
@@ -706,11 +708,7 @@ def test_a_resumed_plan_that_fails_again_resumes_again(monkeypatch, first_fails,
     uninterrupted run."""
     from fed_de.backends.resume import download_seed
 
-    small = make_demo_study(n_samples=48, n_genes=30, seed=2)
-    sites = dict(list(small.sites.items())[:2])
-    kw = dict(levels={"condition": ["A", "B"]}, genes=small.genes,
-              contrasts=[("condition", "B", "A")], cooks=True,
-              rounds={"mu": 2, "genewise": 2, "final": 2})
+    sites, kw = _two_small_sites(cooks=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full, strategy, states = _plan_states(monkeypatch, sites, **kw)

@@ -366,6 +366,19 @@ class _Network:
                             lambda **kw: result_state)
 
 
+def _network_files(monkeypatch, folder: Path, demo) -> None:
+    """The coordinator's files of the fake network's walkthrough, in ``folder`` (the working
+    directory from now on): credentials, the sites' keys, the study's genes."""
+    monkeypatch.chdir(folder)
+    Path("credentials.yaml").write_text(yaml.safe_dump(
+        {"aggregator": {"url": "https://substra.coord.test", "token": "t0k3n"}}))
+    Path("keys.yaml").write_text(yaml.safe_dump({
+        "aggregator_organization": "AggregatorMSP", "sites": {n: {
+            "organization_id": f"{n}-MSP", "dataset_key": f"d-{n}",
+            "data_sample_keys": [f"s-{n}"]} for n in demo.sites}}))
+    Path("genes.txt").write_text("\n".join(demo.genes))
+
+
 def test_docker_readme_network_walkthrough(tmp_path, monkeypatch, demo, wheel):
     """docker/README.md, as written: a hospital lacking a batch level validates and registers
     its data, the coordinator runs the study (a fake network) and prints the plan."""
@@ -426,14 +439,7 @@ def test_docker_readme_status_and_download_after_a_timeout(tmp_path, monkeypatch
     import substra
     from test_substra import FakeClient
 
-    monkeypatch.chdir(tmp_path)
-    Path("credentials.yaml").write_text(yaml.safe_dump(
-        {"aggregator": {"url": "https://substra.coord.test", "token": "t0k3n"}}))
-    Path("keys.yaml").write_text(yaml.safe_dump({
-        "aggregator_organization": "AggregatorMSP", "sites": {n: {
-            "organization_id": f"{n}-MSP", "dataset_key": f"d-{n}",
-            "data_sample_keys": [f"s-{n}"]} for n in demo.sites}}))
-    Path("genes.txt").write_text("\n".join(demo.genes))
+    _network_files(monkeypatch, tmp_path, demo)
     ref = quiet_deseq2(demo.sites, demo.design, levels=demo.levels, genes=demo.genes,
                        contrasts=[("condition", "B", "A")])
     net = _Network(monkeypatch, wheel, ref.state)
@@ -479,14 +485,7 @@ def test_docker_readme_resume_a_failed_plan_as_a_new_plan(tmp_path, monkeypatch,
     from test_faults import _plan_states
     from test_substra import FakeClient
 
-    monkeypatch.chdir(tmp_path)
-    Path("credentials.yaml").write_text(yaml.safe_dump(
-        {"aggregator": {"url": "https://substra.coord.test", "token": "t0k3n"}}))
-    Path("keys.yaml").write_text(yaml.safe_dump({
-        "aggregator_organization": "AggregatorMSP", "sites": {n: {
-            "organization_id": f"{n}-MSP", "dataset_key": f"d-{n}",
-            "data_sample_keys": [f"s-{n}"]} for n in demo.sites}}))
-    Path("genes.txt").write_text("\n".join(demo.genes))
+    _network_files(monkeypatch, tmp_path, demo)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref, _, states = _plan_states(monkeypatch, demo.sites, levels=demo.levels,
