@@ -145,17 +145,24 @@ def test_failed_screen_writes_run_json(tmp_path, monkeypatch):
     assert record["command_line"][:2] == ["fed-de", "screen"]
 
 
+def _cli_site_files(folder: Path, n_genes: int) -> tuple[dict, list, list]:
+    """Two small demo sites written as .h5ad files in ``folder`` with the study's genes.txt:
+    the sites, the CLI's ``--site`` arguments, the genes."""
+    small = make_demo_study(n_samples=48, n_genes=n_genes, seed=2)
+    sites = dict(list(small.sites.items())[:2])
+    args = []
+    for name, adata in sites.items():
+        adata.write_h5ad(folder / f"{name}.h5ad")
+        args += ["--site", f"{name}={folder / f'{name}.h5ad'}"]
+    (folder / "genes.txt").write_text("\n".join(small.genes))
+    return sites, args, small.genes
+
+
 @pytest.mark.slow
 def test_cli_on_the_subprocess_backend_writes_the_simulations_results(tmp_path):
     """``fed-de run --backend subprocess`` end to end (substra's real tasks; ~50 tasks
     without Cook's): the files equal the simulation's, the facts print (no KeyError)."""
-    small = make_demo_study(n_samples=48, n_genes=40, seed=2)
-    sites = dict(list(small.sites.items())[:2])
-    args = []
-    for name, adata in sites.items():
-        adata.write_h5ad(tmp_path / f"{name}.h5ad")
-        args += ["--site", f"{name}={tmp_path / f'{name}.h5ad'}"]
-    (tmp_path / "genes.txt").write_text("\n".join(small.genes))
+    sites, args, genes = _cli_site_files(tmp_path, n_genes=40)
     out = tmp_path / "out"
     res = cli(["-q", "run", *args, "--design", "~ condition", "--levels", "condition=A,B",
                "--genes", tmp_path / "genes.txt", "--contrast", "condition", "B", "A",
@@ -165,7 +172,7 @@ def test_cli_on_the_subprocess_backend_writes_the_simulations_results(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sim = fed_de.deseq2(sites, "~ condition", levels={"condition": ["A", "B"]},
-                            genes=small.genes, contrasts=[("condition", "B", "A")], cooks=False)
+                            genes=genes, contrasts=[("condition", "B", "A")], cooks=False)
     table = pd.read_csv(out / "results.csv", index_col=0)
     np.testing.assert_allclose(table.to_numpy(), sim.results().to_numpy(), rtol=1e-10,
                                equal_nan=True)
@@ -584,13 +591,7 @@ def test_cli_resumes_a_failed_subprocess_run_as_a_new_plan(tmp_path):
     site mid-plan (its disk); run.json names the site and step, and the folder keeps the last
     finished round's state; `fed-de resume OUT --backend simulation` continues it as a new
     plan (rounds before the state not run again) and writes the uninterrupted run's files."""
-    small = make_demo_study(n_samples=48, n_genes=30, seed=2)
-    sites = dict(list(small.sites.items())[:2])
-    args = []
-    for name, adata in sites.items():
-        adata.write_h5ad(tmp_path / f"{name}.h5ad")
-        args += ["--site", f"{name}={tmp_path / f'{name}.h5ad'}"]
-    (tmp_path / "genes.txt").write_text("\n".join(small.genes))
+    sites, args, genes = _cli_site_files(tmp_path, n_genes=30)
     out, site = tmp_path / "out", list(sites)[0]
     stop = _fault_after(10, tmp_path / "work" / "sites" / site / "site.h5ad")
     res = cli(["run", *args, "--design", "~ condition", "--levels", "condition=A,B",
@@ -610,7 +611,7 @@ def test_cli_resumes_a_failed_subprocess_run_as_a_new_plan(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full = fed_de.deseq2(sites, "~ condition", levels={"condition": ["A", "B"]},
-                             genes=small.genes, contrasts=[("condition", "B", "A")],
+                             genes=genes, contrasts=[("condition", "B", "A")],
                              cooks=False)
     table = pd.read_csv(out / "results.csv", index_col=0)
     np.testing.assert_allclose(table.to_numpy(), full.results().to_numpy(), rtol=1e-10,
