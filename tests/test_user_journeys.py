@@ -289,7 +289,8 @@ def test_readme_demo_command(tmp_path, monkeypatch):
 def _screen_files(tmp_path: Path):
     from fed_de.screening.data import make_screen
 
-    scr = make_screen(n_cells=900, n_genes=40, n_perturbations=3, n_sites=3, seed=5)
+    # large enough that the disclosure rules leave genes to fit a trend on (900 cells: none)
+    scr = make_screen(n_cells=1800, n_genes=40, n_perturbations=3, n_sites=3, seed=5)
     first = scr.perturbations[0]
     paths = {}
     for key, adata in zip("abc", scr.sites.values(), strict=True):
