@@ -144,3 +144,19 @@ def test_empty_cells_count_in_no_group():
                                str(a.obs["perturbation"].to_numpy()[is_pert][0]))
     with pytest.raises(DisclosureError, match="site 'site_a'.*14 control cell"):
         _quiet(sites)
+
+
+def test_a_screen_left_without_a_trend_says_so_and_how_to_go_on():
+    """A small screen whose rules withhold the genes with dispersion above the floor: the
+    trend cannot be fitted (R stops too); the error counts the genes left and names fixes
+    that work."""
+    from fed_de.errors import FedDEError
+
+    scr = make_screen(n_cells=3000, n_genes=40, n_perturbations=3, n_sites=3, seed=5)
+    kw = dict(perturbation_column="perturbation", control="non-targeting", method="nb_glm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(FedDEError, match=r"cannot be fitted on the \d+ of 40 genes"):
+            fed_de.screen(scr.sites, **kw)
+        res = fed_de.screen(scr.sites, fit_type="mean", **kw)
+    assert np.isfinite(res.gene_table["dispersion_map"]).any()

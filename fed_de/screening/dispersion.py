@@ -38,8 +38,10 @@ from fed_de.core.dispersion import (
     genewise_estimates,
     log_bounds,
 )
+from fed_de.core.locfit import LocfitError
 from fed_de.core.optim1d import BRACKET_POINTS
 from fed_de.core.screen_sums import series_genes, sf_moments
+from fed_de.errors import FedDEError
 from fed_de.federation.calls import aggregator_step, call, site_step
 from fed_de.federation.messages import Message, sums
 from fed_de.federation.strategy import Phase, Round
@@ -197,9 +199,21 @@ def genewise_estimate(disp: DispSearch, groups: DispersionGroups) -> dict:
 
 
 def _trend(groups: DispersionGroups, gene: np.ndarray, options: ScreenOptions):
-    """The trend over the groups' baseMean (coefficients: the saturated fit's groups)."""
-    return fit_trend(groups.base_mean, gene, groups.all_zero, options.fit_type,
-                     int(groups.n_cells), groups.n_groups)
+    """The trend over the groups' baseMean (coefficients: the saturated fit's groups).
+
+    Where no trend can be fitted (R stops too), the error says how many genes it had: a
+    screen's disclosure rules withhold genes (they count as all-zero here), and a small
+    screen can be left with too few, or only genes at the dispersion floor.
+    """
+    try:
+        return fit_trend(groups.base_mean, gene, groups.all_zero, options.fit_type,
+                         int(groups.n_cells), groups.n_groups)
+    except (ValueError, LocfitError) as err:
+        used = int(np.sum(~np.asarray(groups.all_zero)))
+        raise FedDEError(
+            f"the dispersion trend cannot be fitted on the {used} of {gene.size} genes with "
+            f"counts left after the disclosure rules ({err}). Add cells or sites, use "
+            "fit_type='mean', or dispersion='moments'") from err
 
 
 @aggregator_step(writes=("dispersions", "trend", "disp"))
