@@ -18,15 +18,14 @@ and the seed.
 
 from __future__ import annotations
 
-import inspect
 import json
 import pickle
 import zlib
-from dataclasses import fields, is_dataclass, replace
+from dataclasses import is_dataclass
 from pathlib import Path
 
 from fed_de.errors import FedDEError
-from fed_de.federation.calls import decode
+from fed_de.federation.liveness import keep_only, plan_reads
 from fed_de.federation.resume import Seed
 
 SEED_FILE = "resume.pkl"
@@ -92,29 +91,22 @@ def download_seed(client, compute_plan_key: str, strategy, aggregator_org: str,
 
 def parts_read_after(strategy, round_idx: int, n_sites: int) -> set[str]:
     """Names of the run state's parts that a step of ``strategy``'s plan (over ``n_sites``
-    sites) after round ``round_idx`` reads: the parameters of its site and aggregator steps
-    (a step's signature says what it reads, :mod:`fed_de.federation.calls`)."""
-    from fed_de.backends.plan import record_plan
-
-    plan = record_plan(strategy, [f"site{i}" for i in range(max(n_sites, 1))])
+    sites) after round ``round_idx`` reads (:func:`fed_de.federation.liveness.plan_reads`)."""
     reads: set[str] = set()
-    for task in plan.tasks:
-        if task.round_idx > round_idx and task.spec:
-            role = "site" if task.message is not None else "aggregator"
-            for fn, _ in decode(task.spec, role):
-                reads |= set(inspect.signature(fn).parameters)
+    for task, names in plan_reads(strategy, n_sites):
+        if task.round_idx > round_idx:
+            reads |= names
     return reads
 
 
 def trim(state, keep: set[str], strategy):
-    """``state`` with only the parts in ``keep`` or in ``strategy.resume_keeps()`` (what
-    the results read from the final state); the others are None (a smaller seed: only what
-    the remaining rounds read). A strategy whose ``resume_keeps()`` is None keeps all."""
-    always = strategy.resume_keeps()
+    """``state`` with only the parts in ``keep`` or in ``strategy.kept_parts()`` (what the
+    results read from the final state); the others are None (a smaller seed: only what the
+    remaining rounds read). A strategy whose ``kept_parts()`` is None keeps all."""
+    always = strategy.kept_parts()
     if always is None or not is_dataclass(state):
         return state
-    drop = {f.name: None for f in fields(state) if f.name not in keep | set(always)}
-    return replace(state, **drop)
+    return keep_only(state, keep | set(always))
 
 
 def save_seed(seed: Seed, folder: str | Path) -> Path:

@@ -92,10 +92,12 @@ class _BulkStrategy(FedStrategy):
                                     data._obs[columns]])
 
     def kept_parts(self) -> tuple[str, ...]:
-        """Parts every aggregation sends besides those later steps read: what the results
-        read from the final state (:mod:`fed_de.bulk.results`), the masking relay and a gene
-        selection; the others stop travelling once no later step reads them (the dispersion
-        search's evaluated points after the MAP round, the first fit after the final one)."""
+        """Parts every aggregation sends (and a resume seed keeps) besides those later steps
+        read: what the results read from the final state (:mod:`fed_de.bulk.results`),
+        ``totals`` / ``start`` (which the sites' re-derived state reads,
+        :func:`fed_de.bulk.rebuild.restore`), the masking relay and a gene selection; the
+        others stop travelling once no later step reads them (the dispersion search's
+        evaluated points after the MAP round, the first fit after the final one)."""
         return ("totals", "start", "dispersions", "genes", "cooks", "refit", "trend", "shrink",
                 "pca", "secure", "rows")
 
@@ -128,12 +130,6 @@ class _BulkStrategy(FedStrategy):
             return None
         side, r = found
         return self.resume_seed(side, fetch, rounds), r
-
-    def resume_keeps(self) -> tuple[str, ...]:
-        """What a seed keeps besides the parts the remaining steps read: what every
-        aggregation keeps (:meth:`kept_parts`: the results' parts, and ``totals`` / ``start``,
-        which the sites' re-derived state reads, :func:`fed_de.bulk.rebuild.restore`)."""
-        return self.kept_parts()
 
     def resume_seed(self, state, fetch, rounds=(1, 3)) -> RunState:
         """``state`` with the study's log geometric means (the sites' size factors), read from

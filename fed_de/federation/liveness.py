@@ -15,19 +15,12 @@ after its first: what a plan reads later only shrinks as it advances.
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
 from fed_de.federation.calls import decode
 
 _CACHE: dict[str, dict[str, frozenset[str]]] = {}
-
-
-def _plan_key(strategy) -> str:
-    return json.dumps({"class": f"{type(strategy).__module__}.{type(strategy).__qualname__}",
-                       "args": repr(getattr(strategy, "args", ())),
-                       "kwargs": repr(sorted(getattr(strategy, "kwargs", {}).items()))})
 
 
 def _reads(spec: str, role: str) -> set[str]:
@@ -37,32 +30,47 @@ def _reads(spec: str, role: str) -> set[str]:
     return out
 
 
+def plan_reads(strategy, n_sites: int) -> list[tuple[Any, set[str]]]:
+    """Every task of ``strategy``'s plan over ``n_sites`` sites (a dry run,
+    :func:`fed_de.backends.plan.record_plan`), in submission order, with the names its steps
+    read (their signatures)."""
+    from fed_de.backends.plan import record_plan
+
+    tasks = record_plan(strategy, [f"site{i}" for i in range(max(int(n_sites), 1))]).tasks
+    return [(t, _reads(t.spec, "site" if t.message is not None else "aggregator")
+             if t.spec else set()) for t in tasks]
+
+
 def live_after(strategy) -> dict[str, frozenset[str]]:
     """Per aggregation chain (its ``steps`` encoding): the names its later tasks read.
 
     The plan is recorded once per process (a dry run of a fresh copy of the strategy, about
     20 ms) and cached by the strategy's class and constructor arguments.
     """
-    key = _plan_key(strategy)
-    if key not in _CACHE:
-        from fed_de.backends.plan import record_plan
+    from fed_de.backends.checkpoint import fingerprint
 
+    key = fingerprint(strategy, [])  # class and constructor arguments: the plan's shape
+    if key not in _CACHE:
         fresh = type(strategy)(*strategy.args, **strategy.kwargs)
-        n = max(int(getattr(strategy, "n_sites", 0) or 0), 1)
-        tasks = record_plan(fresh, [f"site{i}" for i in range(n)]).tasks
-        reads = [_reads(t.spec, "site" if t.message is not None else "aggregator")
-                 if t.spec else set() for t in tasks]
+        tasks = plan_reads(fresh, getattr(strategy, "n_sites", 0) or 0)
         later: set[str] = set()
         after: list[frozenset[str]] = [frozenset()] * len(tasks)
         for i in range(len(tasks) - 1, -1, -1):  # what tasks after i read, from the end
             after[i] = frozenset(later)
-            later |= reads[i]
+            later |= tasks[i][1]
         live: dict[str, frozenset[str]] = {}
-        for i, t in enumerate(tasks):
+        for i, (t, _) in enumerate(tasks):
             if t.message is None and t.spec and t.spec not in live:
                 live[t.spec] = after[i]  # the first occurrence reads the most later
         _CACHE[key] = live
     return _CACHE[key]
+
+
+def keep_only(state: Any, keep) -> Any:
+    """``state`` (a dataclass) with every part not named in ``keep`` set to None."""
+    dead = {f.name: None for f in fields(state)
+            if f.name not in keep and getattr(state, f.name) is not None}
+    return replace(state, **dead) if dead else state
 
 
 def trim(state: Any, strategy, steps: str) -> Any:
@@ -75,6 +83,4 @@ def trim(state: Any, strategy, steps: str) -> Any:
     live = live_after(strategy).get(steps)
     if live is None:
         return state
-    dead = {f.name: None for f in fields(state)
-            if f.name not in live and f.name not in keep and getattr(state, f.name) is not None}
-    return replace(state, **dead) if dead else state
+    return keep_only(state, live | set(keep))

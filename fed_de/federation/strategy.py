@@ -87,8 +87,9 @@ class FedStrategy(ComputePlanBuilder):
         return {}
 
     def kept_parts(self) -> tuple[str, ...] | None:
-        """Run-state parts an aggregation always sends, besides those a later step reads
-        (:mod:`fed_de.federation.liveness`); ``None`` (the base): every part is sent."""
+        """Run-state parts an aggregation always sends, and a resumed plan's seed always
+        keeps, besides those a later step reads (:mod:`fed_de.federation.liveness`);
+        ``None`` (the base): every part is sent and kept."""
         return None
 
     def data_digest(self, data) -> str | None:
@@ -126,11 +127,6 @@ class FedStrategy(ComputePlanBuilder):
         ``round_idx``) was taken while a side chain was in flight: ``(side state, its
         round)`` from ``fetch(r)`` over the failed plan's finished aggregations ``rounds``;
         None when no side chain is in flight (the base: a plan without side chains)."""
-        return None
-
-    def resume_keeps(self) -> tuple[str, ...] | None:
-        """Parts of a resumed plan's seed kept whether or not a remaining step reads them
-        (what the results read from the final state); None: the seed keeps every part."""
         return None
 
     def resume_seed(self, state, fetch, rounds=()) -> object:
