@@ -57,10 +57,8 @@ def deviances(site: Site, beta: np.ndarray, beta_r: np.ndarray | None,
     """-2 log likelihood of the full (and reduced) model with unfloored means, as R's
     ``fitNbinomGLMs`` returns ``logLike`` (the 0.5 floor is only inside the IRLS)."""
     sf, X = site.kept.size_factors, site.kept.design
-    Xr = site.kept.design_reduced if beta_r is not None else X
-    out = lrt.lrt_site_deviances(site.counts(), sf, X, beta, Xr,
-                                 beta_r if beta_r is not None else beta, alpha)
-    return out if beta_r is not None else {"deviance": out["deviance"]}
+    Xr = site.kept.design_reduced if beta_r is not None else None
+    return lrt.lrt_site_deviances(site.counts(), sf, X, beta, Xr, beta_r, alpha)
 
 
 def final_beta(irls_final: IRLSFit, fallback: FallbackFit | None):
@@ -79,11 +77,10 @@ def closing_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_fin
     beta, _ = final_beta(irls_final, fallback)
     alpha = np.nan_to_num(dispersions.final, nan=1.0)
     X, sf = site.kept.design, site.kept.size_factors
-    mu = nb.fitted_mu(X, beta, sf, MIN_MU)  # DESeq2's floored means (fitBeta)
-    w = mu / (1.0 + alpha * mu)
     lrt_on = site.reduced is not None
     dev = deviances(site, beta, reduced_beta(start, irls_reduced) if lrt_on else None, alpha)
-    out = ClosingSums(xtwx=nb.gram(X, w), deviance=dev["deviance"])
+    out = ClosingSums(xtwx=nb.fisher_gram(X, beta, sf, alpha, MIN_MU),  # floored means (fitBeta)
+                      deviance=dev["deviance"])
     if lrt_on:
         out.reduced = ReducedDeviance(deviance=dev["deviance_r"])
     if cooks is not None:  # after the sums above: they use the counts before replacement

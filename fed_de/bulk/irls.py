@@ -61,18 +61,13 @@ def _fit_sums(site: Site, fit: IRLSFit, alpha: np.ndarray, X: np.ndarray) -> dic
     """The sums of one fit; only genes still iterating are computed."""
     idx = np.flatnonzero(~fit.stopped)
     G, K, p = fit.candidates.shape
-    cands = fit.candidates[idx]
     alpha = np.nan_to_num(alpha, nan=1.0)[idx]
-    y = site.counts()[:, idx]
-    sf = site.kept.size_factors
-    lgy1 = site.lgamma_y1()[idx]
-    lgr = nb.nb_lgamma_ratio(y, alpha)  # mean-free part: once for every candidate
     out = {"xtwx": np.zeros((G, K, nb.n_packed(p))), "xtwz": np.zeros((G, K, p)),
            "deviance": np.zeros((G, K)), "xtwx_obs": np.zeros((G, K, nb.n_packed(p)))}
-    for k in range(K):
-        summands = nb.irls_summands(y, X, sf, cands[:, k], alpha, MIN_MU, lgy1, lgr)
-        for key, value in summands.items():
-            out[key][idx, k] = value
+    sums = nb.irls_candidate_sums(site.counts(), idx, X, site.kept.size_factors,
+                                  fit.candidates[idx], alpha, MIN_MU, site.lgamma_y1()[idx])
+    for key, value in sums.items():
+        out[key][idx] = value
     return out
 
 

@@ -25,6 +25,8 @@ import numpy as np
 from scipy.special import gammaln, xlogy
 from scipy.stats import chi2
 
+from fed_de.core import nb
+
 __all__ = [
     "is_intercept_only",
     "intercept_only_beta",
@@ -100,15 +102,16 @@ def lrt_site_deviances(
     size_factors: np.ndarray,
     design: np.ndarray,
     beta: np.ndarray,
-    design_reduced: np.ndarray,
-    beta_reduced: np.ndarray,
+    design_reduced: np.ndarray | None,
+    beta_reduced: np.ndarray | None,
     alpha: np.ndarray,
 ) -> dict:
     """A site's summands of the LRT: ``-2 logLike`` of the full and the reduced model.
 
     Sums over the site's samples at the final coefficients, with unfloored means
     ``size_factor * exp(X beta)`` as R's ``fitNbinomGLMs`` returns them. Summed over sites,
-    their difference is R's statistic (:func:`lrt_test`).
+    their difference is R's statistic (:func:`lrt_test`). Computed in blocks of
+    :data:`fed_de.core.nb.GENE_CHUNK` genes, so the samples x genes temporaries stay small.
 
     Parameters
     ----------
@@ -117,7 +120,8 @@ def lrt_site_deviances(
     size_factors : np.ndarray
         Per sample, shape ``(n,)``.
     design, design_reduced : np.ndarray
-        Full and reduced design matrices, samples x p and samples x p_r.
+        Full and reduced design matrices, samples x p and samples x p_r; ``design_reduced``
+        ``None`` (with ``beta_reduced`` ``None``) computes the full model's deviance only.
     beta, beta_reduced : np.ndarray
         Natural-log coefficients, genes x p and genes x p_r (for ``~ 1`` use
         :func:`intercept_only_beta`).
@@ -127,14 +131,23 @@ def lrt_site_deviances(
     Returns
     -------
     dict
-        ``deviance`` and ``deviance_r``, shape ``(G,)``.
+        ``deviance`` and (with a reduced model) ``deviance_r``, shape ``(G,)``.
     """
     sf = np.asarray(size_factors, dtype=float)[:, None]
-    with np.errstate(over="ignore"):
-        mu = sf * np.exp(np.asarray(design, float) @ np.asarray(beta, float).T)
-        mu_r = sf * np.exp(np.asarray(design_reduced, float) @ np.asarray(beta_reduced, float).T)
-    return {"deviance": -2.0 * nb_log_likelihood(y, mu, alpha),
-            "deviance_r": -2.0 * nb_log_likelihood(y, mu_r, alpha)}
+    alpha = np.asarray(alpha, dtype=float)
+    models = {"deviance": (np.asarray(design, float), np.asarray(beta, float))}
+    if design_reduced is not None:
+        models["deviance_r"] = (np.asarray(design_reduced, float),
+                                np.asarray(beta_reduced, float))
+    G = alpha.shape[0]
+    out = {key: np.empty(G) for key in models}
+    for sl in nb.gene_blocks(G):
+        yb = np.asarray(y[:, sl], dtype=float)
+        for key, (X, b) in models.items():
+            with np.errstate(over="ignore"):
+                mu = sf * np.exp(X @ b[sl].T)
+            out[key][sl] = -2.0 * nb_log_likelihood(yb, mu, alpha[sl])
+    return out
 
 
 def lrt_test(

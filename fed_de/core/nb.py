@@ -128,6 +128,74 @@ def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None,
             "xtwx_obs": gram(X, v)}
 
 
+def gene_blocks(G: int, chunk: int | None = None) -> list[slice]:
+    """Slices of at most ``chunk`` (default :data:`GENE_CHUNK`) genes; a last block of one
+    gene joins the previous one.
+
+    A samples x 1 block would be summed over samples in numpy's pairwise order rather than
+    row by row, so a one-gene tail would move that gene's sums by the last bits.
+    """
+    bounds = list(range(0, G, chunk or GENE_CHUNK)) + [G]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def irls_candidate_sums(counts: np.ndarray, genes: np.ndarray, X: np.ndarray, sf: np.ndarray,
+                        candidates: np.ndarray, alpha: np.ndarray, min_mu: float = 0.5,
+                        lgamma_y1: np.ndarray | None = None) -> dict:
+    """:func:`irls_summands` at each of ``K`` candidates of the genes ``genes``, in blocks.
+
+    Parameters
+    ----------
+    counts : np.ndarray
+        The site's counts, samples x all genes (read, never copied whole).
+    genes : np.ndarray
+        Column indices of the genes to compute, shape ``(g,)``.
+    X, sf : np.ndarray
+        Design (samples x p) and size factors (samples).
+    candidates : np.ndarray
+        Coefficients, ``(g, K, p)``.
+    alpha : np.ndarray
+        Dispersions of ``genes``, shape ``(g,)``.
+    min_mu : float
+        Floor of the fitted means.
+    lgamma_y1 : np.ndarray, optional
+        Per-gene sum of ``lgamma(y + 1)`` of ``genes``.
+
+    Returns
+    -------
+    dict
+        ``xtwx``, ``xtwx_obs`` (g x K x T), ``xtwz`` (g x K x p), ``deviance`` (g x K): the
+        same numbers as :func:`irls_summands` on all ``genes`` at once, with samples x genes
+        temporaries of at most :data:`GENE_CHUNK` genes.
+    """
+    g, K, p = candidates.shape
+    T = n_packed(p)
+    out = {"xtwx": np.empty((g, K, T)), "xtwz": np.empty((g, K, p)),
+           "deviance": np.empty((g, K)), "xtwx_obs": np.empty((g, K, T))}
+    for sl in gene_blocks(g):
+        y = counts[:, genes[sl]]
+        lgr = nb_lgamma_ratio(y, alpha[sl])  # mean-free part: once for every candidate
+        lgy1 = None if lgamma_y1 is None else lgamma_y1[sl]
+        for k in range(K):
+            summands = irls_summands(y, X, sf, candidates[sl, k], alpha[sl], min_mu, lgy1, lgr)
+            for key, value in summands.items():
+                out[key][sl, k] = value
+    return out
+
+
+def fisher_gram(X: np.ndarray, beta: np.ndarray, sf: np.ndarray, alpha: np.ndarray,
+                min_mu: float) -> np.ndarray:
+    """Packed ``X^T W X`` at ``beta`` (``w = mu / (1 + alpha mu)``, ``mu`` floored at
+    ``min_mu``), in blocks of :data:`GENE_CHUNK` genes: ``(G, T)``."""
+    out = np.empty((beta.shape[0], n_packed(X.shape[1])))
+    for sl in gene_blocks(beta.shape[0]):
+        mu = fitted_mu(X, beta[sl], sf, min_mu)
+        out[sl] = gram(X, mu / (1.0 + alpha[sl] * mu))
+    return out
+
+
 def solve_ridge(xtwx_packed: np.ndarray, rhs: np.ndarray, lam: np.ndarray) -> np.ndarray:
     """``(X^T W X + diag(lam))^{-1} rhs`` per gene."""
     p = rhs.shape[-1]
