@@ -4,7 +4,10 @@ deviances; and a whole run with tiny blocks gives the same results as with the d
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.special import gammaln
 
@@ -92,3 +95,28 @@ def test_a_run_with_tiny_gene_blocks_gives_the_same_results(monkeypatch, test):
     # summands keep their own blocks)
     monkeypatch.setattr(nb, "gene_blocks", lambda G, chunk=None: blocks(G, 7))
     np.testing.assert_array_equal(_run(test), default)
+
+
+@pytest.mark.parametrize("replace", [None, 7])
+def test_cooks_counts_with_tiny_gene_blocks_give_the_same_run(monkeypatch, replace):
+    from tests.conftest import DATA, split_sites
+
+    cdir = DATA / "r_extra" / "cooks"
+    counts = pd.read_csv(cdir / "counts.csv", index_col=0)
+    meta = pd.read_csv(cdir / "metadata.csv", index_col=0)
+    kw = {} if replace is None else {"min_replicates_for_replace": replace}
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = fed_de.deseq2(split_sites(counts, meta, 3, seed=2), "~ batch + condition",
+                                min_cell_size=0, **kw)
+        return res.results().to_numpy(dtype=float), res.state.genes.cooks_outlier
+
+    table, outliers = run()
+    assert outliers is not None and outliers.any()  # the injected outliers are found
+    blocks = nb.gene_blocks
+    monkeypatch.setattr(nb, "gene_blocks", lambda G, chunk=None: blocks(G, 5))
+    table_b, outliers_b = run()
+    np.testing.assert_array_equal(table_b, table)
+    np.testing.assert_array_equal(outliers_b, outliers)

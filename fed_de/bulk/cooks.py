@@ -44,7 +44,7 @@ from fed_de.bulk.state import (
     Site,
     Totals,
 )
-from fed_de.core import cooks, trimmed
+from fed_de.core import cooks, nb, trimmed
 from fed_de.core.irls import MIN_MU
 from fed_de.core.moments import start_from_cell_sums
 from fed_de.design import cell_design_rows
@@ -361,45 +361,60 @@ def join(side, totals: Totals, study, options) -> dict:
 
 
 # -- closing round ---------------------------------------------------------------------------
+def _outliers(site: Site, ck: CooksSetup, genes: slice, y: np.ndarray, beta: np.ndarray,
+              alpha: np.ndarray, xtwx_acc: np.ndarray, skip: np.ndarray) -> dict:
+    """Cook's counts of the block ``genes`` (``y``: its counts), and the samples whose count
+    is replaced."""
+    X, sf, cells = site.kept.design, site.kept.size_factors, site.cells()
+    beta, alpha, xtwx_acc, skip = beta[genes], alpha[genes], xtwx_acc[genes], skip[genes]
+    p = X.shape[1]
+    with np.errstate(over="ignore"):
+        mu = sf[:, None] * np.exp(X @ beta.T)  # DESeq2's assay mu: not floored
+    mu_w = np.maximum(mu, MIN_MU)
+    h = cooks.hat_diagonals(X, mu_w / (1.0 + alpha * mu_w), xtwx_acc)
+    d = cooks.cooks_distance(y, mu, np.nan_to_num(ck.alpha[genes], nan=np.inf), h, p)
+    above = (d > ck.cutoff) & ~skip[None, :]
+    in3 = np.asarray(ck.cells_3)[cells]
+    repl = np.asarray(ck.cells_replace)[cells]
+    swap = above & repl[:, None] & np.isfinite(ck.replace_mean[genes])[None, :]
+    return {"n_out": (above & in3[:, None]).sum(axis=0).astype(float),
+            "n_out_kept": (above & (in3 & ~repl)[:, None]).sum(axis=0).astype(float),
+            "n_any": above.sum(axis=0).astype(float),
+            "n_replaced": swap.sum(axis=0).astype(float), "swap": swap}
+
+
 def cooks_counts(site: Site, ck: CooksSetup, beta: np.ndarray, alpha: np.ndarray,
                  xtwx_acc: np.ndarray, skip: np.ndarray) -> CooksCounts:
     """Cook's counts of this site's samples, and its replaced counts' per-cell sums.
 
     ``beta``, ``alpha``: the final fit's coefficients and dispersions; ``xtwx_acc`` the
     global X'WX at the accepted coefficients. The site's own outliers in replaceable cells
-    are replaced here (kept for the refit).
+    are replaced here (kept for the refit). Computed in blocks of genes
+    (:func:`fed_de.core.nb.gene_blocks`): samples x genes temporaries stay small.
     """
-    X, sf = site.kept.design, site.kept.size_factors
-    y = site.counts()
-    p, C = X.shape[1], int(np.prod([len(v) for v in site.study.levels.values()]))
+    sf, y = site.kept.size_factors, site.counts()
+    C = int(np.prod([len(v) for v in site.study.levels.values()]))
     G = y.shape[1]
     out = {k: np.zeros(G) for k in ("n_out", "n_out_kept", "n_any", "n_replaced")}
-    cells = site.cells()
-    norm_new = y / sf[:, None]
-    if ck.active:
-        with np.errstate(over="ignore"):
-            mu = sf[:, None] * np.exp(X @ beta.T)  # DESeq2's assay mu: not floored
-        mu_w = np.maximum(mu, MIN_MU)
-        h = cooks.hat_diagonals(X, mu_w / (1.0 + alpha * mu_w), xtwx_acc)
-        d = cooks.cooks_distance(y, mu, np.nan_to_num(ck.alpha, nan=np.inf), h, p)
-        above = (d > ck.cutoff) & ~skip[None, :]
-        in3 = np.asarray(ck.cells_3)[cells]
-        repl = np.asarray(ck.cells_replace)[cells]
-        out["n_out"] = (above & in3[:, None]).sum(axis=0).astype(float)
-        out["n_out_kept"] = (above & (in3 & ~repl)[:, None]).sum(axis=0).astype(float)
-        out["n_any"] = above.sum(axis=0).astype(float)
-        swap = above & repl[:, None] & np.isfinite(ck.replace_mean)[None, :]
-        out["n_replaced"] = swap.sum(axis=0).astype(float)
+    new = y
+    for sl in nb.gene_blocks(G) if ck.active else []:
+        part = _outliers(site, ck, sl, y[:, sl], beta, alpha, xtwx_acc, skip)
+        swap = part.pop("swap")
+        for key, value in part.items():
+            out[key][sl] = value
         if swap.any():
-            new = np.where(swap, cooks.replacement_counts(np.nan_to_num(ck.replace_mean), sf),
-                           y)
-            site.kept.replaced_counts = new
-            site.kept.lgamma_y1 = None
-            norm_new = new / sf[:, None]
+            if new is y:
+                new = np.array(y)  # the replaced counts: a copy, the site's data stays
+            new[:, sl] = np.where(swap, cooks.replacement_counts(
+                np.nan_to_num(ck.replace_mean[sl]), sf), y[:, sl])
+    if new is not y:
+        site.kept.replaced_counts = new
+        site.kept.lgamma_y1 = None
     if not np.asarray(ck.cells_replace).any():  # no replacement: no refit start to send
         return CooksCounts(**out, **{k: np.zeros((G, C)) for k in
                                      ("cell_sum", "cell_sumsq", "cell_logsum")})
-    onehot = (cells[:, None] == np.arange(C)[None, :]).astype(float)  # n x C
+    onehot = (site.cells()[:, None] == np.arange(C)[None, :]).astype(float)  # n x C
+    norm_new = new / sf[:, None]
     out["cell_sum"] = norm_new.T @ onehot
     out["cell_sumsq"] = (norm_new * norm_new).T @ onehot
     out["cell_logsum"] = np.log(norm_new + 0.1).T @ onehot
