@@ -1109,7 +1109,27 @@ def test_non_converged_genes_are_a_warning(demo):
                             rounds={"final": 1, "fallback": 0})
     (text,) = [str(w.message) for w in rec if "did not converge" in str(w.message)]
     n = int(re.search(r"(\d+) rows", text)[1])
-    assert n == int((~res.gene_table["betaConv"] & ~res.gene_table["allZero"]).sum()) > 0
+    g = res.gene_table
+    assert n == int((~g["betaConv"] & ~g["allZero"] & ~g["withheld"]).sum()) > 0
+
+
+def test_withheld_genes_are_not_counted_as_unconverged():
+    """A withheld gene has no fit (zero sums, betaConv False): it is marked ``withheld`` in
+    the gene table and left out of the "did not converge" count."""
+    study = make_demo_study(n_samples=150, n_genes=1000, seed=0)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = fed_de.deseq2(study.sites, study.design, levels=study.levels, cooks=False)
+    g = res.gene_table
+    assert int(g["withheld"].sum()) == res.facts["genes_withheld"] > 0
+    assert not g.loc[g["withheld"], "betaConv"].any()
+    text = [str(w.message) for w in rec if "did not converge in beta" in str(w.message)]
+    unconverged = int((~g["betaConv"] & ~g["allZero"] & ~g["withheld"]).sum())
+    if unconverged:
+        (t,) = text
+        assert int(re.search(r"(\d+) rows", t)[1]) == unconverged
+    else:
+        assert text == []
 
 
 def test_cooks_refits_and_filters_are_warnings():
