@@ -35,6 +35,12 @@ sites is sent as a float 0/1 array explicitly. NaN and infinities are refused. T
 message holds, under each key, a uint64 array of shape ``(limbs,) + value.shape`` (limb 0 the
 least significant word), and a header under the reserved key ``"_secagg"``. :func:`unmask_sum`
 returns float64 arrays of the original shapes (``np.float64`` for scalars).
+
+Keys named as ``counts`` (sample counts: non-negative integers) travel packed instead, two
+32-bit fields to a word of ``Z_{2^64}`` (:func:`pack_counts`): a count takes 4 bytes, not
+``8 * limbs``. Each site's count must be below ``2**(32 - ceil(log2 S))``, so no field's total
+over ``S`` sites reaches ``2**32`` and carries into its neighbour: the sum of the packed words
+is the packed totals, exactly, and the aggregator learns those totals and nothing more.
 """
 
 from __future__ import annotations
@@ -219,6 +225,47 @@ def _negated(a: np.ndarray) -> np.ndarray:
     out = np.zeros_like(a)
     _isub(out, a)
     return out
+
+
+# --------------------------------------------------------------------------- packed counts
+
+COUNT_BITS = 32  # width of one count field; two fields to a uint64 word
+
+
+def count_limit(n_parties: int) -> int:
+    """A site's counts must be below this, so that ``S`` of them sum below ``2**32``."""
+    return 2 ** (COUNT_BITS - math.ceil(math.log2(max(1, n_parties))))
+
+
+def pack_counts(x: np.ndarray, n_parties: int, name: str = "value") -> np.ndarray:
+    """Non-negative integer counts packed two to a uint64 word: shape ``(1, ceil(size / 2))``.
+
+    Raises
+    ------
+    EncodingRangeError
+        A value is not an integer, is negative, or is not below :func:`count_limit` (names
+        ``name``); nothing is returned.
+    """
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    limit = count_limit(n_parties)
+    if flat.size and not (np.all(flat == np.floor(flat)) and flat.min() >= 0
+                          and flat.max() < limit):
+        raise EncodingRangeError(
+            f"{name!r}: a count must be an integer in [0, {limit}) for {n_parties} sites; "
+            "not sent")
+    v = flat.astype(np.uint64)
+    if v.size % 2:
+        v = np.append(v, np.uint64(0))
+    return (v[0::2] | (v[1::2] << np.uint64(COUNT_BITS)))[None, :]
+
+
+def unpack_counts(words: np.ndarray, shape: tuple) -> np.ndarray:
+    """Inverse of :func:`pack_counts` on (summed) words: float64 counts of ``shape``."""
+    w = np.asarray(words, dtype=np.uint64).reshape(-1)
+    out = np.empty(2 * w.size, dtype=np.float64)
+    out[0::2] = w & _LO32
+    out[1::2] = w >> np.uint64(COUNT_BITS)
+    return out[:math.prod(shape)].reshape(shape)
 
 
 # --------------------------------------------------------------------------- keys and seeds
@@ -420,7 +467,7 @@ def _as_float_array(key: str, value) -> np.ndarray:
 
 
 def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int | None = None,
-         *, stream: int = 0) -> dict:
+         *, stream: int = 0, counts: Collection[str] = ()) -> dict:
     """Encode and mask a site's message for one round.
 
     Parameters
@@ -437,12 +484,16 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
     stream
         An independent tag sequence, e.g. one per chain of local tasks whose local states are
         forked (each fork can only check its own tags; give each a fixed stream id in code).
+    counts
+        Keys whose values are sample counts, sent packed (:func:`pack_counts`). Every site
+        must name the same keys (they are declared by the message type, not by the data).
 
     Returns
     -------
     dict
-        ``{key: uint64 array of shape (limbs,) + value.shape}`` plus the header under
-        ``"_secagg"`` (site, parties, run digest, stream, tag, encoding).
+        ``{key: uint64 array of shape (limbs,) + value.shape}`` (counts: ``(1, words)``)
+        plus the header under ``"_secagg"`` (site, parties, run digest, stream, tag,
+        encoding, the counts' shapes).
 
     Raises
     ------
@@ -466,11 +517,19 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
         raise SecAggError("message keys must be strings")
     fmt = session.encoding
     n_parties = len(session.parties)
+    unknown = set(counts) - set(message)
+    if unknown:
+        raise SecAggError(f"counts {sorted(unknown)} are not keys of the message")
     out: dict = {}
+    shapes: dict[str, tuple] = {}
     for key, value in message.items():
         arr = _as_float_array(key, value)
-        v = fmt.encode(arr, n_parties, name=key)
-        acc = v.reshape(fmt.limbs, -1)  # a fresh array: updated in place
+        if key in counts:
+            v = pack_counts(arr, n_parties, name=key)
+            shapes[key] = arr.shape
+        else:
+            v = fmt.encode(arr, n_parties, name=key)
+        acc = v.reshape(v.shape[0], -1)  # a fresh array: updated in place
         for peer, seed in session.seeds.items():
             m = _mask_stream(seed, stream, round_tag, key, v.size).reshape(acc.shape)
             (_iadd if session.me < peer else _isub)(acc, m)
@@ -478,7 +537,8 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
     session.last_tag[stream] = round_tag
     out[HEADER] = {"site": session.me, "parties": session.parties,
                    "run": session.run_digest, "stream": stream, "tag": round_tag,
-                   "limbs": fmt.limbs, "frac_bits": fmt.frac_bits}
+                   "limbs": fmt.limbs, "frac_bits": fmt.frac_bits,
+                   "counts": {k: shapes[k] for k in sorted(shapes)}}
     return out
 
 
@@ -495,7 +555,7 @@ class MaskedSum:
     exact, so the totals do not depend on the order of the sites.
     """
 
-    _COMMON = ("parties", "run", "stream", "tag", "limbs", "frac_bits")
+    _COMMON = ("parties", "run", "stream", "tag", "limbs", "frac_bits", "counts")
 
     def __init__(self) -> None:
         self.head: dict | None = None
@@ -520,14 +580,15 @@ class MaskedSum:
         head = masked[HEADER]
         if self.head is None:
             self.head = head
-        diff = [k for k in self._COMMON if head[k] != self.head[k]]
+        diff = [k for k in self._COMMON if head.get(k) != self.head.get(k)]
         if diff:
             raise SecAggError(f"messages differ in {diff}: not from the same masked round")
         keys = set(masked) - {HEADER}
         if self.sites and keys != set(self.acc):
             raise SecAggError("messages carry different keys")
-        limbs = self.head["limbs"]
+        packed = self.head.get("counts") or {}
         for key in keys:
+            limbs = 1 if key in packed else self.head["limbs"]
             a = np.asarray(masked[key])
             if a.dtype != np.uint64 or a.shape[:1] != (limbs,) or (
                     self.sites and a.shape != self.shapes[key]):
@@ -556,9 +617,11 @@ class MaskedSum:
                 f"masks cancel only over every site: got {sorted(self.sites)}, need "
                 f"{sorted(self.head['parties'])}")
         fmt = FixedPoint(self.head["limbs"], self.head["frac_bits"])
+        packed = self.head.get("counts") or {}
         totals: dict = {}
         for key, acc in self.acc.items():
-            value = fmt.decode(acc.reshape(self.shapes[key]))
+            value = (unpack_counts(acc, tuple(packed[key])) if key in packed
+                     else fmt.decode(acc.reshape(self.shapes[key])))
             totals[key] = np.float64(value) if value.ndim == 0 else value
         return totals
 

@@ -76,19 +76,36 @@ def test_spill_dir_gives_the_same_answer_and_leaves_nothing(demo, serial, tmp_pa
 
 def test_bytes_are_the_messages_sizes(demo):
     """Payload = the plaintext float64 values of every message a site sent; what is sent
-    under secure aggregation is their 3-word fixed-point encoding, pickled."""
-    plain = _fit(demo, secure_aggregation=False, record_messages=True,
-                 rounds={"robust": 2, "refit_mu": 1, "refit_final": 1})
-    masked = _fit(demo, rounds={"robust": 2, "refit_mu": 1, "refit_final": 1})
+    under secure aggregation is their 3-word fixed-point encoding (sample counts: packed two
+    to a word), pickled."""
+    rounds = {"robust": 2, "refit_mu": 1, "refit_final": 1}
+    plain = _fit(demo, secure_aggregation=False, record_messages=True, rounds=rounds)
+    masked = _fit(demo, record_messages=True, rounds=rounds)
+    packed_keys = set()
     for site in demo.sites:
         mine = [m for m in plain.facts["messages"] if m["site"] == site]
         values = sum(np.asarray(v).size * 8 for m in mine for v in m["message"].values())
         assert plain.facts["payload_bytes_by_site"][site] == values
         assert plain.facts["bytes_sent_by_site"][site] == sum(m["bytes"] for m in mine)
-        # the same messages, masked: same payload, ~3 words per value on the wire
+        # the same messages, masked: same payload; on the wire 3 words a value, 4 bytes a
+        # count, and the pickled total is that plus framing and headers
         key_offer = 32 * 8  # the key round's public key is relayed, not masked
         assert masked.facts["payload_bytes_by_site"][site] == values + key_offer
-        assert masked.facts["bytes_sent_by_site"][site] > 3 * values
+        wire = [m for m in masked.facts["messages"]
+                if m["site"] == site and isinstance(m["message"], MaskedMessage)]
+        assert len(wire) == len(mine)
+        expected = 0
+        for p, w in zip(mine, wire, strict=True):
+            counts = w["message"].payload["_secagg"]["counts"]
+            packed_keys |= set(counts)
+            for key, v in p["message"].items():
+                n = np.asarray(v).size
+                expected += 8 * -(-n // 2) if key in counts else 24 * n
+                assert w["message"].payload[key].nbytes == (8 * -(-n // 2) if key in counts
+                                                            else 24 * n)
+        sent = masked.facts["bytes_sent_by_site"][site] - 32 * 8 * 2  # the offer, ~pickled
+        assert expected < sent < 1.05 * expected
+    assert {"count_below", "n_zero", "cell_nonzero"} <= packed_keys
     steps = plain.facts["bytes_by_step"]
     assert sum(v["payload"] for v in steps.values()) == max(
         plain.facts["payload_bytes_by_site"].values())
@@ -106,14 +123,23 @@ def test_plan_bytes_bound_what_a_run_sends(demo, serial):
     """--plan-only's figures are upper bounds of the measured ones, labelled so."""
     study = fed_de.make_study(demo.design, demo.genes, demo.levels)
     names = list(demo.sites)
-    facts = record_plan(DESeq2Strategy(study.to_dict(), n_sites=len(names)), names).facts()
+    record = record_plan(DESeq2Strategy(study.to_dict(), n_sites=len(names)), names)
+    facts = record.facts()
     assert "upper bound" in facts["bytes_note"] and facts["masked"]
     for site in names:
         assert facts["payload_bytes_upper_bound_by_site"][site] >= \
             serial.facts["payload_bytes_by_site"][site]
-        # masked bound: 3 words per masked value; the key offer (32 values) is not masked
+        assert facts["bytes_upper_bound_by_site"][site] >= \
+            serial.facts["bytes_sent_by_site"][site] * 0.95  # pickle framing not counted
+        # masked bound: 3 words per masked value, 4 bytes per sample count; the key offer
+        # (32 values) is not masked
+        mine = [t for t in record.tasks if t.worker == site and t.message is not None]
+        counts = sum(int(np.prod(t.message[k])) for t in mine for k in t.counts)
+        assert counts > 0
         assert facts["bytes_upper_bound_by_site"][site] == \
-            3 * facts["payload_bytes_upper_bound_by_site"][site] - 2 * 32 * 8
+            3 * facts["payload_bytes_upper_bound_by_site"][site] - 2 * 32 * 8 \
+            - 3 * 8 * counts + sum(8 * -(-int(np.prod(t.message[k])) // 2)
+                                   for t in mine for k in t.counts)
 
 
 # -- the executor itself, with a probe strategy ---------------------------------------------

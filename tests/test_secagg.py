@@ -482,3 +482,62 @@ def test_twelve_sites_masking_with_eight_neighbours_give_the_plain_answer():
         np.testing.assert_allclose(a[col], b[col], rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(masked.dispersions["final"], plain.dispersions["final"],
                                rtol=1e-8)
+
+
+# --------------------------------------------------------------------------- packed counts
+
+
+@pytest.mark.parametrize("n_sites", [2, 3, 20])
+def test_packed_counts_sum_exactly_and_take_four_bytes(n_sites):
+    """Counts travel two to a word of Z_{2^64}: the totals are exact up to the largest counts
+    allowed (no field carries into its neighbour), and a count costs 4 bytes, not 24."""
+    rng = np.random.default_rng(40 + n_sites)
+    sessions = _sessions(_names(n_sites))
+    limit = sa.count_limit(n_sites)
+    assert limit * n_sites <= 2**32
+    data = {n: {"c": rng.integers(0, limit, size=(7, 5)).astype(float), "x": _wide(rng, 9)}
+            for n in sessions}
+    for d in data.values():
+        d["c"][0] = limit - 1  # the largest count allowed, at every site
+    masked = [sa.mask(data[n], s, 1, counts={"c"}) for n, s in sessions.items()]
+    assert masked[0]["c"].shape == (1, 18) and masked[0]["x"].shape == (FP.limbs, 9)
+    total = sa.unmask_sum(masked)
+    np.testing.assert_array_equal(total["c"], sum(data[n]["c"] for n in sessions))
+    assert total["c"].shape == (7, 5)
+    np.testing.assert_allclose(total["x"], sum(data[n]["x"] for n in sessions), rtol=1e-15)
+
+
+def test_a_strict_subset_of_packed_counts_looks_uniform():
+    names = _names(3)
+    sessions = _sessions(names)
+    n = 20000
+    data = {s: {"c": np.arange(n, dtype=float) % 7} for s in names}
+    masked = {s: sa.mask(data[s], sessions[s], 1, counts={"c"}) for s in names}
+    for subset in ([names[0]], names[:2]):
+        acc = masked[subset[0]]["c"].copy()
+        for s in subset[1:]:
+            sa._iadd(acc, masked[s]["c"])
+        counts = np.bincount(acc.view(np.uint8).ravel(), minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-4, subset
+    total = sa.unmask_sum(list(masked.values()))
+    np.testing.assert_array_equal(total["c"], 3 * (np.arange(n) % 7))
+
+
+@pytest.mark.parametrize("bad", [0.5, -1.0, "limit", np.nan])
+def test_a_count_that_is_not_a_small_non_negative_integer_is_refused(bad):
+    sessions = _sessions(_names(3))
+    session = next(iter(sessions.values()))
+    value = float(sa.count_limit(3)) if bad == "limit" else bad
+    with pytest.raises(sa.EncodingRangeError, match="'n_zero'"):
+        sa.mask({"n_zero": np.array([1.0, value])}, session, 1, counts={"n_zero"})
+    assert session.last_tag == {}  # nothing was masked: the tag is still free
+    with pytest.raises(sa.SecAggError, match="not keys"):
+        sa.mask({"x": np.zeros(2)}, session, 1, counts={"n_zero"})
+
+
+def test_sites_must_pack_the_same_keys():
+    sessions = list(_sessions(_names(2)).values())
+    a = sa.mask({"c": np.ones(4)}, sessions[0], 1, counts={"c"})
+    b = sa.mask({"c": np.ones(4)}, sessions[1], 1)
+    with pytest.raises(sa.SecAggError, match="counts"):
+        sa.unmask_sum([a, b])

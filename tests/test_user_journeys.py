@@ -1014,8 +1014,10 @@ def test_cli_repeated_and_numeric_contrasts(demo, tmp_path):
 def test_output_files_use_rs_names_and_record_the_filter(fit, tmp_path):
     paths = fit.write(tmp_path)
     disp = pd.read_csv(paths["dispersions"], index_col=0, float_precision="round_trip")
+    # R's columns, then fed_de's own: the genes a disclosure rule withheld
     assert list(disp.columns) == ["baseMean", "dispGeneEst", "dispFit", "dispMAP",
-                                  "dispersion", "dispOutlier", "allZero", "betaConv"]
+                                  "dispersion", "dispOutlier", "allZero", "betaConv",
+                                  "withheld"]
     np.testing.assert_allclose(disp["dispersion"], fit.dispersions["final"], rtol=1e-15)
     coef = pd.read_csv(paths["coefficients"], index_col=0, float_precision="round_trip")
     assert list(coef.columns) == fit.coef_names

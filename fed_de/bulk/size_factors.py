@@ -26,10 +26,10 @@ from fed_de.bulk.state import FitStart, Site, Totals
 from fed_de.core import moments as mom
 from fed_de.core import nb
 from fed_de.core import size_factors as sf_core
-from fed_de.design import check_full_rank, design_cells, design_matrix
+from fed_de.design import check_full_rank, design_cells, design_matrix, n_distinct_rows
 from fed_de.errors import DisclosureError, SiteDataError
 from fed_de.federation.calls import aggregator_step, site_step
-from fed_de.federation.messages import Message, sums
+from fed_de.federation.messages import Message, counts, sums
 from fed_de.federation.strategy import Phase, Round
 from fed_de.validation import validate_site
 
@@ -40,10 +40,10 @@ class LogSums(Message):
     rules, checked before any sum of values over a cell is sent)."""
 
     sum_log: np.ndarray = sums("G")
-    n_zero: np.ndarray = sums("G")
-    n_samples: float = sums()
-    cell_counts: np.ndarray = sums("C")
-    cell_nonzero: np.ndarray = sums("G", "C")
+    n_zero: np.ndarray = counts("G")
+    n_samples: float = counts()
+    cell_counts: np.ndarray = counts("C")
+    cell_nonzero: np.ndarray = counts("G", "C")
 
 
 class MomentSums(Message):
@@ -53,7 +53,7 @@ class MomentSums(Message):
     sum_norm_sq: np.ndarray = sums("G")
     sum_inv_sf: float = sums()
     sum_log_sf: float = sums()
-    n_samples: float = sums()
+    n_samples: float = counts()
     xtx: np.ndarray = sums("T")
     xty: np.ndarray = sums("G", "p")
     cell_norm: np.ndarray = sums("G", "C")
@@ -64,7 +64,7 @@ class NormalisedSums(Message):
 
     sum_norm: np.ndarray = sums("G")
     sum_log_sf: float = sums()
-    n_samples: float = sums()
+    n_samples: float = counts()
 
 
 class Nothing(Message):
@@ -211,8 +211,7 @@ def moments(sums: MomentSums, totals: Totals, study, options) -> dict:
     beta_lin = np.linalg.solve(xtx, (sums.xty * c).T).T
     # DESeq2 uses the linear fit for mu when the design has as many distinct rows as
     # coefficients (a cell-means design); with continuous terms rows are distinct.
-    n_cells = int((totals.cell_counts > 0).sum())
-    linear = (not study.continuous) and n_cells == p
+    linear = (not study.continuous) and n_distinct_rows(study, totals.cell_counts > 0) == p
     totals = replace(totals, n_samples=n, sf_scale=c, xtx=sums.xtx, xim=m["xim"],
                      linear_mu=linear, log_geo_means=None)
     start = FitStart(base_mean=m["base_mean"], skip=(m["base_mean"] == 0) | totals.withheld,

@@ -42,7 +42,7 @@ from fed_de.bulk.state import DESeq2Options, RunState, Site, SiteState
 from fed_de.core import disp_path
 from fed_de.core.fallback import STEPS as FALLBACK_STEPS
 from fed_de.core.irls import N_CANDIDATES
-from fed_de.design import Study, reduced_study
+from fed_de.design import Study, n_distinct_rows, reduced_study
 from fed_de.federation import guard, secure
 from fed_de.federation.calls import invoke
 from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, Round, run_phases
@@ -301,6 +301,10 @@ class DESeq2Strategy(_BulkStrategy):
         return bulk_dp.private_message(fn, state, provided, params, invoke,
                                        self.dp_budget["noise_multiplier"], self.n_sites)
 
+    def exact_counts(self) -> bool:
+        """Under DP count fields are noised: they travel as fixed-point values."""
+        return self.dp_budget is None
+
     def postprocess(self, sums):
         """Under DP, the noisy totals made usable (:func:`fed_de.bulk.dp.postprocess`)."""
         if self.dp_budget is None:
@@ -321,8 +325,7 @@ class DESeq2Strategy(_BulkStrategy):
 
     def saturated_design(self) -> bool:
         """Cell-means design known from the study alone: DESeq2 then uses the linear fit."""
-        dims = self.dims()
-        return not self.study.continuous and dims["C"] == dims["p"]
+        return not self.study.continuous and n_distinct_rows(self.study) == self.study.n_coefs
 
     def phases(self) -> list[Phase]:
         """The plan: every phase, in order."""

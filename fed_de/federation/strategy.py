@@ -106,6 +106,11 @@ class FedStrategy(ComputePlanBuilder):
         release it differently, e.g. with calibrated noise)."""
         return invoke(fn, state, provided, params)
 
+    def exact_counts(self) -> bool:
+        """Whether messages' count fields hold exact counts (then they travel packed under
+        secure aggregation); the base: yes. A subclass that noises them says no."""
+        return True
+
     def postprocess(self, sums: Message) -> Message:
         """The round's summed message as the aggregator steps read it (the base: as summed)."""
         return sums
@@ -164,7 +169,8 @@ class FedStrategy(ComputePlanBuilder):
         relay = getattr(state, "secure", None)
         if relay is None or isinstance(message, secure.KeyOffer):
             return message
-        return secure.mask_message(message, self.keyring, relay, self.n_sites, stream)
+        return secure.mask_message(message, self.keyring, relay, self.n_sites, stream,
+                                   pack_counts=self.exact_counts())
 
     @remote
     def aggregate(self, shared_states: list, steps: str = "") -> Any:
