@@ -6,8 +6,7 @@ declared with :func:`sums` (or :func:`counts`, for sample counts), or nested mes
 is a tuple of dimension symbols: genes ``G``, coefficients ``p``, packed p x p matrices
 ``T``, design cells ``C``, ... and sizes the aggregator announces in its request (points per
 gene ``K``, candidates ``KB``, open search targets ``A``). Never the site's sample count. The
-schema is read from the type, so what is
-declared is what is checked, summed and sent.
+schema is read from the type, so what is declared is what is checked, summed and sent.
 """
 
 from __future__ import annotations
