@@ -151,19 +151,27 @@ def start_final_fit(start: FitStart, irls_mu: IRLSFit) -> dict:
     return out
 
 
-def mu_fit_phase(mu_rounds: int) -> Phase:
-    """Rough dispersions and IRLS starts, then the IRLS of the dispersion-fit means."""
+def mu_fit_phase(mu_rounds: int, from_cells: bool = False) -> Phase:
+    """Rough dispersions and IRLS starts, then the IRLS of the dispersion-fit means;
+    ``from_cells``: the starts from the moments round's cell sums (no rough round)."""
     mu = [Round(call(irls_sums, stage="mu"), [call(irls_step, stage="mu")])] * mu_rounds
+    if from_cells:
+        return Phase("mu_fit", opening=[call(rough.rough_from_cells, mu_rounds=mu_rounds),
+                                        start_mu_fit], rounds=mu)
     return Phase("mu_fit", rounds=[
         Round(rough.rough_sums, [call(rough.rough_start, mu_rounds=mu_rounds), start_mu_fit]),
         *mu])
 
 
-def final_fit_phase(final_rounds: int, fallback_rounds: int) -> Phase:
-    """The final IRLS (from the final dispersions), then the fallback of unconverged genes."""
+def final_fit_phase(final_rounds: int, fallback_rounds: int,
+                    last: Round | None = None) -> Phase:
+    """The final IRLS (from the final dispersions), then the fallback of unconverged genes;
+    ``last`` replaces the last fallback round (the one that also closes the fit)."""
     step = Round(call(irls_sums, stage="final"), [call(irls_step, stage="final")])
     rounds = [Round(step.local, list(step.steps)) for _ in range(final_rounds)]
     rounds[-1].steps.append(fallback.fallback_begin)
     rounds += [Round(fallback.fallback_sums, [fallback.fallback_step])
                for _ in range(fallback_rounds)]
+    if last is not None:
+        rounds[-1] = last
     return Phase("final_fit", opening=[start_final_fit], rounds=rounds)

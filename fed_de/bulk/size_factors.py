@@ -28,8 +28,8 @@ from fed_de.core import nb
 from fed_de.core import size_factors as sf_core
 from fed_de.design import check_full_rank, design_cells, design_matrix, n_distinct_rows
 from fed_de.errors import DisclosureError, SiteDataError
-from fed_de.federation.calls import aggregator_step, site_step
-from fed_de.federation.messages import Message, counts, sums
+from fed_de.federation.calls import aggregator_step, call, site_step
+from fed_de.federation.messages import Message, counts, part, sums
 from fed_de.federation.strategy import Phase, Round
 from fed_de.validation import validate_site
 
@@ -46,8 +46,18 @@ class LogSums(Message):
     cell_nonzero: np.ndarray = counts("G", "C")
 
 
+class CellSums(Message):
+    """Per gene and design cell: sums of squared normalised counts and of log(normalised +
+    0.1). With the cells' sums of normalised counts they give the rough dispersions and the
+    IRLS starts of a factor design at once (its linear fit is one value per cell)."""
+
+    sumsq: np.ndarray = sums("G", "C")
+    logsum: np.ndarray = sums("G", "C")
+
+
 class MomentSums(Message):
-    """Round 2: the sums behind baseMean, the moments dispersion and the linear fit."""
+    """Round 2: the sums behind baseMean, the moments dispersion and the linear fit (and,
+    ``cells``, the rough round's sums per design cell)."""
 
     sum_norm: np.ndarray = sums("G")
     sum_norm_sq: np.ndarray = sums("G")
@@ -57,6 +67,7 @@ class MomentSums(Message):
     xtx: np.ndarray = sums("T")
     xty: np.ndarray = sums("G", "p")
     cell_norm: np.ndarray = sums("G", "C")
+    cells: CellSums | None = part()
 
 
 class NormalisedSums(Message):
@@ -187,17 +198,24 @@ def rescale_size_factors(site: Site, totals: Totals) -> Nothing:
 
 
 @site_step
-def moment_sums(site: Site, totals: Totals) -> MomentSums:
-    """Size factors, then the sums behind baseMean, moments and the linear fit."""
+def moment_sums(site: Site, totals: Totals, cells: bool = False) -> MomentSums:
+    """Size factors, then the sums behind baseMean, moments and the linear fit; with
+    ``cells`` (factor design, ``ratio`` size factors: final already) the rough round's sums
+    per design cell (:class:`CellSums`)."""
     sf = compute_size_factors(site, totals.log_geo_means)
     X = site.kept.design
     # withheld genes (a pooled cell with a single non-zero count) send nothing from here on
     norm = np.where(totals.withheld[None, :], 0.0, site.counts() / sf[:, None])
     n = site.data.n_samples
-    return MomentSums(sum_norm=norm.sum(axis=0), sum_norm_sq=(norm * norm).sum(axis=0),
-                      sum_inv_sf=float((1.0 / sf).sum()), sum_log_sf=float(np.log(sf).sum()),
-                      n_samples=float(n), xtx=nb.gram(X, np.ones(n)), xty=norm.T @ X,
-                      cell_norm=norm.T @ _cell_onehot(site))
+    onehot = _cell_onehot(site)
+    out = MomentSums(sum_norm=norm.sum(axis=0), sum_norm_sq=(norm * norm).sum(axis=0),
+                     sum_inv_sf=float((1.0 / sf).sum()), sum_log_sf=float(np.log(sf).sum()),
+                     n_samples=float(n), xtx=nb.gram(X, np.ones(n)), xty=norm.T @ X,
+                     cell_norm=norm.T @ onehot)
+    if cells:
+        logsum = np.where(totals.withheld[:, None], 0.0, np.log(norm + 0.1).T @ onehot)
+        out.cells = CellSums(sumsq=(norm * norm).T @ onehot, logsum=logsum)
+    return out
 
 
 @aggregator_step(writes=("totals", "start"))
@@ -220,7 +238,9 @@ def moments(sums: MomentSums, totals: Totals, study, options) -> dict:
     return {"totals": totals, "start": start}
 
 
-def phase() -> Phase:
-    """Size factors, baseMean, moments and the linear fit: two rounds."""
+def phase(cells: bool = False) -> Phase:
+    """Size factors, baseMean, moments and the linear fit: two rounds; ``cells``: the
+    second also sends the rough round's sums per design cell."""
+    second = call(moment_sums, cells=True) if cells else moment_sums
     return Phase("size_factors", rounds=[Round(log_sums, [log_means]),
-                                         Round(moment_sums, [moments])])
+                                         Round(second, [moments])])
