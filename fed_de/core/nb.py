@@ -17,6 +17,7 @@ LN2 = float(np.log(2.0))
 RIDGE_LOG2 = 1e-6
 GENE_CHUNK = 2048  # genes per block: bounds the samples x genes x points temporaries
 DISP_BLOCK = 16384  # samples x pairs per dispersion block: its temporaries stay in cache
+DISTINCT_MAX = 0.85  # tabulate special functions when distinct counts are below this share
 
 
 def ridge(p: int) -> np.ndarray:
@@ -215,22 +216,68 @@ def disp_summands_at(y: np.ndarray, mu: np.ndarray, X: np.ndarray, genes: np.nda
     bounds = list(range(0, P, step)) + [P]
     if bounds[-1] - bounds[-2] == 1:  # no one-column block
         del bounds[-2]
+    used, col = np.unique(genes, return_inverse=True)
+    dist = _distinct(np.take(y, used, axis=1))
     for s, e in itertools.pairwise(bounds):
         g = genes[s:e]
         # np.take gives C-ordered samples x pairs blocks: numpy then sums over samples in
         # sample order, column by column (a one-column or F-ordered block is summed pairwise)
         _disp_block(np.take(y, g, axis=1), np.take(mu, g, axis=1), XX, points[s:e],
-                    {k: v[s:e] for k, v in out.items()})
+                    {k: v[s:e] for k, v in out.items()}, _lookup(dist, col[s:e]))
     return out
 
 
-def _disp_block(y, mu, XX, log_alpha, out) -> None:
+def _distinct(y: np.ndarray) -> tuple:
+    """Each gene's distinct counts: ``(values, start, size, rank)`` with ``values`` the
+    genes' ascending distinct values one gene after the other, ``start`` / ``size`` each
+    gene's slice of them, ``rank`` (samples x genes) each sample's index in its gene's."""
+    yt = np.ascontiguousarray(y.T)
+    order = np.argsort(yt, axis=1, kind="stable")
+    ys = np.take_along_axis(yt, order, axis=1)
+    new = np.ones(ys.shape, dtype=bool)
+    new[:, 1:] = ys[:, 1:] != ys[:, :-1]
+    rank_sorted = np.cumsum(new, axis=1) - 1
+    rank = np.empty_like(rank_sorted)
+    np.put_along_axis(rank, order, rank_sorted, axis=1)
+    size = rank_sorted[:, -1] + 1 if yt.shape[1] else np.zeros(yt.shape[0], dtype=int)
+    return ys[new], np.cumsum(size) - size, size, np.ascontiguousarray(rank.T)
+
+
+def _lookup(dist: tuple, cols: np.ndarray) -> tuple | None:
+    """For a block of pairs (``cols``: their genes' columns in ``dist``): the distinct
+    counts of each pair, one pair after the other, ``(values, per_pair, index)`` with
+    ``index`` (samples x pairs) each sample's place in ``values``; None when the counts of
+    the block are mostly distinct (a table would not save work)."""
+    values, start, size, rank = dist
+    sz = size[cols]
+    total = int(sz.sum())
+    if total > DISTINCT_MAX * rank.shape[0] * cols.size:
+        return None
+    off = np.cumsum(sz) - sz
+    idx = np.repeat(start[cols] - off, sz)
+    idx += np.arange(total)
+    index = np.take(rank, cols, axis=1)
+    index += off
+    return values[idx], sz, index
+
+
+def _disp_block(y, mu, XX, log_alpha, out, lookup=None) -> None:
     """The sums of :func:`disp_summands_at` for one block of pairs (samples x pairs), written
     into ``out``. In-place ufuncs in DESeq2's order of operations: every element is the same
-    number as the plain expressions give."""
+    number as the plain expressions give. With a ``lookup`` (:func:`_lookup`), lgamma,
+    digamma and trigamma of ``y + r`` are evaluated once per distinct count of a pair and
+    read back per sample (the same numbers)."""
     alpha = np.exp(log_alpha)
     r = 1.0 / alpha
     t = y + r
+    if lookup is None:
+        def special(f, out=None):
+            return f(t) if out is None else f(t, out=out)
+    else:
+        tv = lookup[0] + np.repeat(r, lookup[1])  # each distinct y + r, as in t
+
+        def special(f, out=None):
+            return np.take(f(tv), lookup[2], out=out)
     l1 = np.divide(mu, r)
     np.log1p(l1, out=l1)  # log(1 + mu/r); log(mu + r) = log(r) + l1
     inv_mr = np.add(mu, r)
@@ -239,7 +286,7 @@ def _disp_block(y, mu, XX, log_alpha, out) -> None:
     # digamma(y+r) - digamma(r) are taken per element, before summing over samples: summing
     # first would cancel large terms and make sums from different sites disagree in the last
     # digits more than the per-element form does.
-    a = gammaln(t)
+    a = special(gammaln)
     a -= gammaln(r)
     b = np.add(np.log(r), l1)
     b *= y
@@ -247,14 +294,14 @@ def _disp_block(y, mu, XX, log_alpha, out) -> None:
     np.multiply(r, l1, out=b)
     a -= b
     ll_sum = a.sum(axis=0)
-    digamma(t, out=a)
+    special(digamma, out=a)
     a -= digamma(r)
     a -= l1
     np.multiply(t, inv_mr, out=b)
     a -= b
     a += 1.0
     dl_sum = a.sum(axis=0)
-    a = trigamma(t)
+    a = special(trigamma)
     a -= trigamma(r)
     a -= inv_mr
     np.subtract(mu, y, out=b)
