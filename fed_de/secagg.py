@@ -57,6 +57,7 @@ _VERSION = b"fed_de/secagg/v1"
 _MAX_TAG = 2**63
 _LO32 = np.uint64(0xFFFFFFFF)
 _CHUNK = 16384  # elements per chunk of the fixed-point encoding (stays in cache)
+_ZEROS = bytes(1 << 20)  # encrypted piece by piece into the mask keystream
 MASK_DEGREE = 8  # peers each site masks with (all of them in studies of up to 9 sites)
 
 
@@ -155,6 +156,12 @@ class FixedPoint:
         v = np.asarray(v, dtype=np.uint64)
         shape = v.shape[1:]
         v = v.reshape(self.limbs, -1)
+        out = np.empty(v.shape[1])
+        for start in range(0, v.shape[1], _CHUNK):  # chunks that stay in cache
+            out[start:start + _CHUNK] = self._decode(v[:, start:start + _CHUNK])
+        return out.reshape(shape)
+
+    def _decode(self, v: np.ndarray) -> np.ndarray:
         neg = (v[-1] >> np.uint64(63)) == 1
         mag = v.copy()
         mag[:, neg] = _negated(v[:, neg])
@@ -167,8 +174,7 @@ class FixedPoint:
             total, err = _two_sum(total, term)
             comp += err
         total += comp
-        return np.where(neg, -total, total).reshape(shape)
-
+        return np.where(neg, -total, total)
 
 def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
     """Integral float64 magnitudes ``a`` with signs ``neg`` as ``(limbs, n)`` uint64 words of
@@ -428,7 +434,12 @@ def _mask_stream(seed: bytes, stream: int, tag: int, key: str, n_words: int) -> 
     sub = hmac.digest(seed, _VERSION + b"/mask" + struct.pack("<QQ", stream, tag)
                       + key.encode(), "sha256")
     enc = Cipher(algorithms.ChaCha20(sub, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(enc.update(bytes(8 * n_words)), dtype="<u8").astype(np.uint64, copy=False)
+    out = np.empty(n_words, dtype="<u8")
+    view, zeros = memoryview(out).cast("B"), memoryview(_ZEROS)
+    for start in range(0, view.nbytes, len(zeros)):  # the keystream runs on across updates
+        size = min(len(zeros), view.nbytes - start)
+        enc.update_into(zeros[:size], view[start:start + size])  # no fresh zeros to encrypt
+    return out.astype(np.uint64, copy=False)
 
 
 def _as_float_array(key: str, value) -> np.ndarray:

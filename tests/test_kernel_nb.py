@@ -260,3 +260,22 @@ def test_disp_summands_at_no_pair_and_one_pair():
     assert none["ll"].shape == (0,) and none["A"].shape == (0, 6)
     one = nb.disp_summands_at(y, mu, X, np.array([2]), np.array([-1.0]))
     np.testing.assert_allclose(one["ll"][0], ll_part(y[:, 2], mu[:, 2], -1.0), rtol=1e-11)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.01])
+def test_tabulated_special_functions_give_the_same_numbers(monkeypatch, share):
+    """lgamma/digamma/trigamma once per distinct count (share 1.01: always; 0: never) are the
+    numbers of the per-sample evaluation, ties and zeros included."""
+    y, X, sf, beta, alpha = simulate(9, n=40, G=7)
+    y[::3, 2] = y[0, 2]  # many ties
+    y[:, 4] = 0.5 * np.round(y[:, 4] / 5.0)  # non-integer values with ties
+    mu = nb.fitted_mu(X, beta, sf, 0.5)
+    genes = np.repeat(np.arange(7), 3)
+    points = np.log(alpha[genes]) + np.tile([-2.0, 0.0, 3.0], 7)
+    monkeypatch.setattr(nb, "DISTINCT_MAX", 0.5)
+    plain = nb.disp_summands_at(y, mu, X, genes, points, block=40 * 4)
+    monkeypatch.setattr(nb, "DISTINCT_MAX", share)
+    got = nb.disp_summands_at(y, mu, X, genes, points, block=40 * 4)
+    for key, value in plain.items():
+        np.testing.assert_array_equal(got[key], value)
+    np.testing.assert_allclose(got["ll"][6], ll_part(y[:, 2], mu[:, 2], points[6]), rtol=1e-11)
