@@ -246,11 +246,20 @@ def test_disp_summands_at_scattered_pairs_match_the_dense_sums():
                                    rtol=1e-12)
         one = nb.disp_summands(y[:, [g]], mu[:, [g]], X, np.array([[theta]]))
         for key, value in one.items():
-            np.testing.assert_array_equal(value[0, 0], got[key][i])
+            _same(key, value[0, 0], got[key][i])
     for block in (2 * 9, 3 * 9, 10**6):  # blocks of 2 and 3 pairs (last one widened), one
         other = nb.disp_summands_at(y, mu, X, genes, points, block=block)
         for key, value in got.items():
-            np.testing.assert_array_equal(other[key], value)
+            _same(key, other[key], value)
+
+
+def _same(key, a, b):
+    """Sums over samples are the same numbers; the Grams come from BLAS, whose kernels may
+    add in another order for another number of rows."""
+    if key in ("ll", "d1", "d2"):
+        np.testing.assert_array_equal(a, b)
+    else:
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=0)
 
 
 def test_disp_summands_at_no_pair_and_one_pair():
@@ -277,5 +286,5 @@ def test_tabulated_special_functions_give_the_same_numbers(monkeypatch, share):
     monkeypatch.setattr(nb, "DISTINCT_MAX", share)
     got = nb.disp_summands_at(y, mu, X, genes, points, block=40 * 4)
     for key, value in plain.items():
-        np.testing.assert_array_equal(got[key], value)
+        np.testing.assert_array_equal(got[key], value)  # same blocks: even the Grams
     np.testing.assert_allclose(got["ll"][6], ll_part(y[:, 2], mu[:, 2], points[6]), rtol=1e-11)
