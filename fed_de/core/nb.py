@@ -218,12 +218,17 @@ def disp_summands_at(y: np.ndarray, mu: np.ndarray, X: np.ndarray, genes: np.nda
         del bounds[-2]
     used, col = np.unique(genes, return_inverse=True)
     dist = _distinct(np.take(y, used, axis=1))
+    alpha = np.exp(points)
+    r = 1.0 / alpha
+    # the terms in r alone, once per pair: (alpha, r, lgamma(r), digamma(r), trigamma(r))
+    per_pair = (alpha, r, gammaln(r), digamma(r), trigamma(r))
     for s, e in itertools.pairwise(bounds):
         g = genes[s:e]
         # np.take gives C-ordered samples x pairs blocks: numpy then sums over samples in
         # sample order, column by column (a one-column or F-ordered block is summed pairwise)
-        _disp_block(np.take(y, g, axis=1), np.take(mu, g, axis=1), XX, points[s:e],
-                    {k: v[s:e] for k, v in out.items()}, _lookup(dist, col[s:e]))
+        _disp_block(np.take(y, g, axis=1), np.take(mu, g, axis=1), XX,
+                    [v[s:e] for v in per_pair], {k: v[s:e] for k, v in out.items()},
+                    _lookup(dist, col[s:e]))
     return out
 
 
@@ -261,14 +266,14 @@ def _lookup(dist: tuple, cols: np.ndarray) -> tuple | None:
     return values[idx], sz, index
 
 
-def _disp_block(y, mu, XX, log_alpha, out, lookup=None) -> None:
+def _disp_block(y, mu, XX, per_pair, out, lookup=None) -> None:
     """The sums of :func:`disp_summands_at` for one block of pairs (samples x pairs), written
-    into ``out``. In-place ufuncs in DESeq2's order of operations: every element is the same
-    number as the plain expressions give. With a ``lookup`` (:func:`_lookup`), lgamma,
+    into ``out``; ``per_pair`` holds the block's ``alpha, r, lgamma(r), digamma(r),
+    trigamma(r)``. In-place ufuncs in DESeq2's order of operations: every element is the
+    same number as the plain expressions give. With a ``lookup`` (:func:`_lookup`), lgamma,
     digamma and trigamma of ``y + r`` are evaluated once per distinct count of a pair and
     read back per sample (the same numbers)."""
-    alpha = np.exp(log_alpha)
-    r = 1.0 / alpha
+    alpha, r, lgamma_r, digamma_r, trigamma_r = per_pair
     t = y + r
     if lookup is None:
         def special(f, out=None):
@@ -287,7 +292,7 @@ def _disp_block(y, mu, XX, log_alpha, out, lookup=None) -> None:
     # first would cancel large terms and make sums from different sites disagree in the last
     # digits more than the per-element form does.
     a = special(gammaln)
-    a -= gammaln(r)
+    a -= lgamma_r
     b = np.add(np.log(r), l1)
     b *= y
     a -= b
@@ -295,14 +300,14 @@ def _disp_block(y, mu, XX, log_alpha, out, lookup=None) -> None:
     a -= b
     ll_sum = a.sum(axis=0)
     special(digamma, out=a)
-    a -= digamma(r)
+    a -= digamma_r
     a -= l1
     np.multiply(t, inv_mr, out=b)
     a -= b
     a += 1.0
     dl_sum = a.sum(axis=0)
     a = special(trigamma)
-    a -= trigamma(r)
+    a -= trigamma_r
     a -= inv_mr
     np.subtract(mu, y, out=b)
     b *= inv_mr
