@@ -62,6 +62,8 @@ HEADER = "_secagg"
 _VERSION = b"fed_de/secagg/v1"
 _MAX_TAG = 2**63
 _LO32 = np.uint64(0xFFFFFFFF)
+_CHUNK = 16384  # elements per chunk of the fixed-point encoding (stays in cache)
+_ZEROS = bytes(1 << 20)  # encrypted piece by piece into the mask keystream
 MASK_DEGREE = 8  # peers each site masks with (all of them in studies of up to 9 sites)
 
 
@@ -152,14 +154,7 @@ class FixedPoint:
             raise EncodingRangeError(
                 f"{name!r}: |value| {np.abs(x).max():.6g} is not below the secure-aggregation "
                 f"bound {self.max_abs(n_parties):.6g} for {n_parties} sites; not sent")
-        out = np.zeros((self.limbs, a.size), dtype=np.uint64)
-        for j in range(2 * self.limbs - 1, -1, -1):
-            # the 32-bit chunk j; the remainder is a subset of the mantissa bits, hence exact
-            chunk = np.floor(np.ldexp(a, -32 * j))
-            a = a - np.ldexp(chunk, 32 * j)
-            out[j // 2] |= chunk.astype(np.uint64) << np.uint64(32 * (j % 2))
-        neg = (x < 0).reshape(-1)
-        out[:, neg] = _negated(out[:, neg])
+        out = _limbs(a, (x < 0).reshape(-1), self.limbs)
         return out.reshape((self.limbs,) + x.shape)
 
     def decode(self, v: np.ndarray) -> np.ndarray:
@@ -167,6 +162,12 @@ class FixedPoint:
         v = np.asarray(v, dtype=np.uint64)
         shape = v.shape[1:]
         v = v.reshape(self.limbs, -1)
+        out = np.empty(v.shape[1])
+        for start in range(0, v.shape[1], _CHUNK):  # chunks that stay in cache
+            out[start:start + _CHUNK] = self._decode(v[:, start:start + _CHUNK])
+        return out.reshape(shape)
+
+    def _decode(self, v: np.ndarray) -> np.ndarray:
         neg = (v[-1] >> np.uint64(63)) == 1
         mag = v.copy()
         mag[:, neg] = _negated(v[:, neg])
@@ -179,8 +180,38 @@ class FixedPoint:
             total, err = _two_sum(total, term)
             comp += err
         total += comp
-        return np.where(neg, -total, total).reshape(shape)
+        return np.where(neg, -total, total)
 
+def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
+    """Integral float64 magnitudes ``a`` with signs ``neg`` as ``(limbs, n)`` uint64 words of
+    the ring (two's complement), limb 0 lowest.
+
+    ``a = M 2^s`` with ``M`` the 53-bit integer mantissa (``frexp``); limb ``k`` is ``M``
+    shifted by ``s - 64 k``: integer shifts, exact. numpy's uint64 shifts by 64 or more give
+    0, so a negative shift read as uint64 drops that direction. Negation is ``~v + 1`` with
+    the carry run through the limbs. Runs in chunks that stay in cache.
+    """
+    out = np.empty((limbs, a.size), dtype=np.uint64)
+    for start in range(0, a.size, _CHUNK):
+        sl = slice(start, start + _CHUNK)
+        frac, exp = np.frexp(a[sl])
+        mant = np.ldexp(frac, 53).astype(np.uint64)
+        shift = exp.astype(np.int64)
+        shift -= 53
+        for k in range(limbs):
+            right = np.negative(shift).view(np.uint64)
+            np.right_shift(mant, right, out=right)
+            np.bitwise_or(np.left_shift(mant, shift.view(np.uint64)), right, out=out[k, sl])
+            shift -= 64
+        n = neg[sl]
+        if n.any():
+            carry = n.astype(np.uint64)  # the + 1, then the carry out of each limb
+            for k in range(limbs):
+                word = out[k, sl]
+                np.invert(word, out=word, where=n)
+                word += carry
+                carry &= word == 0
+    return out
 
 def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Knuth's TwoSum: ``s = fl(a + b)`` and the exact rounding error ``a + b - s``."""
@@ -450,7 +481,12 @@ def _mask_stream(seed: bytes, stream: int, tag: int, key: str, n_words: int) -> 
     sub = hmac.digest(seed, _VERSION + b"/mask" + struct.pack("<QQ", stream, tag)
                       + key.encode(), "sha256")
     enc = Cipher(algorithms.ChaCha20(sub, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(enc.update(bytes(8 * n_words)), dtype="<u8").astype(np.uint64, copy=False)
+    out = np.empty(n_words, dtype="<u8")
+    view, zeros = memoryview(out).cast("B"), memoryview(_ZEROS)
+    for start in range(0, view.nbytes, len(zeros)):  # the keystream runs on across updates
+        size = min(len(zeros), view.nbytes - start)
+        enc.update_into(zeros[:size], view[start:start + size])  # no fresh zeros to encrypt
+    return out.astype(np.uint64, copy=False)
 
 
 def _as_float_array(key: str, value) -> np.ndarray:
