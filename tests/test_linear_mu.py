@@ -49,8 +49,8 @@ def test_an_undeclared_factor_does_not_change_the_fit(demo):
         a, b = getattr(declared, part), getattr(alone, part)
         a, b = (a(), b()) if callable(a) else (a, b)
         # the same fit; the moments round's cell sums are added over finer cells (batch x
-        # condition), so the last bits may differ
-        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-11, atol=1e-13)
+        # condition); the unrolled fits carry that to ~1e-11
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-9, atol=1e-12)
     assert declared.state.totals.linear_mu and alone.state.totals.linear_mu
     # no rounds of IRLS for the dispersion-fit means in either plan
     assert declared.facts["sequential_steps"] == alone.facts["sequential_steps"]
