@@ -41,6 +41,10 @@ Keys named as ``counts`` (sample counts: non-negative integers) travel packed in
 ``8 * limbs``. Each site's count must be below ``2**(32 - ceil(log2 S))``, so no field's total
 over ``S`` sites reaches ``2**32`` and carries into its neighbour: the sum of the packed words
 is the packed totals, exactly, and the aggregator learns those totals and nothing more.
+
+Keys named as ``narrow`` (sums whose magnitude is bounded well below ``2**53``: fit sums, not
+sums of squared counts) travel in two words (:data:`NARROW`: ``Z_{2^128}``, resolution
+``2**-64``), 16 bytes a value; the same range rule and error bound apply with those limbs.
 """
 
 from __future__ import annotations
@@ -256,6 +260,11 @@ def _negated(a: np.ndarray) -> np.ndarray:
     out = np.zeros_like(a)
     _isub(out, a)
     return out
+
+
+#: the two-word encoding of ``narrow`` keys: a site value below ``2**(63 - ceil(log2 S))``
+#: (9.2e18 / S rounded up to a power of two: 9e15 for 1,024 sites), resolution 5.4e-20
+NARROW = FixedPoint(limbs=2, frac_bits=64)
 
 
 # --------------------------------------------------------------------------- packed counts
@@ -503,7 +512,8 @@ def _as_float_array(key: str, value) -> np.ndarray:
 
 
 def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int | None = None,
-         *, stream: int = 0, counts: Collection[str] = ()) -> dict:
+         *, stream: int = 0, counts: Collection[str] = (),
+         narrow: Collection[str] = ()) -> dict:
     """Encode and mask a site's message for one round.
 
     Parameters
@@ -523,6 +533,8 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
     counts
         Keys whose values are sample counts, sent packed (:func:`pack_counts`). Every site
         must name the same keys (they are declared by the message type, not by the data).
+    narrow
+        Keys sent in the two-word encoding :data:`NARROW` (likewise declared by the type).
 
     Returns
     -------
@@ -553,9 +565,13 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
         raise SecAggError("message keys must be strings")
     fmt = session.encoding
     n_parties = len(session.parties)
-    unknown = set(counts) - set(message)
+    unknown = (set(counts) | set(narrow)) - set(message)
     if unknown:
-        raise SecAggError(f"counts {sorted(unknown)} are not keys of the message")
+        raise SecAggError(f"counts or narrow keys {sorted(unknown)} are not keys of the "
+                          "message")
+    if set(counts) & set(narrow):
+        raise SecAggError(f"keys {sorted(set(counts) & set(narrow))} are both counts and "
+                          "narrow")
     out: dict = {}
     shapes: dict[str, tuple] = {}
     for key, value in message.items():
@@ -564,7 +580,7 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
             v = pack_counts(arr, n_parties, name=key)
             shapes[key] = arr.shape
         else:
-            v = fmt.encode(arr, n_parties, name=key)
+            v = (NARROW if key in narrow else fmt).encode(arr, n_parties, name=key)
         acc = v.reshape(v.shape[0], -1)  # a fresh array: updated in place
         for peer, seed in session.seeds.items():
             m = _mask_stream(seed, stream, round_tag, key, v.size).reshape(acc.shape)
@@ -574,7 +590,9 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
     out[HEADER] = {"site": session.me, "parties": session.parties,
                    "run": session.run_digest, "stream": stream, "tag": round_tag,
                    "limbs": fmt.limbs, "frac_bits": fmt.frac_bits,
-                   "counts": {k: shapes[k] for k in sorted(shapes)}}
+                   "counts": {k: shapes[k] for k in sorted(shapes)},
+                   "narrow": {"keys": sorted(narrow), "limbs": NARROW.limbs,
+                              "frac_bits": NARROW.frac_bits}}
     return out
 
 
@@ -591,7 +609,7 @@ class MaskedSum:
     exact, so the totals do not depend on the order of the sites.
     """
 
-    _COMMON = ("parties", "run", "stream", "tag", "limbs", "frac_bits", "counts")
+    _COMMON = ("parties", "run", "stream", "tag", "limbs", "frac_bits", "counts", "narrow")
 
     def __init__(self) -> None:
         self.head: dict | None = None
@@ -622,9 +640,8 @@ class MaskedSum:
         keys = set(masked) - {HEADER}
         if self.sites and keys != set(self.acc):
             raise SecAggError("messages carry different keys")
-        packed = self.head.get("counts") or {}
         for key in keys:
-            limbs = 1 if key in packed else self.head["limbs"]
+            limbs = self._format(key)[0]
             a = np.asarray(masked[key])
             if a.dtype != np.uint64 or a.shape[:1] != (limbs,) or (
                     self.sites and a.shape != self.shapes[key]):
@@ -636,6 +653,16 @@ class MaskedSum:
             else:
                 _iadd(self.acc[key], a.reshape(limbs, -1))
         self.sites.append(head["site"])
+
+    def _format(self, key: str) -> tuple[int, int]:
+        """``(limbs, frac_bits)`` of ``key`` in this round (counts: one packed word)."""
+        head = self.head
+        if key in (head.get("counts") or {}):
+            return 1, 0
+        narrow = head.get("narrow") or {}
+        if key in narrow.get("keys", ()):
+            return narrow["limbs"], narrow["frac_bits"]
+        return head["limbs"], head["frac_bits"]
 
     def total(self) -> dict:
         """The decoded totals ``{key: float64 array}`` (``np.float64`` for scalars).
@@ -652,12 +679,11 @@ class MaskedSum:
             raise SecAggError(
                 f"masks cancel only over every site: got {sorted(self.sites)}, need "
                 f"{sorted(self.head['parties'])}")
-        fmt = FixedPoint(self.head["limbs"], self.head["frac_bits"])
         packed = self.head.get("counts") or {}
         totals: dict = {}
         for key, acc in self.acc.items():
             value = (unpack_counts(acc, tuple(packed[key])) if key in packed
-                     else fmt.decode(acc.reshape(self.shapes[key])))
+                     else FixedPoint(*self._format(key)).decode(acc.reshape(self.shapes[key])))
             totals[key] = np.float64(value) if value.ndim == 0 else value
         return totals
 

@@ -556,3 +556,62 @@ def test_sites_must_pack_the_same_keys():
     b = sa.mask({"c": np.ones(4)}, sessions[1], 1)
     with pytest.raises(sa.SecAggError, match="counts"):
         sa.unmask_sum([a, b])
+
+
+# --------------------------------------------------------------------------- narrow sums
+
+
+@pytest.mark.parametrize("n_sites", [2, 3, 20])
+def test_narrow_sums_take_two_words_within_their_bound(n_sites):
+    """Keys declared narrow travel in Z_{2^128} with 64 fractional bits: the totals are within
+    the FixedPoint bound of those limbs, every value up to the range is accepted, a larger one
+    is refused naming the key."""
+    rng = np.random.default_rng(70 + n_sites)
+    sessions = _sessions(_names(n_sites))
+    nf = sa.NARROW
+    top = nf.max_abs(n_sites)
+    assert top >= 2.0**53 / 1024  # 9e15 for 1,024 sites
+    data = {n: {"fit": _wide(rng, (40, 3)), "wide": _wide(rng, 7) * 1e8} for n in sessions}
+    for d in data.values():
+        d["fit"] = np.clip(d["fit"], -top / 2, top / 2)
+        d["fit"][0, 0] = np.nextafter(top, 0)  # the largest value accepted, at every site
+    masked = [sa.mask(data[n], s, 1, narrow={"fit"}) for n, s in sessions.items()]
+    assert masked[0]["fit"].shape == (2, 40, 3) and masked[0]["wide"].shape == (3, 7)
+    total = sa.unmask_sum(masked)
+    xs = np.stack([data[n]["fit"] for n in sessions])
+    exact = np.array([float(sum(map(Fraction, col)))
+                      for col in xs.reshape(n_sites, -1).T.tolist()]).reshape(40, 3)
+    bound = n_sites * 2.0 ** -(nf.frac_bits + 1) * (1 + 2**-52) + 2.0**-51 * np.abs(exact)
+    assert np.all(np.abs(total["fit"] - exact) <= bound)
+    np.testing.assert_allclose(total["wide"], sum(data[n]["wide"] for n in sessions),
+                               rtol=1e-15)
+    session = sessions[_names(n_sites)[0]]
+    with pytest.raises(sa.EncodingRangeError, match="'fit'"):
+        sa.mask({"fit": np.array([top])}, session, 2, narrow={"fit"})
+    with pytest.raises(sa.SecAggError, match="both"):
+        sa.mask({"fit": np.zeros(2)}, session, 2, narrow={"fit"}, counts={"fit"})
+
+
+def test_a_real_runs_narrow_sums_stay_far_inside_their_range():
+    """Every narrow field of a run with large counts (one gene at ~1e6 per sample) and LRT
+    stays below 1e-3 of the two-word range for 1,024 sites."""
+    import fed_de
+    from fed_de.demo_data import make_demo_study
+    study = make_demo_study(n_samples=60, n_genes=150, seed=5)
+    sites = {k: v.copy() for k, v in study.sites.items()}
+    for a in sites.values():
+        a.X = np.asarray(a.X, dtype=float)
+        a.X[:, 0] = a.X[:, 0] * 1000 + 1e6
+    res = fed_de.deseq2(sites, study.design, levels=study.levels, min_cell_size=0,
+                        test="LRT", reduced="~ batch", record_messages=True,
+                        secure_aggregation=False)
+    seen, top = set(), sa.NARROW.max_abs(1024)
+    for m in res.facts["messages"]:  # the fields declared narrow, by name
+        for key, v in m["message"].items():
+            v = np.asarray(v)
+            if v.size and key.split(".")[-1] in {"xtwx", "xtwz", "deviance", "xtwx_obs", "ll",
+                                                 "d1", "d2", "A", "A1", "A2", "loglik",
+                                                 "grad", "info", "full", "reduced"}:
+                seen.add(key)
+                assert np.abs(v).max() < 1e-3 * top, (m["step"], key, np.abs(v).max())
+    assert {"full.xtwx", "d2", "A2"} <= seen

@@ -38,14 +38,14 @@ from fed_de.federation.strategy import Phase, Round
 class ReducedDeviance(Message):
     """The LRT reduced model's deviance (-2 log likelihood) at its final coefficients."""
 
-    deviance: np.ndarray = sums("G")
+    deviance: np.ndarray = sums("G", narrow=True)
 
 
 class ClosingSums(Message):
     """X'WX and deviance at the final fit (+ LRT deviance, + Cook's counts)."""
 
-    xtwx: np.ndarray = sums("G", "T")
-    deviance: np.ndarray = sums("G")
+    xtwx: np.ndarray = sums("G", "T", narrow=True)
+    deviance: np.ndarray = sums("G", narrow=True)
     reduced: ReducedDeviance | None = part()
     cooks: CooksCounts | None = part()
 

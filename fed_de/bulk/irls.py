@@ -26,27 +26,27 @@ from fed_de.federation.strategy import Phase, Round
 class FitSums(Message):
     """``fitBeta`` sums at each candidate of each gene, and the observed information."""
 
-    xtwx: np.ndarray = sums("G", "KB", "T")
-    xtwz: np.ndarray = sums("G", "KB", "p")
-    deviance: np.ndarray = sums("G", "KB")
-    xtwx_obs: np.ndarray = sums("G", "KB", "T")
+    xtwx: np.ndarray = sums("G", "KB", "T", narrow=True)
+    xtwz: np.ndarray = sums("G", "KB", "p", narrow=True)
+    deviance: np.ndarray = sums("G", "KB", narrow=True)
+    xtwx_obs: np.ndarray = sums("G", "KB", "T", narrow=True)
 
 
 class ReducedFitSums(Message):
     """The same for the LRT's reduced model."""
 
-    xtwx: np.ndarray = sums("G", "KB", "Tr")
-    xtwz: np.ndarray = sums("G", "KB", "pr")
-    deviance: np.ndarray = sums("G", "KB")
-    xtwx_obs: np.ndarray = sums("G", "KB", "Tr")
+    xtwx: np.ndarray = sums("G", "KB", "Tr", narrow=True)
+    xtwz: np.ndarray = sums("G", "KB", "pr", narrow=True)
+    deviance: np.ndarray = sums("G", "KB", narrow=True)
+    xtwx_obs: np.ndarray = sums("G", "KB", "Tr", narrow=True)
 
 
 class RawDeviances(Message):
     """-2 log likelihood with unfloored means (R's ``logLike``) at each candidate of the full
     and the reduced model: the LRT of a fit that ends without a closing round (the refit)."""
 
-    full: np.ndarray = sums("G", "KB")
-    reduced: np.ndarray = sums("G", "KB")
+    full: np.ndarray = sums("G", "KB", narrow=True)
+    reduced: np.ndarray = sums("G", "KB", narrow=True)
 
 
 class IRLSSums(Message):

@@ -301,8 +301,8 @@ class DESeq2Strategy(_BulkStrategy):
         return bulk_dp.private_message(fn, state, provided, params, invoke,
                                        self.dp_budget["noise_multiplier"], self.n_sites)
 
-    def exact_counts(self) -> bool:
-        """Under DP count fields are noised: they travel as fixed-point values."""
+    def compact_fields(self) -> bool:
+        """Under DP every field is noised: all travel in the default fixed point."""
         return self.dp_budget is None
 
     def postprocess(self, sums):

@@ -19,16 +19,22 @@ import numpy as np
 from fed_de.errors import MessageSchemaError
 
 
-def sums(*shape: str | int) -> Any:
-    """Declare a message field: a float64 array of the given symbolic shape (``()``: scalar)."""
-    return field(metadata={"shape": tuple(shape)})
+def sums(*shape: str | int, narrow: bool = False) -> Any:
+    """Declare a message field: a float64 array of the given symbolic shape (``()``: scalar).
+
+    ``narrow``: its values stay well below ``2**53`` in magnitude (fit sums; not sums of
+    squared counts), so under secure aggregation they travel in two words, not three
+    (:data:`fed_de.secagg.NARROW`; a larger value is refused, naming the field).
+    """
+    return field(metadata={"shape": tuple(shape), **({"narrow": True} if narrow else {})})
 
 
 def counts(*shape: str | int) -> Any:
     """Declare a field of sample counts: non-negative integers held in a float64 array.
 
     Summed like :func:`sums`; under secure aggregation they travel packed, 4 bytes a count
-    instead of a fixed-point value's 24 (:func:`fed_de.secagg.pack_counts`).
+    instead of a fixed-point value's 24 (:func:`fed_de.secagg.pack_counts`). A count is a
+    number of the site's samples: its total over sites is at most the study's.
     """
     return field(metadata={"shape": tuple(shape), "counts": True})
 
@@ -93,16 +99,17 @@ def arrays(message: Message, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def count_keys(message: Message, prefix: str = "") -> set[str]:
-    """Dotted names of the message's :func:`counts` fields (nested parts included)."""
+def flagged_keys(message: Message, flag: str, prefix: str = "") -> set[str]:
+    """Dotted names of the message's fields declared with ``flag`` (``"counts"``: by
+    :func:`counts`; ``"narrow"``: by ``sums(..., narrow=True)``), nested parts included."""
     out = set()
     for f in fields(message):
         value = getattr(message, f.name)
         if _is_array(f):
-            if f.metadata.get("counts"):
+            if f.metadata.get(flag):
                 out.add(prefix + f.name)
         elif value is not None:
-            out |= count_keys(value, f"{prefix}{f.name}.")
+            out |= flagged_keys(value, flag, f"{prefix}{f.name}.")
     return out
 
 
@@ -159,20 +166,20 @@ def total(messages: list[Message], rows: np.ndarray | None = None,
 
 
 def declared_shapes(cls: type, dims: dict[str, int], prefix: str = "",
-                    counts_only: bool = False) -> dict[str, tuple]:
+                    only: str | None = None) -> dict[str, tuple]:
     """Every array a message of type ``cls`` may carry, by dotted name, with its shape (every
     optional part included: an upper bound for variants that leave a part out);
-    ``counts_only``: its :func:`counts` fields only."""
+    ``only``: the fields declared with that flag (see :func:`flagged_keys`)."""
     import typing
 
     hints = typing.get_type_hints(cls)
     out = {}
     for f in fields(cls):
         if _is_array(f):
-            if f.metadata.get("counts") or not counts_only:
+            if only is None or f.metadata.get(only):
                 out[prefix + f.name] = resolve(f.metadata["shape"], dims)
             continue
         for kind in typing.get_args(hints[f.name]) or (hints[f.name],):
             if isinstance(kind, type) and issubclass(kind, Message):
-                out.update(declared_shapes(kind, dims, f"{prefix}{f.name}.", counts_only))
+                out.update(declared_shapes(kind, dims, f"{prefix}{f.name}.", only))
     return out

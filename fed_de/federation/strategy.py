@@ -106,9 +106,10 @@ class FedStrategy(ComputePlanBuilder):
         release it differently, e.g. with calibrated noise)."""
         return invoke(fn, state, provided, params)
 
-    def exact_counts(self) -> bool:
-        """Whether messages' count fields hold exact counts (then they travel packed under
-        secure aggregation); the base: yes. A subclass that noises them says no."""
+    def compact_fields(self) -> bool:
+        """Whether messages' count fields hold exact counts and their ``narrow`` sums stay in
+        range (then they travel in compact encodings under secure aggregation); the base:
+        yes. A subclass that noises messages says no."""
         return True
 
     def postprocess(self, sums: Message) -> Message:
@@ -170,7 +171,7 @@ class FedStrategy(ComputePlanBuilder):
         if relay is None or isinstance(message, secure.KeyOffer):
             return message
         return secure.mask_message(message, self.keyring, relay, self.n_sites, stream,
-                                   pack_counts=self.exact_counts())
+                                   compact=self.compact_fields())
 
     @remote
     def aggregate(self, shared_states: list, steps: str = "") -> Any:
