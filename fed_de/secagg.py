@@ -96,8 +96,9 @@ class FixedPoint:
     Default ``limbs=3, frac_bits=96`` (``K = 192``): resolution ``2**-96`` (1.3e-29), and with
     ``S <= 1024`` sites every site value up to ``2**85`` (3.9e25) in magnitude is accepted.
     Every float64 ``|x| >= 2**-44`` (5.7e-14) is encoded exactly. Two limbs are not enough
-    for fed_de's messages: a 150-sample demo run already sends sums of squared normalised
-    counts of 8.4e19 (above ``2**63``) beside Cox-Reid derivative sums of 1e-9.
+    for every field of fed_de's messages: a 150-sample demo run already sends sums of squared
+    normalised counts of 8.4e19 (above ``2**63``) beside Cox-Reid derivative sums of 1e-9; the
+    fields whose range is bounded far below ``2**53`` are declared narrow (:data:`NARROW`).
 
     Range (no overflow). Let ``c = ceil(log2 S)``. A site refuses a value unless
     ``|v| < 2**(K-1-c)`` (:meth:`max_abs`). Then ``|sum_i v_i| <= sum_i |v_i| < S * 2**(K-1-c)
