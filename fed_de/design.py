@@ -262,6 +262,16 @@ def cell_design_rows(study: Study, model: Study | None = None) -> np.ndarray:
     return design_matrix(model or study, obs, "cells")
 
 
+def n_distinct_rows(study: Study, present: np.ndarray | None = None) -> int:
+    """Distinct rows of the design matrix over the declared cells (``present``: those with
+    samples). DESeq2 takes mu from the linear fit when this equals the number of
+    coefficients; a declared factor the formula leaves out splits cells, not rows."""
+    rows = cell_design_rows(study)
+    if present is not None:
+        rows = rows[np.asarray(present, dtype=bool)]
+    return len(np.unique(np.asarray(rows, dtype=float), axis=0))
+
+
 def check_full_rank(xtx: np.ndarray, names: list[str]) -> None:
     """Refuse a design that is rank deficient over all sites together.
 

@@ -35,6 +35,16 @@ sites is sent as a float 0/1 array explicitly. NaN and infinities are refused. T
 message holds, under each key, a uint64 array of shape ``(limbs,) + value.shape`` (limb 0 the
 least significant word), and a header under the reserved key ``"_secagg"``. :func:`unmask_sum`
 returns float64 arrays of the original shapes (``np.float64`` for scalars).
+
+Keys named as ``counts`` (sample counts: non-negative integers) travel packed instead, two
+32-bit fields to a word of ``Z_{2^64}`` (:func:`pack_counts`): a count takes 4 bytes, not
+``8 * limbs``. Each site's count must be below ``2**(32 - ceil(log2 S))``, so no field's total
+over ``S`` sites reaches ``2**32`` and carries into its neighbour: the sum of the packed words
+is the packed totals, exactly, and the aggregator learns those totals and nothing more.
+
+Keys named as ``narrow`` (sums whose magnitude is bounded well below ``2**53``: fit sums, not
+sums of squared counts) travel in two words (:data:`NARROW`: ``Z_{2^128}``, resolution
+``2**-64``), 16 bytes a value; the same range rule and error bound apply with those limbs.
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ HEADER = "_secagg"
 _VERSION = b"fed_de/secagg/v1"
 _MAX_TAG = 2**63
 _LO32 = np.uint64(0xFFFFFFFF)
+_CHUNK = 16384  # elements per chunk of the fixed-point encoding (stays in cache)
+_ZEROS = bytes(1 << 20)  # encrypted piece by piece into the mask keystream
 MASK_DEGREE = 8  # peers each site masks with (all of them in studies of up to 9 sites)
 
 
@@ -84,8 +96,9 @@ class FixedPoint:
     Default ``limbs=3, frac_bits=96`` (``K = 192``): resolution ``2**-96`` (1.3e-29), and with
     ``S <= 1024`` sites every site value up to ``2**85`` (3.9e25) in magnitude is accepted.
     Every float64 ``|x| >= 2**-44`` (5.7e-14) is encoded exactly. Two limbs are not enough
-    for fed_de's messages: a 150-sample demo run already sends sums of squared normalised
-    counts of 8.4e19 (above ``2**63``) beside Cox-Reid derivative sums of 1e-9.
+    for every field of fed_de's messages: a 150-sample demo run already sends sums of squared
+    normalised counts of 8.4e19 (above ``2**63``) beside Cox-Reid derivative sums of 1e-9; the
+    fields whose range is bounded far below ``2**53`` are declared narrow (:data:`NARROW`).
 
     Range (no overflow). Let ``c = ceil(log2 S)``. A site refuses a value unless
     ``|v| < 2**(K-1-c)`` (:meth:`max_abs`). Then ``|sum_i v_i| <= sum_i |v_i| < S * 2**(K-1-c)
@@ -146,14 +159,7 @@ class FixedPoint:
             raise EncodingRangeError(
                 f"{name!r}: |value| {np.abs(x).max():.6g} is not below the secure-aggregation "
                 f"bound {self.max_abs(n_parties):.6g} for {n_parties} sites; not sent")
-        out = np.zeros((self.limbs, a.size), dtype=np.uint64)
-        for j in range(2 * self.limbs - 1, -1, -1):
-            # the 32-bit chunk j; the remainder is a subset of the mantissa bits, hence exact
-            chunk = np.floor(np.ldexp(a, -32 * j))
-            a = a - np.ldexp(chunk, 32 * j)
-            out[j // 2] |= chunk.astype(np.uint64) << np.uint64(32 * (j % 2))
-        neg = (x < 0).reshape(-1)
-        out[:, neg] = _negated(out[:, neg])
+        out = _limbs(a, (x < 0).reshape(-1), self.limbs)
         return out.reshape((self.limbs,) + x.shape)
 
     def decode(self, v: np.ndarray) -> np.ndarray:
@@ -161,6 +167,12 @@ class FixedPoint:
         v = np.asarray(v, dtype=np.uint64)
         shape = v.shape[1:]
         v = v.reshape(self.limbs, -1)
+        out = np.empty(v.shape[1])
+        for start in range(0, v.shape[1], _CHUNK):  # chunks that stay in cache
+            out[start:start + _CHUNK] = self._decode(v[:, start:start + _CHUNK])
+        return out.reshape(shape)
+
+    def _decode(self, v: np.ndarray) -> np.ndarray:
         neg = (v[-1] >> np.uint64(63)) == 1
         mag = v.copy()
         mag[:, neg] = _negated(v[:, neg])
@@ -173,8 +185,38 @@ class FixedPoint:
             total, err = _two_sum(total, term)
             comp += err
         total += comp
-        return np.where(neg, -total, total).reshape(shape)
+        return np.where(neg, -total, total)
 
+def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
+    """Integral float64 magnitudes ``a`` with signs ``neg`` as ``(limbs, n)`` uint64 words of
+    the ring (two's complement), limb 0 lowest.
+
+    ``a = M 2^s`` with ``M`` the 53-bit integer mantissa (``frexp``); limb ``k`` is ``M``
+    shifted by ``s - 64 k``: integer shifts, exact. numpy's uint64 shifts by 64 or more give
+    0, so a negative shift read as uint64 drops that direction. Negation is ``~v + 1`` with
+    the carry run through the limbs. Runs in chunks that stay in cache.
+    """
+    out = np.empty((limbs, a.size), dtype=np.uint64)
+    for start in range(0, a.size, _CHUNK):
+        sl = slice(start, start + _CHUNK)
+        frac, exp = np.frexp(a[sl])
+        mant = np.ldexp(frac, 53).astype(np.uint64)
+        shift = exp.astype(np.int64)
+        shift -= 53
+        for k in range(limbs):
+            right = np.negative(shift).view(np.uint64)
+            np.right_shift(mant, right, out=right)
+            np.bitwise_or(np.left_shift(mant, shift.view(np.uint64)), right, out=out[k, sl])
+            shift -= 64
+        n = neg[sl]
+        if n.any():
+            carry = n.astype(np.uint64)  # the + 1, then the carry out of each limb
+            for k in range(limbs):
+                word = out[k, sl]
+                np.invert(word, out=word, where=n)
+                word += carry
+                carry &= word == 0
+    return out
 
 def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Knuth's TwoSum: ``s = fl(a + b)`` and the exact rounding error ``a + b - s``."""
@@ -219,6 +261,52 @@ def _negated(a: np.ndarray) -> np.ndarray:
     out = np.zeros_like(a)
     _isub(out, a)
     return out
+
+
+#: the two-word encoding of ``narrow`` keys: a site value below ``2**(63 - ceil(log2 S))``
+#: (9.2e18 / S rounded up to a power of two: 9e15 for 1,024 sites), resolution 5.4e-20
+NARROW = FixedPoint(limbs=2, frac_bits=64)
+
+
+# --------------------------------------------------------------------------- packed counts
+
+COUNT_BITS = 32  # width of one count field; two fields to a uint64 word
+
+
+def count_limit(n_parties: int) -> int:
+    """A site's counts must be below this, so that ``S`` of them sum below ``2**32``."""
+    return 2 ** (COUNT_BITS - math.ceil(math.log2(max(1, n_parties))))
+
+
+def pack_counts(x: np.ndarray, n_parties: int, name: str = "value") -> np.ndarray:
+    """Non-negative integer counts packed two to a uint64 word: shape ``(1, ceil(size / 2))``.
+
+    Raises
+    ------
+    EncodingRangeError
+        A value is not an integer, is negative, or is not below :func:`count_limit` (names
+        ``name``); nothing is returned.
+    """
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    limit = count_limit(n_parties)
+    if flat.size and not (np.all(flat == np.floor(flat)) and flat.min() >= 0
+                          and flat.max() < limit):
+        raise EncodingRangeError(
+            f"{name!r}: a count must be an integer in [0, {limit}) for {n_parties} sites; "
+            "not sent")
+    v = flat.astype(np.uint64)
+    if v.size % 2:
+        v = np.append(v, np.uint64(0))
+    return (v[0::2] | (v[1::2] << np.uint64(COUNT_BITS)))[None, :]
+
+
+def unpack_counts(words: np.ndarray, shape: tuple) -> np.ndarray:
+    """Inverse of :func:`pack_counts` on (summed) words: float64 counts of ``shape``."""
+    w = np.asarray(words, dtype=np.uint64).reshape(-1)
+    out = np.empty(2 * w.size, dtype=np.float64)
+    out[0::2] = w & _LO32
+    out[1::2] = w >> np.uint64(COUNT_BITS)
+    return out[:math.prod(shape)].reshape(shape)
 
 
 # --------------------------------------------------------------------------- keys and seeds
@@ -403,7 +491,12 @@ def _mask_stream(seed: bytes, stream: int, tag: int, key: str, n_words: int) -> 
     sub = hmac.digest(seed, _VERSION + b"/mask" + struct.pack("<QQ", stream, tag)
                       + key.encode(), "sha256")
     enc = Cipher(algorithms.ChaCha20(sub, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(enc.update(bytes(8 * n_words)), dtype="<u8").astype(np.uint64, copy=False)
+    out = np.empty(n_words, dtype="<u8")
+    view, zeros = memoryview(out).cast("B"), memoryview(_ZEROS)
+    for start in range(0, view.nbytes, len(zeros)):  # the keystream runs on across updates
+        size = min(len(zeros), view.nbytes - start)
+        enc.update_into(zeros[:size], view[start:start + size])  # no fresh zeros to encrypt
+    return out.astype(np.uint64, copy=False)
 
 
 def _as_float_array(key: str, value) -> np.ndarray:
@@ -420,7 +513,8 @@ def _as_float_array(key: str, value) -> np.ndarray:
 
 
 def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int | None = None,
-         *, stream: int = 0) -> dict:
+         *, stream: int = 0, counts: Collection[str] = (),
+         narrow: Collection[str] = ()) -> dict:
     """Encode and mask a site's message for one round.
 
     Parameters
@@ -437,12 +531,18 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
     stream
         An independent tag sequence, e.g. one per chain of local tasks whose local states are
         forked (each fork can only check its own tags; give each a fixed stream id in code).
+    counts
+        Keys whose values are sample counts, sent packed (:func:`pack_counts`). Every site
+        must name the same keys (they are declared by the message type, not by the data).
+    narrow
+        Keys sent in the two-word encoding :data:`NARROW` (likewise declared by the type).
 
     Returns
     -------
     dict
-        ``{key: uint64 array of shape (limbs,) + value.shape}`` plus the header under
-        ``"_secagg"`` (site, parties, run digest, stream, tag, encoding).
+        ``{key: uint64 array of shape (limbs,) + value.shape}`` (counts: ``(1, words)``)
+        plus the header under ``"_secagg"`` (site, parties, run digest, stream, tag,
+        encoding, the counts' shapes).
 
     Raises
     ------
@@ -466,11 +566,23 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
         raise SecAggError("message keys must be strings")
     fmt = session.encoding
     n_parties = len(session.parties)
+    unknown = (set(counts) | set(narrow)) - set(message)
+    if unknown:
+        raise SecAggError(f"counts or narrow keys {sorted(unknown)} are not keys of the "
+                          "message")
+    if set(counts) & set(narrow):
+        raise SecAggError(f"keys {sorted(set(counts) & set(narrow))} are both counts and "
+                          "narrow")
     out: dict = {}
+    shapes: dict[str, tuple] = {}
     for key, value in message.items():
         arr = _as_float_array(key, value)
-        v = fmt.encode(arr, n_parties, name=key)
-        acc = v.reshape(fmt.limbs, -1)  # a fresh array: updated in place
+        if key in counts:
+            v = pack_counts(arr, n_parties, name=key)
+            shapes[key] = arr.shape
+        else:
+            v = (NARROW if key in narrow else fmt).encode(arr, n_parties, name=key)
+        acc = v.reshape(v.shape[0], -1)  # a fresh array: updated in place
         for peer, seed in session.seeds.items():
             m = _mask_stream(seed, stream, round_tag, key, v.size).reshape(acc.shape)
             (_iadd if session.me < peer else _isub)(acc, m)
@@ -478,7 +590,10 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
     session.last_tag[stream] = round_tag
     out[HEADER] = {"site": session.me, "parties": session.parties,
                    "run": session.run_digest, "stream": stream, "tag": round_tag,
-                   "limbs": fmt.limbs, "frac_bits": fmt.frac_bits}
+                   "limbs": fmt.limbs, "frac_bits": fmt.frac_bits,
+                   "counts": {k: shapes[k] for k in sorted(shapes)},
+                   "narrow": {"keys": sorted(narrow), "limbs": NARROW.limbs,
+                              "frac_bits": NARROW.frac_bits}}
     return out
 
 
@@ -495,7 +610,7 @@ class MaskedSum:
     exact, so the totals do not depend on the order of the sites.
     """
 
-    _COMMON = ("parties", "run", "stream", "tag", "limbs", "frac_bits")
+    _COMMON = ("parties", "run", "stream", "tag", "limbs", "frac_bits", "counts", "narrow")
 
     def __init__(self) -> None:
         self.head: dict | None = None
@@ -520,14 +635,14 @@ class MaskedSum:
         head = masked[HEADER]
         if self.head is None:
             self.head = head
-        diff = [k for k in self._COMMON if head[k] != self.head[k]]
+        diff = [k for k in self._COMMON if head.get(k) != self.head.get(k)]
         if diff:
             raise SecAggError(f"messages differ in {diff}: not from the same masked round")
         keys = set(masked) - {HEADER}
         if self.sites and keys != set(self.acc):
             raise SecAggError("messages carry different keys")
-        limbs = self.head["limbs"]
         for key in keys:
+            limbs = self._format(key)[0]
             a = np.asarray(masked[key])
             if a.dtype != np.uint64 or a.shape[:1] != (limbs,) or (
                     self.sites and a.shape != self.shapes[key]):
@@ -539,6 +654,16 @@ class MaskedSum:
             else:
                 _iadd(self.acc[key], a.reshape(limbs, -1))
         self.sites.append(head["site"])
+
+    def _format(self, key: str) -> tuple[int, int]:
+        """``(limbs, frac_bits)`` of ``key`` in this round (counts: one packed word)."""
+        head = self.head
+        if key in (head.get("counts") or {}):
+            return 1, 0
+        narrow = head.get("narrow") or {}
+        if key in narrow.get("keys", ()):
+            return narrow["limbs"], narrow["frac_bits"]
+        return head["limbs"], head["frac_bits"]
 
     def total(self) -> dict:
         """The decoded totals ``{key: float64 array}`` (``np.float64`` for scalars).
@@ -555,10 +680,11 @@ class MaskedSum:
             raise SecAggError(
                 f"masks cancel only over every site: got {sorted(self.sites)}, need "
                 f"{sorted(self.head['parties'])}")
-        fmt = FixedPoint(self.head["limbs"], self.head["frac_bits"])
+        packed = self.head.get("counts") or {}
         totals: dict = {}
         for key, acc in self.acc.items():
-            value = fmt.decode(acc.reshape(self.shapes[key]))
+            value = (unpack_counts(acc, tuple(packed[key])) if key in packed
+                     else FixedPoint(*self._format(key)).decode(acc.reshape(self.shapes[key])))
             totals[key] = np.float64(value) if value.ndim == 0 else value
         return totals
 

@@ -199,8 +199,23 @@ def view(recording: dict, which: str = "totals") -> list[Task]:
                 raise ValueError("the messages were masked (secure aggregation): a site's "
                                  "own sums are not in the recording")
             msg = r.sites[names.index(which)]
-        out.append(Task(r.kind, r.steps, msg, r.received, r.output, r.order))
+        for kind, part in _parts(r.kind, msg):
+            out.append(Task(kind, r.steps, part, r.received, r.output, r.order))
     return out
+
+
+# a fused round's message: its parts, read as the messages of their own rounds
+_FUSED = {"FallbackClosingSums": (("fallback.", "FallbackSums"), ("closing.", "ClosingSums"))}
+
+
+def _parts(kind: str, msg: dict):
+    if kind not in _FUSED:
+        yield kind, msg
+        return
+    for prefix, part in _FUSED[kind]:
+        sub = {k[len(prefix):]: v for k, v in msg.items() if k.startswith(prefix)}
+        if sub:
+            yield part, sub
 
 
 def masked_view_values(recording: dict, which: str) -> np.ndarray:
@@ -676,6 +691,13 @@ def cell_system(tasks: list[Task], geo: Geometry, c: int, s: np.ndarray,
                     continue
                 sy.rows[g].append((coef, E[g], eps * abs(E[g]) + 1e-12))
                 sy.upper[g] = np.floor(E[g] * sy.s * scale * (1 + eps) + 1e-6)
+            if "cells.sumsq" in msg:  # the rough round's sums, sent with the moments
+                v2 = np.asarray(msg["cells.sumsq"])[:, c] * scale**2  # sum (y / s)^2
+                vl = np.asarray(msg["cells.logsum"])[:, c]  # sum log(y / s + 0.1): scale 1
+                for g in range(v2.shape[0]):
+                    sy.checks[g].append(("sumsq", v2[g], (1e-9 + slack) * (abs(v2[g]) + 1)))
+                    sy.checks[g].append(("logsum", vl[g], 1e-9 * (abs(vl[g]) + 1)
+                                         + slack * (1 + abs(vl[g]))))
         elif t.kind == "RoughSums" and geo.linear_ok:
             E = geo.cells_from_linear(msg["xt_logy"])[:, c]  # sum log(y / s + 0.1)
             for g in range(E.shape[0]):

@@ -228,3 +228,63 @@ def test_summands_of_two_sites_add_up_to_the_pooled_ones():
     for key, value in pooled.items():
         np.testing.assert_allclose(split[0][key] + split[1][key], value, rtol=1e-11,
                                    atol=1e-9)
+
+
+def test_disp_summands_at_scattered_pairs_match_the_dense_sums():
+    """Pairs in any order, a different number per gene: each is its gene's dense column; the
+    result does not depend on how the pairs are cut into blocks (sums run in sample order)."""
+    y, X, sf, beta, alpha = simulate(7, n=9, G=5)
+    mu = nb.fitted_mu(X, beta, sf, 0.5)
+    rng = np.random.default_rng(7)
+    genes = np.array([3, 0, 3, 1, 4, 3, 0, 2, 4, 4, 1])
+    points = np.log(alpha[genes]) + rng.uniform(-3, 3, genes.size)
+    got = nb.disp_summands_at(y, mu, X, genes, points)
+    for i, (g, theta) in enumerate(zip(genes, points, strict=True)):
+        np.testing.assert_allclose(got["ll"][i], ll_part(y[:, g], mu[:, g], theta),
+                                   rtol=1e-11, atol=1e-9)
+        np.testing.assert_allclose(nb.unpack(got["A"][i], 3), xtwx(X, mu[:, g], theta),
+                                   rtol=1e-12)
+        one = nb.disp_summands(y[:, [g]], mu[:, [g]], X, np.array([[theta]]))
+        for key, value in one.items():
+            _same(key, value[0, 0], got[key][i])
+    for block in (2 * 9, 3 * 9, 10**6):  # blocks of 2 and 3 pairs (last one widened), one
+        other = nb.disp_summands_at(y, mu, X, genes, points, block=block)
+        for key, value in got.items():
+            _same(key, other[key], value)
+
+
+def _same(key, a, b):
+    """Sums over samples are the same numbers; the Grams come from BLAS, whose kernels may
+    add in another order for another number of rows."""
+    if key in ("ll", "d1", "d2"):
+        np.testing.assert_array_equal(a, b)
+    else:
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=0)
+
+
+def test_disp_summands_at_no_pair_and_one_pair():
+    y, X, sf, beta, alpha = simulate(8, n=6, G=3)
+    mu = nb.fitted_mu(X, beta, sf, 0.5)
+    none = nb.disp_summands_at(y, mu, X, np.array([], dtype=int), np.array([]))
+    assert none["ll"].shape == (0,) and none["A"].shape == (0, 6)
+    one = nb.disp_summands_at(y, mu, X, np.array([2]), np.array([-1.0]))
+    np.testing.assert_allclose(one["ll"][0], ll_part(y[:, 2], mu[:, 2], -1.0), rtol=1e-11)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.01])
+def test_tabulated_special_functions_give_the_same_numbers(monkeypatch, share):
+    """lgamma/digamma/trigamma once per distinct count (share 1.01: always; 0: never) are the
+    numbers of the per-sample evaluation, ties and zeros included."""
+    y, X, sf, beta, alpha = simulate(9, n=40, G=7)
+    y[::3, 2] = y[0, 2]  # many ties
+    y[:, 4] = 0.5 * np.round(y[:, 4] / 5.0)  # non-integer values with ties
+    mu = nb.fitted_mu(X, beta, sf, 0.5)
+    genes = np.repeat(np.arange(7), 3)
+    points = np.log(alpha[genes]) + np.tile([-2.0, 0.0, 3.0], 7)
+    monkeypatch.setattr(nb, "DISTINCT_MAX", 0.5)
+    plain = nb.disp_summands_at(y, mu, X, genes, points, block=40 * 4)
+    monkeypatch.setattr(nb, "DISTINCT_MAX", share)
+    got = nb.disp_summands_at(y, mu, X, genes, points, block=40 * 4)
+    for key, value in plain.items():
+        np.testing.assert_array_equal(got[key], value)  # same blocks: even the Grams
+    np.testing.assert_allclose(got["ll"][6], ll_part(y[:, 2], mu[:, 2], points[6]), rtol=1e-11)

@@ -76,19 +76,48 @@ def test_spill_dir_gives_the_same_answer_and_leaves_nothing(demo, serial, tmp_pa
 
 def test_bytes_are_the_messages_sizes(demo):
     """Payload = the plaintext float64 values of every message a site sent; what is sent
-    under secure aggregation is their 3-word fixed-point encoding, pickled."""
-    plain = _fit(demo, secure_aggregation=False, record_messages=True,
-                 rounds={"robust": 2, "refit_mu": 1, "refit_final": 1})
-    masked = _fit(demo, rounds={"robust": 2, "refit_mu": 1, "refit_final": 1})
+    under secure aggregation is their 3-word fixed-point encoding (fit sums declared narrow: 2
+    words; sample counts: packed two to a word), pickled."""
+    rounds = {"robust": 2, "refit_mu": 1, "refit_final": 1}
+    plain = _fit(demo, secure_aggregation=False, record_messages=True, rounds=rounds)
+    masked = _fit(demo, record_messages=True, rounds=rounds)
+    packed_keys, narrow_keys = set(), set()
     for site in demo.sites:
         mine = [m for m in plain.facts["messages"] if m["site"] == site]
         values = sum(np.asarray(v).size * 8 for m in mine for v in m["message"].values())
         assert plain.facts["payload_bytes_by_site"][site] == values
         assert plain.facts["bytes_sent_by_site"][site] == sum(m["bytes"] for m in mine)
-        # the same messages, masked: same payload, ~3 words per value on the wire
+        # the same messages, masked (the searches may ask for a few more or fewer points:
+        # the totals differ in the last bits); on the wire 3 words a value, 2 a narrow sum,
+        # 4 bytes a count, and the pickled total is that plus framing and headers
         key_offer = 32 * 8  # the key round's public key is relayed, not masked
-        assert masked.facts["payload_bytes_by_site"][site] == values + key_offer
-        assert masked.facts["bytes_sent_by_site"][site] > 3 * values
+        wire = [m for m in masked.facts["messages"]
+                if m["site"] == site and isinstance(m["message"], MaskedMessage)]
+        assert len(wire) == len(mine)
+        expected, masked_values = 0, 0
+        for p, w in zip(mine, wire, strict=True):
+            head = w["message"].payload["_secagg"]
+            counts, narrow = head["counts"], head["narrow"]["keys"]
+            packed_keys |= set(counts)
+            narrow_keys.update(narrow)
+            for key, v in p["message"].items():
+                limbs = w["message"].payload[key].shape[0]
+                n = (int(np.prod(counts[key])) if key in counts
+                     else w["message"].payload[key].size // limbs)
+                if key not in counts:
+                    assert limbs == (2 if key in narrow else 3), key
+                if w["message"].payload[key].shape[1:] == np.shape(v) or key in counts:
+                    assert n == np.asarray(v).size, key  # the same message
+                size = 8 * -(-n // 2) if key in counts else 16 * n if key in narrow else 24 * n
+                assert w["message"].payload[key].nbytes == size, key
+                expected += size
+                masked_values += n
+        assert masked.facts["payload_bytes_by_site"][site] == 8 * masked_values + key_offer
+        assert abs(8 * masked_values - values) <= 0.01 * values
+        sent = masked.facts["bytes_sent_by_site"][site] - 32 * 8 * 2  # the offer, ~pickled
+        assert expected < sent < 1.05 * expected
+    assert {"count_below", "n_zero", "cell_nonzero"} <= packed_keys
+    assert {"full.xtwx", "A2", "ll"} <= narrow_keys
     steps = plain.facts["bytes_by_step"]
     assert sum(v["payload"] for v in steps.values()) == max(
         plain.facts["payload_bytes_by_site"].values())
@@ -106,14 +135,25 @@ def test_plan_bytes_bound_what_a_run_sends(demo, serial):
     """--plan-only's figures are upper bounds of the measured ones, labelled so."""
     study = fed_de.make_study(demo.design, demo.genes, demo.levels)
     names = list(demo.sites)
-    facts = record_plan(DESeq2Strategy(study.to_dict(), n_sites=len(names)), names).facts()
+    record = record_plan(DESeq2Strategy(study.to_dict(), n_sites=len(names)), names)
+    facts = record.facts()
     assert "upper bound" in facts["bytes_note"] and facts["masked"]
     for site in names:
         assert facts["payload_bytes_upper_bound_by_site"][site] >= \
             serial.facts["payload_bytes_by_site"][site]
-        # masked bound: 3 words per masked value; the key offer (32 values) is not masked
+        assert facts["bytes_upper_bound_by_site"][site] >= \
+            serial.facts["bytes_sent_by_site"][site] * 0.95  # pickle framing not counted
+        # masked bound: 3 words per masked value, 2 per narrow sum, 4 bytes per sample count;
+        # the key offer (32 values) is not masked
+        mine = [t for t in record.tasks if t.worker == site and t.message is not None]
+        size = lambda t, k: int(np.prod(t.message[k]))  # noqa: E731
+        counts = sum(size(t, k) for t in mine for k in t.counts)
+        narrow = sum(size(t, k) for t in mine for k in t.narrow)
+        assert counts > 0 and narrow > 0
         assert facts["bytes_upper_bound_by_site"][site] == \
-            3 * facts["payload_bytes_upper_bound_by_site"][site] - 2 * 32 * 8
+            3 * facts["payload_bytes_upper_bound_by_site"][site] - 2 * 32 * 8 \
+            - 3 * 8 * counts + sum(8 * -(-size(t, k) // 2) for t in mine for k in t.counts) \
+            - 8 * narrow
 
 
 # -- the executor itself, with a probe strategy ---------------------------------------------

@@ -69,6 +69,21 @@ def test_encoding_is_round_to_nearest_even_of_x_times_2_to_f():
     assert got == want
 
 
+
+@pytest.mark.parametrize("limbs,frac", [(1, 0), (1, 40), (2, 64), (2, 120), (4, 200)])
+def test_every_encoding_is_the_two_complement_of_the_rounded_value(limbs, frac):
+    """Other ring sizes and scales, across chunk boundaries, up to the bound: the words are
+    the exact Python-integer two's complement of round(x 2^f) mod 2^(64 limbs)."""
+    fp, rng = sa.FixedPoint(limbs, frac), np.random.default_rng(limbs + frac)
+    top = fp.int_bound_log2(4) - frac  # |x| < 2**top
+    x = rng.choice([-1.0, 1.0], sa._CHUNK + 7) * np.exp2(rng.uniform(-frac - 3, top, sa._CHUNK + 7))
+    x[:4] = [0.0, -0.0, -(2.0**-frac), np.nextafter(-(2.0**top), 0)]
+    x[5::97] = np.nextafter(2.0**top, 0)
+    words = fp.encode(x, 4)
+    mod = 1 << fp.ring_bits
+    got = [sum(int(w) << (64 * k) for k, w in enumerate(col)) for col in words.T]
+    assert got == [round(Fraction(float(v)) * 2**frac) % mod for v in x]
+
 def test_decoding_is_within_one_ulp_of_the_exact_ring_value():
     rng = np.random.default_rng(2)
     # ring elements of every magnitude up to 2**(K-2), both signs, low bits set
@@ -482,3 +497,121 @@ def test_twelve_sites_masking_with_eight_neighbours_give_the_plain_answer():
         np.testing.assert_allclose(a[col], b[col], rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(masked.dispersions["final"], plain.dispersions["final"],
                                rtol=1e-8)
+
+
+# --------------------------------------------------------------------------- packed counts
+
+
+@pytest.mark.parametrize("n_sites", [2, 3, 20])
+def test_packed_counts_sum_exactly_and_take_four_bytes(n_sites):
+    """Counts travel two to a word of Z_{2^64}: the totals are exact up to the largest counts
+    allowed (no field carries into its neighbour), and a count costs 4 bytes, not 24."""
+    rng = np.random.default_rng(40 + n_sites)
+    sessions = _sessions(_names(n_sites))
+    limit = sa.count_limit(n_sites)
+    assert limit * n_sites <= 2**32
+    data = {n: {"c": rng.integers(0, limit, size=(7, 5)).astype(float), "x": _wide(rng, 9)}
+            for n in sessions}
+    for d in data.values():
+        d["c"][0] = limit - 1  # the largest count allowed, at every site
+    masked = [sa.mask(data[n], s, 1, counts={"c"}) for n, s in sessions.items()]
+    assert masked[0]["c"].shape == (1, 18) and masked[0]["x"].shape == (FP.limbs, 9)
+    total = sa.unmask_sum(masked)
+    np.testing.assert_array_equal(total["c"], sum(data[n]["c"] for n in sessions))
+    assert total["c"].shape == (7, 5)
+    np.testing.assert_allclose(total["x"], sum(data[n]["x"] for n in sessions), rtol=1e-15)
+
+
+def test_a_strict_subset_of_packed_counts_looks_uniform():
+    names = _names(3)
+    sessions = _sessions(names)
+    n = 20000
+    data = {s: {"c": np.arange(n, dtype=float) % 7} for s in names}
+    masked = {s: sa.mask(data[s], sessions[s], 1, counts={"c"}) for s in names}
+    for subset in ([names[0]], names[:2]):
+        acc = masked[subset[0]]["c"].copy()
+        for s in subset[1:]:
+            sa._iadd(acc, masked[s]["c"])
+        counts = np.bincount(acc.view(np.uint8).ravel(), minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-4, subset
+    total = sa.unmask_sum(list(masked.values()))
+    np.testing.assert_array_equal(total["c"], 3 * (np.arange(n) % 7))
+
+
+@pytest.mark.parametrize("bad", [0.5, -1.0, "limit", np.nan])
+def test_a_count_that_is_not_a_small_non_negative_integer_is_refused(bad):
+    sessions = _sessions(_names(3))
+    session = next(iter(sessions.values()))
+    value = float(sa.count_limit(3)) if bad == "limit" else bad
+    with pytest.raises(sa.EncodingRangeError, match="'n_zero'"):
+        sa.mask({"n_zero": np.array([1.0, value])}, session, 1, counts={"n_zero"})
+    assert session.last_tag == {}  # nothing was masked: the tag is still free
+    with pytest.raises(sa.SecAggError, match="not keys"):
+        sa.mask({"x": np.zeros(2)}, session, 1, counts={"n_zero"})
+
+
+def test_sites_must_pack_the_same_keys():
+    sessions = list(_sessions(_names(2)).values())
+    a = sa.mask({"c": np.ones(4)}, sessions[0], 1, counts={"c"})
+    b = sa.mask({"c": np.ones(4)}, sessions[1], 1)
+    with pytest.raises(sa.SecAggError, match="counts"):
+        sa.unmask_sum([a, b])
+
+
+# --------------------------------------------------------------------------- narrow sums
+
+
+@pytest.mark.parametrize("n_sites", [2, 3, 20])
+def test_narrow_sums_take_two_words_within_their_bound(n_sites):
+    """Keys declared narrow travel in Z_{2^128} with 64 fractional bits: the totals are within
+    the FixedPoint bound of those limbs, every value up to the range is accepted, a larger one
+    is refused naming the key."""
+    rng = np.random.default_rng(70 + n_sites)
+    sessions = _sessions(_names(n_sites))
+    nf = sa.NARROW
+    top = nf.max_abs(n_sites)
+    assert top >= 2.0**53 / 1024  # 9e15 for 1,024 sites
+    data = {n: {"fit": _wide(rng, (40, 3)), "wide": _wide(rng, 7) * 1e8} for n in sessions}
+    for d in data.values():
+        d["fit"] = np.clip(d["fit"], -top / 2, top / 2)
+        d["fit"][0, 0] = np.nextafter(top, 0)  # the largest value accepted, at every site
+    masked = [sa.mask(data[n], s, 1, narrow={"fit"}) for n, s in sessions.items()]
+    assert masked[0]["fit"].shape == (2, 40, 3) and masked[0]["wide"].shape == (3, 7)
+    total = sa.unmask_sum(masked)
+    xs = np.stack([data[n]["fit"] for n in sessions])
+    exact = np.array([float(sum(map(Fraction, col)))
+                      for col in xs.reshape(n_sites, -1).T.tolist()]).reshape(40, 3)
+    bound = n_sites * 2.0 ** -(nf.frac_bits + 1) * (1 + 2**-52) + 2.0**-51 * np.abs(exact)
+    assert np.all(np.abs(total["fit"] - exact) <= bound)
+    np.testing.assert_allclose(total["wide"], sum(data[n]["wide"] for n in sessions),
+                               rtol=1e-15)
+    session = sessions[_names(n_sites)[0]]
+    with pytest.raises(sa.EncodingRangeError, match="'fit'"):
+        sa.mask({"fit": np.array([top])}, session, 2, narrow={"fit"})
+    with pytest.raises(sa.SecAggError, match="both"):
+        sa.mask({"fit": np.zeros(2)}, session, 2, narrow={"fit"}, counts={"fit"})
+
+
+def test_a_real_runs_narrow_sums_stay_far_inside_their_range():
+    """Every narrow field of a run with large counts (one gene at ~1e6 per sample) and LRT
+    stays below 1e-3 of the two-word range for 1,024 sites."""
+    import fed_de
+    from fed_de.demo_data import make_demo_study
+    study = make_demo_study(n_samples=60, n_genes=150, seed=5)
+    sites = {k: v.copy() for k, v in study.sites.items()}
+    for a in sites.values():
+        a.X = np.asarray(a.X, dtype=float)
+        a.X[:, 0] = a.X[:, 0] * 1000 + 1e6
+    res = fed_de.deseq2(sites, study.design, levels=study.levels, min_cell_size=0,
+                        test="LRT", reduced="~ batch", record_messages=True,
+                        secure_aggregation=False)
+    seen, top = set(), sa.NARROW.max_abs(1024)
+    for m in res.facts["messages"]:  # the fields declared narrow, by name
+        for key, v in m["message"].items():
+            v = np.asarray(v)
+            if v.size and key.split(".")[-1] in {"xtwx", "xtwz", "deviance", "xtwx_obs", "ll",
+                                                 "d1", "d2", "A", "A1", "A2", "loglik",
+                                                 "grad", "info", "full", "reduced"}:
+                seen.add(key)
+                assert np.abs(v).max() < 1e-3 * top, (m["step"], key, np.abs(v).max())
+    assert {"full.xtwx", "d2", "A2"} <= seen

@@ -1014,8 +1014,10 @@ def test_cli_repeated_and_numeric_contrasts(demo, tmp_path):
 def test_output_files_use_rs_names_and_record_the_filter(fit, tmp_path):
     paths = fit.write(tmp_path)
     disp = pd.read_csv(paths["dispersions"], index_col=0, float_precision="round_trip")
+    # R's columns, then fed_de's own: the genes a disclosure rule withheld
     assert list(disp.columns) == ["baseMean", "dispGeneEst", "dispFit", "dispMAP",
-                                  "dispersion", "dispOutlier", "allZero", "betaConv"]
+                                  "dispersion", "dispOutlier", "allZero", "betaConv",
+                                  "withheld"]
     np.testing.assert_allclose(disp["dispersion"], fit.dispersions["final"], rtol=1e-15)
     coef = pd.read_csv(paths["coefficients"], index_col=0, float_precision="round_trip")
     assert list(coef.columns) == fit.coef_names
@@ -1109,7 +1111,27 @@ def test_non_converged_genes_are_a_warning(demo):
                             rounds={"final": 1, "fallback": 0})
     (text,) = [str(w.message) for w in rec if "did not converge" in str(w.message)]
     n = int(re.search(r"(\d+) rows", text)[1])
-    assert n == int((~res.gene_table["betaConv"] & ~res.gene_table["allZero"]).sum()) > 0
+    g = res.gene_table
+    assert n == int((~g["betaConv"] & ~g["allZero"] & ~g["withheld"]).sum()) > 0
+
+
+def test_withheld_genes_are_not_counted_as_unconverged():
+    """A withheld gene has no fit (zero sums, betaConv False): it is marked ``withheld`` in
+    the gene table and left out of the "did not converge" count."""
+    study = make_demo_study(n_samples=150, n_genes=1000, seed=0)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = fed_de.deseq2(study.sites, study.design, levels=study.levels, cooks=False)
+    g = res.gene_table
+    assert int(g["withheld"].sum()) == res.facts["genes_withheld"] > 0
+    assert not g.loc[g["withheld"], "betaConv"].any()
+    text = [str(w.message) for w in rec if "did not converge in beta" in str(w.message)]
+    unconverged = int((~g["betaConv"] & ~g["allZero"] & ~g["withheld"]).sum())
+    if unconverged:
+        (t,) = text
+        assert int(re.search(r"(\d+) rows", t)[1]) == unconverged
+    else:
+        assert text == []
 
 
 def test_cooks_refits_and_filters_are_warnings():

@@ -6,7 +6,8 @@ each site may send, computed from the declared message schemas. Those byte figur
 **upper bounds**: every optional part of a message is counted (a run sends less: the
 simulation and the subprocess backend measure what is sent). Two are given: the plaintext
 float64 payload, and the masked size when secure aggregation is on (each value encoded in
-``limbs`` 64-bit words; pickle framing and the masking header not counted).
+``limbs`` 64-bit words, sample counts packed two to a word, narrow sums in two words; pickle
+framing and the masking header not counted).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from substrafl.nodes.references.local_state import LocalStateRef
 from substrafl.nodes.references.shared_state import SharedStateRef
 
+from fed_de import secagg
 from fed_de.federation.calls import describe, site_message_type
 from fed_de.federation.messages import declared_shapes
 
@@ -33,6 +35,8 @@ class PlannedTask:
     depth: int
     message: dict | None = None  # key -> shape, for local tasks
     spec: str = ""  # the steps it runs (``federation.calls`` encoding)
+    counts: frozenset = frozenset()  # keys of its count fields (packed when masked)
+    narrow: frozenset = frozenset()  # keys of its narrow sums (two words when masked)
 
 
 @dataclass
@@ -44,6 +48,7 @@ class PlanRecord:
     functions: set = field(default_factory=set)
     depth: dict[str, int] = field(default_factory=dict)  # task key -> dependency depth
     masked_words: int = 1
+    compact: bool = True  # masked counts take 4 bytes and narrow sums 16 (not under DP)
 
     @property
     def sequential_steps(self) -> int:
@@ -52,13 +57,24 @@ class PlanRecord:
 
     def bytes_by_site(self, masked: bool = False) -> dict[str, int]:
         """Upper bound of the payload bytes (float64) each site sends, from the declared
-        schemas; ``masked``: of the masked values (``masked_words`` words per value)."""
+        schemas; ``masked``: of the masked values (``masked_words`` words per value, counts
+        two to a word, narrow sums two words)."""
         out: dict[str, int] = {}
         for t in self.tasks:
-            if t.message is not None:
-                words = self.masked_words if masked and not _unmasked(t.method) else 1
-                n = sum(int(np.prod(shape)) for shape in t.message.values()) * 8 * words
-                out[t.worker] = out.get(t.worker, 0) + n
+            if t.message is None:
+                continue
+            n = 0
+            for key, shape in t.message.items():
+                size = int(np.prod(shape))
+                if not masked or _unmasked(t.method) or self.masked_words == 1:
+                    n += 8 * size
+                elif key in t.counts and self.compact:
+                    n += 8 * -(-size // 2)
+                elif key in t.narrow and self.compact:
+                    n += 8 * size * secagg.NARROW.limbs
+                else:
+                    n += 8 * size * self.masked_words
+            out[t.worker] = out.get(t.worker, 0) + n
         return out
 
     @property
@@ -78,7 +94,8 @@ class PlanRecord:
 
 BYTES_NOTE = ("declared upper bounds from the message schemas (every optional part counted); "
               "payload = float64 values; bytes = masked values under secure aggregation "
-              "(limbs x 8 bytes each), without pickle framing")
+              "(limbs x 8 bytes each; sample counts 4 bytes, narrow sums 16), without pickle "
+              "framing")
 
 
 def _unmasked(method: str) -> bool:
@@ -126,8 +143,11 @@ class DryTrainDataNode(_DryNode):
         if operation.shared_state is not None:
             parents.append(operation.shared_state.key)
         cls = site_message_type(rs._method_parameters)
+        counts = narrow = frozenset()
         if cls is not None:
             message = declared_shapes(cls, self._dims)
+            counts = frozenset(declared_shapes(cls, self._dims, only="counts"))
+            narrow = frozenset(declared_shapes(cls, self._dims, only="narrow"))
         else:  # a step declared with the older ``sends`` schema (screens)
             method = getattr(rs._cls, rs._method_name)
             schema = getattr(method, "message_schema", None) or getattr(
@@ -135,6 +155,7 @@ class DryTrainDataNode(_DryNode):
             message = {k: _shape(v, self._dims) for k, v in schema.items()}
         key = self._add(describe(rs._method_name, rs._method_parameters), parents, round_idx,
                         message, rs._method_parameters.get("site_step", ""))
+        self._record.tasks[-1].counts, self._record.tasks[-1].narrow = counts, narrow
         return LocalStateRef(key), SharedStateRef(key)
 
 
@@ -164,6 +185,7 @@ def record_plan(strategy, site_names: list[str], aggregator: str = "aggregator")
         from fed_de.federation.secure import secagg
 
         record.masked_words = secagg.FixedPoint().limbs
+        record.compact = getattr(strategy, "compact_fields", lambda: True)()
     dims = strategy.dims()
     nodes = [DryTrainDataNode(name, record, dims) for name in site_names]
     strategy.build_compute_plan(train_data_nodes=nodes,

@@ -31,6 +31,7 @@ payload of the sites' messages.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import pickle
 import shutil
@@ -124,11 +125,19 @@ class RunLedger:
 
 def payload_nbytes(obj: Any) -> int:
     """Plaintext bytes of a site's message: its float64 values (a masked message's values are
-    ``limbs`` words each; the header is not counted)."""
+    ``limbs`` words each, its narrow sums two, its packed counts two to a word; the header is
+    not counted)."""
     if isinstance(obj, MaskedMessage):
-        limbs = int(obj.payload[secagg.HEADER]["limbs"])
-        return sum(int(v.size) // limbs * 8 for k, v in obj.payload.items()
-                   if k != secagg.HEADER)
+        head = obj.payload[secagg.HEADER]
+        packed = head.get("counts") or {}
+        narrow = head.get("narrow") or {}
+
+        def values(key: str, v: np.ndarray) -> int:
+            if key in packed:
+                return math.prod(packed[key])
+            limbs = narrow["limbs"] if key in narrow.get("keys", ()) else head["limbs"]
+            return int(v.size) // limbs
+        return sum(8 * values(k, v) for k, v in obj.payload.items() if k != secagg.HEADER)
     if isinstance(obj, Message):
         return sum(int(v.size) * 8 for v in arrays(obj).values())
     return 0

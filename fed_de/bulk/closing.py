@@ -9,6 +9,10 @@ Round W  site : packed X'WX and the deviance (-2 log likelihood with unfloored m
          agg  : DESeq2's stopping rule for genes still iterating, the Fisher-information
                 covariance with DESeq2's ridge, (X'WX + L)^-1 X'WX (X'WX + L)^-1, and the
                 per-gene results (:func:`close_fit`)
+Without Cook's and with one fallback round (the defaults) the closing sums ride on the
+fallback round (:func:`fallback_closing_sums`): that round accepts the coefficients it
+evaluates (its start point), so the final coefficients are known before it runs and its
+aggregation closes the fit; the results are those of a separate closing round, bit for bit.
 Contrasts, Wald statistics, p-values and adjusted p-values are computed from the per-gene
 results at the aggregator, for any number of contrasts, with no further round
 (:mod:`fed_de.bulk.results`).
@@ -19,7 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from fed_de.bulk import cooks
+from fed_de.bulk import fallback as fallback_fit
 from fed_de.bulk.cooks import CooksCounts, cooks_counts
+from fed_de.bulk.fallback import FallbackSums
 from fed_de.bulk.state import CooksSetup, Dispersions, FitStart, GeneResults, Site, Totals
 from fed_de.core import lrt, nb
 from fed_de.core.fallback import FallbackFit
@@ -32,14 +38,14 @@ from fed_de.federation.strategy import Phase, Round
 class ReducedDeviance(Message):
     """The LRT reduced model's deviance (-2 log likelihood) at its final coefficients."""
 
-    deviance: np.ndarray = sums("G")
+    deviance: np.ndarray = sums("G", narrow=True)
 
 
 class ClosingSums(Message):
     """X'WX and deviance at the final fit (+ LRT deviance, + Cook's counts)."""
 
-    xtwx: np.ndarray = sums("G", "T")
-    deviance: np.ndarray = sums("G")
+    xtwx: np.ndarray = sums("G", "T", narrow=True)
+    deviance: np.ndarray = sums("G", narrow=True)
     reduced: ReducedDeviance | None = part()
     cooks: CooksCounts | None = part()
 
@@ -124,6 +130,46 @@ def close_fit(sums: ClosingSums, start: FitStart, totals: Totals, dispersions: D
         conv = irls_reduced.converged if irls_reduced is not None else np.ones_like(all_zero)
         genes.lrt_converged = conv & ~all_zero
     return {"genes": genes}
+
+
+class FallbackClosingSums(Message):
+    """The fallback round with the closing sums at the coefficients it accepts."""
+
+    fallback: FallbackSums = part()
+    closing: ClosingSums = part()
+
+
+@site_step
+def fallback_closing_sums(site: Site, start: FitStart, dispersions: Dispersions,
+                          irls_final: IRLSFit, fallback: FallbackFit,
+                          irls_reduced: IRLSFit | None) -> FallbackClosingSums:
+    """The fallback's sums at its start point and X'WX and deviance at the final
+    coefficients: a first fallback round accepts its start point (every candidate is that
+    point, :func:`fed_de.core.fallback.start_fallback`), so they are known already."""
+    return FallbackClosingSums(
+        fallback=fallback_fit.fallback_sums(site, fallback, dispersions),
+        closing=closing_sums(site, start, dispersions, irls_final, fallback, irls_reduced,
+                             None))
+
+
+@aggregator_step(writes=("fallback",))
+def fallback_closing_step(sums: FallbackClosingSums, fallback: FallbackFit, study) -> dict:
+    """The fallback's update (:func:`fed_de.bulk.fallback.fallback_step`)."""
+    return fallback_fit.fallback_step(sums.fallback, fallback, study)
+
+
+@aggregator_step(writes=("genes",))
+def close_fused(sums: FallbackClosingSums, start: FitStart, totals: Totals,
+                dispersions: Dispersions, irls_final: IRLSFit, fallback: FallbackFit,
+                irls_reduced: IRLSFit | None, study, reduced) -> dict:
+    """:func:`close_fit` from the closing part of the fallback round."""
+    return close_fit(sums.closing, start, totals, dispersions, irls_final, fallback,
+                     irls_reduced, study, reduced)
+
+
+def fused_round() -> Round:
+    """The one fallback round that also closes the fit (no Cook's)."""
+    return Round(fallback_closing_sums, [fallback_closing_step, close_fused])
 
 
 def phase(with_cooks: bool) -> Phase:

@@ -50,7 +50,7 @@ from fed_de.core.moments import start_from_cell_sums
 from fed_de.design import cell_design_rows
 from fed_de.errors import DisclosureError
 from fed_de.federation.calls import aggregator_step, site_step
-from fed_de.federation.messages import Message, sums
+from fed_de.federation.messages import Message, counts, sums
 from fed_de.federation.strategy import Phase, Round
 
 K_THRESHOLDS = 15  # thresholds per open target and round (counts only)
@@ -68,7 +68,7 @@ def cooks_applicable(study) -> bool:
 class RobustSums(Message):
     """For every open search target, the number of values below each of its thresholds."""
 
-    count_below: np.ndarray = sums("A", "K1")
+    count_below: np.ndarray = counts("A", "K1")
 
 
 class RobustParts(Message):
@@ -76,19 +76,19 @@ class RobustParts(Message):
     boundary bracket (zero where the boundary was separated)."""
 
     sum_inside: np.ndarray = sums("G", "NG")
-    tie_count_lo: np.ndarray = sums("G", "NG")
+    tie_count_lo: np.ndarray = counts("G", "NG")
     tie_sum_lo: np.ndarray = sums("G", "NG")
-    tie_count_hi: np.ndarray = sums("G", "NG")
+    tie_count_hi: np.ndarray = counts("G", "NG")
     tie_sum_hi: np.ndarray = sums("G", "NG")
 
 
 class CooksCounts(Message):
     """Closing round: counts of samples above the cutoff, and the replaced counts' cell sums."""
 
-    n_out: np.ndarray = sums("G")
-    n_out_kept: np.ndarray = sums("G")
-    n_any: np.ndarray = sums("G")
-    n_replaced: np.ndarray = sums("G")
+    n_out: np.ndarray = counts("G")
+    n_out_kept: np.ndarray = counts("G")
+    n_any: np.ndarray = counts("G")
+    n_replaced: np.ndarray = counts("G")
     cell_sum: np.ndarray = sums("G", "C")
     cell_sumsq: np.ndarray = sums("G", "C")
     cell_logsum: np.ndarray = sums("G", "C")

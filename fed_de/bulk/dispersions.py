@@ -42,12 +42,12 @@ class DispSums(Message):
     """Likelihood sums and packed X'WX with its two derivatives at each (gene, point) pair
     the aggregator asked for."""
 
-    ll: np.ndarray = sums("P")
-    d1: np.ndarray = sums("P")
-    d2: np.ndarray = sums("P")
-    A: np.ndarray = sums("P", "T")
-    A1: np.ndarray = sums("P", "T")
-    A2: np.ndarray = sums("P", "T")
+    ll: np.ndarray = sums("P", narrow=True)
+    d1: np.ndarray = sums("P", narrow=True)
+    d2: np.ndarray = sums("P", narrow=True)
+    A: np.ndarray = sums("P", "T", narrow=True)
+    A1: np.ndarray = sums("P", "T", narrow=True)
+    A2: np.ndarray = sums("P", "T", narrow=True)
 
 
 @site_step

@@ -63,6 +63,8 @@ BOUNDS = {
     ("MomentSums", "sum_log_sf"): 0.5,
     ("MomentSums", "xty"): 5000.0,
     ("MomentSums", "cell_norm"): 2000.0,
+    ("MomentSums", "cells.sumsq"): 2e6,  # as sum_norm_sq and xt_logy (one cell per sample)
+    ("MomentSums", "cells.logsum"): 20.0,
     ("RoughSums", "rough"): 1.0,
     ("RoughSums", "xt_logy"): 20.0,
     ("RoughSums", "xt_loglin"): 20.0,
@@ -86,14 +88,29 @@ BOUNDS = {
 GRAMS = {("IRLSSums", "full.xtwx"), ("DispSums", "A"), ("ClosingSums", "xtwx")}
 #: Sums of non-negative terms the aggregator clamps at 0.
 NONNEG = {("LogSums", "n_zero"), ("MomentSums", "sum_norm"), ("MomentSums", "sum_norm_sq"),
-          ("MomentSums", "sum_inv_sf"), ("MomentSums", "cell_norm"),
+          ("MomentSums", "sum_inv_sf"), ("MomentSums", "cell_norm"), ("MomentSums", "cells.sumsq"),
           ("IRLSSums", "full.deviance"), ("ClosingSums", "deviance")}
 #: Optional message parts no DP run sends (LRT, Cook's and refit are refused or off under DP).
 UNUSED_PARTS = ("reduced.", "raw.", "cooks.")
 
 
+#: Messages that carry other steps' messages as parts (a fused round): their arrays take the
+#: rules of the part's own message.
+FUSED = {"FallbackClosingSums": {"fallback": "FallbackSums", "closing": "ClosingSums"}}
+
+
+def resolve(kind: str, key: str) -> tuple[str, str]:
+    """The (message, array) whose rules an array follows: itself, or in a fused message the
+    part's own message and key."""
+    head, _, rest = key.partition(".")
+    if kind in FUSED and head in FUSED[kind]:
+        return FUSED[kind][head], rest
+    return kind, key
+
+
 def rule(kind: str, key: str) -> str:
     """``"public"``, ``"dropped"`` or ``"noised"``; an undeclared array raises."""
+    kind, key = resolve(kind, key)
     if (kind, key) in PUBLIC:
         return "public"
     if (kind, key) in DROPPED:
@@ -166,7 +183,8 @@ def private_message(fn, state, provided: dict, params: dict, invoke, z: float,
             out[key] = np.zeros_like(value)
         else:
             stacked = np.stack([np.asarray(p[key], dtype=np.float64) for p in parts])
-            out[key] = dp.release(stacked, BOUNDS[(kind, key)] * scale, z, n_sites, rng)
+            out[key] = dp.release(stacked, BOUNDS[resolve(kind, key)] * scale, z, n_sites,
+                                  rng)
     return from_arrays(type(message), out)
 
 
@@ -230,9 +248,9 @@ def postprocess(sums: Message, p: int) -> Message:
     out = {}
     for key, value in flat.items():
         value = np.asarray(value, dtype=np.float64)
-        if (kind, key) in GRAMS:
+        if resolve(kind, key) in GRAMS:
             value = dp.nearest_psd_packed(value, p)
-        if (kind, key) in NONNEG:
+        if resolve(kind, key) in NONNEG:
             value = np.maximum(value, 0.0)
         if (kind, key) == ("LogSums", "n_zero"):
             value = np.minimum(np.round(value), float(flat["n_samples"]))
@@ -247,7 +265,8 @@ def releases(message_type: type, dims: dict[str, int]) -> int:
         return 0
     kind = message_type.__name__
     return sum(1 for key in declared_shapes(message_type, dims)
-               if not key.startswith(UNUSED_PARTS) and rule(kind, key) == "noised")
+               if not resolve(kind, key)[1].startswith(UNUSED_PARTS)
+               and rule(kind, key) == "noised")
 
 
 def step_message_type(step) -> type | None:

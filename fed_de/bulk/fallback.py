@@ -23,9 +23,9 @@ from fed_de.federation.messages import Message, sums
 class FallbackSums(Message):
     """Log likelihood, gradient and packed observed information at each candidate."""
 
-    loglik: np.ndarray = sums("G", "KF")
-    grad: np.ndarray = sums("G", "KF", "p")
-    info: np.ndarray = sums("G", "KF", "T")
+    loglik: np.ndarray = sums("G", "KF", narrow=True)
+    grad: np.ndarray = sums("G", "KF", "p", narrow=True)
+    info: np.ndarray = sums("G", "KF", "T", narrow=True)
 
 
 @site_step

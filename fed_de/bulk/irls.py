@@ -26,27 +26,27 @@ from fed_de.federation.strategy import Phase, Round
 class FitSums(Message):
     """``fitBeta`` sums at each candidate of each gene, and the observed information."""
 
-    xtwx: np.ndarray = sums("G", "KB", "T")
-    xtwz: np.ndarray = sums("G", "KB", "p")
-    deviance: np.ndarray = sums("G", "KB")
-    xtwx_obs: np.ndarray = sums("G", "KB", "T")
+    xtwx: np.ndarray = sums("G", "KB", "T", narrow=True)
+    xtwz: np.ndarray = sums("G", "KB", "p", narrow=True)
+    deviance: np.ndarray = sums("G", "KB", narrow=True)
+    xtwx_obs: np.ndarray = sums("G", "KB", "T", narrow=True)
 
 
 class ReducedFitSums(Message):
     """The same for the LRT's reduced model."""
 
-    xtwx: np.ndarray = sums("G", "KB", "Tr")
-    xtwz: np.ndarray = sums("G", "KB", "pr")
-    deviance: np.ndarray = sums("G", "KB")
-    xtwx_obs: np.ndarray = sums("G", "KB", "Tr")
+    xtwx: np.ndarray = sums("G", "KB", "Tr", narrow=True)
+    xtwz: np.ndarray = sums("G", "KB", "pr", narrow=True)
+    deviance: np.ndarray = sums("G", "KB", narrow=True)
+    xtwx_obs: np.ndarray = sums("G", "KB", "Tr", narrow=True)
 
 
 class RawDeviances(Message):
     """-2 log likelihood with unfloored means (R's ``logLike``) at each candidate of the full
     and the reduced model: the LRT of a fit that ends without a closing round (the refit)."""
 
-    full: np.ndarray = sums("G", "KB")
-    reduced: np.ndarray = sums("G", "KB")
+    full: np.ndarray = sums("G", "KB", narrow=True)
+    reduced: np.ndarray = sums("G", "KB", narrow=True)
 
 
 class IRLSSums(Message):
@@ -146,19 +146,27 @@ def start_final_fit(start: FitStart, irls_mu: IRLSFit) -> dict:
     return out
 
 
-def mu_fit_phase(mu_rounds: int) -> Phase:
-    """Rough dispersions and IRLS starts, then the IRLS of the dispersion-fit means."""
+def mu_fit_phase(mu_rounds: int, from_cells: bool = False) -> Phase:
+    """Rough dispersions and IRLS starts, then the IRLS of the dispersion-fit means;
+    ``from_cells``: the starts from the moments round's cell sums (no rough round)."""
     mu = [Round(call(irls_sums, stage="mu"), [call(irls_step, stage="mu")])] * mu_rounds
+    if from_cells:
+        return Phase("mu_fit", opening=[call(rough.rough_from_cells, mu_rounds=mu_rounds),
+                                        start_mu_fit], rounds=mu)
     return Phase("mu_fit", rounds=[
         Round(rough.rough_sums, [call(rough.rough_start, mu_rounds=mu_rounds), start_mu_fit]),
         *mu])
 
 
-def final_fit_phase(final_rounds: int, fallback_rounds: int) -> Phase:
-    """The final IRLS (from the final dispersions), then the fallback of unconverged genes."""
+def final_fit_phase(final_rounds: int, fallback_rounds: int,
+                    last: Round | None = None) -> Phase:
+    """The final IRLS (from the final dispersions), then the fallback of unconverged genes;
+    ``last`` replaces the last fallback round (the one that also closes the fit)."""
     step = Round(call(irls_sums, stage="final"), [call(irls_step, stage="final")])
     rounds = [Round(step.local, list(step.steps)) for _ in range(final_rounds)]
     rounds[-1].steps.append(fallback.fallback_begin)
     rounds += [Round(fallback.fallback_sums, [fallback.fallback_step])
                for _ in range(fallback_rounds)]
+    if last is not None:
+        rounds[-1] = last
     return Phase("final_fit", opening=[start_final_fit], rounds=rounds)

@@ -87,7 +87,7 @@ def side_seed(state: RunState, round_idx: int, fetch, rounds: list[int]
     round ``round_idx``): None when the side chain had not forked yet (``start`` unknown) or
     had joined (``state.cooks`` known); else ``(its last finished state, round)``, or, when
     none of its aggregations finished, ``(the state it forked from, round)`` (the state
-    after the size factors: ``start`` known, ``start.alpha_hat`` not yet), so that it
+    after the size factors: the first with ``start`` known), so that it
     restarts while the main chain keeps its progress; None when that is ``state`` itself
     (it forks anew in the resumed plan). ``rounds``: the failed plan's finished
     aggregations (a resumed plan's installed seeds among them, numbered as the states they
@@ -97,8 +97,10 @@ def side_seed(state: RunState, round_idx: int, fetch, rounds: list[int]
     for r in sorted(rounds, reverse=True):
         if isinstance(side := get_state(fetch, r), RunState) and not _is_main(side):
             return side, r
+    # the fork state: the first main state with a fit start (the moments round writes it,
+    # and ends the size-factor phase, which the side chain forks after)
     fork = next((r for r in sorted(rounds) if _is_main(s := get_state(fetch, r))
-                 and s.start is not None and s.start.alpha_hat is None), None)
+                 and s.start is not None), None)
     if fork is None or fork >= round_idx:
         return None
     return fetch(fork), fork

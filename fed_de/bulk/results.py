@@ -34,7 +34,7 @@ Contrast = tuple | list | np.ndarray | str | None
 
 #: Per-gene columns of the fit with DESeq2's names (``mcols(dds)``), what dispersions.csv holds.
 GENE_COLUMNS = ("baseMean", "dispGeneEst", "dispFit", "dispMAP", "dispersion", "dispOutlier",
-                "allZero", "betaConv")
+                "allZero", "betaConv", "withheld")
 #: Columns of a results table.
 RESULT_COLUMNS = ("baseMean", "log2FoldChange", "lfcSE", "stat", "pvalue", "padj")
 
@@ -457,13 +457,14 @@ class DESeq2Result:
 
     @property
     def dispersions(self) -> pd.DataFrame:
-        """Gene-level dispersion table: gene-wise, trend, MAP, final, outlier flag."""
+        """Gene-level dispersion table: gene-wise, trend, MAP, final, outlier flag, and the
+        genes a disclosure rule withheld (no fit: their ``betaConv`` is False)."""
         g = self.state.genes
         d = g.dispersions
         frame = pd.DataFrame({
             "baseMean": g.base_mean, "genewise": d.gene, "trend": d.fit, "MAP": d.map,
             "final": d.final, "outlier": d.outlier, "allZero": g.all_zero,
-            "betaConv": g.beta_converged,
+            "betaConv": g.beta_converged, "withheld": self._withheld(),
         }, index=self.genes)
         frame.index.name = "gene"
         return frame
@@ -471,14 +472,20 @@ class DESeq2Result:
     @property
     def gene_table(self) -> pd.DataFrame:
         """Per-gene columns with DESeq2's names (``mcols(dds)``): baseMean, dispGeneEst,
-        dispFit, dispMAP, dispersion, dispOutlier, allZero, betaConv."""
+        dispFit, dispMAP, dispersion, dispOutlier, allZero, betaConv; and fed_de's
+        ``withheld``: genes a disclosure rule kept out of the analysis (no fit, no result)."""
         d = self.dispersions
         frame = pd.DataFrame({
             "baseMean": d["baseMean"], "dispGeneEst": d["genewise"], "dispFit": d["trend"],
             "dispMAP": d["MAP"], "dispersion": d["final"],
             "dispOutlier": d["outlier"].astype(bool), "allZero": d["allZero"].astype(bool),
-            "betaConv": d["betaConv"].astype(bool)}, index=d.index)
+            "betaConv": d["betaConv"].astype(bool), "withheld": d["withheld"]}, index=d.index)
         return frame[list(GENE_COLUMNS)]
+
+    def _withheld(self) -> np.ndarray:
+        """Genes a disclosure rule withheld (all False when none were)."""
+        w = self.state.genes.withheld
+        return np.zeros(len(self.genes), bool) if w is None else np.asarray(w, dtype=bool)
 
     @property
     def coefficients(self) -> pd.DataFrame:
@@ -511,7 +518,8 @@ class DESeq2Result:
         converge, genes filtered, replaced and refitted by Cook's step."""
         out = [f"dispersion trend: {w}" for w in (self.state.trend.warnings or [])]
         g = self.state.genes
-        fitted = ~np.asarray(g.all_zero, dtype=bool)
+        # withheld genes have no fit (their sums are zeros): not "did not converge"
+        fitted = ~np.asarray(g.all_zero, dtype=bool) & ~self._withheld()
         n = int((~np.asarray(g.beta_converged, dtype=bool) & fitted).sum())
         if n:
             out.append(f"{n} rows did not converge in beta, labelled betaConv=False in "

@@ -7,6 +7,8 @@ Round 3  site : final size factors (the ``poscounts`` rescaling), then the sum o
                 which DESeq2 does not fit)                                -> RoughSums
          agg  : ``alpha_hat = clip(min(rough, moments), minDisp, maxDisp)`` and the IRLS
                 starts                                                  (:func:`rough_start`)
+Factor designs with ``ratio`` size factors have no rough round: the moments round sends the
+same sums per design cell and its aggregation computes the start (:func:`rough_from_cells`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from dataclasses import replace
 
 import numpy as np
 
+from fed_de.bulk.size_factors import MomentSums
 from fed_de.bulk.state import FitStart, Site, Totals
 from fed_de.core import moments as mom
 from fed_de.core import nb
+from fed_de.design import cell_design_rows
 from fed_de.federation.calls import aggregator_step, site_step
 from fed_de.federation.messages import Message, part, sums, zero_rows
 
@@ -58,6 +62,25 @@ def rough_sums(site: Site, totals: Totals, start: FitStart) -> RoughSums:
     out = RoughSums(rough=rough, xt_logy=np.log(norm + 0.1).T @ X,
                     xt_loglin=np.log(np.maximum(lin, 0.1)).T @ X, reduced=reduced)
     return zero_rows(out, start.skip)  # all-zero or withheld genes send nothing
+
+
+@aggregator_step(writes=("totals", "start"))
+def rough_from_cells(sums: MomentSums, totals: Totals, start: FitStart, study, reduced,
+                     mu_rounds: int = 0) -> dict:
+    """:func:`rough_start` from the moments round's per-cell sums (factor designs, ``ratio``
+    size factors): the linear fit is one value per design cell, so the rough dispersions'
+    sum and the IRLS starts' sums over samples are sums over cells
+    (:func:`fed_de.core.moments.start_from_cell_sums`); no rough round."""
+    max_disp = max(10.0, float(totals.n_samples))
+    Xrc = (cell_design_rows(study, reduced)
+           if reduced is not None and not reduced.intercept_only else None)
+    new = mom.start_from_cell_sums(sums.cell_norm, sums.cells.sumsq, sums.cells.logsum,
+                                   totals.cell_counts, totals.xim, max_disp,
+                                   cell_design_rows(study), Xrc)
+    keys = ("alpha_hat", "beta_init", "beta_alt", "beta_init_reduced", "beta_alt_reduced")
+    fresh = {k: new[k] for k in keys if k in new}
+    return {"totals": replace(totals, max_disp=max_disp),
+            "start": replace(start, **fresh, mu_rounds=mu_rounds)}
 
 
 @aggregator_step(writes=("totals", "start"))

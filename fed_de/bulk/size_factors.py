@@ -26,10 +26,10 @@ from fed_de.bulk.state import FitStart, Site, Totals
 from fed_de.core import moments as mom
 from fed_de.core import nb
 from fed_de.core import size_factors as sf_core
-from fed_de.design import check_full_rank, design_cells, design_matrix
+from fed_de.design import check_full_rank, design_cells, design_matrix, n_distinct_rows
 from fed_de.errors import DisclosureError, SiteDataError
-from fed_de.federation.calls import aggregator_step, site_step
-from fed_de.federation.messages import Message, sums
+from fed_de.federation.calls import aggregator_step, call, site_step
+from fed_de.federation.messages import Message, counts, part, sums
 from fed_de.federation.strategy import Phase, Round
 from fed_de.validation import validate_site
 
@@ -40,23 +40,34 @@ class LogSums(Message):
     rules, checked before any sum of values over a cell is sent)."""
 
     sum_log: np.ndarray = sums("G")
-    n_zero: np.ndarray = sums("G")
-    n_samples: float = sums()
-    cell_counts: np.ndarray = sums("C")
-    cell_nonzero: np.ndarray = sums("G", "C")
+    n_zero: np.ndarray = counts("G")
+    n_samples: float = counts()
+    cell_counts: np.ndarray = counts("C")
+    cell_nonzero: np.ndarray = counts("G", "C")
+
+
+class CellSums(Message):
+    """Per gene and design cell: sums of squared normalised counts and of log(normalised +
+    0.1). With the cells' sums of normalised counts they give the rough dispersions and the
+    IRLS starts of a factor design at once (its linear fit is one value per cell)."""
+
+    sumsq: np.ndarray = sums("G", "C")
+    logsum: np.ndarray = sums("G", "C")
 
 
 class MomentSums(Message):
-    """Round 2: the sums behind baseMean, the moments dispersion and the linear fit."""
+    """Round 2: the sums behind baseMean, the moments dispersion and the linear fit (and,
+    ``cells``, the rough round's sums per design cell)."""
 
     sum_norm: np.ndarray = sums("G")
     sum_norm_sq: np.ndarray = sums("G")
     sum_inv_sf: float = sums()
     sum_log_sf: float = sums()
-    n_samples: float = sums()
+    n_samples: float = counts()
     xtx: np.ndarray = sums("T")
     xty: np.ndarray = sums("G", "p")
     cell_norm: np.ndarray = sums("G", "C")
+    cells: CellSums | None = part()
 
 
 class NormalisedSums(Message):
@@ -64,7 +75,7 @@ class NormalisedSums(Message):
 
     sum_norm: np.ndarray = sums("G")
     sum_log_sf: float = sums()
-    n_samples: float = sums()
+    n_samples: float = counts()
 
 
 class Nothing(Message):
@@ -187,17 +198,24 @@ def rescale_size_factors(site: Site, totals: Totals) -> Nothing:
 
 
 @site_step
-def moment_sums(site: Site, totals: Totals) -> MomentSums:
-    """Size factors, then the sums behind baseMean, moments and the linear fit."""
+def moment_sums(site: Site, totals: Totals, cells: bool = False) -> MomentSums:
+    """Size factors, then the sums behind baseMean, moments and the linear fit; with
+    ``cells`` (factor design, ``ratio`` size factors: final already) the rough round's sums
+    per design cell (:class:`CellSums`)."""
     sf = compute_size_factors(site, totals.log_geo_means)
     X = site.kept.design
     # withheld genes (a pooled cell with a single non-zero count) send nothing from here on
     norm = np.where(totals.withheld[None, :], 0.0, site.counts() / sf[:, None])
     n = site.data.n_samples
-    return MomentSums(sum_norm=norm.sum(axis=0), sum_norm_sq=(norm * norm).sum(axis=0),
-                      sum_inv_sf=float((1.0 / sf).sum()), sum_log_sf=float(np.log(sf).sum()),
-                      n_samples=float(n), xtx=nb.gram(X, np.ones(n)), xty=norm.T @ X,
-                      cell_norm=norm.T @ _cell_onehot(site))
+    onehot = _cell_onehot(site)
+    out = MomentSums(sum_norm=norm.sum(axis=0), sum_norm_sq=(norm * norm).sum(axis=0),
+                     sum_inv_sf=float((1.0 / sf).sum()), sum_log_sf=float(np.log(sf).sum()),
+                     n_samples=float(n), xtx=nb.gram(X, np.ones(n)), xty=norm.T @ X,
+                     cell_norm=norm.T @ onehot)
+    if cells:
+        logsum = np.where(totals.withheld[:, None], 0.0, np.log(norm + 0.1).T @ onehot)
+        out.cells = CellSums(sumsq=(norm * norm).T @ onehot, logsum=logsum)
+    return out
 
 
 @aggregator_step(writes=("totals", "start"))
@@ -211,8 +229,7 @@ def moments(sums: MomentSums, totals: Totals, study, options) -> dict:
     beta_lin = np.linalg.solve(xtx, (sums.xty * c).T).T
     # DESeq2 uses the linear fit for mu when the design has as many distinct rows as
     # coefficients (a cell-means design); with continuous terms rows are distinct.
-    n_cells = int((totals.cell_counts > 0).sum())
-    linear = (not study.continuous) and n_cells == p
+    linear = (not study.continuous) and n_distinct_rows(study, totals.cell_counts > 0) == p
     totals = replace(totals, n_samples=n, sf_scale=c, xtx=sums.xtx, xim=m["xim"],
                      linear_mu=linear, log_geo_means=None)
     start = FitStart(base_mean=m["base_mean"], skip=(m["base_mean"] == 0) | totals.withheld,
@@ -221,7 +238,9 @@ def moments(sums: MomentSums, totals: Totals, study, options) -> dict:
     return {"totals": totals, "start": start}
 
 
-def phase() -> Phase:
-    """Size factors, baseMean, moments and the linear fit: two rounds."""
+def phase(cells: bool = False) -> Phase:
+    """Size factors, baseMean, moments and the linear fit: two rounds; ``cells``: the
+    second also sends the rough round's sums per design cell."""
+    second = call(moment_sums, cells=True) if cells else moment_sums
     return Phase("size_factors", rounds=[Round(log_sums, [log_means]),
-                                         Round(moment_sums, [moments])])
+                                         Round(second, [moments])])

@@ -42,7 +42,7 @@ from fed_de.bulk.state import DESeq2Options, RunState, Site, SiteState
 from fed_de.core import disp_path
 from fed_de.core.fallback import STEPS as FALLBACK_STEPS
 from fed_de.core.irls import N_CANDIDATES
-from fed_de.design import Study, reduced_study
+from fed_de.design import Study, n_distinct_rows, reduced_study
 from fed_de.federation import guard, secure
 from fed_de.federation.calls import invoke
 from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, Round, run_phases
@@ -301,6 +301,10 @@ class DESeq2Strategy(_BulkStrategy):
         return bulk_dp.private_message(fn, state, provided, params, invoke,
                                        self.dp_budget["noise_multiplier"], self.n_sites)
 
+    def compact_fields(self) -> bool:
+        """Under DP every field is noised: all travel in the default fixed point."""
+        return self.dp_budget is None
+
     def postprocess(self, sums):
         """Under DP, the noisy totals made usable (:func:`fed_de.bulk.dp.postprocess`)."""
         if self.dp_budget is None:
@@ -321,19 +325,23 @@ class DESeq2Strategy(_BulkStrategy):
 
     def saturated_design(self) -> bool:
         """Cell-means design known from the study alone: DESeq2 then uses the linear fit."""
-        dims = self.dims()
-        return not self.study.continuous and dims["C"] == dims["p"]
+        return not self.study.continuous and n_distinct_rows(self.study) == self.study.n_coefs
 
     def phases(self) -> list[Phase]:
         """The plan: every phase, in order."""
         o = self.options
         mu_rounds = 0 if self.saturated_design() else o.mu_rounds
-        plan = [sfs.phase(), irls.mu_fit_phase(mu_rounds),
+        # without Cook's, one fallback round also closes the fit (closing.fused_round)
+        fused = not self.with_cooks() and o.fallback_rounds == 1
+        # factor designs, ratio size factors: the rough round's sums per cell, in round 2
+        cells = not self.study.continuous and o.size_factors == "ratio"
+        plan = [sfs.phase(cells), irls.mu_fit_phase(mu_rounds, from_cells=cells),
                 dispersions.genewise_phase(o.genewise_rounds),
                 dispersions.map_phase(o.map_rounds),
-                irls.final_fit_phase(o.final_rounds, o.fallback_rounds)]
+                irls.final_fit_phase(o.final_rounds, o.fallback_rounds,
+                                     closing.fused_round() if fused else None)]
         if not self.with_cooks():
-            plan = [*plan, closing.phase(with_cooks=False)]
+            plan = plan if fused else [*plan, closing.phase(with_cooks=False)]
         else:
             plan = [*plan, cooks.robust_phase(o.robust_rounds, fork_after="size_factors"),
                     closing.phase(with_cooks=True)]

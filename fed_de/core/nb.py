@@ -8,12 +8,16 @@ scale (``1e-6 / ln(2)^2`` on the natural scale).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from scipy.special import digamma, gammaln
 
 LN2 = float(np.log(2.0))
 RIDGE_LOG2 = 1e-6
 GENE_CHUNK = 2048  # genes per block: bounds the samples x genes x points temporaries
+DISP_BLOCK = 16384  # samples x pairs per dispersion block: its temporaries stay in cache
+DISTINCT_MAX = 0.85  # tabulate special functions when distinct counts are below this share
 
 
 def ridge(p: int) -> np.ndarray:
@@ -25,23 +29,43 @@ def trigamma(x: np.ndarray) -> np.ndarray:
     """psi'(x) for x > 0: recurrence up to x >= 8, then the asymptotic series (~1e-12).
 
     scipy's ``polygamma(1, x)`` goes through the Hurwitz zeta function and is several times
-    slower; this is the hot spot of the dispersion summands.
+    slower; this is the hot spot of the dispersion summands. The recurrence runs on the
+    (usually few) arguments below 8 only, gathered once; the series is evaluated in place.
     """
     x = np.asarray(x, dtype=np.float64)
-    flat = x.ravel()
-    acc = np.zeros_like(flat)
-    idx = np.flatnonzero(flat < 8.0)
-    z = flat.copy()
-    while idx.size:  # at most 8 passes, only over the small arguments
-        zi = z[idx]
-        acc[idx] += 1.0 / (zi * zi)
-        z[idx] = zi + 1.0
-        idx = idx[zi + 1.0 < 8.0]
-    inv = 1.0 / z
+    z = x.ravel().copy()
+    idx = np.flatnonzero(z < 8.0)
+    small = z[idx]
+    acc = np.zeros_like(small)
+    live = small < 8.0
+    while live.any():  # at most 8 passes, only over the small arguments
+        step = np.where(live, 1.0 / (small * small), 0.0)
+        acc = np.where(live, acc + step, acc)
+        small = np.where(live, small + 1.0, small)
+        live = small < 8.0
+    z[idx] = small
+    out = _trigamma_series(z)
+    out[idx] += acc
+    return out.reshape(x.shape)
+
+
+def _trigamma_series(z: np.ndarray) -> np.ndarray:
+    """The asymptotic series of psi'(z) (z >= 8), through z^-11, with two temporaries."""
+    inv = np.divide(1.0, z)
     inv2 = inv * inv
-    series = inv + 0.5 * inv2 + inv * inv2 * (1.0 / 6.0 - inv2 * (1.0 / 30.0 - inv2 * (
-        1.0 / 42.0 - inv2 * (1.0 / 30.0 - inv2 * 5.0 / 66.0))))
-    return (acc + series).reshape(x.shape)
+    s = inv2 * 5.0
+    s /= 66.0
+    np.subtract(1.0 / 30.0, s, out=s)
+    s *= inv2
+    np.subtract(1.0 / 42.0, s, out=s)
+    s *= inv2
+    np.subtract(1.0 / 30.0, s, out=s)
+    s *= inv2
+    np.subtract(1.0 / 6.0, s, out=s)
+    s *= inv * inv2  # (inv * inv2) * (...)
+    inv += 0.5 * inv2
+    inv += s
+    return inv
 
 
 # -- symmetric p x p matrices travel packed (upper triangle) -------------------------------
@@ -233,41 +257,146 @@ def disp_summands(y: np.ndarray, mu: np.ndarray, X: np.ndarray, log_alpha: np.nd
         ``w = mu / (1 + alpha mu)`` and its first two derivatives in ``log(alpha)``.
     """
     G, K = log_alpha.shape
-    T = n_packed(X.shape[1])
-    out = {k: np.empty((G, K)) for k in ("ll", "d1", "d2")}
-    out.update({k: np.empty((G, K, T)) for k in ("A", "A1", "A2")})
-    for start in range(0, G, GENE_CHUNK):
-        sl = slice(start, min(G, start + GENE_CHUNK))
-        part = _disp_block(y[:, sl], mu[:, sl], X, log_alpha[sl])
-        for k, v in part.items():
-            out[k][sl] = v
+    genes = np.repeat(np.arange(G), K)
+    out = disp_summands_at(y, mu, X, genes, np.ascontiguousarray(log_alpha).ravel())
+    return {k: v.reshape((G, K) + v.shape[1:]) for k, v in out.items()}
+
+
+def disp_summands_at(y: np.ndarray, mu: np.ndarray, X: np.ndarray, genes: np.ndarray,
+                     points: np.ndarray, block: int = DISP_BLOCK) -> dict:
+    """:func:`disp_summands` at scattered ``(gene, log alpha)`` pairs: one value per pair.
+
+    Each pair is one column of samples x pairs blocks of about ``block`` elements: small
+    enough that the temporaries stay in cache and are reused (no page faults), with no
+    padding between genes that have different numbers of points.
+    """
+    P, T = genes.size, n_packed(X.shape[1])
+    out = {k: np.empty(P) for k in ("ll", "d1", "d2")}
+    out.update({k: np.empty((P, T)) for k in ("A", "A1", "A2")})
+    iu = np.triu_indices(X.shape[1])
+    XX = X[:, iu[0]] * X[:, iu[1]]  # n x T
+    if P == 0:
+        return out
+    if P == 1:  # two columns, so that the sum over samples runs in sample order (below)
+        return {k: v[:1] for k, v in disp_summands_at(y, mu, X, np.repeat(genes, 2),
+                                                       np.repeat(points, 2), block).items()}
+    step = max(2, block // max(1, y.shape[0]))
+    bounds = list(range(0, P, step)) + [P]
+    if bounds[-1] - bounds[-2] == 1:  # no one-column block
+        del bounds[-2]
+    used, col = np.unique(genes, return_inverse=True)
+    dist = _distinct(np.take(y, used, axis=1))
+    alpha = np.exp(points)
+    r = 1.0 / alpha
+    # the terms in r alone, once per pair: (alpha, r, lgamma(r), digamma(r), trigamma(r))
+    per_pair = (alpha, r, gammaln(r), digamma(r), trigamma(r))
+    for s, e in itertools.pairwise(bounds):
+        g = genes[s:e]
+        # np.take gives C-ordered samples x pairs blocks: numpy then sums over samples in
+        # sample order, column by column (a one-column or F-ordered block is summed pairwise)
+        _disp_block(np.take(y, g, axis=1), np.take(mu, g, axis=1), XX,
+                    [v[s:e] for v in per_pair], {k: v[s:e] for k, v in out.items()},
+                    _lookup(dist, col[s:e]))
     return out
 
 
-def _disp_block(y, mu, X, log_alpha) -> dict:
-    y = y[:, :, None]
-    mu = mu[:, :, None]
-    alpha = np.exp(log_alpha)[None]
-    r = 1.0 / alpha
+def _distinct(y: np.ndarray) -> tuple:
+    """Each gene's distinct counts: ``(values, start, size, rank)`` with ``values`` the
+    genes' ascending distinct values one gene after the other, ``start`` / ``size`` each
+    gene's slice of them, ``rank`` (samples x genes) each sample's index in its gene's."""
+    yt = np.ascontiguousarray(y.T)
+    order = np.argsort(yt, axis=1, kind="stable")
+    ys = np.take_along_axis(yt, order, axis=1)
+    new = np.ones(ys.shape, dtype=bool)
+    new[:, 1:] = ys[:, 1:] != ys[:, :-1]
+    rank_sorted = np.cumsum(new, axis=1) - 1
+    rank = np.empty_like(rank_sorted)
+    np.put_along_axis(rank, order, rank_sorted, axis=1)
+    size = rank_sorted[:, -1] + 1 if yt.shape[1] else np.zeros(yt.shape[0], dtype=int)
+    return ys[new], np.cumsum(size) - size, size, np.ascontiguousarray(rank.T)
+
+
+def _lookup(dist: tuple, cols: np.ndarray) -> tuple | None:
+    """For a block of pairs (``cols``: their genes' columns in ``dist``): the distinct
+    counts of each pair, one pair after the other, ``(values, per_pair, index)`` with
+    ``index`` (samples x pairs) each sample's place in ``values``; None when the counts of
+    the block are mostly distinct (a table would not save work)."""
+    values, start, size, rank = dist
+    sz = size[cols]
+    total = int(sz.sum())
+    if total > DISTINCT_MAX * rank.shape[0] * cols.size:
+        return None
+    off = np.cumsum(sz) - sz
+    idx = np.repeat(start[cols] - off, sz)
+    idx += np.arange(total)
+    index = np.take(rank, cols, axis=1)
+    index += off
+    return values[idx], sz, index
+
+
+def _disp_block(y, mu, XX, per_pair, out, lookup=None) -> None:
+    """The sums of :func:`disp_summands_at` for one block of pairs (samples x pairs), written
+    into ``out``; ``per_pair`` holds the block's ``alpha, r, lgamma(r), digamma(r),
+    trigamma(r)``. In-place ufuncs in DESeq2's order of operations: every element is the
+    same number as the plain expressions give. With a ``lookup`` (:func:`_lookup`), lgamma,
+    digamma and trigamma of ``y + r`` are evaluated once per distinct count of a pair and
+    read back per sample (the same numbers)."""
+    alpha, r, lgamma_r, digamma_r, trigamma_r = per_pair
     t = y + r
-    q = mu / r
-    l1 = np.log1p(q)  # log(1 + mu/r); log(mu + r) = log(r) + l1
-    inv_mr = 1.0 / (mu + r)
+    if lookup is None:
+        def special(f, out=None):
+            return f(t) if out is None else f(t, out=out)
+    else:
+        tv = lookup[0] + np.repeat(r, lookup[1])  # each distinct y + r, as in t
+
+        def special(f, out=None):
+            return np.take(f(tv), lookup[2], out=out)
+    l1 = np.divide(mu, r)
+    np.log1p(l1, out=l1)  # log(1 + mu/r); log(mu + r) = log(r) + l1
+    inv_mr = np.add(mu, r)
+    np.divide(1.0, inv_mr, out=inv_mr)
     # l(r) = lgamma(y+r) - lgamma(r) - y log(mu+r) - r log(1 + mu/r). Differences such as
     # digamma(y+r) - digamma(r) are taken per element, before summing over samples: summing
     # first would cancel large terms and make sums from different sites disagree in the last
     # digits more than the per-element form does.
-    ll = gammaln(t) - gammaln(r) - y * (np.log(r) + l1) - r * l1
-    dl_dr = digamma(t) - digamma(r) - l1 - t * inv_mr + 1.0
-    d2l = trigamma(t) - trigamma(r) - inv_mr - (mu - y) * inv_mr * inv_mr + 1.0 / r
-    ll_sum, dl_sum, d2l_sum = ll.sum(axis=0), dl_dr.sum(axis=0), d2l.sum(axis=0)
+    a = special(gammaln)
+    a -= lgamma_r
+    b = np.add(np.log(r), l1)
+    b *= y
+    a -= b
+    np.multiply(r, l1, out=b)
+    a -= b
+    ll_sum = a.sum(axis=0)
+    special(digamma, out=a)
+    a -= digamma_r
+    a -= l1
+    np.multiply(t, inv_mr, out=b)
+    a -= b
+    a += 1.0
+    dl_sum = a.sum(axis=0)
+    a = special(trigamma)
+    a -= trigamma_r
+    a -= inv_mr
+    np.subtract(mu, y, out=b)
+    b *= inv_mr
+    b *= inv_mr
+    a -= b
+    a += 1.0 / r
+    d2l_sum = a.sum(axis=0)
     # theta = log(alpha), r = exp(-theta): dl/dtheta = -r l_r; d2l/dtheta2 = r l_r + r^2 l_rr
-    r0 = r[0]
-    w = mu / (1.0 + alpha * mu)
-    dw = -alpha * w * w
-    d2w = dw + 2.0 * alpha * alpha * w**3
-    return {"ll": ll_sum, "d1": -r0 * dl_sum, "d2": r0 * dl_sum + r0 * r0 * d2l_sum,
-            "A": gram(X, w), "A1": gram(X, dw), "A2": gram(X, d2w)}
+    out["ll"][:] = ll_sum
+    np.multiply(-r, dl_sum, out=out["d1"])
+    np.add(r * dl_sum, r * r * d2l_sum, out=out["d2"])
+    w = np.multiply(alpha, mu, out=t)  # w = mu / (1 + alpha mu), dw = -alpha w^2,
+    w += 1.0                           # d2w = dw + 2 alpha^2 w^3
+    np.divide(mu, w, out=w)
+    dw = np.multiply(-alpha, w, out=inv_mr)
+    dw *= w
+    d2w = np.power(w, 3, out=l1)
+    d2w *= 2.0 * alpha * alpha
+    d2w += dw
+    for key, v in (("A", w), ("A1", dw), ("A2", d2w)):
+        out[key][:] = v.T @ XX
 
 
 def cox_reid(A: np.ndarray, A1: np.ndarray, A2: np.ndarray, p: int):
@@ -284,39 +413,3 @@ def cox_reid(A: np.ndarray, A1: np.ndarray, A2: np.ndarray, p: int):
     d1 = -0.5 * np.trace(B, axis1=-2, axis2=-1)
     d2 = -0.5 * (np.trace(inv @ M2, axis1=-2, axis2=-1) - np.einsum("...ij,...ji->...", B, B))
     return cr, d1, d2
-
-
-def disp_summands_at(y: np.ndarray, mu: np.ndarray, X: np.ndarray, genes: np.ndarray,
-                     points: np.ndarray, budget: int = 4_000_000) -> dict:
-    """:func:`disp_summands` at scattered ``(gene, log alpha)`` pairs: one value per pair.
-
-    Pairs are grouped by how many points their gene has (widths rounded up to a power of
-    two), so the work stays within twice the number of pairs and each block holds at most
-    ``budget`` samples x genes x points elements.
-    """
-    P, T = genes.size, n_packed(X.shape[1])
-    out = {k: np.zeros(P) for k in ("ll", "d1", "d2")}
-    out.update({k: np.zeros((P, T)) for k in ("A", "A1", "A2")})
-    if P == 0:
-        return out
-    order = np.argsort(genes, kind="stable")
-    g_sorted = genes[order]
-    uniq, first, count = np.unique(g_sorted, return_index=True, return_counts=True)
-    slot = np.arange(P) - np.repeat(first, count)  # position of each pair within its gene
-    width = 2 ** np.ceil(np.log2(count)).astype(int)
-    for w in np.unique(width):
-        rows = np.flatnonzero(width == w)  # genes (indices into uniq) of this width
-        dense = np.repeat(points[order][first[rows]][:, None], w, axis=1)  # pad: first point
-        take = np.isin(np.searchsorted(uniq, g_sorted), rows)
-        gi = np.searchsorted(uniq[rows], g_sorted[take])
-        dense[gi, slot[take]] = points[order][take]
-        step = max(1, budget // max(1, y.shape[0] * w))
-        for s in range(0, rows.size, step):
-            blk = slice(s, min(rows.size, s + step))
-            part = disp_summands(y[:, uniq[rows[blk]]], mu[:, uniq[rows[blk]]], X, dense[blk])
-            sel = take.copy()
-            sel[take] = (gi >= blk.start) & (gi < blk.stop)
-            dest = order[sel]
-            for k, v in part.items():
-                out[k][dest] = v[gi[sel[take]] - blk.start, slot[sel]]
-    return out

@@ -1,12 +1,12 @@
 """What a site sends: typed messages whose shapes are written in study sizes only.
 
 A message is a dataclass (subclass of :class:`Message`) whose fields are float64 arrays
-declared with :func:`sums`, or nested messages (``None`` where a variant is off: the LRT's
-reduced model, Cook's counts). Each array's shape is a tuple of dimension symbols: genes
-``G``, coefficients ``p``, packed p x p matrices ``T``, design cells ``C``, ... and sizes the
-aggregator announces in its request (points per gene ``K``, candidates ``KB``, open search
-targets ``A``). Never the site's sample count. The schema is read from the type, so what is
-declared is what is checked, summed and sent.
+declared with :func:`sums` (or :func:`counts`, for sample counts), or nested messages
+(``None`` where a variant is off: the LRT's reduced model, Cook's counts). Each array's shape
+is a tuple of dimension symbols: genes ``G``, coefficients ``p``, packed p x p matrices
+``T``, design cells ``C``, ... and sizes the aggregator announces in its request (points per
+gene ``K``, candidates ``KB``, open search targets ``A``). Never the site's sample count. The
+schema is read from the type, so what is declared is what is checked, summed and sent.
 """
 
 from __future__ import annotations
@@ -19,9 +19,24 @@ import numpy as np
 from fed_de.errors import MessageSchemaError
 
 
-def sums(*shape: str | int) -> Any:
-    """Declare a message field: a float64 array of the given symbolic shape (``()``: scalar)."""
-    return field(metadata={"shape": tuple(shape)})
+def sums(*shape: str | int, narrow: bool = False) -> Any:
+    """Declare a message field: a float64 array of the given symbolic shape (``()``: scalar).
+
+    ``narrow``: its values stay well below ``2**53`` in magnitude (fit sums; not sums of
+    squared counts), so under secure aggregation they travel in two words, not three
+    (:data:`fed_de.secagg.NARROW`; a larger value is refused, naming the field).
+    """
+    return field(metadata={"shape": tuple(shape), **({"narrow": True} if narrow else {})})
+
+
+def counts(*shape: str | int) -> Any:
+    """Declare a field of sample counts: non-negative integers held in a float64 array.
+
+    Summed like :func:`sums`; under secure aggregation they travel packed, 4 bytes a count
+    instead of a fixed-point value's 24 (:func:`fed_de.secagg.pack_counts`). A count is a
+    number of the site's samples: its total over sites is at most the study's.
+    """
+    return field(metadata={"shape": tuple(shape), "counts": True})
 
 
 def part() -> Any:
@@ -84,6 +99,20 @@ def arrays(message: Message, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+def flagged_keys(message: Message, flag: str, prefix: str = "") -> set[str]:
+    """Dotted names of the message's fields declared with ``flag`` (``"counts"``: by
+    :func:`counts`; ``"narrow"``: by ``sums(..., narrow=True)``), nested parts included."""
+    out = set()
+    for f in fields(message):
+        value = getattr(message, f.name)
+        if _is_array(f):
+            if f.metadata.get(flag):
+                out.add(prefix + f.name)
+        elif value is not None:
+            out |= flagged_keys(value, flag, f"{prefix}{f.name}.")
+    return out
+
+
 def take_rows(message: Message, rows: np.ndarray) -> Message:
     """The message restricted to genes ``rows`` (fields whose first dimension is ``G``)."""
     kwargs = {}
@@ -136,18 +165,21 @@ def total(messages: list[Message], rows: np.ndarray | None = None,
     return type(first)(**kwargs)
 
 
-def declared_shapes(cls: type, dims: dict[str, int], prefix: str = "") -> dict[str, tuple]:
+def declared_shapes(cls: type, dims: dict[str, int], prefix: str = "",
+                    only: str | None = None) -> dict[str, tuple]:
     """Every array a message of type ``cls`` may carry, by dotted name, with its shape (every
-    optional part included: an upper bound for variants that leave a part out)."""
+    optional part included: an upper bound for variants that leave a part out);
+    ``only``: the fields declared with that flag (see :func:`flagged_keys`)."""
     import typing
 
     hints = typing.get_type_hints(cls)
     out = {}
     for f in fields(cls):
         if _is_array(f):
-            out[prefix + f.name] = resolve(f.metadata["shape"], dims)
+            if only is None or f.metadata.get(only):
+                out[prefix + f.name] = resolve(f.metadata["shape"], dims)
             continue
         for kind in typing.get_args(hints[f.name]) or (hints[f.name],):
             if isinstance(kind, type) and issubclass(kind, Message):
-                out.update(declared_shapes(kind, dims, f"{prefix}{f.name}."))
+                out.update(declared_shapes(kind, dims, f"{prefix}{f.name}.", only))
     return out

@@ -24,7 +24,7 @@ import numpy as np
 from fed_de import secagg
 from fed_de.errors import DisclosureError
 from fed_de.federation.calls import aggregator_step, site_step
-from fed_de.federation.messages import Message, arrays, sums
+from fed_de.federation.messages import Message, arrays, flagged_keys, sums
 
 KEY_ROUND_STEPS = 2  # the key round adds one site task and one aggregation to the chain
 
@@ -84,8 +84,10 @@ def relay_keys(offers: list) -> dict:
 
 
 def mask_message(message: Message, keys: Keyring, relay: KeyRelay, n_sites: int,
-                 stream: int) -> MaskedMessage:
-    """Encode and mask a checked message (the session opens at the first message)."""
+                 stream: int, compact: bool = True) -> MaskedMessage:
+    """Encode and mask a checked message (the session opens at the first message); its
+    :func:`~fed_de.federation.messages.counts` fields travel packed and its ``narrow`` sums
+    in two words, unless ``compact`` is False (e.g. noised: neither integers nor in range)."""
     if keys.session is None:
         if n_sites and len(relay.public_keys) != n_sites:
             raise DisclosureError(
@@ -99,8 +101,11 @@ def mask_message(message: Message, keys: Keyring, relay: KeyRelay, n_sites: int,
                                            relay.run_id)
         keys.private = b""  # the session holds the pair seeds only
     kind = f"{type(message).__module__}:{type(message).__qualname__}"
+    counts = flagged_keys(message, "counts") if compact else ()
+    narrow = flagged_keys(message, "narrow") if compact else ()
     return MaskedMessage(kind=kind, payload=secagg.mask(arrays(message), keys.session,
-                                                        stream=stream))
+                                                        stream=stream, counts=counts,
+                                                        narrow=narrow))
 
 
 class MaskedTotal:

@@ -106,6 +106,12 @@ class FedStrategy(ComputePlanBuilder):
         release it differently, e.g. with calibrated noise)."""
         return invoke(fn, state, provided, params)
 
+    def compact_fields(self) -> bool:
+        """Whether messages' count fields hold exact counts and their ``narrow`` sums stay in
+        range (then they travel in compact encodings under secure aggregation); the base:
+        yes. A subclass that noises messages says no."""
+        return True
+
     def postprocess(self, sums: Message) -> Message:
         """The round's summed message as the aggregator steps read it (the base: as summed)."""
         return sums
@@ -164,7 +170,8 @@ class FedStrategy(ComputePlanBuilder):
         relay = getattr(state, "secure", None)
         if relay is None or isinstance(message, secure.KeyOffer):
             return message
-        return secure.mask_message(message, self.keyring, relay, self.n_sites, stream)
+        return secure.mask_message(message, self.keyring, relay, self.n_sites, stream,
+                                   compact=self.compact_fields())
 
     @remote
     def aggregate(self, shared_states: list, steps: str = "") -> Any:
