@@ -612,11 +612,15 @@ class MaskedSum:
 
     _COMMON = ("parties", "run", "stream", "tag", "limbs", "frac_bits", "counts", "narrow")
 
-    def __init__(self) -> None:
+    def __init__(self, consume: bool = False) -> None:
+        """``consume``: the first message's (writable) arrays become the running totals, not
+        copies of them: for a caller that drops each message once added (it saves a copy of
+        the largest message; the caller's message is changed)."""
         self.head: dict | None = None
         self.sites: list[str] = []
         self.acc: dict[str, np.ndarray] = {}
         self.shapes: dict[str, tuple] = {}
+        self.consume = consume
 
     def __bool__(self) -> bool:
         return self.head is not None
@@ -650,7 +654,9 @@ class MaskedSum:
                     f"{key!r}: masked arrays differ in shape or are not uint64 limbs")
             if not self.sites:
                 self.shapes[key] = a.shape
-                self.acc[key] = a.reshape(limbs, -1).copy()
+                acc = a.reshape(limbs, -1)
+                own = self.consume and acc.flags.writeable and np.shares_memory(acc, a)
+                self.acc[key] = acc if own else acc.copy()
             else:
                 _iadd(self.acc[key], a.reshape(limbs, -1))
         self.sites.append(head["site"])

@@ -112,9 +112,11 @@ class MaskedTotal:
     """The sum of one round's masked messages, added as they arrive (one site's message is
     held at a time, not all of them): :meth:`add` each, then :meth:`message`."""
 
-    def __init__(self) -> None:
+    def __init__(self, consume: bool = False) -> None:
+        """``consume``: the caller drops each message once added (the first one's arrays
+        then hold the running totals: :class:`fed_de.secagg.MaskedSum`)."""
         self.kind: str | None = None
-        self.sum = secagg.MaskedSum()
+        self.sum = secagg.MaskedSum(consume=consume)
 
     def __bool__(self) -> bool:
         return self.kind is not None

@@ -181,7 +181,7 @@ class FedStrategy(ComputePlanBuilder):
         previous run state (aggregations keep no state: it travels this way).
         """
         offers, plain, states = [], [], []
-        masked = secure.MaskedTotal()
+        masked = secure.MaskedTotal(consume=True)  # each message is dropped once read
         # one pass: masked messages are summed as they come (the simulation's inputs also
         # free each message once read: ``stream``)
         for item in getattr(shared_states, "stream", lambda: shared_states)():
