@@ -57,6 +57,7 @@ replaced by ``MomentSums.cell_norm`` (one equation per gene and cell, any design
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -128,9 +129,15 @@ def record_run(sites, design: str | None = None, *, screen: bool = False, **kwar
     orig = sim._call
 
     def spy(method, org, step, ledger, what, **kw):
-        if "shared_states" in kw:  # read twice here: a list, not the simulation's stream
-            kw["shared_states"] = list(kw["shared_states"])
+        kept = None
+        if "shared_states" in kw:  # read twice here: a list, not the simulation's stream;
+            # the aggregation sums into the first masked message: it gets a copy
+            kept = list(kw["shared_states"])
+            kw["shared_states"] = [copy.deepcopy(s) if isinstance(s, secure.MaskedMessage)
+                                   else s for s in kept]
         out = orig(method, org, step, ledger, what, **kw)
+        if kept is not None:
+            kw["shared_states"] = kept
         if not what.startswith("aggregation"):
             return out
         strategy = getattr(method, "__self__", None)
