@@ -187,6 +187,7 @@ class FixedPoint:
         total += comp
         return np.where(neg, -total, total)
 
+
 def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
     """Integral float64 magnitudes ``a`` with signs ``neg`` as ``(limbs, n)`` uint64 words of
     the ring (two's complement), limb 0 lowest.
@@ -217,6 +218,7 @@ def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
                 word += carry
                 carry &= word == 0
     return out
+
 
 def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Knuth's TwoSum: ``s = fl(a + b)`` and the exact rounding error ``a + b - s``."""
@@ -278,6 +280,11 @@ def count_limit(n_parties: int) -> int:
     return 2 ** (COUNT_BITS - math.ceil(math.log2(max(1, n_parties))))
 
 
+def packed_words(n_counts: int) -> int:
+    """uint64 words holding ``n_counts`` packed counts (:func:`pack_counts`)."""
+    return -(-n_counts // (64 // COUNT_BITS))
+
+
 def pack_counts(x: np.ndarray, n_parties: int, name: str = "value") -> np.ndarray:
     """Non-negative integer counts packed two to a uint64 word: shape ``(1, ceil(size / 2))``.
 
@@ -294,9 +301,8 @@ def pack_counts(x: np.ndarray, n_parties: int, name: str = "value") -> np.ndarra
         raise EncodingRangeError(
             f"{name!r}: a count must be an integer in [0, {limit}) for {n_parties} sites; "
             "not sent")
-    v = flat.astype(np.uint64)
-    if v.size % 2:
-        v = np.append(v, np.uint64(0))
+    v = np.zeros(2 * packed_words(flat.size), dtype=np.uint64)
+    v[:flat.size] = flat
     return (v[0::2] | (v[1::2] << np.uint64(COUNT_BITS)))[None, :]
 
 
@@ -307,6 +313,17 @@ def unpack_counts(words: np.ndarray, shape: tuple) -> np.ndarray:
     out[0::2] = w & _LO32
     out[1::2] = w >> np.uint64(COUNT_BITS)
     return out[:math.prod(shape)].reshape(shape)
+
+
+def key_format(head: Mapping, key: str) -> tuple[int, int]:
+    """``(limbs, frac_bits)`` of ``key`` in a masked message with header ``head`` (a packed
+    count: one word, ``(1, 0)``; a narrow sum: :data:`NARROW`'s; else the session's)."""
+    if key in (head.get("counts") or {}):
+        return 1, 0
+    narrow = head.get("narrow") or {}
+    if key in narrow.get("keys", ()):
+        return narrow["limbs"], narrow["frac_bits"]
+    return head["limbs"], head.get("frac_bits")
 
 
 # --------------------------------------------------------------------------- keys and seeds
@@ -646,7 +663,7 @@ class MaskedSum:
         if self.sites and keys != set(self.acc):
             raise SecAggError("messages carry different keys")
         for key in keys:
-            limbs = self._format(key)[0]
+            limbs = key_format(self.head, key)[0]
             a = np.asarray(masked[key])
             if a.dtype != np.uint64 or a.shape[:1] != (limbs,) or (
                     self.sites and a.shape != self.shapes[key]):
@@ -660,16 +677,6 @@ class MaskedSum:
             else:
                 _iadd(self.acc[key], a.reshape(limbs, -1))
         self.sites.append(head["site"])
-
-    def _format(self, key: str) -> tuple[int, int]:
-        """``(limbs, frac_bits)`` of ``key`` in this round (counts: one packed word)."""
-        head = self.head
-        if key in (head.get("counts") or {}):
-            return 1, 0
-        narrow = head.get("narrow") or {}
-        if key in narrow.get("keys", ()):
-            return narrow["limbs"], narrow["frac_bits"]
-        return head["limbs"], head["frac_bits"]
 
     def total(self) -> dict:
         """The decoded totals ``{key: float64 array}`` (``np.float64`` for scalars).
@@ -690,7 +697,8 @@ class MaskedSum:
         totals: dict = {}
         for key, acc in self.acc.items():
             value = (unpack_counts(acc, tuple(packed[key])) if key in packed
-                     else FixedPoint(*self._format(key)).decode(acc.reshape(self.shapes[key])))
+                     else FixedPoint(*key_format(self.head, key)).decode(
+                         acc.reshape(self.shapes[key])))
             totals[key] = np.float64(value) if value.ndim == 0 else value
         return totals
 

@@ -69,7 +69,7 @@ class PlanRecord:
                 if not masked or _unmasked(t.method) or self.masked_words == 1:
                     n += 8 * size
                 elif key in t.counts and self.compact:
-                    n += 8 * -(-size // 2)
+                    n += 8 * secagg.packed_words(size)
                 elif key in t.narrow and self.compact:
                     n += 8 * size * secagg.NARROW.limbs
                 else:
@@ -112,12 +112,14 @@ class _DryNode:
         self._record = record
         self._dims = dims
 
-    def _add(self, method, parents, round_idx, message=None, spec: str = "") -> str:
+    def _add(self, method, parents, round_idx, message=None, spec: str = "",
+             counts: frozenset = frozenset(), narrow: frozenset = frozenset()) -> str:
         key = str(uuid.uuid4())
         depth = 1 + max((self._record.depth.get(p, 0) for p in parents), default=0)
         self._record.depth[key] = depth
         self._record.tasks.append(PlannedTask(key, self.organization_id, method,
-                                              round_idx or 0, depth, message, spec))
+                                              round_idx or 0, depth, message, spec,
+                                              counts, narrow))
         return key
 
     def register_operations(self, *args, **kwargs):
@@ -154,8 +156,7 @@ class DryTrainDataNode(_DryNode):
                 getattr(method, "__wrapped__", None), "message_schema", {})
             message = {k: _shape(v, self._dims) for k, v in schema.items()}
         key = self._add(describe(rs._method_name, rs._method_parameters), parents, round_idx,
-                        message, rs._method_parameters.get("site_step", ""))
-        self._record.tasks[-1].counts, self._record.tasks[-1].narrow = counts, narrow
+                        message, rs._method_parameters.get("site_step", ""), counts, narrow)
         return LocalStateRef(key), SharedStateRef(key)
 
 

@@ -130,14 +130,9 @@ def payload_nbytes(obj: Any) -> int:
     if isinstance(obj, MaskedMessage):
         head = obj.payload[secagg.HEADER]
         packed = head.get("counts") or {}
-        narrow = head.get("narrow") or {}
-
-        def values(key: str, v: np.ndarray) -> int:
-            if key in packed:
-                return math.prod(packed[key])
-            limbs = narrow["limbs"] if key in narrow.get("keys", ()) else head["limbs"]
-            return int(v.size) // limbs
-        return sum(8 * values(k, v) for k, v in obj.payload.items() if k != secagg.HEADER)
+        return sum(8 * (math.prod(packed[k]) if k in packed
+                        else int(v.size) // secagg.key_format(head, k)[0])
+                   for k, v in obj.payload.items() if k != secagg.HEADER)
     if isinstance(obj, Message):
         return sum(int(v.size) * 8 for v in arrays(obj).values())
     return 0

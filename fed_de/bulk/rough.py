@@ -71,7 +71,7 @@ def rough_from_cells(sums: MomentSums, totals: Totals, start: FitStart, study, r
     size factors): the linear fit is one value per design cell, so the rough dispersions'
     sum and the IRLS starts' sums over samples are sums over cells
     (:func:`fed_de.core.moments.start_from_cell_sums`); no rough round."""
-    max_disp = max(10.0, float(totals.n_samples))
+    max_disp = mom.max_disp(totals.n_samples)
     Xrc = (cell_design_rows(study, reduced)
            if reduced is not None and not reduced.intercept_only else None)
     new = mom.start_from_cell_sums(sums.cell_norm, sums.cells.sumsq, sums.cells.logsum,

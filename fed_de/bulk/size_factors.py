@@ -208,13 +208,14 @@ def moment_sums(site: Site, totals: Totals, cells: bool = False) -> MomentSums:
     norm = np.where(totals.withheld[None, :], 0.0, site.counts() / sf[:, None])
     n = site.data.n_samples
     onehot = _cell_onehot(site)
-    out = MomentSums(sum_norm=norm.sum(axis=0), sum_norm_sq=(norm * norm).sum(axis=0),
+    sq = norm * norm
+    out = MomentSums(sum_norm=norm.sum(axis=0), sum_norm_sq=sq.sum(axis=0),
                      sum_inv_sf=float((1.0 / sf).sum()), sum_log_sf=float(np.log(sf).sum()),
                      n_samples=float(n), xtx=nb.gram(X, np.ones(n)), xty=norm.T @ X,
                      cell_norm=norm.T @ onehot)
     if cells:
         logsum = np.where(totals.withheld[:, None], 0.0, np.log(norm + 0.1).T @ onehot)
-        out.cells = CellSums(sumsq=(norm * norm).T @ onehot, logsum=logsum)
+        out.cells = CellSums(sumsq=sq.T @ onehot, logsum=logsum)
     return out
 
 

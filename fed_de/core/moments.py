@@ -26,16 +26,21 @@ def moments(sum_norm, sum_norm_sq, sum_inv_sf, n, scale: float) -> dict:
     return {"base_mean": mean, "moments_disp": disp, "xim": xim}
 
 
+def max_disp(n: float) -> float:
+    """DESeq2's ``maxDisp = max(10, n)`` for ``n`` samples."""
+    return max(10.0, float(n))
+
+
 def rough_start(rough_sum, moments_disp, n: float, p: int, xtx_packed, xt_logy, xt_loglin):
     """``alpha_hat = clip(min(rough, moments), minDisp, maxDisp)``, maxDisp, and the two IRLS
     starts (log normalised counts; log of the linear-fit means)."""
     rough = np.maximum(rough_sum / (n - p), 0.0)
-    max_disp = max(10.0, n)
-    alpha_hat = np.clip(np.fmin(rough, moments_disp), MIN_DISP, max_disp)
+    top = max_disp(n)
+    alpha_hat = np.clip(np.fmin(rough, moments_disp), MIN_DISP, top)
     xtx = nb.unpack(xtx_packed, p)
     beta0 = np.linalg.solve(xtx, xt_logy.T).T
     beta_alt = np.linalg.solve(xtx, xt_loglin.T).T
-    return alpha_hat, max_disp, beta0, beta_alt
+    return alpha_hat, top, beta0, beta_alt
 
 
 def reduced_starts(xrtxr_packed, xr_logy, xr_loglin):

@@ -8,8 +8,6 @@ scale (``1e-6 / ln(2)^2`` on the natural scale).
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 from scipy.special import digamma, gammaln
 
@@ -281,16 +279,14 @@ def disp_summands_at(y: np.ndarray, mu: np.ndarray, X: np.ndarray, genes: np.nda
         return {k: v[:1] for k, v in disp_summands_at(y, mu, X, np.repeat(genes, 2),
                                                        np.repeat(points, 2), block).items()}
     step = max(2, block // max(1, y.shape[0]))
-    bounds = list(range(0, P, step)) + [P]
-    if bounds[-1] - bounds[-2] == 1:  # no one-column block
-        del bounds[-2]
     used, col = np.unique(genes, return_inverse=True)
     dist = _distinct(np.take(y, used, axis=1))
     alpha = np.exp(points)
     r = 1.0 / alpha
     # the terms in r alone, once per pair: (alpha, r, lgamma(r), digamma(r), trigamma(r))
     per_pair = (alpha, r, gammaln(r), digamma(r), trigamma(r))
-    for s, e in itertools.pairwise(bounds):
+    for sl in gene_blocks(P, step):  # no one-column block
+        s, e = sl.start, sl.stop
         g = genes[s:e]
         # np.take gives C-ordered samples x pairs blocks: numpy then sums over samples in
         # sample order, column by column (a one-column or F-ordered block is summed pairwise)
