@@ -212,7 +212,7 @@ def view(recording: dict, which: str = "totals") -> list[Task]:
 
 
 # a fused round's message: its parts, read as the messages of their own rounds
-_FUSED = {"FallbackClosingSums": (("fallback.", "FallbackSums"), ("closing.", "ClosingSums"))}
+_FUSED = {"ClosingFitSums": (("fit.", "IRLSSums"), ("closing.", "BoxedSums"))}
 
 
 def _parts(kind: str, msg: dict):

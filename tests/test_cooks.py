@@ -41,14 +41,15 @@ COLUMNS = ["baseMean", "log2FoldChange", "lfcSE", "stat", "pvalue", "padj"]
 def wald_plan_steps() -> int:
     """Sequential steps of the plan without Cook's (a factor design, ``ratio`` size
     factors): the key round of secure aggregation, size factors (2 rounds; the second also
-    carries the rough round's sums per design cell), then every loop; the one fallback round
-    also closes the fit. 40 with the defaults (docs/algorithm.md)."""
+    carries the rough round's sums per design cell), then every loop; the last IRLS round
+    also runs the one fallback round and closes the fit. 36 with the defaults
+    (docs/algorithm.md)."""
     from fed_de.bulk.state import DESeq2Options
 
     o = DESeq2Options()
-    rounds = (1 + 2 + o.mu_rounds + o.genewise_rounds + o.map_rounds + o.final_rounds
-              + o.fallback_rounds)
-    assert 2 * rounds == 40  # the measured defaults: mu 5, gene-wise 4, MAP 1, final 6
+    assert o.fallback_rounds == 1
+    rounds = 1 + 2 + o.mu_rounds + o.genewise_rounds + o.map_rounds + o.final_rounds
+    assert 2 * rounds == 36  # the measured defaults: mu 4, gene-wise 4, MAP 1, final 6
     return 2 * rounds
 
 

@@ -9,10 +9,12 @@ Round W  site : packed X'WX and the deviance (-2 log likelihood with unfloored m
          agg  : DESeq2's stopping rule for genes still iterating, the Fisher-information
                 covariance with DESeq2's ridge, (X'WX + L)^-1 X'WX (X'WX + L)^-1, and the
                 per-gene results (:func:`close_fit`)
-Without Cook's and with one fallback round (the defaults) the closing sums ride on the
-fallback round (:func:`fallback_closing_sums`): that round accepts the coefficients it
-evaluates (its start point), so the final coefficients are known before it runs and its
-aggregation closes the fit; the results are those of a separate closing round, bit for bit.
+Without Cook's and with one fallback round (the defaults) the closing sums ride on the last
+IRLS round (:func:`closing_fit_sums`): the coefficients a fit ends with are one of the
+candidates that round evaluates (in DESeq2's optim box for a gene sent to the fallback, whose
+one round accepts its start point), so the sites send the closing sums at every candidate and
+the aggregation keeps each gene's own; the results are those of separate fallback and closing
+rounds.
 Contrasts, Wald statistics, p-values and adjusted p-values are computed from the per-gene
 results at the aggregator, for any number of contrasts, with no further round
 (:mod:`fed_de.bulk.results`).
@@ -22,11 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from fed_de.bulk import cooks
+from fed_de.bulk import cooks, irls
 from fed_de.bulk import fallback as fallback_fit
 from fed_de.bulk.cooks import CooksCounts, cooks_counts
-from fed_de.bulk.fallback import FallbackSums
+from fed_de.bulk.irls import IRLSSums
 from fed_de.bulk.state import CooksSetup, Dispersions, FitStart, GeneResults, Site, Totals
+from fed_de.core import fallback as fallback_core
 from fed_de.core import lrt, nb
 from fed_de.core.fallback import FallbackFit
 from fed_de.core.irls import MIN_MU, IRLSFit
@@ -39,6 +42,12 @@ class ReducedDeviance(Message):
     """The LRT reduced model's deviance (-2 log likelihood) at its final coefficients."""
 
     deviance: np.ndarray = sums("G", narrow=True)
+
+
+class ReducedDevianceAt(Message):
+    """The LRT reduced model's deviance at each of its candidates."""
+
+    deviance: np.ndarray = sums("G", "KB", narrow=True)
 
 
 class ClosingSums(Message):
@@ -132,44 +141,139 @@ def close_fit(sums: ClosingSums, start: FitStart, totals: Totals, dispersions: D
     return {"genes": genes}
 
 
-class FallbackClosingSums(Message):
-    """The fallback round with the closing sums at the coefficients it accepts."""
+class BoxedSums(Message):
+    """The closing sums at each candidate of the last IRLS round.
 
-    fallback: FallbackSums = part()
-    closing: ClosingSums = part()
+    At the candidate clipped to DESeq2's optim box (where a gene sent to the fallback starts,
+    and with one fallback round stays): the fallback's sums, X'WX and the deviance; at the
+    candidate itself, the deviance (a gene that stays with IRLS beyond the box); the LRT
+    reduced model's deviance at its candidates.
+    """
+
+    loglik: np.ndarray = sums("G", "KB", narrow=True)
+    grad: np.ndarray = sums("G", "KB", "p", narrow=True)
+    info: np.ndarray = sums("G", "KB", "T", narrow=True)
+    xtwx: np.ndarray = sums("G", "KB", "T", narrow=True)
+    deviance: np.ndarray = sums("G", "KB", narrow=True)
+    deviance_free: np.ndarray = sums("G", "KB", narrow=True)
+    reduced: ReducedDevianceAt | None = part()
+
+
+class ClosingFitSums(Message):
+    """The last final IRLS round with the closing sums at each of its candidates."""
+
+    fit: IRLSSums = part()
+    closing: BoxedSums = part()
+
+
+def _boxed_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_final: IRLSFit,
+                irls_reduced: IRLSFit | None) -> BoxedSums:
+    """:class:`BoxedSums`: per candidate, the closing sums as :func:`closing_sums` computes
+    them at the final coefficients, and the fallback's sums in blocks of genes."""
+    G, K, p = irls_final.candidates.shape
+    alpha = np.nan_to_num(dispersions.final, nan=1.0)
+    X, sf, y = site.kept.design, site.kept.size_factors, site.counts()
+    lrt_on = site.reduced is not None
+    T = nb.n_packed(p)
+    out = {"loglik": np.zeros((G, K)), "grad": np.zeros((G, K, p)),
+           "info": np.zeros((G, K, T)), "xtwx": np.zeros((G, K, T)),
+           "deviance": np.zeros((G, K)), "deviance_free": np.zeros((G, K))}
+    reduced = np.zeros((G, K)) if lrt_on else None
+    free = np.nan_to_num(irls_final.candidates)
+    boxed = np.clip(free, -fallback_core.BOX, fallback_core.BOX)
+    for k in range(K):
+        beta_r = None
+        if lrt_on:
+            beta_r = (lrt.intercept_only_beta(np.where(start.skip, 1.0, start.base_mean))
+                      if irls_reduced is None else np.nan_to_num(irls_reduced.candidates[:, k]))
+        dev = lrt.lrt_site_deviances(y, sf, X, boxed[:, k], site.kept.design_reduced
+                                     if lrt_on else None, beta_r, alpha)
+        out["xtwx"][:, k] = nb.fisher_gram(X, boxed[:, k], sf, alpha, MIN_MU)
+        out["deviance"][:, k] = dev["deviance"]
+        out["deviance_free"][:, k] = dev["deviance"]
+        if not np.array_equal(boxed[:, k], free[:, k]):  # a candidate beyond the box
+            out["deviance_free"][:, k] = lrt.lrt_site_deviances(
+                y, sf, X, free[:, k], None, None, alpha)["deviance"]
+        if lrt_on:
+            reduced[:, k] = dev["deviance_r"]
+    idx = np.flatnonzero(~start.skip)
+    for sl in nb.gene_blocks(idx.size):
+        genes = idx[sl]
+        part_ = fallback_core.fallback_sums(y[:, genes], X, sf, alpha[genes], boxed[genes])
+        for key, value in part_.items():
+            out[key][genes] = value
+    msg = BoxedSums(**out, reduced=None if reduced is None
+                    else ReducedDevianceAt(deviance=reduced))
+    return zero_rows(msg, start.skip)  # all-zero or withheld genes
 
 
 @site_step
-def fallback_closing_sums(site: Site, start: FitStart, dispersions: Dispersions,
-                          irls_final: IRLSFit, fallback: FallbackFit,
-                          irls_reduced: IRLSFit | None) -> FallbackClosingSums:
-    """The fallback's sums at its start point and X'WX and deviance at the final
-    coefficients: a first fallback round accepts its start point (every candidate is that
-    point, :func:`fed_de.core.fallback.start_fallback`), so they are known already."""
-    return FallbackClosingSums(
-        fallback=fallback_fit.fallback_sums(site, fallback, dispersions),
-        closing=closing_sums(site, start, dispersions, irls_final, fallback, irls_reduced,
-                             None))
+def closing_fit_sums(site: Site, start: FitStart, dispersions: Dispersions,
+                     irls_mu: IRLSFit | None, irls_final: IRLSFit,
+                     irls_reduced: IRLSFit | None) -> ClosingFitSums:
+    """The last IRLS round's sums, and the closing sums at each of its candidates: the
+    aggregation keeps one candidate per gene, and the coefficients the fit ends with are that
+    candidate (or, for a gene sent to the one fallback round, that candidate in the box)."""
+    fit = irls.irls_sums(site, start, dispersions, irls_mu, irls_final, irls_reduced,
+                         stage="final")
+    return ClosingFitSums(fit=fit, closing=_boxed_sums(site, start, dispersions, irls_final,
+                                                       irls_reduced))
+
+
+@aggregator_step(writes=("irls_final", "irls_reduced"))
+def closing_irls_step(sums: ClosingFitSums, irls_mu: IRLSFit | None, irls_final: IRLSFit,
+                      irls_reduced: IRLSFit | None, study, reduced) -> dict:
+    """The IRLS update (:func:`fed_de.bulk.irls.irls_step`) from the round's fit part."""
+    return irls.irls_step(sums.fit, irls_mu, irls_final, irls_reduced, study, reduced,
+                          stage="final")
+
+
+def _at(values: np.ndarray, picked: np.ndarray) -> np.ndarray:
+    """Each gene's values at its kept candidate."""
+    return values[np.arange(values.shape[0]), picked]
 
 
 @aggregator_step(writes=("fallback",))
-def fallback_closing_step(sums: FallbackClosingSums, fallback: FallbackFit, study) -> dict:
-    """The fallback's update (:func:`fed_de.bulk.fallback.fallback_step`)."""
-    return fallback_fit.fallback_step(sums.fallback, fallback, study)
+def closing_fallback_step(sums: ClosingFitSums, fallback: FallbackFit, irls_final: IRLSFit,
+                          study) -> dict:
+    """The one fallback round from the sums at the kept candidate in the box: every
+    candidate of a first fallback round is its start point, that candidate
+    (:func:`fed_de.core.fallback.start_fallback`)."""
+    c, k = sums.closing, irls_final.picked
+    KF = fallback.candidates.shape[1]
+
+    def each(values):
+        return np.repeat(_at(values, k)[:, None], KF, axis=1)
+
+    return {"fallback": fallback_core.fallback_update(fallback, each(c.loglik), each(c.grad),
+                                                      each(c.info), study.n_coefs)}
 
 
 @aggregator_step(writes=("genes",))
-def close_fused(sums: FallbackClosingSums, start: FitStart, totals: Totals,
-                dispersions: Dispersions, irls_final: IRLSFit, fallback: FallbackFit,
-                irls_reduced: IRLSFit | None, study, reduced) -> dict:
-    """:func:`close_fit` from the closing part of the fallback round."""
-    return close_fit(sums.closing, start, totals, dispersions, irls_final, fallback,
-                     irls_reduced, study, reduced)
+def close_at_candidates(sums: ClosingFitSums, start: FitStart, totals: Totals,
+                        dispersions: Dispersions, irls_final: IRLSFit, fallback: FallbackFit,
+                        irls_reduced: IRLSFit | None, study, reduced) -> dict:
+    """:func:`close_fit` from the closing sums at the final coefficients: the kept candidate,
+    in the box for a refitted gene (and for any gene whose candidate is inside it)."""
+    c, k = sums.closing, irls_final.picked
+    beta = np.nan_to_num(irls_final.beta)
+    inside = (np.clip(beta, -fallback_core.BOX, fallback_core.BOX) == beta).all(axis=1)
+    boxed = fallback.refitted | inside
+    xtwx = np.where(boxed[:, None], _at(c.xtwx, k), _at(sums.fit.full.xtwx, k))
+    deviance = np.where(boxed, _at(c.deviance, k), _at(c.deviance_free, k))
+    closed = ClosingSums(xtwx=xtwx, deviance=deviance)
+    if c.reduced is not None:
+        k_r = irls_reduced.picked if irls_reduced is not None else np.zeros_like(k)
+        closed.reduced = ReducedDeviance(deviance=_at(c.reduced.deviance, k_r))
+    return close_fit(closed, start, totals, dispersions, irls_final, fallback, irls_reduced,
+                     study, reduced)
 
 
-def fused_round() -> Round:
-    """The one fallback round that also closes the fit (no Cook's)."""
-    return Round(fallback_closing_sums, [fallback_closing_step, close_fused])
+def closing_round() -> Round:
+    """The last final IRLS round that also runs the one fallback round and closes the fit
+    (no Cook's)."""
+    return Round(closing_fit_sums, [closing_irls_step, fallback_fit.fallback_begin,
+                                    closing_fallback_step, close_at_candidates])
 
 
 def phase(with_cooks: bool) -> Phase:

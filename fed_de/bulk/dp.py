@@ -83,20 +83,28 @@ BOUNDS = {
     ("FallbackSums", "info"): 100.0,
     ("ClosingSums", "xtwx"): 100.0,
     ("ClosingSums", "deviance"): 20.0,
+    ("BoxedSums", "loglik"): 50.0,  # as the fallback's and the closing sums
+    ("BoxedSums", "grad"): 100.0,
+    ("BoxedSums", "info"): 100.0,
+    ("BoxedSums", "xtwx"): 100.0,
+    ("BoxedSums", "deviance"): 20.0,
+    ("BoxedSums", "deviance_free"): 20.0,
 }
 #: Packed X'WX-like arrays the aggregator projects onto positive definite matrices.
-GRAMS = {("IRLSSums", "full.xtwx"), ("DispSums", "A"), ("ClosingSums", "xtwx")}
+GRAMS = {("IRLSSums", "full.xtwx"), ("DispSums", "A"), ("ClosingSums", "xtwx"),
+         ("BoxedSums", "xtwx")}
 #: Sums of non-negative terms the aggregator clamps at 0.
 NONNEG = {("LogSums", "n_zero"), ("MomentSums", "sum_norm"), ("MomentSums", "sum_norm_sq"),
           ("MomentSums", "sum_inv_sf"), ("MomentSums", "cell_norm"), ("MomentSums", "cells.sumsq"),
-          ("IRLSSums", "full.deviance"), ("ClosingSums", "deviance")}
+          ("IRLSSums", "full.deviance"), ("ClosingSums", "deviance"), ("BoxedSums", "deviance"),
+          ("BoxedSums", "deviance_free")}
 #: Optional message parts no DP run sends (LRT, Cook's and refit are refused or off under DP).
 UNUSED_PARTS = ("reduced.", "raw.", "cooks.")
 
 
 #: Messages that carry other steps' messages as parts (a fused round): their arrays take the
 #: rules of the part's own message.
-FUSED = {"FallbackClosingSums": {"fallback": "FallbackSums", "closing": "ClosingSums"}}
+FUSED = {"ClosingFitSums": {"fit": "IRLSSums", "closing": "BoxedSums"}}
 
 
 def resolve(kind: str, key: str) -> tuple[str, str]:

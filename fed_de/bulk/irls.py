@@ -161,12 +161,15 @@ def mu_fit_phase(mu_rounds: int, from_cells: bool = False) -> Phase:
 def final_fit_phase(final_rounds: int, fallback_rounds: int,
                     last: Round | None = None) -> Phase:
     """The final IRLS (from the final dispersions), then the fallback of unconverged genes;
-    ``last`` replaces the last fallback round (the one that also closes the fit)."""
+    ``last`` replaces the last IRLS round and the one fallback round (a round that runs
+    both and closes the fit)."""
     step = Round(call(irls_sums, stage="final"), [call(irls_step, stage="final")])
     rounds = [Round(step.local, list(step.steps)) for _ in range(final_rounds)]
+    if last is not None:
+        if fallback_rounds != 1:
+            raise ValueError("a closing IRLS round runs exactly one fallback round")
+        return Phase("final_fit", opening=[start_final_fit], rounds=[*rounds[:-1], last])
     rounds[-1].steps.append(fallback.fallback_begin)
     rounds += [Round(fallback.fallback_sums, [fallback.fallback_step])
                for _ in range(fallback_rounds)]
-    if last is not None:
-        rounds[-1] = last
     return Phase("final_fit", opening=[start_final_fit], rounds=rounds)

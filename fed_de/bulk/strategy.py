@@ -331,17 +331,18 @@ class DESeq2Strategy(_BulkStrategy):
         """The plan: every phase, in order."""
         o = self.options
         mu_rounds = 0 if self.saturated_design() else o.mu_rounds
-        # without Cook's, one fallback round also closes the fit (closing.fused_round)
-        fused = not self.with_cooks() and o.fallback_rounds == 1
+        # without Cook's, the last IRLS round also runs the one fallback round and closes the
+        # fit (closing.closing_round)
+        last = (closing.closing_round() if not self.with_cooks() and o.fallback_rounds == 1
+                else None)
         # factor designs, ratio size factors: the rough round's sums per cell, in round 2
         cells = not self.study.continuous and o.size_factors == "ratio"
         plan = [sfs.phase(cells), irls.mu_fit_phase(mu_rounds, from_cells=cells),
                 dispersions.genewise_phase(o.genewise_rounds),
                 dispersions.map_phase(o.map_rounds),
-                irls.final_fit_phase(o.final_rounds, o.fallback_rounds,
-                                     closing.fused_round() if fused else None)]
+                irls.final_fit_phase(o.final_rounds, o.fallback_rounds, last)]
         if not self.with_cooks():
-            plan = plan if fused else [*plan, closing.phase(with_cooks=False)]
+            plan = plan if last is not None else [*plan, closing.phase(with_cooks=False)]
         else:
             plan = [*plan, cooks.robust_phase(o.robust_rounds, fork_after="size_factors"),
                     closing.phase(with_cooks=True)]

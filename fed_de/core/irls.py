@@ -167,8 +167,10 @@ def irls_update(fit: IRLSFit, xtwx: np.ndarray, xtwz: np.ndarray, deviance: np.n
     cands_next += [plain] * (K - len(cands_next))  # no observed information: plain again
     new = np.stack(cands_next, axis=1)[:, :K]
     still = ~fit["stopped"]
-    fit["candidates"] = np.where(still[:, None, None], np.nan_to_num(new),
-                                 fit["beta"][:, None, :])
+    # an accelerated candidate far beyond DESeq2's divergence bound (its exp overflows at the
+    # sites) is evaluated at the bound; a plain step beyond it has already stopped the gene
+    bounded = np.clip(np.nan_to_num(new), -LARGE_BETA, LARGE_BETA)
+    fit["candidates"] = np.where(still[:, None, None], bounded, fit["beta"][:, None, :])
     return IRLSFit(**fit)
 
 
