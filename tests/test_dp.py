@@ -73,9 +73,9 @@ def test_one_sample_views_add_up_to_every_message(study, monkeypatch):
     monkeypatch.setattr(DESeq2Strategy, "site_message", checking)
     fed_de.deseq2(study.sites, study.design, **_kw(study))
     # the rough sums ride on the moments round (per design cell), the closing sums on the
-    # fallback round
+    # last IRLS round
     assert {"log_sums", "moment_sums", "irls_sums", "disp_sums",
-            "fallback_closing_sums"} <= set(seen)
+            "closing_fit_sums"} <= set(seen)
     assert ("MomentSums", "cells.logsum") in worst
     bad = {k: v for k, v in worst.items() if v > 1e-10}
     assert not bad, bad

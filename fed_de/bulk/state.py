@@ -64,7 +64,7 @@ class DESeq2Options:
     # DESeq2's minReplicatesForReplace: outliers in pooled cells this large are replaced and
     # the gene refitted; inf (the federated default under the disclosure rules): never
     min_replicates_for_replace: float = 7
-    mu_rounds: int = 5
+    mu_rounds: int = 4
     genewise_rounds: int = 4
     map_rounds: int = 1
     final_rounds: int = 6
