@@ -115,7 +115,17 @@ def nb_deviance(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray,
     if lgamma_ratio is None:
         lgamma_ratio = nb_lgamma_ratio(y, alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
-        logp = (y * (np.log(mu) - np.log(mu + r)) - r * np.log1p(mu / r)).sum(axis=0)
+        # y (log mu - log(mu + r)) - r log1p(mu / r), in place
+        terms = np.log(mu)
+        tmp = mu + r
+        np.log(tmp, out=tmp)
+        terms -= tmp
+        terms *= y
+        np.divide(mu, r, out=tmp)
+        np.log1p(tmp, out=tmp)
+        tmp *= r
+        terms -= tmp
+        logp = terms.sum(axis=0)
     if lgamma_y1 is None:
         lgamma_y1 = gammaln(y + 1.0).sum(axis=0)
     return -2.0 * (logp + lgamma_ratio - lgamma_y1)
@@ -139,13 +149,30 @@ def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None,
     where it is (there ``w`` and ``z`` do not move with ``beta``): a Newton step towards the
     same fixed point.
     """
+    # the same floating-point operations as the formulas above, in place, with 1 + alpha mu
+    # computed once (n x g temporaries are the cost here)
+    raw = X @ beta.T
     with np.errstate(over="ignore"):
-        raw = sf[:, None] * np.exp(X @ beta.T)
+        np.exp(raw, out=raw)
+    raw *= sf[:, None]
     mu = np.maximum(raw, min_mu)
-    w = mu / (1.0 + alpha * mu)
-    z = np.log(mu / sf[:, None]) + (y - mu) / mu
-    v = np.where(raw > min_mu, w * (1.0 + alpha * y) / (1.0 + alpha * mu), w)
-    return {"xtwx": gram(X, w), "xtwz": (w * z).T @ X,
+    unfloored = raw > min_mu
+    denom = np.multiply(alpha, mu, out=raw)  # raw is not read again
+    denom += 1.0
+    w = mu / denom
+    z = mu / sf[:, None]
+    np.log(z, out=z)
+    resid = y - mu
+    resid /= mu
+    z += resid
+    z *= w
+    xtwz = z.T @ X
+    v = np.multiply(alpha, y, out=resid)
+    v += 1.0
+    v *= w
+    v /= denom
+    np.copyto(v, w, where=~unfloored)
+    return {"xtwx": gram(X, w), "xtwz": xtwz,
             "deviance": nb_deviance(y, mu, alpha, lgamma_y1, lgamma_ratio),
             "xtwx_obs": gram(X, v)}
 
@@ -196,11 +223,19 @@ def irls_candidate_sums(counts: np.ndarray, genes: np.ndarray, X: np.ndarray, sf
     T = n_packed(p)
     out = {"xtwx": np.empty((g, K, T)), "xtwz": np.empty((g, K, p)),
            "deviance": np.empty((g, K)), "xtwx_obs": np.empty((g, K, T))}
+    # a candidate equal to an earlier one for every gene (a first round's third candidate is
+    # its first) is not evaluated again
+    same = {k: j for k in range(K) for j in range(k)[::-1]
+            if np.array_equal(candidates[:, k], candidates[:, j])}
     for sl in gene_blocks(g):
         y = counts[:, genes[sl]]
         lgr = nb_lgamma_ratio(y, alpha[sl])  # mean-free part: once for every candidate
         lgy1 = None if lgamma_y1 is None else lgamma_y1[sl]
         for k in range(K):
+            if k in same:
+                for key in out:
+                    out[key][sl, k] = out[key][sl, same[k]]
+                continue
             summands = irls_summands(y, X, sf, candidates[sl, k], alpha[sl], min_mu, lgy1, lgr)
             for key, value in summands.items():
                 out[key][sl, k] = value
