@@ -81,7 +81,7 @@ def test_bytes_are_the_messages_sizes(demo):
     rounds = {"robust": 2, "refit_mu": 1, "refit_final": 1}
     plain = _fit(demo, secure_aggregation=False, record_messages=True, rounds=rounds)
     masked = _fit(demo, record_messages=True, rounds=rounds)
-    packed_keys, narrow_keys = set(), set()
+    packed_keys, narrow_keys, widths = set(), set(), set()
     for site in demo.sites:
         mine = [m for m in plain.facts["messages"] if m["site"] == site]
         values = sum(np.asarray(v).size * 8 for m in mine for v in m["message"].values())
@@ -89,7 +89,8 @@ def test_bytes_are_the_messages_sizes(demo):
         assert plain.facts["bytes_sent_by_site"][site] == sum(m["bytes"] for m in mine)
         # the same messages, masked (the searches may ask for a few more or fewer points:
         # the totals differ in the last bits); on the wire 3 words a value, 2 a narrow sum,
-        # 4 bytes a count, and the pickled total is that plus framing and headers
+        # a count 4 bytes (1 once the pooled n <= 255 is known), and the pickled total is
+        # that plus framing and headers
         key_offer = 32 * 8  # the key round's public key is relayed, not masked
         wire = [m for m in masked.facts["messages"]
                 if m["site"] == site and isinstance(m["message"], MaskedMessage)]
@@ -99,6 +100,7 @@ def test_bytes_are_the_messages_sizes(demo):
             head = w["message"].payload["_secagg"]
             counts, narrow = head["counts"], head["narrow"]["keys"]
             packed_keys |= set(counts)
+            widths.add(head["count_bits"])
             narrow_keys.update(narrow)
             for key, v in p["message"].items():
                 limbs = w["message"].payload[key].shape[0]
@@ -108,7 +110,9 @@ def test_bytes_are_the_messages_sizes(demo):
                     assert limbs == (2 if key in narrow else 3), key
                 if w["message"].payload[key].shape[1:] == np.shape(v) or key in counts:
                     assert n == np.asarray(v).size, key  # the same message
-                size = 8 * -(-n // 2) if key in counts else 16 * n if key in narrow else 24 * n
+                per_word = 64 // head["count_bits"]  # 2, or 64 // N.bit_length() once N known
+                size = (8 * -(-n // per_word) if key in counts else 16 * n if key in narrow
+                        else 24 * n)
                 assert w["message"].payload[key].nbytes == size, key
                 expected += size
                 masked_values += n
@@ -117,6 +121,7 @@ def test_bytes_are_the_messages_sizes(demo):
         sent = masked.facts["bytes_sent_by_site"][site] - 32 * 8 * 2  # the offer, ~pickled
         assert expected < sent < 1.05 * expected
     assert {"count_below", "n_zero", "cell_nonzero"} <= packed_keys
+    assert widths == {32, 8}, widths  # 150 samples: 8-bit fields once the pooled n is known
     assert {"full.xtwx", "A2", "ll"} <= narrow_keys
     steps = plain.facts["bytes_by_step"]
     assert sum(v["payload"] for v in steps.values()) == max(

@@ -165,6 +165,7 @@ class _BulkStrategy(FedStrategy):
         return {"G": G, "p": p, "T": p * (p + 1) // 2, "C": n_cells, "pr": pr,
                 "Tr": pr * (pr + 1) // 2, "P": G * n_points, "KB": N_CANDIDATES,
                 "KF": len(FALLBACK_STEPS), "K1": cooks.K_THRESHOLDS, "NG": n_cells + 1,
+                "NS": n_cells + 1,
                 "A": G * 2 * (n_cells + 1)}
 
     def request_dims(self, state: RunState) -> dict[str, int]:
@@ -179,6 +180,7 @@ class _BulkStrategy(FedStrategy):
             out["KF"] = state.fallback.candidates.shape[1]
         if state.robust is not None:
             out["A"] = cooks.open_targets(state.robust)
+            out["NS"] = int(cooks.sent_groups(state.robust).sum())
         return out
 
 
@@ -304,6 +306,15 @@ class DESeq2Strategy(_BulkStrategy):
     def compact_fields(self) -> bool:
         """Under DP every field is noised: all travel in the default fixed point."""
         return self.dp_budget is None
+
+    def count_bounds(self, state, data) -> tuple[int | None, int | None]:
+        """Once the size-factor round has pooled the sample count (``totals.n_samples``),
+        every count a site sends is of its own samples: ``(N, the site's n)``."""
+        totals = getattr(state, "totals", None)
+        n = getattr(totals, "n_samples", None)
+        if n is None or not np.isfinite(n) or n != int(n):
+            return None, None
+        return int(n), int(data.n_samples)
 
     def postprocess(self, sums):
         """Under DP, the noisy totals made usable (:func:`fed_de.bulk.dp.postprocess`)."""

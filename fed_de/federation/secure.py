@@ -84,10 +84,15 @@ def relay_keys(offers: list) -> dict:
 
 
 def mask_message(message: Message, keys: Keyring, relay: KeyRelay, n_sites: int,
-                 stream: int, compact: bool = True) -> MaskedMessage:
+                 stream: int, compact: bool = True,
+                 count_bounds: tuple[int | None, int | None] = (None, None)) -> MaskedMessage:
     """Encode and mask a checked message (the session opens at the first message); its
     :func:`~fed_de.federation.messages.counts` fields travel packed and its ``narrow`` sums
-    in two words, unless ``compact`` is False (e.g. noised: neither integers nor in range)."""
+    in two words, unless ``compact`` is False (e.g. noised: neither integers nor in range).
+
+    ``count_bounds``: ``(pooled sample count N, this site's sample count)`` once the run
+    state carries ``N``: counts then travel in ``N.bit_length()``-bit fields
+    (:func:`fed_de.secagg.pack_counts`); ``(None, None)``: 32-bit fields."""
     if keys.session is None:
         if n_sites and len(relay.public_keys) != n_sites:
             raise DisclosureError(
@@ -105,7 +110,9 @@ def mask_message(message: Message, keys: Keyring, relay: KeyRelay, n_sites: int,
     narrow = flagged_keys(message, "narrow") if compact else ()
     return MaskedMessage(kind=kind, payload=secagg.mask(arrays(message), keys.session,
                                                         stream=stream, counts=counts,
-                                                        narrow=narrow))
+                                                        narrow=narrow,
+                                                        count_total=count_bounds[0],
+                                                        count_own=count_bounds[1]))
 
 
 class MaskedTotal:
