@@ -7,7 +7,9 @@ each site may send, computed from the declared message schemas. Those byte figur
 simulation and the subprocess backend measure what is sent). Two are given: the plaintext
 float64 payload, and the masked size when secure aggregation is on (each value encoded in
 ``limbs`` 64-bit words, sample counts packed two to a word, narrow sums in two words; pickle
-framing and the masking header not counted).
+framing and the masking header not counted). A run packs counts tighter once the pooled
+sample count is known (``N.bit_length()``-bit fields): the plan does not know ``N``, so it
+counts 32-bit fields, an upper bound.
 """
 
 from __future__ import annotations

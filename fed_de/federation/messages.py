@@ -33,8 +33,10 @@ def counts(*shape: str | int) -> Any:
     """Declare a field of sample counts: non-negative integers held in a float64 array.
 
     Summed like :func:`sums`; under secure aggregation they travel packed, 4 bytes a count
-    instead of a fixed-point value's 24 (:func:`fed_de.secagg.pack_counts`). A count is a
-    number of the site's samples: its total over sites is at most the study's.
+    instead of a fixed-point value's 24, ``N.bit_length()`` bits once the request carries the
+    pooled sample count ``N`` (:func:`fed_de.secagg.pack_counts`). A count is a number of the
+    site's samples: at most its own sample count (a larger one is refused), so its total over
+    sites is at most the study's.
     """
     return field(metadata={"shape": tuple(shape), "counts": True})
 
