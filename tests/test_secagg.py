@@ -708,3 +708,58 @@ def test_packing_round_trips_at_every_width():
         words = sa.pack_counts(x, 3, "c", count_total=n_total)
         assert words.shape == (1, sa.packed_words(17, bits))
         np.testing.assert_array_equal(sa.unpack_counts(words, (17,), bits), x)
+
+
+# ------------------------------------------- X'WX columns a factor design makes equal or zero
+
+
+def test_fold_columns_of_a_factor_design():
+    """~ batch + condition (intercept, b2, b3, B): x_j x_j = x_j for the 0/1 columns and
+    b2 b3 = 0, so 6 of the 10 packed products are distinct and non-zero."""
+    from fed_de.bulk.strategy import _products
+    from fed_de.federation.messages import fold_columns
+
+    rows = np.array([[1, b2, b3, c] for c in (0, 1) for b2, b3 in ((0, 0), (1, 0), (0, 1))])
+    keep, expand = fold_columns(_products(rows))
+    # packed order: 00 01 02 03 11 12 13 22 23 33
+    np.testing.assert_array_equal(keep, [0, 1, 2, 3, 6, 8])
+    np.testing.assert_array_equal(expand, [0, 1, 2, 3, 1, -1, 4, 2, 5, 3])
+    cont = np.column_stack([np.ones(4), [0.5, 1.0, 2.0, 3.0]])  # a continuous column
+    np.testing.assert_array_equal(fold_columns(_products(cont))[1], [0, 1, 2])
+
+
+@pytest.mark.parametrize("n_sites", [2, 3, 20])
+def test_folded_messages_sum_to_the_plain_totals(n_sites):
+    """Sites send only the kept columns of X'WX-type sums; the aggregator's totals equal the
+    plain sum of the full messages (the folded columns copied back, zeros where zero)."""
+    import os
+
+    from fed_de.bulk.dispersions import DispSums
+    from fed_de.federation import messages, secure
+
+    rng = np.random.default_rng(n_sites)
+    keep, expand = np.array([0, 1, 2, 3, 6, 8]), np.array([0, 1, 2, 3, 1, -1, 4, 2, 5, 3])
+    pairs = [sa.new_keypair() for _ in range(n_sites)]
+    relay = secure.KeyRelay(public_keys=tuple(sorted(p.public for p in pairs)),
+                            run_id=os.urandom(16))
+    sent, plain = [], []
+    for p in pairs:
+        base = rng.gamma(2.0, 50.0, size=(7, 6))
+        msg = DispSums(ll=rng.normal(size=7), d1=rng.normal(size=7), d2=rng.normal(size=7),
+                       **{k: np.where(expand >= 0, base[:, np.maximum(expand, 0)], 0.0)
+                          for k in ("A", "A1", "A2")})
+        plain.append(msg)
+        keys = secure.Keyring(private=p.private, public=p.public)
+        m = secure.mask_message(msg, keys, relay, n_sites, stream=0,
+                                folds={"T": (keep, expand)})
+        assert m.payload["A"].shape == (2, 7, 6) and m.folded["A"] == list(expand)
+        sent.append(m)
+    total = secure.unmask_total(sent)
+    ref = messages.total(plain)
+    for key in ("A", "A1", "A2", "ll"):
+        np.testing.assert_allclose(getattr(total, key), getattr(ref, key), rtol=1e-15,
+                                   atol=1e-12)
+    assert not total.A[:, 5].any()
+    sent[-1].folded = {}
+    with pytest.raises(ValueError, match="folded different columns"):
+        secure.unmask_total(sent)

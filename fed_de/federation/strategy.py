@@ -112,6 +112,12 @@ class FedStrategy(ComputePlanBuilder):
         yes. A subclass that noises messages says no."""
         return True
 
+    def column_folds(self, message: Message | type) -> dict:
+        """``{symbol: (columns sent, map back)}`` for ``message``'s (or its type's) arrays
+        whose last dimension's columns the study makes equal or zero
+        (:func:`secure.mask_message`); the base: none."""
+        return {}
+
     def count_bounds(self, state, data) -> tuple[int | None, int | None]:
         """``(pooled sample count, this site's sample count)`` when the request ``state``
         carries the pooled count (count fields then travel in narrower packed fields,
@@ -178,7 +184,8 @@ class FedStrategy(ComputePlanBuilder):
             return message
         return secure.mask_message(message, self.keyring, relay, self.n_sites, stream,
                                    compact=self.compact_fields(),
-                                   count_bounds=self.count_bounds(state, data_from_opener))
+                                   count_bounds=self.count_bounds(state, data_from_opener),
+                                   folds=self.column_folds(message))
 
     @remote
     def aggregate(self, shared_states: list, steps: str = "") -> Any:
