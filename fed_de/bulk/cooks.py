@@ -77,22 +77,22 @@ class RobustParts(Message):
     separated). Sums of normalised counts: far below ``2**53`` (narrow), and a site's sum,
     0 or at least ``1 / size factor``, is encoded exactly in the narrow ring."""
 
-    sum_inside: np.ndarray = sums("G", "NS", narrow=True)
-    tie_count_lo: np.ndarray = counts("G", "NS")
-    tie_sum_lo: np.ndarray = sums("G", "NS", narrow=True)
-    tie_count_hi: np.ndarray = counts("G", "NS")
-    tie_sum_hi: np.ndarray = sums("G", "NS", narrow=True)
+    sum_inside: np.ndarray = sums("G", "NR", narrow=True)
+    tie_count_lo: np.ndarray = counts("G", "NR")
+    tie_sum_lo: np.ndarray = sums("G", "NR", narrow=True)
+    tie_count_hi: np.ndarray = counts("G", "NR")
+    tie_sum_hi: np.ndarray = sums("G", "NR", narrow=True)
 
 
 class RobustSqParts(RobustParts):
     """Phase B: :class:`RobustParts` of squared errors (squares of counts: the default, wide
     fixed point)."""
 
-    sum_inside: np.ndarray = sums("G", "NS")
-    tie_count_lo: np.ndarray = counts("G", "NS")
-    tie_sum_lo: np.ndarray = sums("G", "NS")
-    tie_count_hi: np.ndarray = counts("G", "NS")
-    tie_sum_hi: np.ndarray = sums("G", "NS")
+    sum_inside: np.ndarray = sums("G", "NR")
+    tie_count_lo: np.ndarray = counts("G", "NR")
+    tie_sum_lo: np.ndarray = sums("G", "NR")
+    tie_count_hi: np.ndarray = counts("G", "NR")
+    tie_sum_hi: np.ndarray = sums("G", "NR")
 
 
 class CooksStart(Message):
@@ -118,7 +118,7 @@ class CooksCounts(Message):
 def sent_groups(robust: RobustSearch) -> np.ndarray:
     """The groups whose trimmed parts a site sends: the active ones (phase B: cells only, the
     "all samples" group's mean is phase A's); the size of a :class:`RobustParts` (announced
-    as ``NS``)."""
+    as ``NR``)."""
     sent = np.array(robust.groups_active, dtype=bool)
     if robust.phase == "B":
         sent[-1] = False

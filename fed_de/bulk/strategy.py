@@ -176,7 +176,7 @@ class _BulkStrategy(FedStrategy):
         return {"G": G, "p": p, "T": p * (p + 1) // 2, "C": n_cells, "pr": pr,
                 "Tr": pr * (pr + 1) // 2, "P": G * n_points, "KB": N_CANDIDATES,
                 "KF": len(FALLBACK_STEPS), "K1": cooks.K_THRESHOLDS, "NG": n_cells + 1,
-                "NS": n_cells + 1,
+                "NR": n_cells + 1,
                 "A": G * 2 * (n_cells + 1)}
 
     def request_dims(self, state: RunState) -> dict[str, int]:
@@ -191,7 +191,7 @@ class _BulkStrategy(FedStrategy):
             out["KF"] = state.fallback.candidates.shape[1]
         if state.robust is not None:
             out["A"] = cooks.open_targets(state.robust)
-            out["NS"] = int(cooks.sent_groups(state.robust).sum())
+            out["NR"] = int(cooks.sent_groups(state.robust).sum())
         return out
 
 
