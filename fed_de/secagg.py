@@ -36,11 +36,16 @@ message holds, under each key, a uint64 array of shape ``(limbs,) + value.shape`
 least significant word), and a header under the reserved key ``"_secagg"``. :func:`unmask_sum`
 returns float64 arrays of the original shapes (``np.float64`` for scalars).
 
-Keys named as ``counts`` (sample counts: non-negative integers) travel packed instead, two
-32-bit fields to a word of ``Z_{2^64}`` (:func:`pack_counts`): a count takes 4 bytes, not
-``8 * limbs``. Each site's count must be below ``2**(32 - ceil(log2 S))``, so no field's total
-over ``S`` sites reaches ``2**32`` and carries into its neighbour: the sum of the packed words
-is the packed totals, exactly, and the aggregator learns those totals and nothing more.
+Keys named as ``counts`` (sample counts: non-negative integers) travel packed instead, several
+fields to a word of ``Z_{2^64}`` (:func:`pack_counts`), not ``8 * limbs`` bytes each. Before
+the pooled sample count is known, two 32-bit fields to a word: each site's count must be below
+``2**(32 - ceil(log2 S))``, so no field's total over ``S`` sites reaches ``2**32``. Once every
+site knows the pooled count ``N`` (``count_total``), fields are ``w = N.bit_length()`` bits,
+``64 // w`` to a word (8 fields of 8 bits for ``N <= 255``): a site refuses a count above its
+own sample count ``n_i`` (and an ``n_i`` above ``N``), so every field's total is at most
+``sum_i n_i = N < 2**w``. Either way no field carries into its neighbour: the sum of the
+packed words is the packed totals, exactly, and the aggregator learns those totals and nothing
+more (the header's ``count_bits`` says the width).
 
 Keys named as ``narrow`` (sums whose magnitude is bounded well below ``2**53``: fit sums, not
 sums of squared counts) travel in two words (:data:`NARROW`: ``Z_{2^128}``, resolution
@@ -272,47 +277,86 @@ NARROW = FixedPoint(limbs=2, frac_bits=64)
 
 # --------------------------------------------------------------------------- packed counts
 
-COUNT_BITS = 32  # width of one count field; two fields to a uint64 word
+COUNT_BITS = 32  # width of one count field when the pooled sample count is not known
 
 
-def count_limit(n_parties: int) -> int:
-    """A site's counts must be below this, so that ``S`` of them sum below ``2**32``."""
-    return 2 ** (COUNT_BITS - math.ceil(math.log2(max(1, n_parties))))
+def count_width(count_total: int | None) -> int:
+    """Bits of one packed count field: ``N.bit_length()`` when the pooled sample count ``N``
+    is known (every site's count and every total fit in ``[0, N]``), else :data:`COUNT_BITS`
+    (also when ``N`` needs 32 bits or more)."""
+    if count_total is None:
+        return COUNT_BITS
+    if count_total < 0 or count_total != int(count_total):
+        raise SecAggError(f"the pooled sample count must be a non-negative integer, got "
+                          f"{count_total!r}")
+    return min(COUNT_BITS, max(1, int(count_total).bit_length()))
 
 
-def packed_words(n_counts: int) -> int:
-    """uint64 words holding ``n_counts`` packed counts (:func:`pack_counts`)."""
-    return -(-n_counts // (64 // COUNT_BITS))
+def count_limit(n_parties: int, count_total: int | None = None,
+                count_own: int | None = None) -> int:
+    """A site's counts must be below this (exclusive).
+
+    Without ``count_total``: ``2**(32 - ceil(log2 S))``, so that ``S`` of them sum below
+    ``2**32``. With the pooled sample count ``N``: ``N + 1`` (a count of the site's samples
+    is at most its own ``n``, and ``n <= N``), or ``count_own + 1`` when the site's own
+    sample count is given: then the totals are at most ``sum_i n_i = N < 2**width``.
+    """
+    width = count_width(count_total)
+    if width == COUNT_BITS:
+        return 2 ** (COUNT_BITS - math.ceil(math.log2(max(1, n_parties))))
+    return int(count_total if count_own is None else count_own) + 1
 
 
-def pack_counts(x: np.ndarray, n_parties: int, name: str = "value") -> np.ndarray:
-    """Non-negative integer counts packed two to a uint64 word: shape ``(1, ceil(size / 2))``.
+def packed_words(n_counts: int, bits: int = COUNT_BITS) -> int:
+    """uint64 words holding ``n_counts`` packed counts of ``bits`` bits (:func:`pack_counts`:
+    ``64 // bits`` to a word)."""
+    return -(-n_counts // (64 // bits))
+
+
+def pack_counts(x: np.ndarray, n_parties: int, name: str = "value",
+                count_total: int | None = None, count_own: int | None = None) -> np.ndarray:
+    """Non-negative integer counts packed ``64 // width`` to a uint64 word
+    (:func:`count_width`; two 32-bit fields when ``count_total`` is None): shape
+    ``(1, words)``, field ``j`` of a word in bits ``[j * width, (j + 1) * width)``.
 
     Raises
     ------
     EncodingRangeError
         A value is not an integer, is negative, or is not below :func:`count_limit` (names
-        ``name``); nothing is returned.
+        ``name``); the site's own count is above the pooled one; nothing is returned.
     """
     flat = np.asarray(x, dtype=np.float64).reshape(-1)
-    limit = count_limit(n_parties)
+    if count_own is not None and count_total is not None and count_own > count_total:
+        raise EncodingRangeError(
+            f"{name!r}: the site's {count_own} samples exceed the pooled sample count "
+            f"{count_total} the aggregator announced; not sent")
+    limit = count_limit(n_parties, count_total, count_own)
     if flat.size and not (np.all(flat == np.floor(flat)) and flat.min() >= 0
                           and flat.max() < limit):
         raise EncodingRangeError(
-            f"{name!r}: a count must be an integer in [0, {limit}) for {n_parties} sites; "
-            "not sent")
-    v = np.zeros(2 * packed_words(flat.size), dtype=np.uint64)
+            f"{name!r}: a count must be an integer in [0, {limit - 1}] for {n_parties} sites "
+            f"(largest sent: {flat.max():.6g}); not sent")
+    bits = count_width(count_total)
+    per = 64 // bits
+    v = np.zeros(per * packed_words(flat.size, bits), dtype=np.uint64)
     v[:flat.size] = flat
-    return (v[0::2] | (v[1::2] << np.uint64(COUNT_BITS)))[None, :]
+    v = v.reshape(-1, per)
+    out = v[:, 0].copy()
+    for j in range(1, per):
+        out |= v[:, j] << np.uint64(j * bits)
+    return out[None, :]
 
 
-def unpack_counts(words: np.ndarray, shape: tuple) -> np.ndarray:
-    """Inverse of :func:`pack_counts` on (summed) words: float64 counts of ``shape``."""
+def unpack_counts(words: np.ndarray, shape: tuple, bits: int = COUNT_BITS) -> np.ndarray:
+    """Inverse of :func:`pack_counts` on (summed) words of ``bits``-bit fields: float64
+    counts of ``shape``."""
     w = np.asarray(words, dtype=np.uint64).reshape(-1)
-    out = np.empty(2 * w.size, dtype=np.float64)
-    out[0::2] = w & _LO32
-    out[1::2] = w >> np.uint64(COUNT_BITS)
-    return out[:math.prod(shape)].reshape(shape)
+    per = 64 // bits
+    field_mask = np.uint64((1 << bits) - 1)
+    out = np.empty((w.size, per), dtype=np.float64)
+    for j in range(per):
+        out[:, j] = (w >> np.uint64(j * bits)) & field_mask
+    return out.reshape(-1)[:math.prod(shape)].reshape(shape)
 
 
 def key_format(head: Mapping, key: str) -> tuple[int, int]:
@@ -531,7 +575,8 @@ def _as_float_array(key: str, value) -> np.ndarray:
 
 def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int | None = None,
          *, stream: int = 0, counts: Collection[str] = (),
-         narrow: Collection[str] = ()) -> dict:
+         narrow: Collection[str] = (), count_total: int | None = None,
+         count_own: int | None = None) -> dict:
     """Encode and mask a site's message for one round.
 
     Parameters
@@ -553,13 +598,20 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
         must name the same keys (they are declared by the message type, not by the data).
     narrow
         Keys sent in the two-word encoding :data:`NARROW` (likewise declared by the type).
+    count_total
+        The pooled sample count ``N`` once every site knows it (the same at every site):
+        counts then travel in fields of ``N.bit_length()`` bits (:func:`count_width`), and a
+        count above ``N`` is refused. ``None``: 32-bit fields.
+    count_own
+        This site's own sample count: with ``count_total``, a count above it is refused (so
+        the totals stay at most ``N`` and no field carries into the next).
 
     Returns
     -------
     dict
         ``{key: uint64 array of shape (limbs,) + value.shape}`` (counts: ``(1, words)``)
         plus the header under ``"_secagg"`` (site, parties, run digest, stream, tag,
-        encoding, the counts' shapes).
+        encoding, the counts' shapes and field width ``count_bits``).
 
     Raises
     ------
@@ -595,7 +647,8 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
     for key, value in message.items():
         arr = _as_float_array(key, value)
         if key in counts:
-            v = pack_counts(arr, n_parties, name=key)
+            v = pack_counts(arr, n_parties, name=key, count_total=count_total,
+                            count_own=count_own)
             shapes[key] = arr.shape
         else:
             v = (NARROW if key in narrow else fmt).encode(arr, n_parties, name=key)
@@ -609,6 +662,7 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
                    "run": session.run_digest, "stream": stream, "tag": round_tag,
                    "limbs": fmt.limbs, "frac_bits": fmt.frac_bits,
                    "counts": {k: shapes[k] for k in sorted(shapes)},
+                   "count_bits": count_width(count_total),
                    "narrow": {"keys": sorted(narrow), "limbs": NARROW.limbs,
                               "frac_bits": NARROW.frac_bits}}
     return out
@@ -627,7 +681,8 @@ class MaskedSum:
     exact, so the totals do not depend on the order of the sites.
     """
 
-    _COMMON = ("parties", "run", "stream", "tag", "limbs", "frac_bits", "counts", "narrow")
+    _COMMON = ("parties", "run", "stream", "tag", "limbs", "frac_bits", "counts", "count_bits",
+               "narrow")
 
     def __init__(self, consume: bool = False) -> None:
         """``consume``: the first message's (writable) arrays become the running totals, not
@@ -696,7 +751,8 @@ class MaskedSum:
         packed = self.head.get("counts") or {}
         totals: dict = {}
         for key, acc in self.acc.items():
-            value = (unpack_counts(acc, tuple(packed[key])) if key in packed
+            value = (unpack_counts(acc, tuple(packed[key]),
+                                   self.head.get("count_bits", COUNT_BITS)) if key in packed
                      else FixedPoint(*key_format(self.head, key)).decode(
                          acc.reshape(self.shapes[key])))
             totals[key] = np.float64(value) if value.ndim == 0 else value

@@ -735,10 +735,10 @@ def cell_system(tasks: list[Task], geo: Geometry, c: int, s: np.ndarray,
                     sy.rows[g].append((w / mu, rhs, tol))
         elif t.kind == "ClosingSums":
             closed = True
-            if "cooks.cell_sumsq" not in msg:
+            if "cooks.start.cell_sumsq" not in msg:
                 continue
-            v2 = np.asarray(msg["cooks.cell_sumsq"])[:, c]
-            vl = np.asarray(msg["cooks.cell_logsum"])[:, c]
+            v2 = np.asarray(msg["cooks.start.cell_sumsq"])[:, c]
+            vl = np.asarray(msg["cooks.start.cell_logsum"])[:, c]
             for g in range(v2.shape[0]):
                 if replaced is not None and replaced[g]:
                     continue
@@ -1206,14 +1206,14 @@ def attack_cooks(tasks: list[Task], geo: Geometry, s_cells: list | None = None
     """
     mom = next((t for t in tasks if t.kind == "MomentSums"), None)
     close = next((t for t in tasks if t.kind == "ClosingSums"
-                  and "cooks.cell_sum" in t.message), None)
+                  and "cooks.start.cell_sum" in t.message), None)
     if mom is None or close is None or close.state is None or close.state.cooks is None:
         return []
     scale = _sf_scale(tasks)
     before = np.asarray(mom.message["cell_norm"]) * scale
     before_sq = np.asarray(mom.message["sum_norm_sq"]) * scale**2
-    after = np.asarray(close.message["cooks.cell_sum"])
-    after_sq = np.asarray(close.message["cooks.cell_sumsq"]).sum(axis=1)
+    after = np.asarray(close.message["cooks.start.cell_sum"])
+    after_sq = np.asarray(close.message["cooks.start.cell_sumsq"]).sum(axis=1)
     rm = np.asarray(close.state.cooks.replace_mean)
     n_rep = np.asarray(close.message["cooks.n_replaced"])
     out = []

@@ -81,7 +81,7 @@ def test_bytes_are_the_messages_sizes(demo):
     rounds = {"robust": 2, "refit_mu": 1, "refit_final": 1}
     plain = _fit(demo, secure_aggregation=False, record_messages=True, rounds=rounds)
     masked = _fit(demo, record_messages=True, rounds=rounds)
-    packed_keys, narrow_keys = set(), set()
+    packed_keys, narrow_keys, widths, folded_keys = set(), set(), set(), set()
     for site in demo.sites:
         mine = [m for m in plain.facts["messages"] if m["site"] == site]
         values = sum(np.asarray(v).size * 8 for m in mine for v in m["message"].values())
@@ -89,16 +89,19 @@ def test_bytes_are_the_messages_sizes(demo):
         assert plain.facts["bytes_sent_by_site"][site] == sum(m["bytes"] for m in mine)
         # the same messages, masked (the searches may ask for a few more or fewer points:
         # the totals differ in the last bits); on the wire 3 words a value, 2 a narrow sum,
-        # 4 bytes a count, and the pickled total is that plus framing and headers
+        # a count 4 bytes (1 once the pooled n <= 255 is known), and the pickled total is
+        # that plus framing and headers
         key_offer = 32 * 8  # the key round's public key is relayed, not masked
         wire = [m for m in masked.facts["messages"]
                 if m["site"] == site and isinstance(m["message"], MaskedMessage)]
         assert len(wire) == len(mine)
-        expected, masked_values = 0, 0
+        expected, masked_values, unfolded = 0, 0, 0
         for p, w in zip(mine, wire, strict=True):
+            folded_keys |= set(w["message"].folded)
             head = w["message"].payload["_secagg"]
             counts, narrow = head["counts"], head["narrow"]["keys"]
             packed_keys |= set(counts)
+            widths.add(head["count_bits"])
             narrow_keys.update(narrow)
             for key, v in p["message"].items():
                 limbs = w["message"].payload[key].shape[0]
@@ -108,16 +111,26 @@ def test_bytes_are_the_messages_sizes(demo):
                     assert limbs == (2 if key in narrow else 3), key
                 if w["message"].payload[key].shape[1:] == np.shape(v) or key in counts:
                     assert n == np.asarray(v).size, key  # the same message
-                size = 8 * -(-n // 2) if key in counts else 16 * n if key in narrow else 24 * n
+                per_word = 64 // head["count_bits"]  # 2, or 64 // N.bit_length() once N known
+                size = (8 * -(-n // per_word) if key in counts else 16 * n if key in narrow
+                        else 24 * n)
                 assert w["message"].payload[key].nbytes == size, key
                 expected += size
                 masked_values += n
+                expand = w["message"].folded.get(key)
+                if expand is not None:  # the columns the factor design makes equal or zero
+                    assert w["message"].payload[key].shape[-1] == max(expand) + 1
+                    n = n // (max(expand) + 1) * len(expand)
+                unfolded += n
         assert masked.facts["payload_bytes_by_site"][site] == 8 * masked_values + key_offer
-        assert abs(8 * masked_values - values) <= 0.01 * values
+        assert abs(8 * unfolded - values) <= 0.01 * values
+        assert masked_values < 0.9 * unfolded  # X'WX: 6 of 10 columns travel
         sent = masked.facts["bytes_sent_by_site"][site] - 32 * 8 * 2  # the offer, ~pickled
         assert expected < sent < 1.05 * expected
     assert {"count_below", "n_zero", "cell_nonzero"} <= packed_keys
+    assert widths == {32, 8}, widths  # 150 samples: 8-bit fields once the pooled n is known
     assert {"full.xtwx", "A2", "ll"} <= narrow_keys
+    assert {"full.xtwx", "full.xtwx_obs", "A", "A1", "A2", "xtwx", "xtx"} <= folded_keys
     steps = plain.facts["bytes_by_step"]
     assert sum(v["payload"] for v in steps.values()) == max(
         plain.facts["payload_bytes_by_site"].values())
@@ -150,10 +163,15 @@ def test_plan_bytes_bound_what_a_run_sends(demo, serial):
         counts = sum(size(t, k) for t in mine for k in t.counts)
         narrow = sum(size(t, k) for t in mine for k in t.narrow)
         assert counts > 0 and narrow > 0
+        # X'WX-type columns: a factor design's equal or zero ones do not travel
+        cut = sum(size(t, k) // t.folded[k][1] * (t.folded[k][1] - t.folded[k][0])
+                  * (16 if k in t.narrow else 24) for t in mine for k in t.folded)
+        # ~ batch + condition: x_j x_j = x_j for 3 columns, b2 b3 = 0: 6 of 10 travel
+        assert cut > 0 and all(t.folded[k] == (6, 10) for t in mine for k in t.folded)
         assert facts["bytes_upper_bound_by_site"][site] == \
             3 * facts["payload_bytes_upper_bound_by_site"][site] - 2 * 32 * 8 \
             - 3 * 8 * counts + sum(8 * -(-size(t, k) // 2) for t in mine for k in t.counts) \
-            - 8 * narrow
+            - 8 * narrow - cut
 
 
 # -- the executor itself, with a probe strategy ---------------------------------------------

@@ -615,3 +615,151 @@ def test_a_real_runs_narrow_sums_stay_far_inside_their_range():
                 seen.add(key)
                 assert np.abs(v).max() < 1e-3 * top, (m["step"], key, np.abs(v).max())
     assert {"full.xtwx", "d2", "A2"} <= seen
+
+
+# ------------------------------------------------ counts packed by the pooled sample count
+
+
+def _split(total: int, n_sites: int, rng) -> list[int]:
+    """``total`` samples split over ``n_sites`` sites, each at least 1."""
+    cuts = np.sort(rng.choice(np.arange(1, total), n_sites - 1, replace=False))
+    return list(np.diff(np.concatenate([[0], cuts, [total]])).astype(int))
+
+
+@pytest.mark.parametrize(("n_sites", "n_total", "bits"),
+                         [(2, 150, 8), (3, 150, 8), (3, 255, 8), (3, 256, 9), (20, 1000, 10),
+                          (20, 40, 6)])
+def test_counts_packed_by_the_pooled_count_sum_exactly(n_sites, n_total, bits):
+    """With the pooled sample count N known, counts travel in N.bit_length()-bit fields,
+    64 // bits to a word; every site at its own largest count (its n) at every field still
+    sums exactly: the totals are at most N, so no field carries into the next."""
+    rng = np.random.default_rng(n_total + n_sites)
+    names = _names(n_sites)
+    sessions = _sessions(names)
+    own = dict(zip(names, _split(n_total, n_sites, rng), strict=True))
+    assert sa.count_width(n_total) == bits
+    data = {}
+    for s in names:
+        c = rng.integers(0, own[s] + 1, size=(13, 3)).astype(float)
+        c[0] = own[s]  # the largest count this site may send, at every site
+        data[s] = {"c": c, "x": _wide(rng, 4)}
+    masked = [sa.mask(data[s], sessions[s], 1, counts={"c"}, count_total=n_total,
+                      count_own=own[s]) for s in names]
+    per_word = 64 // bits
+    assert masked[0]["c"].shape == (1, -(-39 // per_word))
+    assert masked[0]["_secagg"]["count_bits"] == bits
+    total = sa.unmask_sum(masked)
+    np.testing.assert_array_equal(total["c"], sum(data[s]["c"] for s in names))
+    np.testing.assert_array_equal(total["c"][0], n_total)  # the widest total, exact
+    np.testing.assert_allclose(total["x"], sum(data[s]["x"] for s in names), rtol=1e-15)
+
+
+@pytest.mark.parametrize(("value", "own"), [(151.0, None), (41.0, 40), (2.5, 40), (-1.0, 40)])
+def test_a_count_above_the_site_or_pooled_count_is_refused(value, own):
+    sessions = _sessions(_names(3))
+    session = next(iter(sessions.values()))
+    with pytest.raises(sa.EncodingRangeError, match="'tie_count_lo'"):
+        sa.mask({"tie_count_lo": np.array([1.0, value])}, session, 1,
+                counts={"tie_count_lo"}, count_total=150, count_own=own)
+    assert session.last_tag == {}  # nothing was masked
+
+
+def test_a_site_count_above_the_announced_pooled_count_is_refused():
+    """An aggregator announcing too small a pooled count cannot make fields overflow."""
+    session = next(iter(_sessions(_names(3)).values()))
+    with pytest.raises(sa.EncodingRangeError, match="exceed the pooled sample count"):
+        sa.mask({"c": np.array([1.0])}, session, 1, counts={"c"}, count_total=30,
+                count_own=31)
+
+
+def test_sites_must_pack_counts_at_the_same_width():
+    sessions = list(_sessions(_names(2)).values())
+    a = sa.mask({"c": np.ones(4)}, sessions[0], 1, counts={"c"}, count_total=100)
+    b = sa.mask({"c": np.ones(4)}, sessions[1], 1, counts={"c"}, count_total=300)
+    with pytest.raises(sa.SecAggError, match="count_bits"):
+        sa.unmask_sum([a, b])
+
+
+def test_a_strict_subset_of_narrow_packed_counts_looks_uniform():
+    """8-bit fields: the masked words of one or two of three sites are uniform bytes."""
+    names = _names(3)
+    sessions = _sessions(names)
+    n = 40000
+    data = {s: {"c": np.arange(n, dtype=float) % 7} for s in names}
+    masked = {s: sa.mask(data[s], sessions[s], 1, counts={"c"}, count_total=150,
+                         count_own=50) for s in names}
+    assert masked[names[0]]["c"].shape == (1, n // 8)
+    for subset in ([names[0]], names[:2]):
+        acc = masked[subset[0]]["c"].copy()
+        for s in subset[1:]:
+            sa._iadd(acc, masked[s]["c"])
+        counts = np.bincount(acc.view(np.uint8).ravel(), minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-4, subset
+    total = sa.unmask_sum(list(masked.values()))
+    np.testing.assert_array_equal(total["c"], 3 * (np.arange(n) % 7))
+
+
+def test_packing_round_trips_at_every_width():
+    rng = np.random.default_rng(7)
+    for n_total in (1, 2, 3, 7, 100, 2**20, 2**31 - 1, 2**31, 2**40):
+        bits = sa.count_width(n_total)
+        limit = sa.count_limit(3, n_total)
+        x = rng.integers(0, min(limit, 2**31), size=17).astype(float)
+        words = sa.pack_counts(x, 3, "c", count_total=n_total)
+        assert words.shape == (1, sa.packed_words(17, bits))
+        np.testing.assert_array_equal(sa.unpack_counts(words, (17,), bits), x)
+
+
+# ------------------------------------------- X'WX columns a factor design makes equal or zero
+
+
+def test_fold_columns_of_a_factor_design():
+    """~ batch + condition (intercept, b2, b3, B): x_j x_j = x_j for the 0/1 columns and
+    b2 b3 = 0, so 6 of the 10 packed products are distinct and non-zero."""
+    from fed_de.bulk.strategy import _products
+    from fed_de.federation.messages import fold_columns
+
+    rows = np.array([[1, b2, b3, c] for c in (0, 1) for b2, b3 in ((0, 0), (1, 0), (0, 1))])
+    keep, expand = fold_columns(_products(rows))
+    # packed order: 00 01 02 03 11 12 13 22 23 33
+    np.testing.assert_array_equal(keep, [0, 1, 2, 3, 6, 8])
+    np.testing.assert_array_equal(expand, [0, 1, 2, 3, 1, -1, 4, 2, 5, 3])
+    cont = np.column_stack([np.ones(4), [0.5, 1.0, 2.0, 3.0]])  # a continuous column
+    np.testing.assert_array_equal(fold_columns(_products(cont))[1], [0, 1, 2])
+
+
+@pytest.mark.parametrize("n_sites", [2, 3, 20])
+def test_folded_messages_sum_to_the_plain_totals(n_sites):
+    """Sites send only the kept columns of X'WX-type sums; the aggregator's totals equal the
+    plain sum of the full messages (the folded columns copied back, zeros where zero)."""
+    import os
+
+    from fed_de.bulk.dispersions import DispSums
+    from fed_de.federation import messages, secure
+
+    rng = np.random.default_rng(n_sites)
+    keep, expand = np.array([0, 1, 2, 3, 6, 8]), np.array([0, 1, 2, 3, 1, -1, 4, 2, 5, 3])
+    pairs = [sa.new_keypair() for _ in range(n_sites)]
+    relay = secure.KeyRelay(public_keys=tuple(sorted(p.public for p in pairs)),
+                            run_id=os.urandom(16))
+    sent, plain = [], []
+    for p in pairs:
+        base = rng.gamma(2.0, 50.0, size=(7, 6))
+        msg = DispSums(ll=rng.normal(size=7), d1=rng.normal(size=7), d2=rng.normal(size=7),
+                       **{k: np.where(expand >= 0, base[:, np.maximum(expand, 0)], 0.0)
+                          for k in ("A", "A1", "A2")})
+        plain.append(msg)
+        keys = secure.Keyring(private=p.private, public=p.public)
+        m = secure.mask_message(msg, keys, relay, n_sites, stream=0,
+                                folds={"T": (keep, expand)})
+        assert m.payload["A"].shape == (2, 7, 6) and m.folded["A"] == list(expand)
+        sent.append(m)
+    total = secure.unmask_total(sent)
+    ref = messages.total(plain)
+    for key in ("A", "A1", "A2", "ll"):
+        np.testing.assert_allclose(getattr(total, key), getattr(ref, key), rtol=1e-15,
+                                   atol=1e-12)
+    assert not total.A[:, 5].any()
+    sent[-1].folded = {}
+    with pytest.raises(ValueError, match="folded different columns"):
+        secure.unmask_total(sent)

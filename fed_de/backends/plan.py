@@ -7,7 +7,9 @@ each site may send, computed from the declared message schemas. Those byte figur
 simulation and the subprocess backend measure what is sent). Two are given: the plaintext
 float64 payload, and the masked size when secure aggregation is on (each value encoded in
 ``limbs`` 64-bit words, sample counts packed two to a word, narrow sums in two words; pickle
-framing and the masking header not counted).
+framing and the masking header not counted). A run packs counts tighter once the pooled
+sample count is known (``N.bit_length()``-bit fields): the plan does not know ``N``, so it
+counts 32-bit fields, an upper bound.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from substrafl.nodes.references.shared_state import SharedStateRef
 
 from fed_de import secagg
 from fed_de.federation.calls import describe, site_message_type
-from fed_de.federation.messages import declared_shapes
+from fed_de.federation.messages import declared_shapes, folded_keys
 
 
 @dataclass
@@ -37,6 +39,7 @@ class PlannedTask:
     spec: str = ""  # the steps it runs (``federation.calls`` encoding)
     counts: frozenset = frozenset()  # keys of its count fields (packed when masked)
     narrow: frozenset = frozenset()  # keys of its narrow sums (two words when masked)
+    folded: dict = field(default_factory=dict)  # key -> (columns sent, columns) when masked
 
 
 @dataclass
@@ -48,6 +51,7 @@ class PlanRecord:
     functions: set = field(default_factory=set)
     depth: dict[str, int] = field(default_factory=dict)  # task key -> dependency depth
     masked_words: int = 1
+    folds: object = None  # the strategy's column_folds (message type -> folds), when masked
     compact: bool = True  # masked counts take 4 bytes and narrow sums 16 (not under DP)
 
     @property
@@ -58,7 +62,8 @@ class PlanRecord:
     def bytes_by_site(self, masked: bool = False) -> dict[str, int]:
         """Upper bound of the payload bytes (float64) each site sends, from the declared
         schemas; ``masked``: of the masked values (``masked_words`` words per value, counts
-        two to a word, narrow sums two words)."""
+        two to a word, narrow sums two words, without the columns a factor design makes
+        equal or zero: ``column_folds``)."""
         out: dict[str, int] = {}
         for t in self.tasks:
             if t.message is None:
@@ -68,7 +73,11 @@ class PlanRecord:
                 size = int(np.prod(shape))
                 if not masked or _unmasked(t.method) or self.masked_words == 1:
                     n += 8 * size
-                elif key in t.counts and self.compact:
+                    continue
+                if key in t.folded and self.compact:  # columns the study makes equal or 0
+                    sent, total = t.folded[key]
+                    size = size // total * sent
+                if key in t.counts and self.compact:
                     n += 8 * secagg.packed_words(size)
                 elif key in t.narrow and self.compact:
                     n += 8 * size * secagg.NARROW.limbs
@@ -113,13 +122,14 @@ class _DryNode:
         self._dims = dims
 
     def _add(self, method, parents, round_idx, message=None, spec: str = "",
-             counts: frozenset = frozenset(), narrow: frozenset = frozenset()) -> str:
+             counts: frozenset = frozenset(), narrow: frozenset = frozenset(),
+             folded: dict | None = None) -> str:
         key = str(uuid.uuid4())
         depth = 1 + max((self._record.depth.get(p, 0) for p in parents), default=0)
         self._record.depth[key] = depth
         self._record.tasks.append(PlannedTask(key, self.organization_id, method,
                                               round_idx or 0, depth, message, spec,
-                                              counts, narrow))
+                                              counts, narrow, folded or {}))
         return key
 
     def register_operations(self, *args, **kwargs):
@@ -146,7 +156,11 @@ class DryTrainDataNode(_DryNode):
             parents.append(operation.shared_state.key)
         cls = site_message_type(rs._method_parameters)
         counts = narrow = frozenset()
+        folded = {}
         if cls is not None:
+            folds = self._record.folds(cls) if self._record.folds is not None else {}
+            folded = {k: (len(folds[s][0]), len(folds[s][1]))
+                      for k, s in folded_keys(cls, folds).items()}
             message = declared_shapes(cls, self._dims)
             counts = frozenset(declared_shapes(cls, self._dims, only="counts"))
             narrow = frozenset(declared_shapes(cls, self._dims, only="narrow"))
@@ -156,7 +170,8 @@ class DryTrainDataNode(_DryNode):
                 getattr(method, "__wrapped__", None), "message_schema", {})
             message = {k: _shape(v, self._dims) for k, v in schema.items()}
         key = self._add(describe(rs._method_name, rs._method_parameters), parents, round_idx,
-                        message, rs._method_parameters.get("site_step", ""), counts, narrow)
+                        message, rs._method_parameters.get("site_step", ""), counts, narrow,
+                        folded)
         return LocalStateRef(key), SharedStateRef(key)
 
 
@@ -187,6 +202,7 @@ def record_plan(strategy, site_names: list[str], aggregator: str = "aggregator")
 
         record.masked_words = secagg.FixedPoint().limbs
         record.compact = getattr(strategy, "compact_fields", lambda: True)()
+        record.folds = getattr(strategy, "column_folds", None)
     dims = strategy.dims()
     nodes = [DryTrainDataNode(name, record, dims) for name in site_names]
     strategy.build_compute_plan(train_data_nodes=nodes,

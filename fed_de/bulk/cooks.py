@@ -50,7 +50,7 @@ from fed_de.core.moments import start_from_cell_sums
 from fed_de.design import cell_design_rows
 from fed_de.errors import DisclosureError
 from fed_de.federation.calls import aggregator_step, site_step
-from fed_de.federation.messages import Message, counts, sums
+from fed_de.federation.messages import Message, counts, part, sums
 from fed_de.federation.strategy import Phase, Round
 
 K_THRESHOLDS = 15  # thresholds per open target and round (counts only)
@@ -72,14 +72,36 @@ class RobustSums(Message):
 
 
 class RobustParts(Message):
-    """Per gene and group: the sum of the trimmed set; count and sum of the values in a tied
-    boundary bracket (zero where the boundary was separated)."""
+    """Phase A, per gene and group searched (:func:`sent_groups`): the sum of the trimmed set;
+    count and sum of the values in a tied boundary bracket (zero where the boundary was
+    separated). Sums of normalised counts: far below ``2**53`` (narrow), and a site's sum,
+    0 or at least ``1 / size factor``, is encoded exactly in the narrow ring."""
 
-    sum_inside: np.ndarray = sums("G", "NG")
-    tie_count_lo: np.ndarray = counts("G", "NG")
-    tie_sum_lo: np.ndarray = sums("G", "NG")
-    tie_count_hi: np.ndarray = counts("G", "NG")
-    tie_sum_hi: np.ndarray = sums("G", "NG")
+    sum_inside: np.ndarray = sums("G", "NR", narrow=True)
+    tie_count_lo: np.ndarray = counts("G", "NR")
+    tie_sum_lo: np.ndarray = sums("G", "NR", narrow=True)
+    tie_count_hi: np.ndarray = counts("G", "NR")
+    tie_sum_hi: np.ndarray = sums("G", "NR", narrow=True)
+
+
+class RobustSqParts(RobustParts):
+    """Phase B: :class:`RobustParts` of squared errors (squares of counts: the default, wide
+    fixed point)."""
+
+    sum_inside: np.ndarray = sums("G", "NR")
+    tie_count_lo: np.ndarray = counts("G", "NR")
+    tie_sum_lo: np.ndarray = sums("G", "NR")
+    tie_count_hi: np.ndarray = counts("G", "NR")
+    tie_sum_hi: np.ndarray = sums("G", "NR")
+
+
+class CooksStart(Message):
+    """The replaced counts' per-cell sums: the refit's start (sent only when some design cell
+    can be replaced: otherwise nothing is refitted)."""
+
+    cell_sum: np.ndarray = sums("G", "C")
+    cell_sumsq: np.ndarray = sums("G", "C")
+    cell_logsum: np.ndarray = sums("G", "C")
 
 
 class CooksCounts(Message):
@@ -89,12 +111,20 @@ class CooksCounts(Message):
     n_out_kept: np.ndarray = counts("G")
     n_any: np.ndarray = counts("G")
     n_replaced: np.ndarray = counts("G")
-    cell_sum: np.ndarray = sums("G", "C")
-    cell_sumsq: np.ndarray = sums("G", "C")
-    cell_logsum: np.ndarray = sums("G", "C")
+    start: CooksStart | None = part()
 
 
 # -- side chain: exact trimmed statistics --------------------------------------------------
+def sent_groups(robust: RobustSearch) -> np.ndarray:
+    """The groups whose trimmed parts a site sends: the active ones (phase B: cells only, the
+    "all samples" group's mean is phase A's); the size of a :class:`RobustParts` (announced
+    as ``NR``)."""
+    sent = np.array(robust.groups_active, dtype=bool)
+    if robust.phase == "B":
+        sent[-1] = False
+    return sent
+
+
 def open_targets(robust: RobustSearch) -> int:
     """Search targets still open: the size of the next :class:`RobustSums` (announced)."""
     return int((~robust.search.done).sum())
@@ -291,26 +321,43 @@ def robust_refine(sums: RobustSums, robust: RobustSearch) -> dict:
     return {"robust": replace(robust, search=trimmed.refine(search, counts))}
 
 
-@site_step
-def robust_parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int = 0
-                 ) -> RobustParts:
-    """Per gene and group: the sum of the values between the two thresholds, and count and
-    sum of the values in a tied boundary bracket."""
-    check_robust_request(site, robust, totals, "robust_parts", n_sites)
+def _parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int, phase: str,
+           step: str) -> dict:
+    """Per gene and sent group: the sum of the values between the two thresholds, and count
+    and sum of the values in a tied boundary bracket."""
+    check_robust_request(site, robust, totals, step, n_sites)
+    if robust.phase != phase:
+        raise DisclosureError(f"site {site.name!r}, step {step}: asked in phase "
+                              f"{robust.phase!r} (expected {phase!r}); nothing sent")
     x = _robust_values(site, robust, totals)
     n_groups = robust.groups_active.size
     G = robust.search.done.shape[0]
-    out = {f.name: np.zeros((G, n_groups)) for f in fields(RobustParts)}
-    for g in range(n_groups):
+    sent = np.flatnonzero(sent_groups(robust))
+    out = {f.name: np.zeros((G, sent.size)) for f in fields(RobustParts)}
+    for j, g in enumerate(sent):
         members = _members(site, g, n_groups)
-        if not robust.groups_active[g] or not members.any():
+        if not members.any():
             continue
-        _check_interval(site, x[g][members], robust.search, 2 * g, 2 * g + 1, "robust_parts")
+        _check_interval(site, x[g][members], robust.search, 2 * g, 2 * g + 1, step)
         part = trimmed.trimmed_parts(x[g][members], robust.search, robust.search, 2 * g,
                                      2 * g + 1)
         for key, v in part.items():
-            out[key][:, g] = v
-    return RobustParts(**out)
+            out[key][:, j] = v
+    return out
+
+
+@site_step
+def robust_parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int = 0
+                 ) -> RobustParts:
+    """Phase A's trimmed parts of the normalised counts (:func:`_parts`)."""
+    return RobustParts(**_parts(site, robust, totals, n_sites, "A", "robust_parts"))
+
+
+@site_step
+def robust_sq_parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int = 0
+                    ) -> RobustSqParts:
+    """Phase B's trimmed parts of the squared errors (:func:`_parts`)."""
+    return RobustSqParts(**_parts(site, robust, totals, n_sites, "B", "robust_sq_parts"))
 
 
 @aggregator_step(writes=("robust",))
@@ -321,11 +368,9 @@ def robust_means(sums: RobustParts, robust: RobustSearch, start: FitStart) -> di
     n_groups = robust.groups_active.size
     G = search.done.shape[0]
     tm = np.full((G, n_groups), np.nan)
-    for g in range(n_groups):
-        if not robust.groups_active[g]:
-            continue
+    for j, g in enumerate(np.flatnonzero(sent_groups(robust))):
         lo, hi = (int(r) for r in robust.ranks[g])
-        parts = {f.name: getattr(sums, f.name)[:, g] for f in fields(RobustParts)}
+        parts = {f.name: getattr(sums, f.name)[:, j] for f in fields(RobustParts)}
         tm[:, g] = trimmed.trimmed_mean(parts, search, search, 2 * g, 2 * g + 1, lo, hi)
     if robust.phase == "A":
         active_b = robust.groups_active.copy()
@@ -411,14 +456,12 @@ def cooks_counts(site: Site, ck: CooksSetup, beta: np.ndarray, alpha: np.ndarray
         site.kept.replaced_counts = new
         site.kept.lgamma_y1 = None
     if not np.asarray(ck.cells_replace).any():  # no replacement: no refit start to send
-        return CooksCounts(**out, **{k: np.zeros((G, C)) for k in
-                                     ("cell_sum", "cell_sumsq", "cell_logsum")})
+        return CooksCounts(**out)
     onehot = (site.cells()[:, None] == np.arange(C)[None, :]).astype(float)  # n x C
     norm_new = new / sf[:, None]
-    out["cell_sum"] = norm_new.T @ onehot
-    out["cell_sumsq"] = (norm_new * norm_new).T @ onehot
-    out["cell_logsum"] = np.log(norm_new + 0.1).T @ onehot
-    return CooksCounts(**out)
+    return CooksCounts(**out, start=CooksStart(
+        cell_sum=norm_new.T @ onehot, cell_sumsq=(norm_new * norm_new).T @ onehot,
+        cell_logsum=np.log(norm_new + 0.1).T @ onehot))
 
 
 @aggregator_step(writes=("genes", "refit"))
@@ -443,7 +486,8 @@ def decide(sums, genes: GeneResults, cooks: CooksSetup, totals: Totals, start: F
                 "refit": Refit(genes=none, new_all_zero=none, replace=none, n_refit=0,
                                start=replace(start, skip=~none))}
     Xrc = cell_design_rows(study, reduced) if reduced is not None else None
-    new = start_from_cell_sums(tot.cell_sum, tot.cell_sumsq, tot.cell_logsum, n_cells,
+    new = start_from_cell_sums(tot.start.cell_sum, tot.start.cell_sumsq,
+                               tot.start.cell_logsum, n_cells,
                                totals.xim, totals.max_disp, cell_design_rows(study), Xrc)
     new_all_zero = repl & (new["base_mean"] == 0)
     nrefit = int(repl.sum())
@@ -463,6 +507,6 @@ def robust_phase(rounds: int, fork_after: str) -> Phase:
     """The side chain: two order-statistic searches of ``rounds`` rounds, each closed by a
     round of trimmed sums (A: normalised counts; B: squared errors)."""
     search = [Round(robust_sums, [robust_refine]) for _ in range(rounds)]
-    parts = Round(robust_parts, [robust_means])
     return Phase("robust", fork_after=fork_after, opening=[robust_start],
-                 rounds=[*search, parts, *search, parts])
+                 rounds=[*search, Round(robust_parts, [robust_means]), *search,
+                         Round(robust_sq_parts, [robust_means])])

@@ -52,21 +52,22 @@ class CellSums(Message):
     IRLS starts of a factor design at once (its linear fit is one value per cell)."""
 
     sumsq: np.ndarray = sums("G", "C")
-    logsum: np.ndarray = sums("G", "C")
+    logsum: np.ndarray = sums("G", "C", narrow=True)  # logs: far below 2**53
 
 
 class MomentSums(Message):
     """Round 2: the sums behind baseMean, the moments dispersion and the linear fit (and,
     ``cells``, the rough round's sums per design cell)."""
 
-    sum_norm: np.ndarray = sums("G")
+    # sums of normalised counts (not of their squares): far below 2**53, narrow
+    sum_norm: np.ndarray = sums("G", narrow=True)
     sum_norm_sq: np.ndarray = sums("G")
     sum_inv_sf: float = sums()
     sum_log_sf: float = sums()
     n_samples: float = counts()
     xtx: np.ndarray = sums("T")
-    xty: np.ndarray = sums("G", "p")
-    cell_norm: np.ndarray = sums("G", "C")
+    xty: np.ndarray = sums("G", "p", narrow=True)
+    cell_norm: np.ndarray = sums("G", "C", narrow=True)
     cells: CellSums | None = part()
 
 

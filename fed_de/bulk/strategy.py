@@ -42,9 +42,10 @@ from fed_de.bulk.state import DESeq2Options, RunState, Site, SiteState
 from fed_de.core import disp_path
 from fed_de.core.fallback import STEPS as FALLBACK_STEPS
 from fed_de.core.irls import N_CANDIDATES
-from fed_de.design import Study, n_distinct_rows, reduced_study
+from fed_de.design import Study, cell_design_rows, n_distinct_rows, reduced_study
 from fed_de.federation import guard, secure
 from fed_de.federation.calls import invoke
+from fed_de.federation.messages import fold_columns
 from fed_de.federation.strategy import FedStrategy, Phase, PlanCursor, Round, run_phases
 
 OPTIONS = DESeq2Options()
@@ -56,6 +57,16 @@ FINITE = ("totals.n_samples", "totals.sf_scale", "totals.xtx", "totals.xim",
           "robust.search.n_lo", "robust.search.n_hi", "pca.V", "pca.shift",
           "shrink.candidates")
 TESTS = ("Wald", "LRT")
+#: messages whose ``T`` / ``Tr`` columns are sums of ``w x_i x_j`` (packed X'WX, its
+#: derivatives, X'X): folded under secure aggregation (:meth:`_BulkStrategy.column_folds`)
+FOLDED = ("IRLSSums", "DispSums", "FallbackSums", "ClosingSums", "FallbackClosingSums",
+          "MomentSums")
+
+
+def _products(rows: np.ndarray) -> np.ndarray:
+    """``x_i x_j`` (i <= j, packed order) of design rows: cells x T."""
+    iu = np.triu_indices(rows.shape[1])
+    return np.asarray(rows, dtype=float)[:, iu[0]] * np.asarray(rows, dtype=float)[:, iu[1]]
 
 
 class _BulkStrategy(FedStrategy):
@@ -165,6 +176,7 @@ class _BulkStrategy(FedStrategy):
         return {"G": G, "p": p, "T": p * (p + 1) // 2, "C": n_cells, "pr": pr,
                 "Tr": pr * (pr + 1) // 2, "P": G * n_points, "KB": N_CANDIDATES,
                 "KF": len(FALLBACK_STEPS), "K1": cooks.K_THRESHOLDS, "NG": n_cells + 1,
+                "NR": n_cells + 1,
                 "A": G * 2 * (n_cells + 1)}
 
     def request_dims(self, state: RunState) -> dict[str, int]:
@@ -179,6 +191,7 @@ class _BulkStrategy(FedStrategy):
             out["KF"] = state.fallback.candidates.shape[1]
         if state.robust is not None:
             out["A"] = cooks.open_targets(state.robust)
+            out["NR"] = int(cooks.sent_groups(state.robust).sum())
         return out
 
 
@@ -304,6 +317,30 @@ class DESeq2Strategy(_BulkStrategy):
     def compact_fields(self) -> bool:
         """Under DP every field is noised: all travel in the default fixed point."""
         return self.dp_budget is None
+
+    def column_folds(self, message) -> dict:
+        """Packed ``X'WX``-type sums (:data:`FOLDED`) of a factor design: each column is a sum
+        of ``w x_i x_j``, and over the declared cells' design rows some product columns are
+        equal (``x_j x_j = x_j``) or zero (two levels of one factor): only the distinct,
+        non-zero ones travel under secure aggregation. Continuous covariates: none."""
+        kind = message if isinstance(message, type) else type(message)
+        if kind.__name__ not in FOLDED or self.study.continuous or not self.study.levels:
+            return {}
+        if getattr(self, "_folds", None) is None:
+            self._folds = {"T": fold_columns(_products(cell_design_rows(self.study)))}
+            if self.reduced is not None:
+                self._folds["Tr"] = fold_columns(
+                    _products(cell_design_rows(self.study, self.reduced)))
+        return self._folds
+
+    def count_bounds(self, state, data) -> tuple[int | None, int | None]:
+        """Once the size-factor round has pooled the sample count (``totals.n_samples``),
+        every count a site sends is of its own samples: ``(N, the site's n)``."""
+        totals = getattr(state, "totals", None)
+        n = getattr(totals, "n_samples", None)
+        if n is None or not np.isfinite(n) or n != int(n):
+            return None, None
+        return int(n), int(data.n_samples)
 
     def postprocess(self, sums):
         """Under DP, the noisy totals made usable (:func:`fed_de.bulk.dp.postprocess`)."""

@@ -33,8 +33,10 @@ def counts(*shape: str | int) -> Any:
     """Declare a field of sample counts: non-negative integers held in a float64 array.
 
     Summed like :func:`sums`; under secure aggregation they travel packed, 4 bytes a count
-    instead of a fixed-point value's 24 (:func:`fed_de.secagg.pack_counts`). A count is a
-    number of the site's samples: its total over sites is at most the study's.
+    instead of a fixed-point value's 24, ``N.bit_length()`` bits once the request carries the
+    pooled sample count ``N`` (:func:`fed_de.secagg.pack_counts`). A count is a number of the
+    site's samples: at most its own sample count (a larger one is refused), so its total over
+    sites is at most the study's.
     """
     return field(metadata={"shape": tuple(shape), "counts": True})
 
@@ -163,6 +165,46 @@ def total(messages: list[Message], rows: np.ndarray | None = None,
             tot = full
         kwargs[f.name] = tot
     return type(first)(**kwargs)
+
+
+def folded_keys(cls: type, folds: dict, prefix: str = "") -> dict[str, str]:
+    """Dotted names of the arrays of message type ``cls`` (every optional part) whose last
+    dimension is a symbol of ``folds`` (e.g. ``T``, packed ``X'WX``), with that symbol: the
+    columns a study makes equal or zero need not travel (:func:`fold` / :func:`unfold`)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        if _is_array(f):
+            shape = f.metadata["shape"]
+            if shape and shape[-1] in folds:
+                out[prefix + f.name] = shape[-1]
+            continue
+        for kind in typing.get_args(hints[f.name]) or (hints[f.name],):
+            if isinstance(kind, type) and issubclass(kind, Message):
+                out.update(folded_keys(kind, folds, f"{prefix}{f.name}."))
+    return out
+
+
+def fold_columns(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a study-level matrix whose columns are what every sample multiplies into a packed
+    sum (e.g. ``x_i x_j`` over the design's cell rows): the columns to send (first of each
+    set of equal, non-zero columns) and, per column, its index among them (-1: always zero).
+    Public: it depends on the declared design only."""
+    columns = np.asarray(columns, dtype=float)
+    keep: list[int] = []
+    expand = np.full(columns.shape[1], -1)
+    for j in range(columns.shape[1]):
+        if not columns[:, j].any():
+            continue
+        same = [i for i, k in enumerate(keep) if np.array_equal(columns[:, k], columns[:, j])]
+        if same:
+            expand[j] = same[0]
+        else:
+            expand[j] = len(keep)
+            keep.append(j)
+    return np.array(keep, dtype=int), expand
 
 
 def declared_shapes(cls: type, dims: dict[str, int], prefix: str = "",

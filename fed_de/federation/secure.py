@@ -17,14 +17,15 @@ from __future__ import annotations
 import importlib
 import os
 import typing
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from fed_de import secagg
 from fed_de.errors import DisclosureError
 from fed_de.federation.calls import aggregator_step, site_step
-from fed_de.federation.messages import Message, arrays, flagged_keys, sums
+from fed_de.federation.messages import Message, arrays, flagged_keys, folded_keys, sums
 
 KEY_ROUND_STEPS = 2  # the key round adds one site task and one aggregation to the chain
 
@@ -47,11 +48,14 @@ class KeyRelay:
 class MaskedMessage:
     """What a site sends when secure aggregation is on: its message encoded and masked.
 
-    ``kind`` names the message type (``module:Class``) so the aggregator can rebuild the sum.
+    ``kind`` names the message type (``module:Class``) so the aggregator can rebuild the sum;
+    ``folded``: arrays sent without the columns the study makes equal or zero, each with the
+    map back (per original column, its index among those sent, -1: zero).
     """
 
     kind: str
     payload: dict
+    folded: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -84,10 +88,23 @@ def relay_keys(offers: list) -> dict:
 
 
 def mask_message(message: Message, keys: Keyring, relay: KeyRelay, n_sites: int,
-                 stream: int, compact: bool = True) -> MaskedMessage:
+                 stream: int, compact: bool = True,
+                 count_bounds: tuple[int | None, int | None] = (None, None),
+                 folds: Mapping[str, tuple] | None = None) -> MaskedMessage:
     """Encode and mask a checked message (the session opens at the first message); its
     :func:`~fed_de.federation.messages.counts` fields travel packed and its ``narrow`` sums
-    in two words, unless ``compact`` is False (e.g. noised: neither integers nor in range)."""
+    in two words, unless ``compact`` is False (e.g. noised: neither integers nor in range).
+
+    ``count_bounds``: ``(pooled sample count N, this site's sample count)`` once the run
+    state carries ``N``: counts then travel in ``N.bit_length()``-bit fields
+    (:func:`fed_de.secagg.pack_counts`); ``(None, None)``: 32-bit fields.
+
+    ``folds``: ``{symbol: (columns sent, map back)}`` (:func:`fed_de.federation.messages.
+    fold_columns`): arrays whose last dimension is such a symbol travel without the columns
+    the declared design makes equal to another or zero (packed X'WX of a factor design:
+    ``x_j x_j = x_j`` for a 0/1 column, two levels of one factor never both 1); the aggregator
+    copies them back (:class:`MaskedTotal`). Public, from the study: the totals it learns are
+    the same."""
     if keys.session is None:
         if n_sites and len(relay.public_keys) != n_sites:
             raise DisclosureError(
@@ -103,9 +120,17 @@ def mask_message(message: Message, keys: Keyring, relay: KeyRelay, n_sites: int,
     kind = f"{type(message).__module__}:{type(message).__qualname__}"
     counts = flagged_keys(message, "counts") if compact else ()
     narrow = flagged_keys(message, "narrow") if compact else ()
-    return MaskedMessage(kind=kind, payload=secagg.mask(arrays(message), keys.session,
-                                                        stream=stream, counts=counts,
-                                                        narrow=narrow))
+    flat, folded = arrays(message), {}
+    if compact and folds:
+        for key, symbol in folded_keys(type(message), folds).items():
+            if key in flat:
+                keep, expand = folds[symbol]
+                flat[key] = np.ascontiguousarray(flat[key][..., keep])
+                folded[key] = [int(e) for e in expand]
+    return MaskedMessage(kind=kind, folded=folded,
+                         payload=secagg.mask(flat, keys.session, stream=stream, counts=counts,
+                                             narrow=narrow, count_total=count_bounds[0],
+                                             count_own=count_bounds[1]))
 
 
 class MaskedTotal:
@@ -116,6 +141,7 @@ class MaskedTotal:
         """``consume``: the caller drops each message once added (the first one's arrays
         then hold the running totals: :class:`fed_de.secagg.MaskedSum`)."""
         self.kind: str | None = None
+        self.folded: dict = {}
         self.sum = secagg.MaskedSum(consume=consume)
 
     def __bool__(self) -> bool:
@@ -126,7 +152,10 @@ class MaskedTotal:
         if self.kind is not None and masked.kind != self.kind:
             raise ValueError(f"sites sent different messages in one round: "
                              f"{sorted({self.kind, masked.kind})}")
-        self.kind = masked.kind
+        folded = getattr(masked, "folded", {})
+        if self.kind is not None and folded != self.folded:
+            raise ValueError("sites folded different columns in one round")
+        self.kind, self.folded = masked.kind, folded
         self.sum.add(masked.payload)
 
     def message(self) -> Message:
@@ -137,7 +166,17 @@ class MaskedTotal:
         cls = getattr(importlib.import_module(module), name)
         if not (isinstance(cls, type) and issubclass(cls, Message)):
             raise ValueError(f"{self.kind} is not a fed_de message")
-        return from_arrays(cls, self.sum.total())
+        return from_arrays(cls, unfold(self.sum.total(), self.folded))
+
+
+def unfold(totals: dict, folded: Mapping[str, list]) -> dict:
+    """Totals with the folded arrays' columns copied back (zeros where the map says -1)."""
+    out = dict(totals)
+    for key, expand in folded.items():
+        e = np.asarray(expand, dtype=int)
+        v = np.asarray(totals[key])
+        out[key] = np.where(e >= 0, v[..., np.maximum(e, 0)], 0.0)
+    return out
 
 
 def unmask_total(masked: list[MaskedMessage]) -> Message:

@@ -112,6 +112,18 @@ class FedStrategy(ComputePlanBuilder):
         yes. A subclass that noises messages says no."""
         return True
 
+    def column_folds(self, message: Message | type) -> dict:
+        """``{symbol: (columns sent, map back)}`` for ``message``'s (or its type's) arrays
+        whose last dimension's columns the study makes equal or zero
+        (:func:`secure.mask_message`); the base: none."""
+        return {}
+
+    def count_bounds(self, state, data) -> tuple[int | None, int | None]:
+        """``(pooled sample count, this site's sample count)`` when the request ``state``
+        carries the pooled count (count fields then travel in narrower packed fields,
+        :func:`fed_de.secagg.pack_counts`); the base: ``(None, None)``, 32-bit fields."""
+        return None, None
+
     def postprocess(self, sums: Message) -> Message:
         """The round's summed message as the aggregator steps read it (the base: as summed)."""
         return sums
@@ -171,7 +183,9 @@ class FedStrategy(ComputePlanBuilder):
         if relay is None or isinstance(message, secure.KeyOffer):
             return message
         return secure.mask_message(message, self.keyring, relay, self.n_sites, stream,
-                                   compact=self.compact_fields())
+                                   compact=self.compact_fields(),
+                                   count_bounds=self.count_bounds(state, data_from_opener),
+                                   folds=self.column_folds(message))
 
     @remote
     def aggregate(self, shared_states: list, steps: str = "") -> Any:
