@@ -59,7 +59,7 @@ FINITE = ("totals.n_samples", "totals.sf_scale", "totals.xtx", "totals.xim",
 TESTS = ("Wald", "LRT")
 #: messages whose ``T`` / ``Tr`` columns are sums of ``w x_i x_j`` (packed X'WX, its
 #: derivatives, X'X): folded under secure aggregation (:meth:`_BulkStrategy.column_folds`)
-FOLDED = ("IRLSSums", "DispSums", "FallbackSums", "ClosingSums", "FallbackClosingSums",
+FOLDED = ("IRLSSums", "DispSums", "FallbackSums", "ClosingSums", "ClosingFitSums",
           "MomentSums")
 
 
