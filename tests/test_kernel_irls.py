@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import nbinom
 
 from fed_de.core import nb
-from fed_de.core.irls import N_CANDIDATES, IRLSFit, irls_update, start_irls
+from fed_de.core.irls import LARGE_BETA, N_CANDIDATES, IRLSFit, irls_update, start_irls
 from tests.conftest import DATA
 
 LAMBDA = 1e-6 / np.log(2) ** 2  # DESeq2's ridge on the natural-log scale
@@ -210,3 +210,23 @@ def test_genes_deseq2_irls_cannot_finish_are_not_reported_converged(unfinished):
     r_beta = ref[["beta_0", "beta_1", "beta_2"]].to_numpy()
     at_r = np.abs(fit.beta - r_beta).max(axis=1) < 0.05  # R's optim is loose on flat axes
     assert (~fit.converged | at_r).all()
+
+
+def test_candidates_stay_where_the_sites_can_evaluate_them():
+    """An accelerated candidate far beyond DESeq2's divergence bound (Newton with a nearly
+    singular observed information) is proposed at the bound: its means stay finite at the
+    sites (an overflowing candidate once stopped a whole run at their range check)."""
+    rng = np.random.default_rng(3)
+    G, K, p = 4, N_CANDIDATES, 2
+    fit = start_irls(rng.normal(size=(G, p)), np.zeros(G, dtype=bool), rng.normal(size=(G, p)))
+    xtwx = nb.pack(np.eye(p) * rng.uniform(1, 5, (G, K, 1, 1)))
+    xtwz = rng.normal(size=(G, K, p))
+    dev = rng.uniform(10, 20, (G, K))
+    obs = nb.pack(np.eye(p) * 1e-12 * np.ones((G, K, 1, 1)))  # Newton step ~1e12
+    fit = irls_update(fit, xtwx, xtwz, dev, p, obs)
+    assert not fit.stopped.any()
+    assert np.abs(fit.candidates).max() == LARGE_BETA
+    X = np.column_stack([np.ones(6), np.arange(6) % 2])
+    s = nb.irls_summands(np.ones((6, G)), X, np.ones(6), fit.candidates[:, 2],
+                         np.full(G, 0.1))
+    assert all(np.isfinite(v).all() for v in s.values())
