@@ -1067,7 +1067,8 @@ def affine_sources(t: Task) -> tuple | None:
     attacker runs it on one sample at a time to read each sum's coefficient of that
     sample's count. Covered: the IRLS observed information ``IRLSSums.full.xtwx_obs`` (the
     ``xtwz`` rows are :func:`cell_system`'s), the fallback's gradient and observed
-    information (``FallbackSums.grad`` / ``info``), the shrinkage's likelihood gradient and
+    information (``FallbackSums.grad`` / ``info``, and ``BoxedSums``' at the last IRLS
+    round's candidates in the box), the shrinkage's likelihood gradient and
     Hessian (``apeglm``) or ridge score and Jacobian (``normal``).
     """
     st = t.state
@@ -1083,6 +1084,12 @@ def affine_sources(t: Task) -> tuple | None:
         alpha = np.nan_to_num(fit_alpha(stage, st.start, st.dispersions), nan=1.0)
         return (_irls_eval, alpha, np.asarray(fit.candidates), ~np.asarray(fit.stopped),
                 getattr(st, "rows", None) is not None)
+    if t.kind == "BoxedSums" and st.irls_final is not None:  # the closing IRLS round's part
+        from fed_de.core.fallback import BOX
+
+        alpha = np.nan_to_num(st.dispersions.final, nan=1.0)
+        cands = np.clip(np.nan_to_num(np.asarray(st.irls_final.candidates)), -BOX, BOX)
+        return (_fallback_eval, alpha, cands, ~np.asarray(st.start.skip, dtype=bool), False)
     if t.kind == "FallbackSums" and st.fallback is not None:
         alpha = np.nan_to_num(st.dispersions.final, nan=1.0)
         return (_fallback_eval, alpha, np.asarray(st.fallback.candidates),

@@ -136,9 +136,11 @@ def test_default_cooks_step_replaces_nothing_so_differencing_finds_nothing(defau
     sum differs from a first-fit sum by an outlier; the differencing attack claims nothing."""
     rec, geo, truth = default_run
     tasks = atk.view(rec, "totals")
-    close = next(t for t in tasks if t.kind == "ClosingSums")
+    # without Cook's the closing sums ride on the last IRLS round (BoxedSums)
+    close = next((t for t in tasks if t.kind == "ClosingSums"), None)
+    assert (close is not None) == rec["result"].facts["options"]["cooks"]
     assert atk.attack_cooks(tasks, geo) == []
-    if "cooks.n_replaced" in close.message:  # Cook's on: outliers seen, none replaced
+    if close is not None:  # Cook's on: outliers seen, none replaced
         assert not np.any(close.message["cooks.n_replaced"])
         assert "cooks.start.cell_sum" not in close.message  # no refit start is sent
         assert int(np.sum(rec["result"].cooks["outlier"])) >= 1
