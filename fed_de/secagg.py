@@ -546,14 +546,16 @@ def _add_masks(acc: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes]) -
             np.invert(b[p:d], out=b[p:d])
         b[d] = acc[:, start:start + nc]
         low = np.add.reduce(b, axis=0)  # every limb's sum mod 2**64
-        np.right_shift(b, _S32, out=b)
-        high = np.add.reduce(b, axis=0)  # the high halves' sum, exact: < (d + 1) 2**32
-        # the low halves carried q = ((low >> 32) - high) mod 2**32 into the high halves
-        q = low >> _S32
-        q -= high
-        q &= _LO32
-        high += q
-        high >>= _S32  # the carry out of each limb
+        if limbs > 1:  # the top limb's carry leaves the ring: only the others' are needed
+            inner = b[:, :-1]
+            np.right_shift(inner, _S32, out=inner)
+            high = np.add.reduce(inner, axis=0)  # the high halves' sum, exact: < (d+1) 2**32
+            # the low halves carried q = ((low >> 32) - high) mod 2**32 into the high halves
+            q = low[:-1] >> _S32
+            q -= high
+            q &= _LO32
+            high += q
+            high >>= _S32  # the carry out of each limb
         low[0] += ones
         over = low[0] < ones
         for k in range(1, limbs):
