@@ -204,7 +204,7 @@ def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
     for start in range(0, a.size, _CHUNK):
         sl = slice(start, start + _CHUNK)
         frac, exp = np.frexp(a[sl])
-        mant = np.ldexp(frac, 53).astype(np.uint64)
+        mant = (frac * 2.0**53).astype(np.uint64)  # exact: a power-of-two scaling
         shift = exp.astype(np.int64)
         shift -= 53
         for k in range(limbs):
@@ -213,13 +213,15 @@ def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
             np.bitwise_or(np.left_shift(mant, shift.view(np.uint64)), right, out=out[k, sl])
             shift -= 64
         n = neg[sl]
-        if n.any():
+        if n.any():  # ~v + 1 for the negative values: xor with all ones, no masked ufunc
             carry = n.astype(np.uint64)  # the + 1, then the carry out of each limb
+            flip = np.negative(carry)  # all ones where negative, else 0
             for k in range(limbs):
                 word = out[k, sl]
-                np.invert(word, out=word, where=n)
+                word ^= flip
                 word += carry
-                carry &= word == 0
+                if k + 1 < limbs:
+                    carry &= word == 0
     return out
 
 

@@ -75,3 +75,21 @@ def test_mask_keys_differ_by_address():
     assert len(base) == 16
     assert len({base, sa._mask_key(seed, 1, 1, "x"), sa._mask_key(seed, 0, 2, "x"),
                 sa._mask_key(seed, 0, 1, "y"), sa._mask_key(os.urandom(32), 0, 1, "x")}) == 5
+
+
+@pytest.mark.parametrize("fmt", [sa.FixedPoint(), sa.NARROW, sa.FixedPoint(limbs=1, frac_bits=20)])
+def test_encoding_is_exact_twos_complement(fmt):
+    """Every encoded value is round-half-even(x * 2**f) in two's complement mod 2**K, for
+    both signs and mantissas on either side of a limb boundary."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(fmt.limbs)
+    top = fmt.max_abs(20) / 4
+    x = np.concatenate([rng.normal(size=500) * top / 1e3, rng.normal(size=200) * 1e-3,
+                        np.ldexp(1.0, np.arange(-fmt.frac_bits - 2, 20)),
+                        [0.0, -0.0, 0.5 * 2.0**-fmt.frac_bits, 1.5 * 2.0**-fmt.frac_bits]])
+    x = np.concatenate([x, -x])
+    words = fmt.encode(x, 20)
+    ring = 2 ** fmt.ring_bits
+    expected = [round(Fraction(v) * 2**fmt.frac_bits) % ring for v in x]
+    assert _ints(words.reshape(fmt.limbs, -1)) == expected
