@@ -11,7 +11,9 @@ aggregation reads its message. Every task has the semantics of real substra exec
   only: an attribute set anywhere else is gone, as on a real node);
 - local state written by ``save_local_state`` and read back by ``load_local_state`` at every
   task, through a file;
-- shared states pickled on output and unpickled separately by every consumer (no aliasing);
+- shared states pickled on output and unpickled separately by every consumer (no aliasing:
+  held in memory, every consumer's arrays are read-only views of one copy of the output's
+  buffers, so none can change what another reads, and none copies them again);
 - a train task given no shared state after a non-initial task receives its *own previous
   shared output*, as substrafl's ``TrainDataNode`` wires it;
 - aggregations get a fresh instance and no local state;
