@@ -70,6 +70,7 @@ _LO32 = np.uint64(0xFFFFFFFF)
 _CHUNK = 16384  # elements per chunk of the fixed-point encoding (stays in cache)
 _ZEROS = bytes(1 << 20)  # encrypted into the mask keystream (one chunk at a time)
 _MASK_CHUNK = 8192  # values per chunk of the masking (stays in cache)
+_FEW_MASKS = 2  # up to this many masks, each is added with its carries (no deferral)
 _S32 = np.uint64(32)
 MASK_DEGREE = 8  # peers each site masks with (all of them in studies of up to 9 sites)
 
@@ -522,7 +523,8 @@ def _add_masks(acc: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes]) -
     values, then limb 1, ... Both members of a pair read the same words, so their masks
     cancel whatever else is added.
 
-    The carries are deferred (all in cache-sized chunks): subtraction is addition of the
+    With more than :data:`_FEW_MASKS` masks the carries are deferred (all in cache-sized
+    chunks; fewer masks are added one by one): subtraction is addition of the
     complement (``-m = ~m + 1``), the words of every limb are summed modulo ``2**64`` and,
     separately, their high 32-bit halves exactly; the carry out of a limb follows from the
     two, and one pass runs it through the limbs.
@@ -544,6 +546,10 @@ def _add_masks(acc: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes]) -
             enc.update_into(zeros[:nbytes], memoryview(buf[i]).cast("B")[:nbytes])
         if nc < size:  # a last, shorter chunk: its words fill its own limbs in order
             b[:d] = buf[:d].reshape(d, -1)[:, :limbs * nc].reshape(d, limbs, nc)
+        if d <= _FEW_MASKS:  # too few masks to pay for the deferred carries
+            for i in range(d):
+                (_iadd if i < p else _isub)(acc[:, start:start + nc], b[i])
+            continue
         if p < d:
             np.invert(b[p:d], out=b[p:d])
         b[d] = acc[:, start:start + nc]
