@@ -13,8 +13,9 @@ Protocol (``S`` sites, ids compared as Python strings)
 3. For each message, a site encodes every array in fixed point in the ring ``Z_{2^K}``
    (:class:`FixedPoint`) and adds, for each of its mask neighbours ``j``
    (:func:`mask_neighbours`: every other site in studies of up to 9 sites, 8 of them beyond),
-   a mask expanded from the pair seed by ChaCha20 and addressed by ``(stream, round tag,
-   message key)``: ``+mask`` if ``me < j``, ``-mask`` otherwise (:func:`mask`). The two
+   a mask expanded from the pair seed by AES-128 in counter mode under a key derived from the
+   address ``(stream, round tag, message key)`` (:func:`_mask_key`, :func:`_add_masks`):
+   ``+mask`` if ``me < j``, ``-mask`` otherwise (:func:`mask`). The two
    members of a pair add opposite masks, so every mask cancels in the sum over all sites, and
    the aggregator decodes the exact total of the encoded values (:func:`unmask_sum`). The
    neighbour graph is connected, so any strict subset of the messages is covered by at least
@@ -64,15 +65,18 @@ from dataclasses import dataclass, field
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 HEADER = "_secagg"
-_VERSION = b"fed_de/secagg/v1"
+_VERSION = b"fed_de/secagg/v2"  # v2: AES-128-CTR masks (v1: ChaCha20); the run digest differs
 _MAX_TAG = 2**63
 _LO32 = np.uint64(0xFFFFFFFF)
 _CHUNK = 16384  # elements per chunk of the fixed-point encoding (stays in cache)
-_ZEROS = bytes(1 << 20)  # encrypted piece by piece into the mask keystream
+_ZEROS = bytes(1 << 20)  # encrypted into the mask keystream (one chunk at a time)
+_MASK_CHUNK = 8192  # values per chunk of the masking (stays in cache)
+_FEW_MASKS = 2  # up to this many masks, each is added with its carries (no deferral)
+_S32 = np.uint64(32)
 MASK_DEGREE = 8  # peers each site masks with (all of them in studies of up to 9 sites)
 
 
@@ -206,7 +210,7 @@ def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
     for start in range(0, a.size, _CHUNK):
         sl = slice(start, start + _CHUNK)
         frac, exp = np.frexp(a[sl])
-        mant = np.ldexp(frac, 53).astype(np.uint64)
+        mant = (frac * 2.0**53).astype(np.uint64)  # exact: a power-of-two scaling
         shift = exp.astype(np.int64)
         shift -= 53
         for k in range(limbs):
@@ -215,13 +219,15 @@ def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
             np.bitwise_or(np.left_shift(mant, shift.view(np.uint64)), right, out=out[k, sl])
             shift -= 64
         n = neg[sl]
-        if n.any():
+        if n.any():  # ~v + 1 for the negative values: xor with all ones, no masked ufunc
             carry = n.astype(np.uint64)  # the + 1, then the carry out of each limb
+            flip = np.negative(carry)  # all ones where negative, else 0
             for k in range(limbs):
                 word = out[k, sl]
-                np.invert(word, out=word, where=n)
+                word ^= flip
                 word += carry
-                carry &= word == 0
+                if k + 1 < limbs:
+                    carry &= word == 0
     return out
 
 
@@ -545,19 +551,70 @@ def open_session(private: bytes, public_by_site: Mapping[str, bytes], me: str, r
                          all_sites=tuple(sorted(public_by_site)))
 
 
-def _mask_stream(seed: bytes, stream: int, tag: int, key: str, n_words: int) -> np.ndarray:
-    """``n_words`` uint64 of ChaCha20 keystream under a key derived from the pair seed and the
-    address ``(stream, tag, key)`` by HMAC-SHA256 (a PRF): distinct addresses, independent
-    masks."""
-    sub = hmac.digest(seed, _VERSION + b"/mask" + struct.pack("<QQ", stream, tag)
-                      + key.encode(), "sha256")
-    enc = Cipher(algorithms.ChaCha20(sub, bytes(16)), mode=None).encryptor()
-    out = np.empty(n_words, dtype="<u8")
-    view, zeros = memoryview(out).cast("B"), memoryview(_ZEROS)
-    for start in range(0, view.nbytes, len(zeros)):  # the keystream runs on across updates
-        size = min(len(zeros), view.nbytes - start)
-        enc.update_into(zeros[:size], view[start:start + size])  # no fresh zeros to encrypt
-    return out.astype(np.uint64, copy=False)
+def _mask_key(seed: bytes, stream: int, tag: int, key: str) -> bytes:
+    """The 16-byte AES key of one address ``(stream, tag, key)`` under a pair seed:
+    HMAC-SHA256 (a PRF) truncated, so distinct addresses get independent keys."""
+    return hmac.digest(seed, _VERSION + b"/mask" + struct.pack("<QQ", stream, tag)
+                       + key.encode(), "sha256")[:16]
+
+
+def _add_masks(acc: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes]) -> None:
+    """``acc += sum(masks of plus) - sum(masks of minus) mod 2**K``, in place.
+
+    ``acc`` is ``(limbs, n)`` uint64 (limb 0 lowest); each mask key (:func:`_mask_key`) gives
+    an AES-128-CTR keystream (counter from 0) read as little-endian uint64 words that fill,
+    chunk by chunk of :data:`_MASK_CHUNK` values, the chunk's limbs in order: limb 0 of its
+    values, then limb 1, ... Both members of a pair read the same words, so their masks
+    cancel whatever else is added.
+
+    With more than :data:`_FEW_MASKS` masks the carries are deferred (all in cache-sized
+    chunks; fewer masks are added one by one): subtraction is addition of the
+    complement (``-m = ~m + 1``), the words of every limb are summed modulo ``2**64`` and,
+    separately, their high 32-bit halves exactly; the carry out of a limb follows from the
+    two, and one pass runs it through the limbs.
+    """
+    limbs, n = acc.shape
+    d, p = len(plus) + len(minus), len(plus)
+    if n == 0 or d == 0:
+        return
+    encs = [Cipher(algorithms.AES(k), modes.CTR(bytes(16))).encryptor() for k in (*plus, *minus)]
+    size = min(_MASK_CHUNK, n)
+    buf = np.empty((d + 1, limbs, size), dtype=np.uint64)  # the masks, then acc's chunk
+    zeros = memoryview(_ZEROS if 8 * limbs * size <= len(_ZEROS) else bytes(8 * limbs * size))
+    ones = np.uint64(d - p)  # the + 1 of each complemented mask
+    for start in range(0, n, size):
+        nc = min(size, n - start)
+        b = buf[:, :, :nc]
+        nbytes = 8 * limbs * nc
+        for i, enc in enumerate(encs):
+            enc.update_into(zeros[:nbytes], memoryview(buf[i]).cast("B")[:nbytes])
+        if nc < size:  # a last, shorter chunk: its words fill its own limbs in order
+            b[:d] = buf[:d].reshape(d, -1)[:, :limbs * nc].reshape(d, limbs, nc)
+        if d <= _FEW_MASKS:  # too few masks to pay for the deferred carries
+            for i in range(d):
+                (_iadd if i < p else _isub)(acc[:, start:start + nc], b[i])
+            continue
+        if p < d:
+            np.invert(b[p:d], out=b[p:d])
+        b[d] = acc[:, start:start + nc]
+        low = np.add.reduce(b, axis=0)  # every limb's sum mod 2**64
+        if limbs > 1:  # the top limb's carry leaves the ring: only the others' are needed
+            inner = b[:, :-1]
+            np.right_shift(inner, _S32, out=inner)
+            high = np.add.reduce(inner, axis=0)  # the high halves' sum, exact: < (d+1) 2**32
+            # the low halves carried q = ((low >> 32) - high) mod 2**32 into the high halves
+            q = low[:-1] >> _S32
+            q -= high
+            q &= _LO32
+            high += q
+            high >>= _S32  # the carry out of each limb
+        low[0] += ones
+        over = low[0] < ones
+        for k in range(1, limbs):
+            carry = high[k - 1] + over
+            low[k] += carry
+            over = low[k] < carry
+        acc[:, start:start + nc] = low
 
 
 def _as_float_array(key: str, value) -> np.ndarray:
@@ -644,6 +701,11 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
                           "narrow")
     out: dict = {}
     shapes: dict[str, tuple] = {}
+    addressed = {key: ([_mask_key(seed, stream, round_tag, key)
+                        for peer, seed in session.seeds.items() if session.me < peer],
+                       [_mask_key(seed, stream, round_tag, key)
+                        for peer, seed in session.seeds.items() if session.me > peer])
+                 for key in message}
     for key, value in message.items():
         arr = _as_float_array(key, value)
         if key in counts:
@@ -652,10 +714,8 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
             shapes[key] = arr.shape
         else:
             v = (NARROW if key in narrow else fmt).encode(arr, n_parties, name=key)
-        acc = v.reshape(v.shape[0], -1)  # a fresh array: updated in place
-        for peer, seed in session.seeds.items():
-            m = _mask_stream(seed, stream, round_tag, key, v.size).reshape(acc.shape)
-            (_iadd if session.me < peer else _isub)(acc, m)
+        # a fresh array, updated in place: + the masks of larger peers, - the others'
+        _add_masks(v.reshape(v.shape[0], -1), *addressed[key])
         out[key] = v
     session.last_tag[stream] = round_tag
     out[HEADER] = {"site": session.me, "parties": session.parties,

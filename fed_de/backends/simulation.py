@@ -11,7 +11,9 @@ aggregation reads its message. Every task has the semantics of real substra exec
   only: an attribute set anywhere else is gone, as on a real node);
 - local state written by ``save_local_state`` and read back by ``load_local_state`` at every
   task, through a file;
-- shared states pickled on output and unpickled separately by every consumer (no aliasing);
+- shared states pickled on output and unpickled separately by every consumer (no aliasing:
+  held in memory, every consumer's arrays are read-only views of one copy of the output's
+  buffers, so none can change what another reads, and none copies them again);
 - a train task given no shared state after a non-initial task receives its *own previous
   shared output*, as substrafl's ``TrainDataNode`` wires it;
 - aggregations get a fresh instance and no local state;
@@ -145,6 +147,56 @@ def _dumps(value: Any, key: str) -> bytes:
         raise TypeError(f"shared state of task {key} is not picklable: {err}") from err
 
 
+@dataclass(frozen=True)
+class _Pickled:
+    """An output kept in memory as its pickle stream with the array buffers taken out
+    (pickle protocol 5): every consumer unpickles its own objects, whose arrays are read-only
+    views of the same buffers, instead of copying every buffer again (20 sites read each
+    aggregation's output 20 times). ``size`` is the length of the ordinary (in-band) pickle:
+    the bytes the output weighs when sent."""
+
+    stream: bytes
+    buffers: tuple[bytes, ...]
+    size: int
+
+
+class _Counter:
+    """A file that only counts what is written to it."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self.n += n
+        return n
+
+
+class _SizePickler(pickle.Pickler):
+    """Pickles into a :class:`_Counter`, each read-only contiguous array as a writable copy:
+    a read-only array (a view of a buffer a consumer read, passed on) is pickled in a few
+    bytes less, and the size must be what the same output weighs however it was read."""
+
+    def reducer_override(self, obj):
+        if (type(obj) is np.ndarray and not obj.flags.writeable and not obj.dtype.hasobject
+                and (obj.flags.c_contiguous or obj.flags.f_contiguous)):
+            return np.array(obj, order="K").__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        return NotImplemented
+
+
+def _pack(value: Any, key: str) -> _Pickled:
+    """``value`` as a :class:`_Pickled`: its buffers copied once into read-only bytes (no
+    consumer shares memory with the producer, and none can change what another reads)."""
+    buffers: list = []
+    try:
+        stream = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        counter = _Counter()
+        _SizePickler(counter, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    except Exception as err:  # noqa: BLE001 - any pickling failure is a plan bug
+        raise TypeError(f"shared state of task {key} is not picklable: {err}") from err
+    return _Pickled(stream, tuple(bytes(b.raw()) for b in buffers), counter.n)
+
+
 # -- a site task, as a worker process runs it ---------------------------------------------------
 @dataclass
 class _SiteJob:
@@ -155,9 +207,10 @@ class _SiteJob:
     remote_struct: bytes  # cloudpickled RemoteStruct: the instance is rebuilt from it
     site: Any  # the SiteData in-process, or the path of its dump for a worker
     local_in: str | None  # local state file to load
-    shared_in: bytes | str | None  # pickled shared state, or the file holding it
+    shared_in: bytes | str | _Pickled | None  # the pickled shared state, or its file
     shared_out: str | None  # file to write the message to (None: return it)
     local_out: str
+    packed: bool = False  # return the message as a _Pickled (else as pickled bytes)
 
 
 @dataclass
@@ -167,7 +220,7 @@ class _SiteDone:
     op_id: str
     n_bytes: int = 0
     payload: int = 0
-    blob: bytes | None = None
+    blob: bytes | _Pickled | None = None
     error: BaseException | None = None
     error_text: str = ""
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of its parts
@@ -187,7 +240,9 @@ def _open_site(site: Any) -> Any:
     return _OPENED[site]
 
 
-def _read_blob(source: bytes | str) -> Any:
+def _read_blob(source: bytes | str | _Pickled) -> Any:
+    if isinstance(source, _Pickled):
+        return pickle.loads(source.stream, buffers=source.buffers)
     if isinstance(source, bytes):
         return pickle.loads(source)
     with open(source, "rb") as fh:
@@ -218,12 +273,13 @@ def _run_site_job(job: _SiteJob, in_worker: bool = False) -> _SiteDone:
         out = getattr(instance, rs._method_name)(data_from_opener=site, _skip=True, **kwargs,
                                                  **rs._method_parameters)
         lap("step")
-        blob = _dumps(out, job.op_id)
+        blob = _pack(out, job.op_id) if job.packed else _dumps(out, job.op_id)
         if job.shared_out is not None:
             Path(job.shared_out).write_bytes(blob)
         instance.save_local_state(Path(job.local_out))
         lap("outputs")
-        return _SiteDone(job.op_id, len(blob), payload_nbytes(out),
+        size = blob.size if isinstance(blob, _Pickled) else len(blob)
+        return _SiteDone(job.op_id, size, payload_nbytes(out),
                          None if job.shared_out is not None else blob, cpu=cpu)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
         if not in_worker:
@@ -269,7 +325,10 @@ class _Platform:
         self.workdir = workdir
         self.files = files or n_jobs != 1
         self.n_jobs = n_jobs
-        self.shared: dict[str, bytes] = {}  # memory mode
+        self.shared: dict[str, bytes | _Pickled] = {}  # memory mode
+        # memory mode without a checkpoint (which keeps outputs as pickled bytes): outputs
+        # are held as _Pickled, read without copying their arrays
+        self.packed = not self.files and ledger.checkpoint is None
         self.sizes: dict[str, int] = {}  # every live output: its pickled size
         self.local_paths: dict[str, Path] = {}
         self.progress = progress
@@ -358,6 +417,11 @@ class _Platform:
         return self.workdir / f"shared-{key}"
 
     def put_shared(self, key: str, value: Any) -> int:
+        if self.packed:
+            packed = _pack(value, key)
+            self.shared[key] = packed
+            self.sizes[key] = packed.size
+            return packed.size
         blob = _dumps(value, key)
         if self.files:
             self.shared_path(key).write_bytes(blob)
@@ -376,7 +440,7 @@ class _Platform:
         del self.shared[key]
         self.consumed.add(key)
 
-    def shared_source(self, key: str) -> bytes | str:
+    def shared_source(self, key: str) -> bytes | str | _Pickled:
         """The pickled output ``key``, or the file holding it."""
         if key in self.consumed:
             raise FedDEError(
@@ -614,7 +678,7 @@ class StrictTrainDataNode:
                 local_in=str(pf.workdir / f"local-{local_state.key}") if has_local else None,
                 shared_in=None,
                 shared_out=str(pf.shared_path(op_id)) if pf.files else None,
-                local_out=str(pf.workdir / f"local-{op_id}"))
+                local_out=str(pf.workdir / f"local-{op_id}"), packed=pf.packed)
             pf.defer(job, needs=parents, step=step, round_idx=round_idx,
                      reads_aggregate=reads_aggregate, own_shared=own,
                      weight=int(getattr(self._site, "n_samples", 0)))
