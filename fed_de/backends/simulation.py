@@ -167,7 +167,7 @@ class _SiteDone:
     op_id: str
     n_bytes: int = 0
     payload: int = 0
-    blob: bytes | None = None
+    blob: _Held | None = None  # the message, in-process (files: None)
     error: BaseException | None = None
     error_text: str = ""
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of its parts
@@ -187,7 +187,47 @@ def _open_site(site: Any) -> Any:
     return _OPENED[site]
 
 
-def _read_blob(source: bytes | str) -> Any:
+class _ByteCount:
+    """A write-only file that counts what is written (nothing is kept)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self.n += size
+        return size
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A site's message kept in-process as the object its task returned, with the size of
+    its pickle (counted, not built: a large message is not held twice).
+
+    Only the finished task held a reference to it, so handing it to its one reader is what
+    unpickling a fresh copy gives; any other reader gets a copy (:func:`_read_blob`).
+    """
+
+    value: Any
+    n_bytes: int
+
+    @classmethod
+    def of(cls, value: Any, key: str) -> _Held:
+        count = _ByteCount()
+        try:  # the same bytes as pickle.dumps, counted as they are written
+            pickle.dump(value, count, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as err:  # noqa: BLE001 - any pickling failure is a plan bug
+            raise TypeError(f"shared state of task {key} is not picklable: {err}") from err
+        return cls(value, count.n)
+
+    def blob(self) -> bytes:
+        """The pickle itself (a checkpoint's file, a copy for a second reader)."""
+        return pickle.dumps(self.value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _read_blob(source: bytes | str | _Held) -> Any:
+    if isinstance(source, _Held):
+        source = source.blob()
     if isinstance(source, bytes):
         return pickle.loads(source)
     with open(source, "rb") as fh:
@@ -218,13 +258,20 @@ def _run_site_job(job: _SiteJob, in_worker: bool = False) -> _SiteDone:
         out = getattr(instance, rs._method_name)(data_from_opener=site, _skip=True, **kwargs,
                                                  **rs._method_parameters)
         lap("step")
-        blob = _dumps(out, job.op_id)
+        kwargs = None  # the request is read: not held beside the message
+        payload = payload_nbytes(out)
         if job.shared_out is not None:
+            blob = _dumps(out, job.op_id)
+            out = None  # the pickle is what travels: the message is not held beside it
             Path(job.shared_out).write_bytes(blob)
+            held, n_bytes = None, len(blob)
+        else:
+            held = _Held.of(out, job.op_id)
+            out, n_bytes = None, held.n_bytes
+        blob = None
         instance.save_local_state(Path(job.local_out))
         lap("outputs")
-        return _SiteDone(job.op_id, len(blob), payload_nbytes(out),
-                         None if job.shared_out is not None else blob, cpu=cpu)
+        return _SiteDone(job.op_id, n_bytes, payload, held, cpu=cpu)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
         if not in_worker:
             return _SiteDone(job.op_id, error=err)
@@ -269,7 +316,7 @@ class _Platform:
         self.workdir = workdir
         self.files = files or n_jobs != 1
         self.n_jobs = n_jobs
-        self.shared: dict[str, bytes] = {}  # memory mode
+        self.shared: dict[str, bytes | _Held] = {}  # memory mode
         self.sizes: dict[str, int] = {}  # every live output: its pickled size
         self.local_paths: dict[str, Path] = {}
         self.progress = progress
@@ -340,7 +387,10 @@ class _Platform:
     def keep(self, key: str, local: str | Path | None = None) -> None:
         """Checkpoint the finished task ``key``'s outputs."""
         if self.ckpt is not None:
-            self.ckpt.finish(self.index[key], self.shared_source(key), local)
+            source = self.shared_source(key)
+            if isinstance(source, _Held):
+                source = source.blob()
+            self.ckpt.finish(self.index[key], source, local)
 
     def set_last_local(self, org: str, key: str) -> None:
         old = self.last_local.get(org)
@@ -369,12 +419,26 @@ class _Platform:
     def consume(self, key: str) -> None:
         """Free the in-memory copy of site output ``key`` now that its aggregation read it,
         unless a pending task reads it too (files are freed as before)."""
+        if self._consumable(key):
+            del self.shared[key]
+            self.consumed.add(key)
+
+    def _consumable(self, key: str) -> bool:
+        """Whether site output ``key`` is held in memory and read by its aggregation only."""
         if self.files or key not in self.local_paths or key not in self.shared:
-            return
-        if any(key in p.needs for p in self.pending.values()):
-            return
-        del self.shared[key]
-        self.consumed.add(key)
+            return False
+        return not any(key in p.needs for p in self.pending.values())
+
+    def take_shared(self, key: str) -> Any:
+        """Output ``key`` for its aggregation: a site's message read by nobody else is
+        handed over and freed (no copy is made); anything else is read as a fresh copy."""
+        self.run_pending([key])
+        if self._consumable(key) and isinstance(self.shared[key], _Held):
+            self.consumed.add(key)
+            return self.shared.pop(key).value
+        value = self.get_shared(key)
+        self.consume(key)
+        return value
 
     def shared_source(self, key: str) -> bytes | str:
         """The pickled output ``key``, or the file holding it."""
@@ -652,11 +716,13 @@ class _Inputs(Sequence):
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _read(self, key: str):
+    def _read(self, key: str, take: bool = False):
         try:
             self._platform.run_pending([key])  # a deferred site task runs when read
         except BaseException as err:  # noqa: BLE001 - re-raised as the site's own error
             raise _SiteFailedError(err) from None
+        if take:
+            return self._platform.take_shared(key)
         return self._platform.get_shared(key)
 
     def __getitem__(self, i):
@@ -674,9 +740,9 @@ class _Inputs(Sequence):
         as their messages are read, at most one site's message is held, pickled or not,
         beside what the task keeps of it."""
         for key in self._keys:
-            value = self._read(key)
-            self._platform.consume(key)
+            value = self._read(key, take=True)  # freed once read, unless read again
             yield value
+            value = None  # not held while the next site's task runs
 
     def __reduce__(self):  # a task that returns its inputs returns a list of them
         return list, (list(self),)
