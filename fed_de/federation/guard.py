@@ -26,6 +26,13 @@ import numpy as np
 from fed_de.errors import DisclosureError, SiteDataError
 
 
+def _raw_bytes(arr: np.ndarray):
+    """The bytes ``tobytes()`` gives, without a copy where the array is contiguous already
+    (a site's counts are hashed at every task)."""
+    arr = np.ascontiguousarray(arr)
+    return arr.tobytes() if arr.dtype.hasobject else arr.reshape(-1).view(np.uint8)
+
+
 def digest_arrays(parts: Iterable[Any]) -> str:
     """SHA-256 of a sequence of arrays, sparse matrices, strings and tables, in order.
 
@@ -50,10 +57,10 @@ def digest_arrays(parts: Iterable[Any]) -> str:
             csr = part.tocsr()
             h.update(f"sparse{csr.shape}{csr.dtype}".encode())
             for arr in (csr.data, csr.indices, csr.indptr):
-                h.update(np.ascontiguousarray(arr).tobytes())
+                h.update(_raw_bytes(arr))
         elif isinstance(part, np.ndarray):
             h.update(f"dense{part.shape}{part.dtype}".encode())
-            h.update(np.ascontiguousarray(part).tobytes())
+            h.update(_raw_bytes(part))
         elif isinstance(part, pd.DataFrame | pd.Series):
             h.update(part.to_csv().encode())
         else:
