@@ -13,7 +13,9 @@ aggregation reads its message. Every task has the semantics of real substra exec
   task, through a file;
 - shared states pickled on output and unpickled separately by every consumer (no aliasing:
   held in memory, every consumer's arrays are read-only views of one copy of the output's
-  buffers, so none can change what another reads, and none copies them again);
+  buffers, so none can change what another reads, and none copies them again); a site's
+  message, which its aggregation alone reads, is kept as the object the task returned and
+  handed over (sized by pickling it into a byte counter; a second reader would get a copy);
 - a train task given no shared state after a non-initial task receives its *own previous
   shared output*, as substrafl's ``TrainDataNode`` wires it;
 - aggregations get a fresh instance and no local state;
@@ -127,7 +129,7 @@ class RunLedger:
 
 def payload_nbytes(obj: Any) -> int:
     """Plaintext bytes of a site's message: its float64 values (a masked message's values are
-    ``limbs`` words each, its narrow sums two, its packed counts two to a word; the header is
+    ``limbs`` words each, its narrow sums two, its packed counts several to a word; the header is
     not counted)."""
     if isinstance(obj, MaskedMessage):
         head = obj.payload[secagg.HEADER]
@@ -210,7 +212,6 @@ class _SiteJob:
     shared_in: bytes | str | _Pickled | None  # the pickled shared state, or its file
     shared_out: str | None  # file to write the message to (None: return it)
     local_out: str
-    packed: bool = False  # return the message as a _Pickled (else as pickled bytes)
 
 
 @dataclass
@@ -220,7 +221,7 @@ class _SiteDone:
     op_id: str
     n_bytes: int = 0
     payload: int = 0
-    blob: bytes | _Pickled | None = None
+    blob: _Held | None = None  # the message, in-process (files: None)
     error: BaseException | None = None
     error_text: str = ""
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of its parts
@@ -240,9 +241,37 @@ def _open_site(site: Any) -> Any:
     return _OPENED[site]
 
 
-def _read_blob(source: bytes | str | _Pickled) -> Any:
+@dataclass(frozen=True)
+class _Held:
+    """A site's message kept in-process as the object its task returned, with the size of
+    its pickle (counted, not built: a large message is not held twice).
+
+    Only the finished task held a reference to it, so handing it to its one reader is what
+    unpickling a fresh copy gives; any other reader gets a copy (:func:`_read_blob`).
+    """
+
+    value: Any
+    n_bytes: int
+
+    @classmethod
+    def of(cls, value: Any, key: str) -> _Held:
+        count = _Counter()
+        try:  # the bytes pickle.dumps gives, counted as they are written (_SizePickler)
+            _SizePickler(count, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+        except Exception as err:  # noqa: BLE001 - any pickling failure is a plan bug
+            raise TypeError(f"shared state of task {key} is not picklable: {err}") from err
+        return cls(value, count.n)
+
+    def blob(self) -> bytes:
+        """The pickle itself (a checkpoint's file, a copy for a second reader)."""
+        return pickle.dumps(self.value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _read_blob(source: bytes | str | _Pickled | _Held) -> Any:
     if isinstance(source, _Pickled):
         return pickle.loads(source.stream, buffers=source.buffers)
+    if isinstance(source, _Held):
+        source = source.blob()
     if isinstance(source, bytes):
         return pickle.loads(source)
     with open(source, "rb") as fh:
@@ -273,14 +302,20 @@ def _run_site_job(job: _SiteJob, in_worker: bool = False) -> _SiteDone:
         out = getattr(instance, rs._method_name)(data_from_opener=site, _skip=True, **kwargs,
                                                  **rs._method_parameters)
         lap("step")
-        blob = _pack(out, job.op_id) if job.packed else _dumps(out, job.op_id)
+        kwargs = None  # the request is read: not held beside the message
+        payload = payload_nbytes(out)
         if job.shared_out is not None:
+            blob = _dumps(out, job.op_id)
+            out = None  # the pickle is what travels: the message is not held beside it
             Path(job.shared_out).write_bytes(blob)
+            held, n_bytes = None, len(blob)
+        else:
+            held = _Held.of(out, job.op_id)
+            out, n_bytes = None, held.n_bytes
+        blob = None
         instance.save_local_state(Path(job.local_out))
         lap("outputs")
-        size = blob.size if isinstance(blob, _Pickled) else len(blob)
-        return _SiteDone(job.op_id, size, payload_nbytes(out),
-                         None if job.shared_out is not None else blob, cpu=cpu)
+        return _SiteDone(job.op_id, n_bytes, payload, held, cpu=cpu)
     except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
         if not in_worker:
             return _SiteDone(job.op_id, error=err)
@@ -325,7 +360,7 @@ class _Platform:
         self.workdir = workdir
         self.files = files or n_jobs != 1
         self.n_jobs = n_jobs
-        self.shared: dict[str, bytes | _Pickled] = {}  # memory mode
+        self.shared: dict[str, bytes | _Pickled | _Held] = {}  # memory mode
         # memory mode without a checkpoint (which keeps outputs as pickled bytes): outputs
         # are held as _Pickled, read without copying their arrays
         self.packed = not self.files and ledger.checkpoint is None
@@ -399,7 +434,10 @@ class _Platform:
     def keep(self, key: str, local: str | Path | None = None) -> None:
         """Checkpoint the finished task ``key``'s outputs."""
         if self.ckpt is not None:
-            self.ckpt.finish(self.index[key], self.shared_source(key), local)
+            source = self.shared_source(key)
+            if isinstance(source, _Held):
+                source = source.blob()
+            self.ckpt.finish(self.index[key], source, local)
 
     def set_last_local(self, org: str, key: str) -> None:
         old = self.last_local.get(org)
@@ -433,12 +471,26 @@ class _Platform:
     def consume(self, key: str) -> None:
         """Free the in-memory copy of site output ``key`` now that its aggregation read it,
         unless a pending task reads it too (files are freed as before)."""
+        if self._consumable(key):
+            del self.shared[key]
+            self.consumed.add(key)
+
+    def _consumable(self, key: str) -> bool:
+        """Whether site output ``key`` is held in memory and read by its aggregation only."""
         if self.files or key not in self.local_paths or key not in self.shared:
-            return
-        if any(key in p.needs for p in self.pending.values()):
-            return
-        del self.shared[key]
-        self.consumed.add(key)
+            return False
+        return not any(key in p.needs for p in self.pending.values())
+
+    def take_shared(self, key: str) -> Any:
+        """Output ``key`` for its aggregation: a site's message read by nobody else is
+        handed over and freed (no copy is made); anything else is read as a fresh copy."""
+        self.run_pending([key])
+        if self._consumable(key) and isinstance(self.shared[key], _Held):
+            self.consumed.add(key)
+            return self.shared.pop(key).value
+        value = self.get_shared(key)
+        self.consume(key)
+        return value
 
     def shared_source(self, key: str) -> bytes | str | _Pickled:
         """The pickled output ``key``, or the file holding it."""
@@ -678,7 +730,7 @@ class StrictTrainDataNode:
                 local_in=str(pf.workdir / f"local-{local_state.key}") if has_local else None,
                 shared_in=None,
                 shared_out=str(pf.shared_path(op_id)) if pf.files else None,
-                local_out=str(pf.workdir / f"local-{op_id}"), packed=pf.packed)
+                local_out=str(pf.workdir / f"local-{op_id}"))
             pf.defer(job, needs=parents, step=step, round_idx=round_idx,
                      reads_aggregate=reads_aggregate, own_shared=own,
                      weight=int(getattr(self._site, "n_samples", 0)))
@@ -716,11 +768,13 @@ class _Inputs(Sequence):
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _read(self, key: str):
+    def _read(self, key: str, take: bool = False):
         try:
             self._platform.run_pending([key])  # a deferred site task runs when read
         except BaseException as err:  # noqa: BLE001 - re-raised as the site's own error
             raise _SiteFailedError(err) from None
+        if take:
+            return self._platform.take_shared(key)
         return self._platform.get_shared(key)
 
     def __getitem__(self, i):
@@ -738,9 +792,9 @@ class _Inputs(Sequence):
         as their messages are read, at most one site's message is held, pickled or not,
         beside what the task keeps of it."""
         for key in self._keys:
-            value = self._read(key)
-            self._platform.consume(key)
+            value = self._read(key, take=True)  # freed once read, unless read again
             yield value
+            value = None  # not held while the next site's task runs
 
     def __reduce__(self):  # a task that returns its inputs returns a list of them
         return list, (list(self),)

@@ -274,18 +274,22 @@ def robust_start(totals: Totals, start: FitStart, study, options) -> dict:
     return {"robust": rob}
 
 
-def _robust_values(site: Site, robust: RobustSearch, totals: Totals) -> list[np.ndarray]:
-    """Per group: the values searched (normalised counts, or squared errors in phase B)."""
-    groups = site.cells()
+def _normalised(site: Site, totals: Totals) -> np.ndarray:
+    """The site's normalised counts (samples x genes)."""
     sf = site.kept.size_factors_raw / totals.sf_scale
-    norm = site.counts() / sf[:, None]
-    n_groups = robust.groups_active.size
-    if robust.phase == "A":
-        return [norm] * n_groups
-    q = np.nan_to_num(robust.cell_means)
-    out = [(norm - q[:, g][None, :]) ** 2 if (groups == g).any() else norm
-           for g in range(n_groups - 1)]
-    return [*out, norm]
+    return site.counts() / sf[:, None]
+
+
+def _robust_values(norm: np.ndarray, robust: RobustSearch, g: int,
+                   members: np.ndarray) -> np.ndarray:
+    """Group ``g``'s values searched, its members' rows only: normalised counts, or in phase
+    B squared errors from the cell mean (the last group: normalised counts). One group at a
+    time, so a step holds one samples x genes table beside ``norm``, not one per group."""
+    x = norm[members]
+    if robust.phase == "A" or g == robust.groups_active.size - 1:
+        return x
+    x -= np.nan_to_num(robust.cell_means[:, g])[None, :]
+    return np.square(x, out=x)
 
 
 def _members(site: Site, g: int, n_groups: int) -> np.ndarray:
@@ -299,16 +303,19 @@ def robust_sums(site: Site, robust: RobustSearch, totals: Totals, n_sites: int =
     """Per open (gene, group, boundary) target: the number of the site's values below each
     of the target's thresholds."""
     check_robust_request(site, robust, totals, "robust_sums", n_sites)
-    x = _robust_values(site, robust, totals)
+    norm = _normalised(site, totals)
     search = robust.search
     G, T, K = search.thresholds.shape
     out = np.zeros((G, T, K))
-    for t in range(T):
-        genes = np.flatnonzero(~search.done[:, t])
-        members = _members(site, t // 2, T // 2)
-        if genes.size and members.any():
-            out[genes, t] = trimmed.count_below(x[t // 2][members][:, genes],
-                                                search.thresholds[genes, t])
+    for g in range(T // 2):
+        members = _members(site, g, T // 2)
+        x = None
+        for t in (2 * g, 2 * g + 1):
+            genes = np.flatnonzero(~search.done[:, t])
+            if genes.size and members.any():
+                if x is None:
+                    x = _robust_values(norm, robust, g, members)
+                out[genes, t] = trimmed.count_below(x[:, genes], search.thresholds[genes, t])
     return RobustSums(count_below=out[~search.done])
 
 
@@ -329,7 +336,7 @@ def _parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int, phase
     if robust.phase != phase:
         raise DisclosureError(f"site {site.name!r}, step {step}: asked in phase "
                               f"{robust.phase!r} (expected {phase!r}); nothing sent")
-    x = _robust_values(site, robust, totals)
+    norm = _normalised(site, totals)
     n_groups = robust.groups_active.size
     G = robust.search.done.shape[0]
     sent = np.flatnonzero(sent_groups(robust))
@@ -338,9 +345,9 @@ def _parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int, phase
         members = _members(site, g, n_groups)
         if not members.any():
             continue
-        _check_interval(site, x[g][members], robust.search, 2 * g, 2 * g + 1, step)
-        part = trimmed.trimmed_parts(x[g][members], robust.search, robust.search, 2 * g,
-                                     2 * g + 1)
+        x = _robust_values(norm, robust, g, members)
+        _check_interval(site, x, robust.search, 2 * g, 2 * g + 1, step)
+        part = trimmed.trimmed_parts(x, robust.search, robust.search, 2 * g, 2 * g + 1)
         for key, v in part.items():
             out[key][:, j] = v
     return out

@@ -315,7 +315,7 @@ def disp_summands_at(y: np.ndarray, mu: np.ndarray, X: np.ndarray, genes: np.nda
                                                        np.repeat(points, 2), block).items()}
     step = max(2, block // max(1, y.shape[0]))
     used, col = np.unique(genes, return_inverse=True)
-    dist = _distinct(np.take(y, used, axis=1))
+    dist = _DistinctWindow(y, used, ordered=bool(np.all(col[1:] >= col[:-1])))
     alpha = np.exp(points)
     r = 1.0 / alpha
     # the terms in r alone, once per pair: (alpha, r, lgamma(r), digamma(r), trigamma(r))
@@ -327,8 +327,32 @@ def disp_summands_at(y: np.ndarray, mu: np.ndarray, X: np.ndarray, genes: np.nda
         # sample order, column by column (a one-column or F-ordered block is summed pairwise)
         _disp_block(np.take(y, g, axis=1), np.take(mu, g, axis=1), XX,
                     [v[s:e] for v in per_pair], {k: v[s:e] for k, v in out.items()},
-                    _lookup(dist, col[s:e]))
+                    dist.lookup(col[s:e]))
     return out
+
+
+class _DistinctWindow:
+    """:func:`_distinct` of the genes ``used`` (columns of ``y``), computed for a window of
+    :data:`GENE_CHUNK` of them at a time: pairs come gene after gene, so the samples x genes
+    tables (ranks, sorted counts) are never built for all genes at once. Each gene's table
+    depends on its own counts only: the numbers are those of one call on all genes."""
+
+    def __init__(self, y: np.ndarray, used: np.ndarray, ordered: bool) -> None:
+        self.y, self.used, self.ordered = y, used, ordered
+        self.lo, self.hi, self.dist = 0, 0, None
+
+    def lookup(self, cols: np.ndarray) -> tuple | None:
+        """:func:`_lookup` for a block of pairs whose genes are ``cols`` (indices in
+        ``used``)."""
+        lo, hi = int(cols.min()), int(cols.max()) + 1
+        if self.dist is None or lo < self.lo or hi > self.hi:
+            if self.ordered:  # later blocks read the genes after these
+                self.lo, self.hi = lo, max(hi, min(lo + GENE_CHUNK, self.used.size))
+            else:  # scattered pairs: every gene at once
+                self.lo, self.hi = 0, self.used.size
+            self.dist = None  # free the previous window first
+            self.dist = _distinct(np.take(self.y, self.used[self.lo:self.hi], axis=1))
+        return _lookup(self.dist, cols - self.lo)
 
 
 def _distinct(y: np.ndarray) -> tuple:

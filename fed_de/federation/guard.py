@@ -26,11 +26,11 @@ import numpy as np
 from fed_de.errors import DisclosureError, SiteDataError
 
 
-def _bytes_view(arr: np.ndarray) -> np.ndarray:
-    """The array's bytes in C order, without a copy when it is contiguous (a count matrix is
-    hashed at every task)."""
-    flat = np.ascontiguousarray(arr).reshape(-1)
-    return flat.view(np.uint8) if flat.dtype != object else np.frombuffer(flat.tobytes(), np.uint8)
+def _raw_bytes(arr: np.ndarray):
+    """The bytes ``tobytes()`` gives, without a copy where the array is contiguous already
+    (a site's counts are hashed at every task)."""
+    arr = np.ascontiguousarray(arr)
+    return arr.tobytes() if arr.dtype.hasobject else arr.reshape(-1).view(np.uint8)
 
 
 def digest_arrays(parts: Iterable[Any]) -> str:
@@ -57,10 +57,10 @@ def digest_arrays(parts: Iterable[Any]) -> str:
             csr = part.tocsr()
             h.update(f"sparse{csr.shape}{csr.dtype}".encode())
             for arr in (csr.data, csr.indices, csr.indptr):
-                h.update(_bytes_view(arr))
+                h.update(_raw_bytes(arr))
         elif isinstance(part, np.ndarray):
             h.update(f"dense{part.shape}{part.dtype}".encode())
-            h.update(_bytes_view(part))
+            h.update(_raw_bytes(part))
         elif isinstance(part, pd.DataFrame | pd.Series):
             h.update(part.to_csv().encode())
         else:

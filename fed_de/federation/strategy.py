@@ -207,7 +207,7 @@ class FedStrategy(ComputePlanBuilder):
                 plain.append(item)
             else:
                 states.append(item)
-        item = None  # drop the last one read
+            item = None  # not held while the next message is made and read
         state = states[-1] if states else self.initial_state()
         side = states[0] if len(states) > 1 else None
         if masked and plain:
