@@ -420,23 +420,17 @@ def test_screen_workers_give_the_serial_answer(tmp_path, backed):
     assert a.facts["bytes_sent_by_site"] == b.facts["bytes_sent_by_site"]
 
 
-def test_outputs_in_memory_are_read_as_read_only_views_of_one_copy():
-    """A consumer of an output held in memory gets its own objects over read-only buffers
-    (no copy per consumer, and none can change what another reads), and the bytes counted
-    are the ordinary pickle's, also for an output passing on arrays it read."""
-    from fed_de.backends.simulation import _pack, _read_blob
+def test_a_held_message_weighs_its_ordinary_pickle_also_with_read_only_arrays():
+    """A site's message kept in memory is booked at the size of its ordinary pickle, and an
+    array it passes on read-only (a view of data it read) weighs what a writable copy does:
+    the byte facts are the same however the message's arrays were made."""
+    from fed_de.backends.simulation import _Held
 
     value = {"x": np.arange(50_000.0), "f": np.ones((3, 4), order="F"), "t": [1, "a"],
              "strided": np.ones((4, 6))[:, ::2], "z": np.zeros(0), "s": np.float64(2.5)}
-    packed = _pack(value, "task")
-    assert packed.size == len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
-    one, two = _read_blob(packed), _read_blob(packed)
-    assert one is not two and one["t"] is not two["t"]
-    np.testing.assert_array_equal(one["x"], value["x"])
-    assert not one["x"].flags.writeable and np.shares_memory(one["x"], two["x"])
-    with pytest.raises(ValueError, match="read-only"):
-        one["x"][0] = 1.0
-    # passed on: weighs what it weighs when read from an ordinary pickle (writable arrays)
-    ordinary = pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
-    assert _pack(one, "next").size == len(pickle.dumps(ordinary,
-                                                        protocol=pickle.HIGHEST_PROTOCOL))
+    ordinary = len(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    assert _Held.of(value, "task").n_bytes == ordinary
+    frozen = dict(value, x=value["x"].copy())
+    frozen["x"].flags.writeable = False
+    assert len(pickle.dumps(frozen, protocol=pickle.HIGHEST_PROTOCOL)) != ordinary
+    assert _Held.of(frozen, "task").n_bytes == ordinary

@@ -11,11 +11,10 @@ aggregation reads its message. Every task has the semantics of real substra exec
   only: an attribute set anywhere else is gone, as on a real node);
 - local state written by ``save_local_state`` and read back by ``load_local_state`` at every
   task, through a file;
-- shared states pickled on output and unpickled separately by every consumer (no aliasing:
-  held in memory, every consumer's arrays are read-only views of one copy of the output's
-  buffers, so none can change what another reads, and none copies them again); a site's
-  message, which its aggregation alone reads, is kept as the object the task returned and
-  handed over (sized by pickling it into a byte counter; a second reader would get a copy);
+- shared states pickled on output and unpickled separately by every consumer (no aliasing);
+  a site's message, which its aggregation alone reads, is kept as the object the task
+  returned and handed over (sized by pickling it into a byte counter; a second reader would
+  get a copy);
 - a train task given no shared state after a non-initial task receives its *own previous
   shared output*, as substrafl's ``TrainDataNode`` wires it;
 - aggregations get a fresh instance and no local state;
@@ -149,19 +148,6 @@ def _dumps(value: Any, key: str) -> bytes:
         raise TypeError(f"shared state of task {key} is not picklable: {err}") from err
 
 
-@dataclass(frozen=True)
-class _Pickled:
-    """An output kept in memory as its pickle stream with the array buffers taken out
-    (pickle protocol 5): every consumer unpickles its own objects, whose arrays are read-only
-    views of the same buffers, instead of copying every buffer again (20 sites read each
-    aggregation's output 20 times). ``size`` is the length of the ordinary (in-band) pickle:
-    the bytes the output weighs when sent."""
-
-    stream: bytes
-    buffers: tuple[bytes, ...]
-    size: int
-
-
 class _Counter:
     """A file that only counts what is written to it."""
 
@@ -186,19 +172,6 @@ class _SizePickler(pickle.Pickler):
         return NotImplemented
 
 
-def _pack(value: Any, key: str) -> _Pickled:
-    """``value`` as a :class:`_Pickled`: its buffers copied once into read-only bytes (no
-    consumer shares memory with the producer, and none can change what another reads)."""
-    buffers: list = []
-    try:
-        stream = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-        counter = _Counter()
-        _SizePickler(counter, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
-    except Exception as err:  # noqa: BLE001 - any pickling failure is a plan bug
-        raise TypeError(f"shared state of task {key} is not picklable: {err}") from err
-    return _Pickled(stream, tuple(bytes(b.raw()) for b in buffers), counter.n)
-
-
 # -- a site task, as a worker process runs it ---------------------------------------------------
 @dataclass
 class _SiteJob:
@@ -209,7 +182,7 @@ class _SiteJob:
     remote_struct: bytes  # cloudpickled RemoteStruct: the instance is rebuilt from it
     site: Any  # the SiteData in-process, or the path of its dump for a worker
     local_in: str | None  # local state file to load
-    shared_in: bytes | str | _Pickled | None  # the pickled shared state, or its file
+    shared_in: bytes | str | None  # the pickled shared state, or its file
     shared_out: str | None  # file to write the message to (None: return it)
     local_out: str
 
@@ -267,9 +240,7 @@ class _Held:
         return pickle.dumps(self.value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _read_blob(source: bytes | str | _Pickled | _Held) -> Any:
-    if isinstance(source, _Pickled):
-        return pickle.loads(source.stream, buffers=source.buffers)
+def _read_blob(source: bytes | str | _Held) -> Any:
     if isinstance(source, _Held):
         source = source.blob()
     if isinstance(source, bytes):
@@ -360,10 +331,7 @@ class _Platform:
         self.workdir = workdir
         self.files = files or n_jobs != 1
         self.n_jobs = n_jobs
-        self.shared: dict[str, bytes | _Pickled | _Held] = {}  # memory mode
-        # memory mode without a checkpoint (which keeps outputs as pickled bytes): outputs
-        # are held as _Pickled, read without copying their arrays
-        self.packed = not self.files and ledger.checkpoint is None
+        self.shared: dict[str, bytes | _Held] = {}  # memory mode
         self.sizes: dict[str, int] = {}  # every live output: its pickled size
         self.local_paths: dict[str, Path] = {}
         self.progress = progress
@@ -455,11 +423,6 @@ class _Platform:
         return self.workdir / f"shared-{key}"
 
     def put_shared(self, key: str, value: Any) -> int:
-        if self.packed:
-            packed = _pack(value, key)
-            self.shared[key] = packed
-            self.sizes[key] = packed.size
-            return packed.size
         blob = _dumps(value, key)
         if self.files:
             self.shared_path(key).write_bytes(blob)
@@ -485,14 +448,14 @@ class _Platform:
         """Output ``key`` for its aggregation: a site's message read by nobody else is
         handed over and freed (no copy is made); anything else is read as a fresh copy."""
         self.run_pending([key])
-        if self._consumable(key) and isinstance(self.shared[key], _Held):
-            self.consumed.add(key)
-            return self.shared.pop(key).value
-        value = self.get_shared(key)
+        held = self.shared.get(key)
+        value = (held.value if self._consumable(key) and isinstance(held, _Held)
+                 else self.get_shared(key))
+        held = None
         self.consume(key)
         return value
 
-    def shared_source(self, key: str) -> bytes | str | _Pickled:
+    def shared_source(self, key: str) -> bytes | str | _Held:
         """The pickled output ``key``, or the file holding it."""
         if key in self.consumed:
             raise FedDEError(
