@@ -258,8 +258,23 @@ def cell_index(study: Study, obs: pd.DataFrame, site: str = "site") -> np.ndarra
 def cell_design_rows(study: Study, model: Study | None = None) -> np.ndarray:
     """Row of ``model``'s design matrix (default: the study's) for every declared cell of
     ``study`` (cells x coefficients)."""
+    return _cell_rows(_design_key(study), _design_key(model or study)).copy()
+
+
+def _design_key(study: Study) -> tuple:
+    """What a design matrix depends on (not the genes): a cache key."""
+    return (study.design, tuple((k, tuple(v)) for k, v in study.levels.items()),
+            tuple(study.continuous))
+
+
+@lru_cache(maxsize=64)
+def _cell_rows(study_key: tuple, model_key: tuple) -> np.ndarray:
+    """:func:`cell_design_rows`, built once per process (every site task of a round asks for
+    it, and formulaic takes ~0.1 s)."""
+    study, model = (Study(design=k[0], levels={n: list(v) for n, v in k[1]}, genes=[],
+                          continuous=list(k[2])) for k in (study_key, model_key))
     obs = pd.DataFrame(design_cells(study), columns=list(study.levels))
-    return design_matrix(model or study, obs, "cells")
+    return design_matrix(model, obs, "cells")
 
 
 def n_distinct_rows(study: Study, present: np.ndarray | None = None) -> int:
