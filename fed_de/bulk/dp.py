@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import typing
 from dataclasses import fields, replace
 
 import numpy as np
@@ -27,7 +26,7 @@ import numpy as np
 from fed_de.bulk.state import Site, SiteState
 from fed_de.federation import dp
 from fed_de.federation.calls import aggregator_step, decode
-from fed_de.federation.messages import Message, arrays, declared_shapes
+from fed_de.federation.messages import Message, arrays, declared_shapes, type_hints
 from fed_de.federation.secure import from_arrays
 from fed_de.site import SiteData
 
@@ -282,7 +281,7 @@ def step_message_type(step) -> type | None:
     from fed_de.federation.calls import as_call
 
     ((fn, _),) = decode(as_call(step).encode(), "site")
-    return typing.get_type_hints(fn).get("return")
+    return type_hints(fn).get("return")
 
 
 def phase_releases(phases, dims: dict[str, int]) -> dict[str, int]:

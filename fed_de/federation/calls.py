@@ -151,10 +151,10 @@ def describe(method_name: str, params: dict) -> str:
 
 def site_message_type(params: dict):
     """The message class the site step named in ``params`` returns (None if none)."""
-    import typing
+    from fed_de.federation.messages import type_hints
 
     spec = params.get("site_step")
     if not spec:
         return None
     ((fn, _),) = decode(spec, "site")
-    return typing.get_type_hints(fn).get("return")
+    return type_hints(fn).get("return")

@@ -127,12 +127,14 @@ def check_parts(state: Any, expected: type, *, site: str, step: str) -> None:
     """
     import typing
 
+    from fed_de.federation.messages import type_hints
+
     if not isinstance(state, expected):
         raise DisclosureError(
             f"site {site!r}, step {step}: the request is a {type(state).__name__}, not a "
             f"{expected.__name__}; refused, nothing sent (is the aggregator running the same "
             "fed_de version?)")
-    hints = typing.get_type_hints(expected)
+    hints = type_hints(expected)
     for f in fields(expected):
         value = getattr(state, f.name)
         if value is None:

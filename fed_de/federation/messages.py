@@ -11,12 +11,21 @@ schema is read from the type, so what is declared is what is checked, summed and
 
 from __future__ import annotations
 
+import functools
+import typing
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from fed_de.errors import MessageSchemaError
+
+
+@functools.cache
+def type_hints(obj) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a class or function, evaluated once per process (its
+    string annotations are compiled at every call; steps ask at every task). Read only."""
+    return typing.get_type_hints(obj)
 
 
 def sums(*shape: str | int, narrow: bool = False) -> Any:
@@ -171,9 +180,7 @@ def folded_keys(cls: type, folds: dict, prefix: str = "") -> dict[str, str]:
     """Dotted names of the arrays of message type ``cls`` (every optional part) whose last
     dimension is a symbol of ``folds`` (e.g. ``T``, packed ``X'WX``), with that symbol: the
     columns a study makes equal or zero need not travel (:func:`fold` / :func:`unfold`)."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     out = {}
     for f in fields(cls):
         if _is_array(f):
@@ -212,9 +219,7 @@ def declared_shapes(cls: type, dims: dict[str, int], prefix: str = "",
     """Every array a message of type ``cls`` may carry, by dotted name, with its shape (every
     optional part included: an upper bound for variants that leave a part out);
     ``only``: the fields declared with that flag (see :func:`flagged_keys`)."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     out = {}
     for f in fields(cls):
         if _is_array(f):

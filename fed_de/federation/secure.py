@@ -25,7 +25,7 @@ import numpy as np
 from fed_de import secagg
 from fed_de.errors import DisclosureError
 from fed_de.federation.calls import aggregator_step, site_step
-from fed_de.federation.messages import Message, arrays, flagged_keys, folded_keys, sums
+from fed_de.federation.messages import Message, arrays, flagged_keys, folded_keys, sums, type_hints
 
 KEY_ROUND_STEPS = 2  # the key round adds one site task and one aggregation to the chain
 
@@ -189,7 +189,7 @@ def unmask_total(masked: list[MaskedMessage]) -> Message:
 
 def from_arrays(cls: type, flat: dict, prefix: str = "") -> Message:
     """Inverse of :func:`fed_de.federation.messages.arrays`."""
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     kwargs = {}
     for f in fields(cls):
         key = prefix + f.name
