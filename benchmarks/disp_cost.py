@@ -14,23 +14,13 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+from cpu_clock import best_cpu  # noqa: E402 (benchmarks/ is sys.path[0])
 
 from fed_de import secagg  # noqa: E402
 from fed_de.core import nb  # noqa: E402
 from fed_de.demo_data import make_demo_study  # noqa: E402
-
-
-def best_cpu(fn, repeat: int = 3) -> float:
-    """Least CPU seconds of ``repeat`` calls."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
 
 
 def main(n: int = 333, genes: int = 5000, points: int = 12) -> None:

@@ -13,22 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
+from cpu_clock import best_cpu  # benchmarks/ is sys.path[0]
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fed_de import secagg
-
-
-def best_cpu(fn, repeats: int = 7) -> float:
-    """Least CPU seconds of ``repeats`` calls."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
 
 
 def keystream_gbps(make, total: int = 32 << 20, piece: int = 256 << 10) -> float:
@@ -40,7 +30,7 @@ def keystream_gbps(make, total: int = 32 << 20, piece: int = 256 << 10) -> float
         for _ in range(total // piece):
             enc.update_into(zeros, out)
 
-    return total / best_cpu(run) / 1e9
+    return total / best_cpu(run, repeats=7) / 1e9
 
 
 def sessions(n_sites: int) -> list[secagg.SecAggSession]:
@@ -59,8 +49,8 @@ def mask_cost(n_sites: int, genes: int = 5000, width: int = 40) -> dict:
     tags = iter(range(1, 10**6))
     masked = [secagg.mask(msg, s, 0) for s in sess]
     mid = sess[n_sites // 2]  # neighbours on both sides
-    seconds = best_cpu(lambda: secagg.mask(msg, mid, next(tags)))
-    encode = best_cpu(lambda: secagg.FixedPoint().encode(msg["x"], n_sites))
+    seconds = best_cpu(lambda: secagg.mask(msg, mid, next(tags)), repeats=7)
+    encode = best_cpu(lambda: secagg.FixedPoint().encode(msg["x"], n_sites), repeats=7)
     unmask = best_cpu(lambda: secagg.unmask_sum(masked), repeats=3)
     values, peers = genes * width, len(mid.seeds)
     return {"sites": n_sites, "neighbours": peers, "mask_ms": round(1e3 * seconds, 1),
