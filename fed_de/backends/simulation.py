@@ -160,18 +160,6 @@ class _Counter:
         return n
 
 
-class _SizePickler(pickle.Pickler):
-    """Pickles into a :class:`_Counter`, each read-only contiguous array as a writable copy:
-    a read-only array (a view of a buffer a consumer read, passed on) is pickled in a few
-    bytes less, and the size must be what the same output weighs however it was read."""
-
-    def reducer_override(self, obj):
-        if (type(obj) is np.ndarray and not obj.flags.writeable and not obj.dtype.hasobject
-                and (obj.flags.c_contiguous or obj.flags.f_contiguous)):
-            return np.array(obj, order="K").__reduce_ex__(pickle.HIGHEST_PROTOCOL)
-        return NotImplemented
-
-
 # -- a site task, as a worker process runs it ---------------------------------------------------
 @dataclass
 class _SiteJob:
@@ -229,8 +217,8 @@ class _Held:
     @classmethod
     def of(cls, value: Any, key: str) -> _Held:
         count = _Counter()
-        try:  # the bytes pickle.dumps gives, counted as they are written (_SizePickler)
-            _SizePickler(count, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+        try:  # the bytes pickle.dumps gives (and a file would hold), counted as written
+            pickle.dump(value, count, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as err:  # noqa: BLE001 - any pickling failure is a plan bug
             raise TypeError(f"shared state of task {key} is not picklable: {err}") from err
         return cls(value, count.n)
@@ -446,8 +434,8 @@ class _Platform:
 
     def take_shared(self, key: str) -> Any:
         """Output ``key`` for its aggregation: a site's message read by nobody else is
-        handed over and freed (no copy is made); anything else is read as a fresh copy."""
-        self.run_pending([key])
+        handed over and freed (no copy is made); anything else is read as a fresh copy.
+        The task that makes it has run (:meth:`_Inputs._read`)."""
         held = self.shared.get(key)
         value = (held.value if self._consumable(key) and isinstance(held, _Held)
                  else self.get_shared(key))

@@ -32,7 +32,7 @@ from fed_de.bulk.state import CooksSetup, Dispersions, FitStart, GeneResults, Si
 from fed_de.core import fallback as fallback_core
 from fed_de.core import lrt, nb
 from fed_de.core.fallback import FallbackFit
-from fed_de.core.irls import MIN_MU, IRLSFit
+from fed_de.core.irls import MIN_MU, IRLSFit, at_accepted
 from fed_de.federation.calls import aggregator_step, site_step
 from fed_de.federation.messages import Message, part, sums, zero_rows
 from fed_de.federation.strategy import Phase, Round
@@ -184,8 +184,8 @@ def _boxed_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_fina
     for k in range(K):
         beta_r = None
         if lrt_on:
-            beta_r = (lrt.intercept_only_beta(np.where(start.skip, 1.0, start.base_mean))
-                      if irls_reduced is None else np.nan_to_num(irls_reduced.candidates[:, k]))
+            beta_r = (reduced_beta(start, None) if irls_reduced is None
+                      else np.nan_to_num(irls_reduced.candidates[:, k]))
         dev = lrt.lrt_site_deviances(y, sf, X, boxed[:, k], site.kept.design_reduced
                                      if lrt_on else None, beta_r, alpha)
         out["xtwx"][:, k] = nb.fisher_gram(X, boxed[:, k], sf, alpha, MIN_MU)
@@ -228,22 +228,17 @@ def closing_irls_step(sums: ClosingFitSums, irls_mu: IRLSFit | None, irls_final:
                           stage="final")
 
 
-def _at(values: np.ndarray, picked: np.ndarray) -> np.ndarray:
-    """Each gene's values at its kept candidate."""
-    return values[np.arange(values.shape[0]), picked]
-
-
 @aggregator_step(writes=("fallback",))
 def closing_fallback_step(sums: ClosingFitSums, fallback: FallbackFit, irls_final: IRLSFit,
                           study) -> dict:
     """The one fallback round from the sums at the kept candidate in the box: every
     candidate of a first fallback round is its start point, that candidate
     (:func:`fed_de.core.fallback.start_fallback`)."""
-    c, k = sums.closing, irls_final.picked
+    c = sums.closing
     KF = fallback.candidates.shape[1]
 
     def each(values):
-        return np.repeat(_at(values, k)[:, None], KF, axis=1)
+        return np.repeat(at_accepted(values, irls_final)[:, None], KF, axis=1)
 
     return {"fallback": fallback_core.fallback_update(fallback, each(c.loglik), each(c.grad),
                                                       each(c.info), study.n_coefs)}
@@ -255,16 +250,18 @@ def close_at_candidates(sums: ClosingFitSums, start: FitStart, totals: Totals,
                         irls_reduced: IRLSFit | None, study, reduced) -> dict:
     """:func:`close_fit` from the closing sums at the final coefficients: the kept candidate,
     in the box for a refitted gene (and for any gene whose candidate is inside it)."""
-    c, k = sums.closing, irls_final.picked
-    beta = np.nan_to_num(irls_final.beta)
+    c, fit = sums.closing, irls_final
+    beta = np.nan_to_num(fit.beta)
     inside = (np.clip(beta, -fallback_core.BOX, fallback_core.BOX) == beta).all(axis=1)
     boxed = fallback.refitted | inside
-    xtwx = np.where(boxed[:, None], _at(c.xtwx, k), _at(sums.fit.full.xtwx, k))
-    deviance = np.where(boxed, _at(c.deviance, k), _at(c.deviance_free, k))
+    xtwx = np.where(boxed[:, None], at_accepted(c.xtwx, fit),
+                    at_accepted(sums.fit.full.xtwx, fit))
+    deviance = np.where(boxed, at_accepted(c.deviance, fit), at_accepted(c.deviance_free, fit))
     closed = ClosingSums(xtwx=xtwx, deviance=deviance)
-    if c.reduced is not None:
-        k_r = irls_reduced.picked if irls_reduced is not None else np.zeros_like(k)
-        closed.reduced = ReducedDeviance(deviance=_at(c.reduced.deviance, k_r))
+    if c.reduced is not None:  # ~ 1: one point for every candidate (the first column)
+        closed.reduced = ReducedDeviance(
+            deviance=at_accepted(c.reduced.deviance, irls_reduced) if irls_reduced is not None
+            else c.reduced.deviance[:, 0])
     return close_fit(closed, start, totals, dispersions, irls_final, fallback, irls_reduced,
                      study, reduced)
 

@@ -25,7 +25,7 @@ from fed_de.bulk.dispersions import genewise_phase, map_phase
 from fed_de.bulk.irls import irls_step, irls_sums, start_final_fit
 from fed_de.bulk.state import Dispersions, FitStart, GeneResults, Refit, Totals
 from fed_de.core import lrt, nb
-from fed_de.core.irls import IRLSFit, start_irls
+from fed_de.core.irls import IRLSFit, at_accepted, start_irls
 from fed_de.core.trend import trend_values
 from fed_de.federation.calls import aggregator_step, call
 from fed_de.federation.strategy import Phase, Round
@@ -65,8 +65,8 @@ def finish(genes: GeneResults, refit: Refit, start: FitStart, dispersions: Dispe
         "refitted_optim": np.zeros_like(mask),
     }
     if sums is not None and sums.raw is not None:
-        dev = _at_accepted(sums.raw.full, fit)
-        dev_r = (_at_accepted(sums.raw.reduced, irls_reduced) if irls_reduced is not None
+        dev = at_accepted(sums.raw.full, fit)
+        dev_r = (at_accepted(sums.raw.reduced, irls_reduced) if irls_reduced is not None
                  else sums.raw.reduced[:, 0])
         new["deviance"] = dev
         new["lrt_stat"] = lrt.lrt_test(dev, dev_r, genes.lrt_df)[0]
@@ -92,11 +92,6 @@ def finish(genes: GeneResults, refit: Refit, start: FitStart, dispersions: Dispe
                              all_zero=genes.all_zero | gone,
                              cooks_outlier=genes.cooks_outlier & ~gone),
             "rows": None}
-
-
-def _at_accepted(values: np.ndarray, fit: IRLSFit) -> np.ndarray:
-    """Per gene, the value at the candidate the last update accepted (its coefficients)."""
-    return values[np.arange(values.shape[0]), fit.picked]
 
 
 def phases(mu_rounds: int, genewise_rounds: int, map_rounds: int, final_rounds: int,

@@ -326,12 +326,10 @@ class DESeq2Strategy(_BulkStrategy):
         kind = message if isinstance(message, type) else type(message)
         if kind.__name__ not in FOLDED or self.study.continuous or not self.study.levels:
             return {}
-        if getattr(self, "_folds", None) is None:
-            self._folds = {"T": fold_columns(_products(cell_design_rows(self.study)))}
-            if self.reduced is not None:
-                self._folds["Tr"] = fold_columns(
-                    _products(cell_design_rows(self.study, self.reduced)))
-        return self._folds
+        folds = {"T": fold_columns(_products(cell_design_rows(self.study)))}
+        if self.reduced is not None:
+            folds["Tr"] = fold_columns(_products(cell_design_rows(self.study, self.reduced)))
+        return folds
 
     def count_bounds(self, state, data) -> tuple[int | None, int | None]:
         """Once the size-factor round has pooled the sample count (``totals.n_samples``),

@@ -86,6 +86,12 @@ def start_irls(beta0: np.ndarray, frozen: np.ndarray,
                    xtwx_acc=np.zeros((G, nb.n_packed(p))), picked=np.zeros(G, dtype=int))
 
 
+def at_accepted(values: np.ndarray, fit: IRLSFit) -> np.ndarray:
+    """Per gene, the value (of an array over the candidates a round evaluated) at the
+    candidate the last update accepted: its coefficients."""
+    return values[np.arange(values.shape[0]), fit.picked]
+
+
 def irls_update(fit: IRLSFit, xtwx: np.ndarray, xtwz: np.ndarray, deviance: np.ndarray,
                 p: int, xtwx_obs: np.ndarray | None = None) -> IRLSFit:
     """One aggregator update of an IRLS fit from the summed candidate sums.

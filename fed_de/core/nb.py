@@ -225,16 +225,17 @@ def irls_candidate_sums(counts: np.ndarray, genes: np.ndarray, X: np.ndarray, sf
            "deviance": np.empty((g, K)), "xtwx_obs": np.empty((g, K, T))}
     # a candidate equal to an earlier one for every gene (a first round's third candidate is
     # its first) is not evaluated again
-    same = {k: j for k in range(K) for j in range(k)[::-1]
-            if np.array_equal(candidates[:, k], candidates[:, j])}
+    first = [next(j for j in range(k + 1)
+                  if np.array_equal(candidates[:, k], candidates[:, j], equal_nan=True))
+             for k in range(K)]
     for sl in gene_blocks(g):
         y = counts[:, genes[sl]]
         lgr = nb_lgamma_ratio(y, alpha[sl])  # mean-free part: once for every candidate
         lgy1 = None if lgamma_y1 is None else lgamma_y1[sl]
         for k in range(K):
-            if k in same:
+            if first[k] < k:
                 for key in out:
-                    out[key][sl, k] = out[key][sl, same[k]]
+                    out[key][sl, k] = out[key][sl, first[k]]
                 continue
             summands = irls_summands(y, X, sf, candidates[sl, k], alpha[sl], min_mu, lgy1, lgr)
             for key, value in summands.items():

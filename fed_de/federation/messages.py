@@ -176,22 +176,13 @@ def total(messages: list[Message], rows: np.ndarray | None = None,
     return type(first)(**kwargs)
 
 
-def folded_keys(cls: type, folds: dict, prefix: str = "") -> dict[str, str]:
+def folded_keys(cls: type, folds: dict) -> dict[str, str]:
     """Dotted names of the arrays of message type ``cls`` (every optional part) whose last
     dimension is a symbol of ``folds`` (e.g. ``T``, packed ``X'WX``), with that symbol: the
-    columns a study makes equal or zero need not travel (:func:`fold` / :func:`unfold`)."""
-    hints = type_hints(cls)
-    out = {}
-    for f in fields(cls):
-        if _is_array(f):
-            shape = f.metadata["shape"]
-            if shape and shape[-1] in folds:
-                out[prefix + f.name] = shape[-1]
-            continue
-        for kind in typing.get_args(hints[f.name]) or (hints[f.name],):
-            if isinstance(kind, type) and issubclass(kind, Message):
-                out.update(folded_keys(kind, folds, f"{prefix}{f.name}."))
-    return out
+    columns a study makes equal or zero need not travel (folded by
+    :func:`fed_de.federation.secure.mask_message`, copied back by its ``unfold``)."""
+    return {key: f.metadata["shape"][-1] for key, f in _declared(cls)
+            if f.metadata["shape"] and f.metadata["shape"][-1] in folds}
 
 
 def fold_columns(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -214,19 +205,23 @@ def fold_columns(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(keep, dtype=int), expand
 
 
-def declared_shapes(cls: type, dims: dict[str, int], prefix: str = "",
+def declared_shapes(cls: type, dims: dict[str, int],
                     only: str | None = None) -> dict[str, tuple]:
     """Every array a message of type ``cls`` may carry, by dotted name, with its shape (every
     optional part included: an upper bound for variants that leave a part out);
     ``only``: the fields declared with that flag (see :func:`flagged_keys`)."""
+    return {key: resolve(f.metadata["shape"], dims) for key, f in _declared(cls)
+            if only is None or f.metadata.get(only)}
+
+
+def _declared(cls: type, prefix: str = ""):
+    """``(dotted name, field)`` of every array field message type ``cls`` declares, every
+    optional part's included."""
     hints = type_hints(cls)
-    out = {}
     for f in fields(cls):
         if _is_array(f):
-            if only is None or f.metadata.get(only):
-                out[prefix + f.name] = resolve(f.metadata["shape"], dims)
+            yield prefix + f.name, f
             continue
         for kind in typing.get_args(hints[f.name]) or (hints[f.name],):
             if isinstance(kind, type) and issubclass(kind, Message):
-                out.update(declared_shapes(kind, dims, f"{prefix}{f.name}.", only))
-    return out
+                yield from _declared(kind, f"{prefix}{f.name}.")

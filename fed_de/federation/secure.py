@@ -152,7 +152,7 @@ class MaskedTotal:
         if self.kind is not None and masked.kind != self.kind:
             raise ValueError(f"sites sent different messages in one round: "
                              f"{sorted({self.kind, masked.kind})}")
-        folded = getattr(masked, "folded", {})
+        folded = masked.folded
         if self.kind is not None and folded != self.folded:
             raise ValueError("sites folded different columns in one round")
         self.kind, self.folded = masked.kind, folded
