@@ -300,12 +300,20 @@ def _single_tie(robust):
     tie, n_hi = search.tie.copy(), search.n_hi.copy()
     tie[:, 0] = True
     n_hi[:, 0] = search.n_lo[:, 0] + 1  # a "tied" bracket of one sample: one value summed
-    return replace(robust, search=replace(search, tie=tie, n_hi=n_hi, done=search.done | True))
+    return replace(robust, search=replace(search, tie=tie, n_hi=n_hi, done=search.done | True,
+                                          thresholds=search.thresholds[:0]))  # none open
+
+
+def _thresholds_of_closed_targets(robust):
+    search = robust.search  # the open targets' thresholds, then as many more
+    return replace(robust, search=replace(search, thresholds=np.concatenate(
+        [search.thresholds, search.thresholds])))
 
 
 @pytest.mark.parametrize("change, message", [
     (_narrow_ranks, "trimming ranks are not those"),
     (_single_tie, "tied bracket of fewer than two"),
+    (_thresholds_of_closed_targets, "not 15 per open target"),
 ])
 def test_a_site_refuses_a_trimmed_sum_narrowed_by_the_aggregator(demo, monkeypatch, change,
                                                                   message):

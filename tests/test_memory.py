@@ -80,3 +80,45 @@ def test_cooks_group_values_are_the_rows_of_the_whole_table():
         expect = (norm - np.nan_to_num(means)[:, g][None, :]) ** 2 if g < 2 else norm
         np.testing.assert_array_equal(cooks._robust_values(norm, robust, g, members),
                                       expect[members])
+
+
+def test_the_dispersion_search_in_gene_blocks_gives_the_numbers_of_one_block(monkeypatch):
+    """The aggregator's dispersion search run on blocks of 37 genes (the tables of evaluated
+    points then the size of a block) ends where one search over every gene does: the same
+    gene-wise, trend, MAP and final dispersions, the same request sizes, bit for bit."""
+    import fed_de
+    from fed_de.bulk import dispersions
+    from fed_de.demo_data import make_demo_study
+
+    study = make_demo_study(n_samples=60, n_genes=300, seed=3)
+
+    def run(block: int):
+        monkeypatch.setattr(dispersions, "SEARCH_BLOCK", block)
+        return fed_de.deseq2(study.sites, study.design, levels=study.levels,
+                             min_cell_size=0)
+
+    whole, blocks = run(10**6), run(37)
+    for part in ("genewise", "trend", "MAP", "final"):
+        np.testing.assert_array_equal(blocks.dispersions[part], whole.dispersions[part])
+    np.testing.assert_array_equal(blocks.coefficients, whole.coefficients)
+    assert blocks.facts["sequential_steps"] == whole.facts["sequential_steps"]
+    assert blocks.facts["bytes_by_step"] == whole.facts["bytes_by_step"]
+
+
+def test_the_cox_reid_term_in_chunks_is_the_term_of_every_matrix_at_once(monkeypatch):
+    """Chunks of 7 matrices give the numbers of one batch, singular matrices included."""
+    rng = np.random.default_rng(2)
+    p = 3
+    Z = rng.normal(size=(40, 5, 6, p))
+    M = np.einsum("...ij,...ik->...jk", Z, Z)
+    M[3, 2] = 0.0  # not positive definite: NaN
+    iu = np.triu_indices(p)
+    A = M[..., iu[0], iu[1]]
+    A1, A2 = A * rng.normal(size=A.shape), A * rng.normal(size=A.shape)
+    whole = nb._cox_reid(A, A1, A2, p)
+    monkeypatch.setattr(nb, "CR_CHUNK", 7)
+    got = nb.cox_reid(A, A1, A2, p)
+    assert np.isnan(whole[0][3, 2])
+    for g, w in zip(got, whole, strict=True):
+        assert g.shape == (40, 5)
+        np.testing.assert_array_equal(g, w)

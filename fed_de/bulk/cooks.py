@@ -130,6 +130,21 @@ def open_targets(robust: RobustSearch) -> int:
     return int((~robust.search.done).sum())
 
 
+def _carried(search: trimmed.Search) -> trimmed.Search:
+    """A search as the run state carries it: the next thresholds of its open targets only
+    (open targets x K, in gene-then-target order); a closed target's are read by nobody, and
+    most targets close within a few rounds."""
+    return replace(search, thresholds=search.thresholds[~search.done])
+
+
+def _dense(search: trimmed.Search) -> trimmed.Search:
+    """The aggregator's working form of a carried search: genes x targets x K thresholds
+    (NaN for closed targets)."""
+    thr = np.full(search.done.shape + search.thresholds.shape[1:], np.nan)
+    thr[~search.done] = search.thresholds
+    return replace(search, thresholds=thr)
+
+
 def _start_search(center: np.ndarray, robust: RobustSearch, active: np.ndarray,
                   decades: tuple, known: np.ndarray | None = None) -> trimmed.Search:
     """Two targets per group (values below the trimmed set: ``lo - 1``; below its end: ``hi``);
@@ -269,8 +284,9 @@ def robust_start(totals: Totals, start: FitStart, study, options) -> dict:
     rob = RobustSearch(groups_active=active, ranks=ranks, sizes=sizes.astype(float),
                        n_cells=n_cells.size, phase="A", search=None,
                        scales=np.array([cooks.cell_trim(int(s))[1] for s in n_cells]))
-    rob.search = _start_search(start.base_mean, rob, active, (-2.0, 2.0))
-    rob.search.done |= start.skip[:, None]  # all-zero or withheld genes: nothing to search
+    search = _start_search(start.base_mean, rob, active, (-2.0, 2.0))
+    search.done |= start.skip[:, None]  # all-zero or withheld genes: nothing to search
+    rob.search = _carried(search)
     return {"robust": rob}
 
 
@@ -305,27 +321,35 @@ def robust_sums(site: Site, robust: RobustSearch, totals: Totals, n_sites: int =
     check_robust_request(site, robust, totals, "robust_sums", n_sites)
     norm = _normalised(site, totals)
     search = robust.search
-    G, T, K = search.thresholds.shape
-    out = np.zeros((G, T, K))
+    open_ = ~search.done
+    if search.thresholds.shape != (int(open_.sum()), K_THRESHOLDS):
+        raise DisclosureError(
+            f"site {site.name!r}, step robust_sums: the request's thresholds "
+            f"{search.thresholds.shape} are not {K_THRESHOLDS} per open target "
+            f"({int(open_.sum())}); nothing sent")
+    row = np.cumsum(open_.ravel()).reshape(open_.shape) - 1  # an open target's thresholds
+    out = np.zeros(search.thresholds.shape)
+    T = open_.shape[1]
     for g in range(T // 2):
         members = _members(site, g, T // 2)
         x = None
         for t in (2 * g, 2 * g + 1):
-            genes = np.flatnonzero(~search.done[:, t])
+            genes = np.flatnonzero(open_[:, t])
             if genes.size and members.any():
                 if x is None:
                     x = _robust_values(norm, robust, g, members)
-                out[genes, t] = trimmed.count_below(x[:, genes], search.thresholds[genes, t])
-    return RobustSums(count_below=out[~search.done])
+                rows = row[genes, t]
+                out[rows] = trimmed.count_below(x[:, genes], search.thresholds[rows])
+    return RobustSums(count_below=out)
 
 
 @aggregator_step(writes=("robust",))
 def robust_refine(sums: RobustSums, robust: RobustSearch) -> dict:
     """Scatter the open targets' counts back and narrow their brackets."""
-    search = robust.search
+    search = _dense(robust.search)
     counts = np.zeros(search.thresholds.shape)
     counts[~search.done] = sums.count_below
-    return {"robust": replace(robust, search=trimmed.refine(search, counts))}
+    return {"robust": replace(robust, search=_carried(trimmed.refine(search, counts)))}
 
 
 def _parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int, phase: str,
@@ -391,7 +415,7 @@ def robust_means(sums: RobustParts, robust: RobustSearch, start: FitStart) -> di
         known = np.column_stack([tm[:, :n_groups - 1] ** 2, np.zeros(G)])
         nxt = _start_search(var, rob, active_b, (-3.0, 2.0), known)
         nxt.done |= start.skip[:, None]
-        return {"robust": replace(rob, search=nxt)}
+        return {"robust": replace(rob, search=_carried(nxt))}
     counted = robust.groups_active[:n_groups - 1]
     cell_var = (robust.scales[None, :] * tm[:, :n_groups - 1])[:, counted]
     return {"robust": replace(robust, alpha=cooks.robust_dispersion(cell_var, start.base_mean),

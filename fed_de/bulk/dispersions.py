@@ -37,6 +37,8 @@ from fed_de.federation.calls import aggregator_step, call, site_step
 from fed_de.federation.messages import Message, sums
 from fed_de.federation.strategy import Phase, Round
 
+SEARCH_BLOCK = 4096  # genes per block of the aggregator's search (bounds its dense tables)
+
 
 class DispSums(Message):
     """Likelihood sums and packed X'WX with its two derivatives at each (gene, point) pair
@@ -92,8 +94,72 @@ def _packed(search: dict) -> dict:
     return {**search, "memory": memory_pack(search["memory"])}
 
 
+def _gene_rows(search: dict, lo: int, hi: int, G: int) -> dict:
+    """A packed search restricted to genes ``lo:hi`` (its per-gene arrays, the prior's mean
+    and the evaluated points of those genes)."""
+    out = {}
+    for key, val in search.items():
+        if key == "memory":
+            ends = np.cumsum(val["count"])
+            a, b = (int(ends[lo - 1]) if lo else 0), int(ends[hi - 1])
+            out[key] = {k: (v[lo:hi] if k == "count" else v[a:b]) for k, v in val.items()}
+        elif isinstance(val, dict):
+            out[key] = _gene_rows(val, lo, hi, G)
+        elif isinstance(val, np.ndarray) and val.ndim and val.shape[0] == G:
+            out[key] = val[lo:hi]
+        else:
+            out[key] = val
+    return out
+
+
+def _join(parts: list, sizes: list[int]) -> dict:
+    """Packed searches of consecutive gene blocks (of ``sizes`` genes) as one: per-gene
+    tables NaN-padded to the widest block, as one search over every gene pads them."""
+    first, out = parts[0], {}
+    for key, val in first.items():
+        vals = [part[key] for part in parts]
+        if key == "memory":
+            out[key] = {k: np.concatenate([v[k] for v in vals]) for k in val}
+        elif isinstance(val, dict):
+            out[key] = _join(vals, sizes)
+        elif isinstance(val, np.ndarray) and val.ndim and all(
+                v.shape[0] == n for v, n in zip(vals, sizes, strict=True)):
+            width = max(v.shape[1:] for v in vals)
+            out[key] = np.concatenate([_pad_to(v, width) for v in vals])
+        else:
+            out[key] = val
+    return out
+
+
+def _pad_to(v: np.ndarray, width: tuple) -> np.ndarray:
+    if v.shape[1:] == width:
+        return v
+    out = np.full((v.shape[0],) + width, np.nan)
+    out[:, :v.shape[1]] = v
+    return out
+
+
+def _by_genes(fn, search: dict, *per_gene: np.ndarray) -> dict:
+    """``fn(search, *per_gene)`` on blocks of :data:`SEARCH_BLOCK` genes, the packed results
+    joined. Genes are independent in the search, so the numbers are those of one call on
+    every gene; the dense tables of evaluated points (each gene's padded to the block's
+    widest) then stay the size of a block (at 60,000 genes, one call held ~1.5 GB)."""
+    G = search["a0"].shape[0]
+    if G <= SEARCH_BLOCK:
+        return _packed(fn(_unpacked(search), *per_gene))
+    parts, sizes = [], []
+    for lo in range(0, G, SEARCH_BLOCK):
+        hi = min(G, lo + SEARCH_BLOCK)
+        sub = _unpacked(_gene_rows(search, lo, hi, G))
+        parts.append(_packed(fn(sub, *(a[lo:hi] for a in per_gene))))
+        sizes.append(hi - lo)
+        sub = None
+    return _join(parts, sizes)
+
+
 def _advance(search: dict, sums: DispSums, disp: DispSearch, p: int) -> dict:
-    """Add a round's evaluations (prior-free objective) to a search and follow R's path."""
+    """Add a round's evaluations (prior-free objective) to a (packed) search and follow R's
+    path."""
     G = search["a0"].shape[0]
     P, T = disp.pair_gene.size, nb.n_packed(p)
     f, g, h = dcore.objective(sums.ll.reshape(P, 1), sums.d1.reshape(P, 1),
@@ -101,7 +167,7 @@ def _advance(search: dict, sums: DispSums, disp: DispSearch, p: int) -> dict:
                               sums.A1.reshape(P, 1, T), sums.A2.reshape(P, 1, T),
                               disp.pair_point.reshape(P, 1), p)
     dense = [_dense(disp, v[:, 0], G) for v in (disp.pair_point.reshape(P, 1), f, g, h)]
-    return disp_path.update(_unpacked(search), *dense)
+    return _by_genes(disp_path.update, search, *dense)
 
 
 @aggregator_step(writes=("disp",))
@@ -129,17 +195,22 @@ def genewise_step(sums: DispSums, disp: DispSearch, dispersions: Dispersions | N
                                      int(totals.n_samples), study.n_coefs)
             prior_var = t.prior_var
         ok = np.isfinite(fit) & (fit > 0)
-        extra = disp_path.prefetch_map(gw, np.where(ok, fit, 1.0), prior_var)
         width = disp_path.propose(gw).shape[1]
-        gw["points"] = disp_path.merge_points(disp_path.propose(gw),
-                                              np.where(ok[:, None], extra, np.nan), width)
-    return {"disp": replace(disp, **_request(gw), genewise=_packed(gw))}
+
+        def prefetch(sub: dict, fit: np.ndarray, ok: np.ndarray) -> dict:
+            extra = disp_path.prefetch_map(sub, np.where(ok, fit, 1.0), prior_var)
+            sub["points"] = disp_path.merge_points(
+                disp_path.propose(sub), np.where(ok[:, None], extra, np.nan), width)
+            return sub
+
+        gw = _by_genes(prefetch, gw, fit, ok)
+    return {"disp": replace(disp, **_request(gw), genewise=gw)}
 
 
 @aggregator_step(writes=("dispersions",))
 def genewise_estimate(disp: DispSearch, dispersions: Dispersions | None) -> dict:
     """dispGeneEst: where R's line search (or its grid refit) ends, noIncrease, bounds."""
-    gene = disp_path.result(_unpacked(disp.genewise))["disp"]
+    gene = disp_path.result(disp.genewise)["disp"]  # the memory is not read
     if dispersions is None:
         return {"dispersions": Dispersions(gene=gene)}
     return {"dispersions": replace(dispersions, gene=gene)}
@@ -165,26 +236,30 @@ def map_begin(disp: DispSearch, dispersions: Dispersions, trend, start: FitStart
     fit = np.where(start.skip, 1.0, dispersions.fit)
     prior = dcore.Prior(mean=np.log(fit), var=trend.prior_var)
     gene = np.where(start.skip, 1.0, dispersions.gene)
-    gw = _unpacked(disp.genewise)
-    mp = disp_path.start(np.log(disp_path.map_start(gene, fit)), n_samples=gw["n_samples"],
-                         max_disp=totals.max_disp, prior={"mean": prior.mean, "var": prior.var},
-                         memory=gw["memory"], active=~start.skip,
-                         max_rounds=options.map_rounds)
-    return {"disp": replace(disp, **_request(mp), map=_packed(mp), prior=prior)}
+    n_samples = disp.genewise["n_samples"]
+
+    def begin(gw: dict, a0: np.ndarray, mean: np.ndarray, active: np.ndarray) -> dict:
+        return disp_path.start(a0, n_samples=n_samples, max_disp=totals.max_disp,
+                               prior={"mean": mean, "var": prior.var}, memory=gw["memory"],
+                               active=active, max_rounds=options.map_rounds)
+
+    mp = _by_genes(begin, disp.genewise, np.log(disp_path.map_start(gene, fit)), prior.mean,
+                   ~start.skip)
+    return {"disp": replace(disp, **_request(mp), map=mp, prior=prior)}
 
 
 @aggregator_step(writes=("disp",))
 def map_step(sums: DispSums, disp: DispSearch, study) -> dict:
     """Follow R's MAP path through the new evaluations."""
     mp = _advance(disp.map, sums, disp, study.n_coefs)
-    return {"disp": replace(disp, **_request(mp), map=_packed(mp))}
+    return {"disp": replace(disp, **_request(mp), map=mp)}
 
 
 @aggregator_step(writes=("dispersions",))
 def map_finish(disp: DispSearch, dispersions: Dispersions, trend, start: FitStart,
                totals: Totals) -> dict:
     """dispMAP within bounds; dispersion outliers keep their gene-wise value."""
-    disp_map = disp_path.result(_unpacked(disp.map))["disp"]
+    disp_map = disp_path.result(disp.map)["disp"]  # the memory is not read
     disp_map, outlier, final = dcore.final_dispersions(
         disp_map, dispersions.gene, dispersions.fit, trend.var_log_disp_ests, start.skip,
         totals.max_disp)

@@ -99,8 +99,9 @@ class _BulkStrategy(FedStrategy):
         """SHA-256 of the site's genes, samples, counts and the design's sample columns."""
         columns = [c for c in [*self.study.levels, *self.study.continuous]
                    if c in data._obs.columns]
+        obs = data._obs
         return guard.digest_arrays([data.genes, data.samples, data.counts,
-                                    data._obs[columns]])
+                                    *(obs[c] for c in columns)])
 
     def kept_parts(self) -> tuple[str, ...]:
         """Parts every aggregation sends (and a resume seed keeps) besides those later steps

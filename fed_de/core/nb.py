@@ -8,6 +8,8 @@ scale (``1e-6 / ln(2)^2`` on the natural scale).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.special import digamma, gammaln
 
@@ -15,6 +17,7 @@ LN2 = float(np.log(2.0))
 RIDGE_LOG2 = 1e-6
 GENE_CHUNK = 2048  # genes per block: bounds the samples x genes x points temporaries
 DISP_BLOCK = 16384  # samples x pairs per dispersion block: its temporaries stay in cache
+CR_CHUNK = 8192  # matrices per block of the Cox-Reid term (bounds its p x p temporaries)
 DISTINCT_MAX = 0.85  # tabulate special functions when distinct counts are below this share
 
 
@@ -458,8 +461,24 @@ def _disp_block(y, mu, XX, per_pair, out, lookup=None) -> None:
 def cox_reid(A: np.ndarray, A1: np.ndarray, A2: np.ndarray, p: int):
     """Cox-Reid term ``-1/2 log det A`` and its first two derivatives in ``log(alpha)``.
 
-    Inputs are packed and summed over sites: ``(..., T)``.
+    Inputs are packed and summed over sites: ``(..., T)``. Taken :data:`CR_CHUNK` matrices
+    at a time: each matrix's numbers are its own, and the ``p x p`` temporaries of a
+    search's every point (~1 KB each) are never all held at once.
     """
+    lead = A.shape[:-1]
+    n = math.prod(lead)
+    if n <= CR_CHUNK:
+        return _cox_reid(A, A1, A2, p)
+    flat = [np.reshape(a, (n, a.shape[-1])) for a in (A, A1, A2)]
+    out = [np.empty(n) for _ in range(3)]
+    for start in range(0, n, CR_CHUNK):
+        part = _cox_reid(*(f[start:start + CR_CHUNK] for f in flat), p)
+        for o, v in zip(out, part, strict=True):
+            o[start:start + CR_CHUNK] = v
+    return tuple(o.reshape(lead) for o in out)
+
+
+def _cox_reid(A: np.ndarray, A1: np.ndarray, A2: np.ndarray, p: int):
     M, M1, M2 = unpack(A, p), unpack(A1, p), unpack(A2, p)
     sign, logdet = np.linalg.slogdet(M)
     with np.errstate(invalid="ignore"):

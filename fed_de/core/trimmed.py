@@ -26,13 +26,14 @@ samples). Never a sum over a bracket holding a single value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 TINY = float(np.finfo(float).tiny)  # first threshold: zeros below it, every positive value above
 TIE_WIDTH = 1e-9  # a bracket this narrow (relative) holds one repeated value
 GROW = 10.0  # factor between thresholds above a bracket open to +inf
+REFINE_BLOCK = 4096  # genes per block of the aggregator's refinement (bounds its temporaries)
 
 
 def trim_ranks(n: int, trim: float) -> tuple[int, int]:
@@ -109,7 +110,22 @@ def count_below(x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 
 def refine(search: Search, counts: np.ndarray) -> Search:
     """Aggregator side: from the summed counts below each threshold, close or narrow every
-    open target's bracket and propose the next thresholds."""
+    open target's bracket and propose the next thresholds.
+
+    Genes are independent: taken :data:`REFINE_BLOCK` at a time, so the genes x targets x
+    thresholds temporaries stay the size of a block (the numbers are those of one call).
+    """
+    G = search.k.shape[0]
+    if G <= REFINE_BLOCK:
+        return _refine(search, counts)
+    parts = [_refine(Search(**{f.name: getattr(search, f.name)[lo:lo + REFINE_BLOCK]
+                               for f in fields(Search)}), counts[lo:lo + REFINE_BLOCK])
+             for lo in range(0, G, REFINE_BLOCK)]
+    return Search(**{f.name: np.concatenate([getattr(part, f.name) for part in parts])
+                     for f in fields(Search)})
+
+
+def _refine(search: Search, counts: np.ndarray) -> Search:
     thr, k = search.thresholds, search.k[..., None]
     K = thr.shape[-1]
     open_ = ~search.done

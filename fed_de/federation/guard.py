@@ -40,8 +40,8 @@ def digest_arrays(parts: Iterable[Any]) -> str:
     ----------
     parts
         numpy arrays (dtype, shape and bytes hashed), scipy sparse matrices (format,
-        shape, data, indices, indptr), pandas objects (hashed by their CSV text),
-        strings and tuples of strings.
+        shape, data, indices, indptr), pandas tables and series (index, then each column:
+        name, dtype and values), tuples or lists of strings, other values (their repr).
 
     Returns
     -------
@@ -62,11 +62,38 @@ def digest_arrays(parts: Iterable[Any]) -> str:
             h.update(f"dense{part.shape}{part.dtype}".encode())
             h.update(_raw_bytes(part))
         elif isinstance(part, pd.DataFrame | pd.Series):
-            h.update(part.to_csv().encode())
+            _hash_table(h, part)
+        elif isinstance(part, tuple | list) and all(isinstance(x, str) for x in part):
+            _hash_strings(h, part)
         else:
             h.update(repr(part).encode())
         h.update(b"\x00")
     return h.hexdigest()
+
+
+def _hash_strings(h, strings) -> None:
+    """Strings, counted and separated (a site hashes its gene names at every task: no
+    per-string repr)."""
+    h.update(f"strings{len(strings)}".encode())
+    h.update("\x00".join(strings).encode("utf-8", "surrogatepass"))
+
+
+def _hash_table(h, table) -> None:
+    """A table's (or series') index, then each column's name, dtype and values: numeric
+    columns by their bytes, others by their values' text (cheaper than writing CSV)."""
+    import pandas as pd
+
+    h.update(f"table{table.shape}".encode())
+    _hash_strings(h, [str(x) for x in table.index])
+    columns = table.items() if isinstance(table, pd.DataFrame) else [(table.name, table)]
+    for name, col in columns:
+        h.update(f"{name!s}\x00{col.dtype}".encode())
+        dtype = col.dtype
+        if (pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+                and not isinstance(dtype, pd.CategoricalDtype)):
+            h.update(_raw_bytes(col.to_numpy(dtype=np.float64, na_value=np.nan)))
+        else:
+            _hash_strings(h, [str(x) for x in col.tolist()])
 
 
 def check_digest(kept: str | None, now: str, *, site: str, step: str) -> str:

@@ -158,7 +158,8 @@ def total(messages: list[Message], rows: np.ndarray | None = None,
     """Sum the sites' messages field by field, in site order (reproducible sums).
 
     Messages restricted to genes ``rows`` are scattered back to all ``n_genes`` genes (zeros
-    elsewhere).
+    elsewhere). A single message's float arrays are taken as they are, not copied (a masked
+    round's decoded total is one fresh message).
     """
     first = messages[0]
     kwargs = {}
@@ -167,7 +168,11 @@ def total(messages: list[Message], rows: np.ndarray | None = None,
         if not _is_array(f):
             kwargs[f.name] = None if values[0] is None else total(values, rows, n_genes)
             continue
-        tot = np.sum([np.asarray(v, dtype=np.float64) for v in values], axis=0)
+        if len(values) == 1:  # taken as it is (a scalar field stays a numpy scalar)
+            tot = np.asarray(values[0], dtype=np.float64)
+            tot = tot[()] if tot.ndim == 0 else tot
+        else:
+            tot = np.sum([np.asarray(v, dtype=np.float64) for v in values], axis=0)
         if rows is not None and f.metadata["shape"][:1] == ("G",):
             full = np.zeros((n_genes,) + tot.shape[1:])
             full[rows] = tot

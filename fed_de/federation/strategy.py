@@ -218,6 +218,7 @@ class FedStrategy(ComputePlanBuilder):
             n_genes = self.dims()["G"] if rows is not None else None
             sums = self.postprocess(
                 total([masked.message()] if masked else plain, rows, n_genes))
+        masked = plain = None  # the running totals are decoded: not held while steps run
         provided = {"sums": sums, "side": side, "offers": offers, **self.context()}
         for fn, params in decode(steps, "aggregator"):
             state = apply_aggregation(fn, state, provided, params)
