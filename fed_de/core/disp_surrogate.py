@@ -97,11 +97,19 @@ def index_rows(ix: dict, rows: np.ndarray) -> dict:
 
 
 def _at(arr: np.ndarray, i: np.ndarray, n: np.ndarray) -> np.ndarray:
-    ok = (i >= 0) & (i < n)
+    """Row by row, ``arr[row, i]`` where ``0 <= i < n``, else NaN (a flat take: this runs
+    ~100 times per step of the replayed path)."""
     width = arr.shape[1]
     if width == 0:
         return np.full(i.shape, np.nan)
-    return np.where(ok, arr[np.arange(arr.shape[0]), np.clip(i, 0, width - 1)], np.nan)
+    j = np.minimum(np.maximum(i, 0), width - 1)
+    if arr.flags.c_contiguous:
+        j += np.arange(0, arr.size, width)
+        out = arr.reshape(-1).take(j)
+    else:
+        out = arr[np.arange(arr.shape[0]), j]
+    out[(i < 0) | (i >= n)] = np.nan
+    return out
 
 
 def nearest_nodes(ix: dict, x: np.ndarray, m: int) -> dict:
@@ -168,32 +176,29 @@ def hermite(z: np.ndarray, fz: np.ndarray, gz: np.ndarray, hz: np.ndarray, count
     last node alone may add little when it is far). A gene uses its first ``count`` nodes."""
     G, m = z.shape
     n = 3 * m
-    s = np.repeat(z, 3, axis=1)
-    col = np.repeat(fz, 3, axis=1)
-    coef = np.zeros((G, n))
-    coef[:, 0] = col[:, 0]
+    # node by node (n x G): every operation below runs on contiguous rows of genes
+    s = np.repeat(np.ascontiguousarray(z.T), 3, axis=0)
+    col = np.repeat(np.ascontiguousarray(fz.T), 3, axis=0)
+    coef = np.zeros((n, G))
+    coef[0] = col[0]
+    node, rep = np.divmod(np.arange(n), 3)  # row i: node i // 3, its (i % 3)-th copy
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for j in range(1, n):
-            prev, col = col, np.full((G, n), np.nan)
-            for i in range(j, n):
-                k, r = divmod(i, 3)
-                if j == 1 and r >= 1:
-                    col[:, i] = gz[:, k]
-                elif j == 2 and r == 2:
-                    col[:, i] = 0.5 * hz[:, k]
-                else:
-                    col[:, i] = (prev[:, i] - prev[:, i - 1]) / (s[:, i] - s[:, i - j])
-            coef[:, j] = col[:, j]
-        terms = np.arange(n)[None, :]
+        for j in range(1, n):  # the divided-difference table, a column of it at a time
+            prev, col = col, np.full((n, G), np.nan)
+            col[j:] = (prev[j:] - prev[j - 1:n - 1]) / (s[j:] - s[:n - j])
+            if j <= 2:  # repeated nodes: the derivatives themselves (h / 2 for the second)
+                at = np.flatnonzero((np.arange(n) >= j) & (rep >= j))
+                col[at] = (gz if j == 1 else 0.5 * hz).T[node[at]]
+            coef[j] = col[j]
         vals = []
         for drop in (0, 1, 2):
-            c = np.where(terms < 3 * (count[:, None] - drop), coef, 0.0)
-            p, dp, d2p = c[:, n - 1].copy(), np.zeros(G), np.zeros(G)
+            c = np.where(np.arange(n)[:, None] < 3 * (count[None, :] - drop), coef, 0.0)
+            p, dp, d2p = c[n - 1].copy(), np.zeros(G), np.zeros(G)
             for i in range(n - 2, -1, -1):
-                t = x - s[:, i]
+                t = x - s[i]
                 d2p = d2p * t + 2.0 * dp
                 dp = dp * t + p
-                p = p * t + c[:, i]
+                p = p * t + c[i]
             vals.append((p, dp, d2p))
         (f, g, h), (f1, g1, _), (f2, g2, _) = vals
         ef = np.where(count > 2, np.fmax(np.abs(f - f1), np.abs(f1 - f2)),

@@ -145,7 +145,8 @@ def _refine(search: Search, counts: np.ndarray) -> Search:
     with np.errstate(invalid="ignore"):
         tie = move & np.isfinite(hi) & ((hi - lo <= TIE_WIDTH * hi) | (hi <= TINY))
     done = search.done | found | tie
-    nxt = np.where(done[..., None], thr, _inside(lo, hi, K))
+    nxt = thr.copy()  # the open targets' next thresholds (most targets close early)
+    nxt[~done] = _inside(lo[~done], hi[~done], K)
     return Search(k=search.k, lo=lo, hi=hi, n_lo=n_lo, n_hi=n_hi, tau=tau, done=done,
                   tie=search.tie | tie, thresholds=nxt)
 

@@ -63,19 +63,24 @@ def digest_arrays(parts: Iterable[Any]) -> str:
             h.update(_raw_bytes(part))
         elif isinstance(part, pd.DataFrame | pd.Series):
             _hash_table(h, part)
-        elif isinstance(part, tuple | list) and all(isinstance(x, str) for x in part):
-            _hash_strings(h, part)
+        elif isinstance(part, tuple | list) and _hash_strings(h, part):
+            pass
         else:
             h.update(repr(part).encode())
         h.update(b"\x00")
     return h.hexdigest()
 
 
-def _hash_strings(h, strings) -> None:
-    """Strings, counted and separated (a site hashes its gene names at every task: no
-    per-string repr)."""
+def _hash_strings(h, strings) -> bool:
+    """Hash strings, counted and separated (a site hashes its gene names at every task: no
+    per-string repr); False, hashing nothing, when not all are strings."""
+    try:
+        text = "\x00".join(strings)
+    except TypeError:
+        return False
     h.update(f"strings{len(strings)}".encode())
-    h.update("\x00".join(strings).encode("utf-8", "surrogatepass"))
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return True
 
 
 def _hash_table(h, table) -> None:
