@@ -25,6 +25,7 @@ computes its samples' Cook's distances with the global X'WX of the final fit and
 *counts* of its samples above the cutoff (in cells of >= 3, non-replaceable among them, any
 sample, replaced), and per-design-cell sums of its counts after replacing its own outliers (the
 refit's starting sums). DESeq2's decisions follow at the aggregator (:func:`decide`).
+The run state carries the next thresholds of open targets only (:func:`_carried`).
 What the aggregator learns beyond totals: pooled counts below thresholds near the trimming
 ranks, and a boundary value shared by tied samples (see docs/privacy.md).
 """

@@ -20,6 +20,9 @@ prior variance (:func:`trend_and_prior`), the MAP search from DESeq2's start (:f
 Round Mk  site : sums at the pairs asked                   agg : follow R's MAP path
 After the last MAP round: dispMAP, bounds, and dispersion outliers keep their gene-wise value
 (:func:`map_finish`). The Cook's refit runs the same rounds with the first fit's trend.
+
+The aggregator follows the searches in blocks of genes (:func:`_by_genes`); between steps the
+run state keeps their evaluated points packed.
 """
 
 from __future__ import annotations
