@@ -49,3 +49,21 @@ def test_the_dispersion_search_stops_travelling_after_the_map_round(demo):
     assert "disp" in live[genewise]  # still searched
     assert "disp" not in live[first_final] and "irls_mu" not in live[chains[-1]]
     assert live[chains[-1]] == frozenset()  # nothing runs after the last aggregation
+
+
+def test_the_dispersion_fit_means_stop_travelling_once_the_final_fit_starts(demo):
+    """The IRLS steps name both fits but read the one their stage names (``reads_except``):
+    from the first final IRLS round on, the dispersion-fit means' fit is dead, and the
+    mu-IRLS rounds never carry a final fit they do not read."""
+    from fed_de.bulk import irls
+    from fed_de.federation.calls import step_reads
+
+    assert "irls_mu" not in step_reads(irls.irls_sums, {"stage": "final"})
+    assert "irls_final" not in step_reads(irls.irls_step, {"stage": "mu"})
+    study = fed_de.make_study(demo.design, demo.genes, demo.levels)
+    live = liveness.live_after(DESeq2Strategy(study.to_dict(), n_sites=3))
+    chains = list(live)
+    first_final = next(c for c in chains if "stage='final'" in c and "irls_step" in c)
+    last_mu = [c for c in chains if "stage='mu'" in c][-1]
+    assert "irls_mu" not in live[first_final]
+    assert "irls_mu" in live[last_mu]  # the dispersion rounds and the final fit's start

@@ -209,22 +209,21 @@ def _boxed_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_fina
 
 @site_step
 def closing_fit_sums(site: Site, start: FitStart, dispersions: Dispersions,
-                     irls_mu: IRLSFit | None, irls_final: IRLSFit,
-                     irls_reduced: IRLSFit | None) -> ClosingFitSums:
+                     irls_final: IRLSFit, irls_reduced: IRLSFit | None) -> ClosingFitSums:
     """The last IRLS round's sums, and the closing sums at each of its candidates: the
     aggregation keeps one candidate per gene, and the coefficients the fit ends with are that
     candidate (or, for a gene sent to the one fallback round, that candidate in the box)."""
-    fit = irls.irls_sums(site, start, dispersions, irls_mu, irls_final, irls_reduced,
+    fit = irls.irls_sums(site, start, dispersions, None, irls_final, irls_reduced,
                          stage="final")
     return ClosingFitSums(fit=fit, closing=_boxed_sums(site, start, dispersions, irls_final,
                                                        irls_reduced))
 
 
 @aggregator_step(writes=("irls_final", "irls_reduced"))
-def closing_irls_step(sums: ClosingFitSums, irls_mu: IRLSFit | None, irls_final: IRLSFit,
+def closing_irls_step(sums: ClosingFitSums, irls_final: IRLSFit,
                       irls_reduced: IRLSFit | None, study, reduced) -> dict:
     """The IRLS update (:func:`fed_de.bulk.irls.irls_step`) from the round's fit part."""
-    return irls.irls_step(sums.fit, irls_mu, irls_final, irls_reduced, study, reduced,
+    return irls.irls_step(sums.fit, None, irls_final, irls_reduced, study, reduced,
                           stage="final")
 
 

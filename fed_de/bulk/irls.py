@@ -18,7 +18,7 @@ from fed_de.bulk import fallback, rough
 from fed_de.bulk.state import Dispersions, FitStart, Site, Totals
 from fed_de.core import lrt, nb
 from fed_de.core.irls import MIN_MU, IRLSFit, irls_update, start_irls
-from fed_de.federation.calls import aggregator_step, call, site_step
+from fed_de.federation.calls import aggregator_step, call, reads_except, site_step
 from fed_de.federation.messages import Message, part, sums
 from fed_de.federation.strategy import Phase, Round
 
@@ -93,6 +93,13 @@ def _raw_deviances(site: Site, start: FitStart, fit: IRLSFit, irls_reduced: IRLS
     return RawDeviances(**out)
 
 
+def _other_stage(params: dict) -> set[str]:
+    """The IRLS fit a stage's steps do not read: the final fit's while the dispersion-fit
+    means are fitted, then the means' (dead once the final fit has started)."""
+    return {"irls_final"} if params.get("stage", "final") == "mu" else {"irls_mu"}
+
+
+@reads_except(_other_stage)
 @site_step
 def irls_sums(site: Site, start: FitStart, dispersions: Dispersions | None,
               irls_mu: IRLSFit | None, irls_final: IRLSFit | None,
@@ -111,6 +118,7 @@ def irls_sums(site: Site, start: FitStart, dispersions: Dispersions | None,
     return IRLSSums(full=full, reduced=reduced, raw=raw_part)
 
 
+@reads_except(_other_stage)
 @aggregator_step(writes=("irls_mu", "irls_final", "irls_reduced"))
 def irls_step(sums: IRLSSums, irls_mu: IRLSFit | None, irls_final: IRLSFit | None,
               irls_reduced: IRLSFit | None, study, reduced, stage: str = "final") -> dict:

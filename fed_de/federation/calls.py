@@ -22,7 +22,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -33,6 +33,26 @@ def site_step(fn: Callable) -> Callable:
     """Mark ``fn`` as a step a site may run (its module is in fed_de)."""
     fn.fed_role = "site"
     return fn
+
+
+def reads_except(rule: Callable[[dict], Iterable[str]]) -> Callable:
+    """Mark state parts a step's signature names but does not read for some parameters:
+    ``rule(params)`` names them, so the plan stops sending them once no other step reads
+    them (:mod:`fed_de.federation.liveness`); the step then receives None for them."""
+
+    def decorator(fn: Callable) -> Callable:
+        fn.fed_unread = rule
+        return fn
+
+    return decorator
+
+
+def step_reads(fn: Callable, params: dict) -> set[str]:
+    """The names step ``fn`` reads with ``params``: its signature's, less what
+    :func:`reads_except` excludes."""
+    names = set(inspect.signature(fn).parameters)
+    rule = getattr(fn, "fed_unread", None)
+    return names - set(rule(params)) if rule is not None else names
 
 
 def aggregator_step(*, writes: Sequence[str]) -> Callable:

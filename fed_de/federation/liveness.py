@@ -1,11 +1,13 @@
 """Which parts of the run state a plan still reads: an aggregation sends only those.
 
 A plan is static and every step's signature names the run-state parts it reads
-(:mod:`fed_de.federation.calls`). So, for each aggregation of the plan (its chain of steps,
-encoded), the parts that any task declared after its first occurrence reads are known before
-the run; the others are dead and the aggregation drops them from what it sends (to the sites
-and to the next aggregation alike: a substrafl aggregation has one output). Parts read by
-other means (the results, the masking relay, a gene selection) are kept by the strategy's
+(:mod:`fed_de.federation.calls`; less those :func:`~fed_de.federation.calls.reads_except`
+excludes for its parameters, e.g. the IRLS fit of the other stage). So, for each
+aggregation of the plan (its chain of steps, encoded), the parts that any task declared after
+its first occurrence reads are known before the run; the others are dead and the aggregation
+drops them from what it sends (to the sites and to the next aggregation alike: a substrafl
+aggregation has one output). Parts read by other means (the results, the masking relay, a
+gene selection) are kept by the strategy's
 :meth:`~fed_de.federation.strategy.FedStrategy.kept_parts`.
 
 A chain that occurs several times keeps the union over its occurrences, which is what is read
@@ -14,19 +16,18 @@ after its first: what a plan reads later only shrinks as it advances.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
-from fed_de.federation.calls import decode
+from fed_de.federation.calls import decode, step_reads
 
 _CACHE: dict[str, dict[str, frozenset[str]]] = {}
 
 
 def _reads(spec: str, role: str) -> set[str]:
     out: set[str] = set()
-    for fn, _ in decode(spec, role):
-        out |= set(inspect.signature(fn).parameters)
+    for fn, params in decode(spec, role):
+        out |= step_reads(fn, params)
     return out
 
 
