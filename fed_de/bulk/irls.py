@@ -17,7 +17,7 @@ import numpy as np
 from fed_de.bulk import fallback, rough
 from fed_de.bulk.state import Dispersions, FitStart, Site, Totals
 from fed_de.core import lrt, nb
-from fed_de.core.irls import MIN_MU, IRLSFit, irls_update, start_irls
+from fed_de.core.irls import MIN_MU, IRLSFit, irls_update, settled, start_irls
 from fed_de.federation.calls import aggregator_step, call, reads_except, site_step
 from fed_de.federation.messages import Message, part, sums
 from fed_de.federation.strategy import Phase, Round
@@ -141,6 +141,14 @@ def start_mu_fit(totals: Totals, start: FitStart) -> dict:
     return {"irls_mu": start_irls(start.beta_init, frozen, start.beta_alt)}
 
 
+@aggregator_step(writes=("irls_mu",))
+def settle_mu_fit(irls_mu: IRLSFit) -> dict:
+    """The dispersion-fit means' fit once its rounds are over: later steps read its
+    coefficients only (the means of the dispersion rounds, of a resumed site, the final fit's
+    start), so its candidates and history stop travelling."""
+    return {"irls_mu": settled(irls_mu)}
+
+
 @aggregator_step(writes=("irls_final", "irls_reduced"))
 def start_final_fit(start: FitStart, irls_mu: IRLSFit) -> dict:
     """The final IRLS, warm-started from the dispersion-fit betas (or the cell-means start);
@@ -160,10 +168,10 @@ def mu_fit_phase(mu_rounds: int, from_cells: bool = False) -> Phase:
     mu = [Round(call(irls_sums, stage="mu"), [call(irls_step, stage="mu")])] * mu_rounds
     if from_cells:
         return Phase("mu_fit", opening=[call(rough.rough_from_cells, mu_rounds=mu_rounds),
-                                        start_mu_fit], rounds=mu)
+                                        start_mu_fit], rounds=mu, closing=[settle_mu_fit])
     return Phase("mu_fit", rounds=[
         Round(rough.rough_sums, [call(rough.rough_start, mu_rounds=mu_rounds), start_mu_fit]),
-        *mu])
+        *mu], closing=[settle_mu_fit])
 
 
 def final_fit_phase(final_rounds: int, fallback_rounds: int,

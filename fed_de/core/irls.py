@@ -22,7 +22,7 @@ Stopped genes are masked, not skipped (the plan is static).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -84,6 +84,13 @@ def start_irls(beta0: np.ndarray, frozen: np.ndarray,
                    converged=frozen.copy(), stopped=frozen.copy(), deseq2_rule=frozen.copy(),
                    diverged=np.zeros(G, dtype=bool), stagnant=np.zeros(G, dtype=bool),
                    xtwx_acc=np.zeros((G, nb.n_packed(p))), picked=np.zeros(G, dtype=int))
+
+
+def settled(fit: IRLSFit) -> IRLSFit:
+    """A finished fit as later steps read it: its coefficients and per-gene flags, with the
+    candidates and the iteration history emptied (their per-gene columns dropped)."""
+    return replace(fit, **{f.name: getattr(fit, f.name)[:, :0] for f in fields(fit)
+                           if f.name != "beta" and getattr(fit, f.name).ndim > 1})
 
 
 def at_accepted(values: np.ndarray, fit: IRLSFit) -> np.ndarray:
