@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -67,3 +68,25 @@ def test_the_dispersion_fit_means_stop_travelling_once_the_final_fit_starts(demo
     last_mu = [c for c in chains if "stage='mu'" in c][-1]
     assert "irls_mu" not in live[first_final]
     assert "irls_mu" in live[last_mu]  # the dispersion rounds and the final fit's start
+
+
+def test_a_settled_mu_fit_sends_less_and_leaves_the_answer_unchanged(demo, monkeypatch):
+    """Once its rounds are over, the dispersion-fit means' fit travels as its coefficients and
+    flags (``settle_mu_fit``): the same answer to the bit as with the whole fit, fewer bytes."""
+    from fed_de.bulk import irls as bulk_irls
+    from fed_de.core.irls import settled, start_irls
+
+    fit = start_irls(np.ones((5, 3)), np.zeros(5, dtype=bool), np.zeros((5, 3)))
+    slim = settled(fit)
+    np.testing.assert_array_equal(slim.beta, fit.beta)
+    assert slim.candidates.shape == (5, 0, 3) and slim.converged.shape == (5,)
+    settled_run = _run(demo)
+    monkeypatch.setattr(bulk_irls, "settled", lambda fit: fit)
+    whole = _run(demo)
+    for part in ("results", "dispersions", "coefficients"):
+        a, b = getattr(settled_run, part), getattr(whole, part)
+        a, b = (a(), b()) if callable(a) else (a, b)
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    got = settled_run.facts["bytes_received_by_site"]
+    full = whole.facts["bytes_received_by_site"]
+    assert all(got[s] < full[s] for s in full), (got, full)
