@@ -701,11 +701,6 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
                           "narrow")
     out: dict = {}
     shapes: dict[str, tuple] = {}
-    addressed = {key: ([_mask_key(seed, stream, round_tag, key)
-                        for peer, seed in session.seeds.items() if session.me < peer],
-                       [_mask_key(seed, stream, round_tag, key)
-                        for peer, seed in session.seeds.items() if session.me > peer])
-                 for key in message}
     for key, value in message.items():
         arr = _as_float_array(key, value)
         if key in counts:
@@ -714,8 +709,11 @@ def mask(message: Mapping[str, object], session: SecAggSession, round_tag: int |
             shapes[key] = arr.shape
         else:
             v = (NARROW if key in narrow else fmt).encode(arr, n_parties, name=key)
-        # a fresh array, updated in place: + the masks of larger peers, - the others'
-        _add_masks(v.reshape(v.shape[0], -1), *addressed[key])
+        plus, minus = [], []  # + the masks of larger peers, - the others'
+        for peer, seed in session.seeds.items():
+            (plus if session.me < peer else minus).append(
+                _mask_key(seed, stream, round_tag, key))
+        _add_masks(v.reshape(v.shape[0], -1), plus, minus)  # a fresh array, in place
         out[key] = v
     session.last_tag[stream] = round_tag
     out[HEADER] = {"site": session.me, "parties": session.parties,

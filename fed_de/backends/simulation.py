@@ -141,9 +141,13 @@ def payload_nbytes(obj: Any) -> int:
     return 0
 
 
-def _dumps(value: Any, key: str) -> bytes:
+def _dumps(value: Any, key: str, into=None) -> bytes | None:
+    """The pickle of task ``key``'s output ``value``, or (``into`` a file) written there."""
     try:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        if into is None:
+            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(value, into, protocol=pickle.HIGHEST_PROTOCOL)
+        return None
     except Exception as err:  # noqa: BLE001 - any pickling failure is a plan bug
         raise TypeError(f"shared state of task {key} is not picklable: {err}") from err
 
@@ -216,11 +220,8 @@ class _Held:
 
     @classmethod
     def of(cls, value: Any, key: str) -> _Held:
-        count = _Counter()
-        try:  # the bytes pickle.dumps gives (and a file would hold), counted as written
-            pickle.dump(value, count, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as err:  # noqa: BLE001 - any pickling failure is a plan bug
-            raise TypeError(f"shared state of task {key} is not picklable: {err}") from err
+        count = _Counter()  # the bytes pickle.dumps gives (and a file would hold)
+        _dumps(value, key, into=count)
         return cls(value, count.n)
 
     def blob(self) -> bytes:

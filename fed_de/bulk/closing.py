@@ -257,10 +257,8 @@ def close_at_candidates(sums: ClosingFitSums, start: FitStart, totals: Totals,
                     at_accepted(sums.fit.full.xtwx, fit))
     deviance = np.where(boxed, at_accepted(c.deviance, fit), at_accepted(c.deviance_free, fit))
     closed = ClosingSums(xtwx=xtwx, deviance=deviance)
-    if c.reduced is not None:  # ~ 1: one point for every candidate (the first column)
-        closed.reduced = ReducedDeviance(
-            deviance=at_accepted(c.reduced.deviance, irls_reduced) if irls_reduced is not None
-            else c.reduced.deviance[:, 0])
+    if c.reduced is not None:
+        closed.reduced = ReducedDeviance(deviance=at_accepted(c.reduced.deviance, irls_reduced))
     return close_fit(closed, start, totals, dispersions, irls_final, fallback, irls_reduced,
                      study, reduced)
 

@@ -66,8 +66,7 @@ def finish(genes: GeneResults, refit: Refit, start: FitStart, dispersions: Dispe
     }
     if sums is not None and sums.raw is not None:
         dev = at_accepted(sums.raw.full, fit)
-        dev_r = (at_accepted(sums.raw.reduced, irls_reduced) if irls_reduced is not None
-                 else sums.raw.reduced[:, 0])
+        dev_r = at_accepted(sums.raw.reduced, irls_reduced)
         new["deviance"] = dev
         new["lrt_stat"] = lrt.lrt_test(dev, dev_r, genes.lrt_df)[0]
         conv = irls_reduced.converged if irls_reduced is not None else np.ones_like(mask)

@@ -97,9 +97,8 @@ class _BulkStrategy(FedStrategy):
 
     def data_digest(self, data) -> str:
         """SHA-256 of the site's genes, samples, counts and the design's sample columns."""
-        columns = [c for c in [*self.study.levels, *self.study.continuous]
-                   if c in data._obs.columns]
         obs = data._obs
+        columns = [c for c in [*self.study.levels, *self.study.continuous] if c in obs.columns]
         return guard.digest_arrays([data.genes, data.samples, data.counts,
                                     *(obs[c] for c in columns)])
 

@@ -93,9 +93,12 @@ def settled(fit: IRLSFit) -> IRLSFit:
                            if f.name != "beta" and getattr(fit, f.name).ndim > 1})
 
 
-def at_accepted(values: np.ndarray, fit: IRLSFit) -> np.ndarray:
+def at_accepted(values: np.ndarray, fit: IRLSFit | None) -> np.ndarray:
     """Per gene, the value (of an array over the candidates a round evaluated) at the
-    candidate the last update accepted: its coefficients."""
+    candidate the last update accepted: its coefficients. ``fit`` None: a model fitted
+    without IRLS (the LRT's ``~ 1``), one point for every candidate: the first column."""
+    if fit is None:
+        return values[:, 0]
     return values[np.arange(values.shape[0]), fit.picked]
 
 
