@@ -474,6 +474,12 @@ def summarise(point_result: dict) -> dict:
         row["aggregator_per_gene"] = facts["bytes_sent_by_aggregator"] / g
         received = facts.get("bytes_received_by_site")
         row["received_per_gene_per_site"] = max(received.values()) / g if received else None
+        critical = facts.get("critical_path_cpu_seconds")
+        if critical is not None:  # the plan's tasks replaced by their costliest chain
+            tasks = (sum(facts["site_task_cpu_seconds"].values())
+                     + facts["aggregator_cpu_seconds"])
+            row["fed_de_critical_path_cpu_s"] = critical
+            row["fed_de_site_per_machine_cpu_s"] = fed[0]["cpu_s"] - tasks + critical
         counts_m = p["samples"] * g / 1e6
         row["fed_ms_per_step_per_mcounts"] = (1e3 * row["fed_de_analysis_cpu_s"]
                                               / row["steps"] / counts_m)
@@ -506,12 +512,34 @@ def exponents(rows: list[dict], tool: str, along: str, key: str = "cpu_s") -> li
     return out
 
 
+def site_ratios(rows: list[dict]) -> list[dict]:
+    """fed_de's cost with more sites over fewer, for points differing in sites only: the
+    whole process on one machine, and with each site on its own machine (the plan's tasks
+    replaced by their costliest chain: what ``n_jobs`` workers give with a core per site)."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("fed_de_cpu_s"):
+            groups.setdefault((r["samples"], r["genes"]), []).append(r)
+    for (samples, genes), grp in groups.items():
+        grp = sorted(grp, key=lambda r: r["sites"])
+        for a, b in itertools.pairwise(grp):
+            per_machine = [r.get("fed_de_site_per_machine_cpu_s") for r in (a, b)]
+            out.append({"samples": samples, "genes": genes, "from": a["sites"],
+                        "to": b["sites"], "cpu_ratio": round(b["fed_de_cpu_s"]
+                                                             / a["fed_de_cpu_s"], 2),
+                        "site_per_machine_ratio": (round(per_machine[1] / per_machine[0], 2)
+                                                   if all(per_machine) else None)})
+    return out
+
+
 def _f(x, fmt="{:.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
 def markdown(rows: list[dict], slopes: list[dict]) -> str:
-    """The CPU / memory table, the bytes table, and the growth exponents."""
+    """The CPU / memory table, the bytes table, the growth exponents and the cost of more
+    sites."""
     head = ("| study | sites | fed_de CPU s | PyDESeq2 CPU s | **ratio** | ratio, analysis "
             "only | R CPU s (analysis) | fed_de wall s | fed_de peak MB | PyDESeq2 peak MB | "
             "steps | ms/step/M counts | calls ≠ PyD / R |")
@@ -542,6 +570,15 @@ def markdown(rows: list[dict], slopes: list[dict]) -> str:
             fixed = ", ".join(f"{k} {s[k]:,}" for k in ("samples", "genes", "sites") if k in s)
             lines.append(f"- {s['tool']}: {s['along']} {s['from']:,} → {s['to']:,} "
                          f"({fixed}): **{s['exponent']}**")
+    sites = site_ratios(rows)
+    if sites:
+        lines += ["", "fed_de with more sites, same samples (CPU over the fewer sites'; one "
+                  "machine per site: the plan's tasks counted along their costliest chain):",
+                  ""]
+        for s in sites:
+            lines.append(f"- {s['samples']:,} × {s['genes']:,}, {s['from']} → {s['to']} "
+                         f"sites: one machine **{s['cpu_ratio']}×**, one machine per site "
+                         f"**{_f(s['site_per_machine_ratio'], '{:.2f}')}×**")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import fed_de
 from fed_de.backends import check_workers
 from fed_de.backends.plan import record_plan
-from fed_de.backends.simulation import payload_nbytes, resolve_jobs, run_strict
+from fed_de.backends.simulation import RunLedger, payload_nbytes, resolve_jobs, run_strict
 from fed_de.backends.substra import measure_outputs, run_facts
 from fed_de.bulk.strategy import DESeq2Strategy
 from fed_de.cli_common import print_facts
@@ -316,6 +316,35 @@ def test_site_data_is_read_only_in_workers():
         run_strict(ExecutorProbe(_study(synthetic), "readonly"), executor_sites(synthetic),
                    n_jobs=2)
     assert info.value.site == "site0"
+
+
+def test_critical_path_weighs_the_costliest_chain():
+    """Two sites' tasks feed each aggregation; a side task forks off the first aggregation
+    and rejoins at the last: the path takes the slower site of each round, and the side
+    task only where it is the longer way."""
+    ledger = RunLedger()
+    cpu = {"a1": 2.0, "b1": 5.0, "g1": 1.0, "a2": 3.0, "b2": 1.0, "side": 4.5, "g2": 0.5}
+    for key, parents in [("a1", []), ("b1", []), ("g1", ["a1", "b1"]), ("a2", ["g1"]),
+                         ("b2", ["g1"]), ("side", ["g1"]), ("g2", ["a2", "b2", "side"])]:
+        ledger.declared(key, parents)
+        ledger.task_cpu[key] = cpu[key]
+    # b1 + g1 + side + g2: the side task (4.5) outweighs the round's slower site (3.0)
+    assert ledger.critical_path_cpu == 5.0 + 1.0 + 4.5 + 0.5
+    assert ledger.sequential_steps == 4
+    ledger.task_cpu["side"] = 0.0  # reused from a checkpoint: weighs nothing
+    assert ledger.critical_path_cpu == 5.0 + 1.0 + 3.0 + 0.5
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_run_facts_book_every_task_cpu(demo, serial, n_jobs):
+    """Site tasks, aggregations, and the costliest chain: four sites work at once, so the
+    chain is below the tasks' total and above any one step."""
+    run = serial if n_jobs == 1 else _fit(demo, n_jobs=n_jobs)
+    f = run.facts
+    sites = sum(f["site_task_cpu_seconds"].values())
+    assert sites > 0 and f["aggregator_cpu_seconds"] > 0
+    assert max(sites / f["tasks"], f["aggregator_cpu_seconds"] / f["sequential_steps"]) \
+        < f["critical_path_cpu_seconds"] < sites + f["aggregator_cpu_seconds"]
 
 
 def test_n_jobs_conventions():

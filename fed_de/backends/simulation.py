@@ -70,6 +70,8 @@ class RunLedger:
     record_messages: bool = False
     tasks: int = 0
     depth: dict[str, int] = field(default_factory=dict)
+    parents: dict[str, tuple[str, ...]] = field(default_factory=dict)  # in declaration order
+    task_cpu: dict[str, float] = field(default_factory=dict)  # CPU of each task that ran
     bytes_by_site: dict[str, int] = field(default_factory=dict)
     payload_by_site: dict[str, int] = field(default_factory=dict)
     received_by_site: dict[str, int] = field(default_factory=dict)
@@ -90,6 +92,22 @@ class RunLedger:
         """Length of the longest chain of dependent tasks."""
         return max(self.depth.values(), default=0)
 
+    def declared(self, key: str, parents: Sequence[str]) -> None:
+        """Book task ``key``'s place in the plan: its depth and what it waits for."""
+        self.parents[key] = tuple(parents)
+        self.depth[key] = 1 + max((self.depth.get(k, 0) for k in parents), default=0)
+
+    @property
+    def critical_path_cpu(self) -> float:
+        """CPU seconds along the costliest chain of dependent tasks: what the run's compute
+        takes when every site works on its own machine, at once (transfers and queues
+        aside). A task that did not run (reused from a checkpoint) weighs nothing."""
+        done: dict[str, float] = {}
+        for key, parents in self.parents.items():  # parents are declared first
+            done[key] = self.task_cpu.get(key, 0.0) + max(
+                (done.get(k, 0.0) for k in parents), default=0.0)
+        return max(done.values(), default=0.0)
+
     def facts(self) -> dict:
         """Run facts, JSON-serialisable.
 
@@ -101,7 +119,10 @@ class RunLedger:
         and sent) and its largest single message (sent);
         ``aggregator_bytes_by_step``: per aggregation chain, its outputs' total and largest;
         ``site_task_cpu_seconds``: CPU of the site tasks (wherever they ran), split into
-        reading their inputs, the step itself, and writing their outputs.
+        reading their inputs, the step itself, and writing their outputs;
+        ``aggregator_cpu_seconds``: CPU of the aggregations (with the simulation's own
+        booking between tasks); ``critical_path_cpu_seconds``: CPU along the costliest
+        chain of dependent tasks (:attr:`critical_path_cpu`).
         """
         return {
             "sequential_steps": self.sequential_steps,
@@ -120,6 +141,9 @@ class RunLedger:
                           "payload = the messages' plaintext float64 values",
             "n_jobs": self.n_jobs,
             "site_task_cpu_seconds": {k: round(v, 3) for k, v in self.site_cpu.items()},
+            "aggregator_cpu_seconds": round(sum(self.task_cpu.values())
+                                            - sum(self.site_cpu.values()), 3),
+            "critical_path_cpu_seconds": round(self.critical_path_cpu, 3),
             "wall_seconds": round(time.perf_counter() - self.started, 4),
             **({"checkpoint": self.checkpoint.facts()} if self.checkpoint is not None
                else {}),
@@ -548,6 +572,7 @@ class _Platform:
         ledger.tasks += 1
         for part, seconds in d.cpu.items():
             ledger.site_cpu[part] = ledger.site_cpu.get(part, 0.0) + seconds
+        ledger.task_cpu[key] = sum(d.cpu.values())
         ledger.bytes_by_site[org] = ledger.bytes_by_site.get(org, 0) + d.n_bytes
         ledger.payload_by_site[org] = ledger.payload_by_site.get(org, 0) + d.payload
         per_site = ledger.site_step_bytes.setdefault((org, p.step), [0, 0, 0])
@@ -686,7 +711,7 @@ class StrictTrainDataNode:
             pf.defer(job, needs=parents, step=step, round_idx=round_idx,
                      reads_aggregate=reads_aggregate, own_shared=own,
                      weight=int(getattr(self._site, "n_samples", 0)))
-        ledger.depth[op_id] = 1 + max((ledger.depth.get(k, 0) for k in parents), default=0)
+        ledger.declared(op_id, parents)
         ledger.steps_log.append((ledger.depth[op_id], self.organization_id, step))
         pf.set_last_local(self.organization_id, op_id)
         return (pf.hold(op_id, LocalStateRef(op_id)), pf.hold(op_id, SharedStateRef(op_id)))
@@ -785,18 +810,22 @@ class StrictAggregationNode:
             instance = _rebuild(rs).get_instance()
             if pf.progress is not None:
                 pf.progress(step, self.organization_id, round_idx)
+            # its own CPU: serially, the site tasks it reads run inside it (booked apart)
+            cpu0, sites0 = time.process_time(), sum(ledger.site_cpu.values())
             out = _call(getattr(instance, rs._method_name), self.organization_id, step,
                         ledger, f"aggregation {step!r} failed", shared_states=states,
                         _skip=True, **rs._method_parameters)
             del states
             n_bytes = pf.put_shared(op_id, out)
             del out
+            ledger.task_cpu[op_id] = max(0.0, time.process_time() - cpu0
+                                         - (sum(ledger.site_cpu.values()) - sites0))
             pf.keep(op_id)
             ledger.tasks += 1
             ledger.aggregator_bytes += n_bytes
             seen = ledger.aggregator_step_bytes.setdefault(step, [0, 0])
             seen[:] = [seen[0] + n_bytes, max(seen[1], n_bytes)]
-        ledger.depth[op_id] = 1 + max((ledger.depth.get(r.key, 0) for r in refs), default=0)
+        ledger.declared(op_id, [r.key for r in refs])
         ledger.steps_log.append((ledger.depth[op_id], self.organization_id, step))
         pf.set_last_aggregate(op_id)
         return pf.hold(op_id, SharedStateRef(op_id))
