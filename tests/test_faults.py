@@ -296,12 +296,16 @@ def _narrow_ranks(robust):
 
 
 def _single_tie(robust):
-    search = robust.search
-    tie, n_hi = search.tie.copy(), search.n_hi.copy()
+    from fed_de.bulk.cooks import _carried, _dense
+
+    search = _dense(robust.search)  # the run state carries the fields its readers read
+    tie, n_hi, n_lo = search.tie.copy(), search.n_hi.copy(), search.n_lo.copy()
     tie[:, 0] = True
-    n_hi[:, 0] = search.n_lo[:, 0] + 1  # a "tied" bracket of one sample: one value summed
-    return replace(robust, search=replace(search, tie=tie, n_hi=n_hi, done=search.done | True,
-                                          thresholds=search.thresholds[:0]))  # none open
+    n_lo[:, 0] = np.nan_to_num(n_lo[:, 0])
+    n_hi[:, 0] = n_lo[:, 0] + 1  # a "tied" bracket of one sample: one value summed
+    return replace(robust, search=_carried(replace(
+        search, tie=tie, n_hi=n_hi, n_lo=n_lo, lo=np.nan_to_num(search.lo),
+        hi=np.nan_to_num(search.hi, posinf=np.inf), done=search.done | True)))  # none open
 
 
 def _thresholds_of_closed_targets(robust):

@@ -25,7 +25,7 @@ computes its samples' Cook's distances with the global X'WX of the final fit and
 *counts* of its samples above the cutoff (in cells of >= 3, non-replaceable among them, any
 sample, replaced), and per-design-cell sums of its counts after replacing its own outliers (the
 refit's starting sums). DESeq2's decisions follow at the aggregator (:func:`decide`).
-The run state carries the next thresholds of open targets only (:func:`_carried`).
+The run state carries each search field only where a later step reads it (:func:`_carried`).
 What the aggregator learns beyond totals: pooled counts below thresholds near the trimming
 ranks, and a boundary value shared by tied samples (see docs/privacy.md).
 """
@@ -132,18 +132,57 @@ def open_targets(robust: RobustSearch) -> int:
 
 
 def _carried(search: trimmed.Search) -> trimmed.Search:
-    """A search as the run state carries it: the next thresholds of its open targets only
-    (open targets x K, in gene-then-target order); a closed target's are read by nobody, and
-    most targets close within a few rounds."""
-    return replace(search, thresholds=search.thresholds[~search.done])
+    """A search as the run state carries it: each field only where someone reads it (most
+    targets close within a few rounds, and the sites receive the whole state).
+
+    - ``k``: per target (every gene has the same ranks to reach);
+    - ``thresholds``: the open targets' next thresholds (open targets x K);
+    - ``lo``, ``hi``, ``n_lo``, ``n_hi``: the brackets of open and of tied targets (the
+      aggregator narrows the first; the sites sum the second and check their counts);
+    - ``tau``: the threshold of every other closed target;
+    - ``done``, ``tie``: genes x targets, to place the others.
+
+    Packed fields list their (gene, target) pairs gene by gene, targets in order.
+    """
+    bracket = ~search.done | search.tie
+    return replace(search, k=search.k[0] if search.k.shape[0] else search.k[:0].ravel(),
+                   lo=search.lo[bracket], hi=search.hi[bracket], n_lo=search.n_lo[bracket],
+                   n_hi=search.n_hi[bracket], tau=search.tau[~bracket],
+                   thresholds=search.thresholds[~search.done])
 
 
-def _dense(search: trimmed.Search) -> trimmed.Search:
-    """The aggregator's working form of a carried search: genes x targets x K thresholds
-    (NaN for closed targets)."""
-    thr = np.full(search.done.shape + search.thresholds.shape[1:], np.nan)
-    thr[~search.done] = search.thresholds
-    return replace(search, thresholds=thr)
+def carried_sizes_match(search: trimmed.Search, n_targets: int) -> bool:
+    """Whether a carried search's fields have the sizes its ``done`` and ``tie`` give (its
+    thresholds are checked where they are read, :func:`robust_sums`)."""
+    done, tie = np.asarray(search.done), np.asarray(search.tie)
+    if done.ndim != 2 or tie.shape != done.shape or done.shape[1] != n_targets:
+        return False
+    bracket = int((~done | tie).sum())
+    return (np.shape(search.k) == (n_targets,)
+            and all(np.shape(getattr(search, f)) == (bracket,)
+                    for f in ("lo", "hi", "n_lo", "n_hi"))
+            and np.shape(search.tau) == (done.size - bracket,))
+
+
+def _dense(search: trimmed.Search, thresholds: bool = True) -> trimmed.Search:
+    """The working form of a carried search: every field genes x targets, thresholds genes x
+    targets x K (NaN where :func:`_carried` left a value out: nobody reads it); without
+    ``thresholds``, genes x targets x 0 (for a reader of the closed searches only)."""
+    shape = search.done.shape
+    bracket = ~search.done | search.tie
+
+    def spread(values: np.ndarray, where: np.ndarray) -> np.ndarray:
+        out = np.full(shape, np.nan)
+        out[where] = values
+        return out
+
+    thr = np.full(shape + (search.thresholds.shape[1:] if thresholds else (0,)), np.nan)
+    if thresholds:
+        thr[~search.done] = search.thresholds
+    return replace(search, k=np.broadcast_to(search.k, shape).copy(),
+                   lo=spread(search.lo, bracket), hi=spread(search.hi, bracket),
+                   n_lo=spread(search.n_lo, bracket), n_hi=spread(search.n_hi, bracket),
+                   tau=spread(search.tau, ~bracket), thresholds=thr)
 
 
 def _start_search(center: np.ndarray, robust: RobustSearch, active: np.ndarray,
@@ -228,7 +267,7 @@ def check_robust_request(site: Site, robust: RobustSearch, totals: Totals, step:
                     cells.size)
     G = len(site.study.genes)
     search = robust.search
-    k = np.tile(np.column_stack([ranks[:, 0] - 1, ranks[:, 1]]).ravel(), (G, 1))
+    k = np.column_stack([ranks[:, 0] - 1, ranks[:, 1]]).ravel()  # every gene's targets
     same = (np.shape(robust.sizes) == sizes.shape and np.array_equal(robust.sizes, sizes)
             and np.shape(robust.ranks) == ranks.shape and np.array_equal(robust.ranks, ranks)
             and np.array_equal(np.asarray(robust.groups_active, dtype=bool), active)
@@ -238,6 +277,9 @@ def check_robust_request(site: Site, robust: RobustSearch, totals: Totals, step:
     if not same:
         problem = ("its groups, sizes or trimming ranks are not those the study's totals give "
                    "(a trimmed sum could be narrowed to a few samples)")
+    elif np.shape(search.done)[:1] != (G,) or not carried_sizes_match(search, k.size):
+        problem = ("its search's brackets and thresholds do not match its open and tied "
+                   "targets")
     elif np.any(own > sizes):
         problem = (f"it says a group holds {int(sizes[own > sizes][0])} samples, fewer than "
                    f"this site's {int(own[own > sizes][0])}")
@@ -363,7 +405,8 @@ def _parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int, phase
                               f"{robust.phase!r} (expected {phase!r}); nothing sent")
     norm = _normalised(site, totals)
     n_groups = robust.groups_active.size
-    G = robust.search.done.shape[0]
+    search = _dense(robust.search, thresholds=False)
+    G = search.done.shape[0]
     sent = np.flatnonzero(sent_groups(robust))
     out = {f.name: np.zeros((G, sent.size)) for f in fields(RobustParts)}
     for j, g in enumerate(sent):
@@ -371,8 +414,8 @@ def _parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: int, phase
         if not members.any():
             continue
         x = _robust_values(norm, robust, g, members)
-        _check_interval(site, x, robust.search, 2 * g, 2 * g + 1, step)
-        part = trimmed.trimmed_parts(x, robust.search, robust.search, 2 * g, 2 * g + 1)
+        _check_interval(site, x, search, 2 * g, 2 * g + 1, step)
+        part = trimmed.trimmed_parts(x, search, search, 2 * g, 2 * g + 1)
         for key, v in part.items():
             out[key][:, j] = v
     return out
@@ -396,7 +439,7 @@ def robust_sq_parts(site: Site, robust: RobustSearch, totals: Totals, n_sites: i
 def robust_means(sums: RobustParts, robust: RobustSearch, start: FitStart) -> dict:
     """Trimmed means of every group: phase A gives the cell means q and the replacement
     mean, phase B the trimmed variances and the robust dispersion."""
-    search = robust.search
+    search = _dense(robust.search, thresholds=False)
     n_groups = robust.groups_active.size
     G = search.done.shape[0]
     tm = np.full((G, n_groups), np.nan)
