@@ -314,10 +314,16 @@ def _thresholds_of_closed_targets(robust):
         [search.thresholds, search.thresholds])))
 
 
+def _bracket_of_a_closed_target(robust):
+    search = robust.search  # brackets travel for open and tied targets only
+    return replace(robust, search=replace(search, lo=np.append(search.lo, 0.0)))
+
+
 @pytest.mark.parametrize("change, message", [
     (_narrow_ranks, "trimming ranks are not those"),
     (_single_tie, "tied bracket of fewer than two"),
     (_thresholds_of_closed_targets, "not 15 per open target"),
+    (_bracket_of_a_closed_target, "brackets and thresholds do not match"),
 ])
 def test_a_site_refuses_a_trimmed_sum_narrowed_by_the_aggregator(demo, monkeypatch, change,
                                                                   message):

@@ -163,3 +163,44 @@ def test_robust_dispersion_equals_deseq2s_trimmed_cell_variance():
 def test_robust_dispersion_without_counted_cells_is_nan():
     got = cooks.robust_dispersion(np.zeros((3, 0)), np.ones(3))
     assert np.isnan(got).all()
+
+
+def test_the_carried_search_keeps_what_its_readers_read():
+    """The run state carries a search's fields only where a later step reads them
+    (``bulk.cooks._carried``): a search passed through that form every round reaches the same
+    trimmed means bit for bit, ties included, and carries fewer values than its dense form."""
+    from fed_de.bulk.cooks import _carried, _dense, carried_sizes_match
+
+    rng = np.random.default_rng(3)
+    n, G = 14, 40
+    values = rng.poisson(rng.uniform(0.3, 30, size=G), size=(n, G)).astype(float)  # ties
+    values[:, :3] = 0.0  # all tied
+    site = np.arange(n) % 3 == 0
+    lo, hi = tr.trim_ranks(n, 0.2)
+    k = np.tile([lo - 1, hi], (G, 1))
+    first = tr.start(values.mean(axis=0), k, np.array([n, n]), 15, (-2.0, 2.0))
+    searches = [first, _carried(first)]
+    sizes = []
+    for _ in range(30):
+        searches[1] = _dense(searches[1])
+        counts = np.zeros(searches[0].thresholds.shape)
+        for t in range(2):
+            counts[:, t] = sum(tr.count_below(values[m], searches[0].thresholds[:, t])
+                               for m in (site, ~site))
+        searches = [tr.refine(s, counts) for s in searches]
+        carried = _carried(searches[1])
+        assert carried_sizes_match(carried, 2)
+        sizes.append(sum(np.size(v) for v in vars(carried).values()))
+        searches[1] = carried
+        if searches[0].done.all():
+            break
+    dense, carried = searches[0], _dense(searches[1])
+    assert dense.tie.any() and dense.done.all()
+    means = []
+    for s in (dense, carried):
+        parts = [tr.trimmed_parts(values[m], s, s, 0, 1) for m in (site, ~site)]
+        tot = {key: parts[0][key] + parts[1][key] for key in parts[0]}
+        means.append(tr.trimmed_mean(tot, s, s, 0, 1, lo, hi))
+    np.testing.assert_array_equal(means[0], means[1])
+    np.testing.assert_array_equal(means[0], trim_mean(values, 0.2, axis=0))
+    assert max(sizes) < sum(np.size(v) for v in vars(dense).values())
