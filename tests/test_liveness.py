@@ -89,3 +89,25 @@ def test_a_settled_mu_fit_sends_less_and_leaves_the_answer_unchanged(demo, monke
     monkeypatch.setattr(bulk_irls, "settled", lambda fit: fit)
     whole = _run(demo)
     _same_answer_fewer_bytes(settled_run, whole)
+
+
+def test_fit_state_nobody_reads_stops_travelling(demo, monkeypatch):
+    """The dispersion-fit means' fit keeps no X'WX at its accepted coefficients (only the
+    final fit's covariance and Cook's hat diagonals read one), and the results keep which
+    design cells hold counts, not their sums: the same answer to the bit, fewer bytes."""
+    from fed_de.bulk import irls as bulk_irls
+    from fed_de.bulk import refit
+    from fed_de.core.irls import start_irls
+
+    kw = {"test": "LRT", "reduced": "~ batch"}
+    slim = _run(demo, **kw)
+    g = slim.state.genes
+    assert g.cell_nonzero.dtype == bool and g.cell_nonzero.shape[0] == len(demo.genes)
+
+    def keeping(*args, keep_xtwx=True, **kwargs):
+        return start_irls(*args, **kwargs)
+
+    for module in (bulk_irls, refit):
+        monkeypatch.setattr(module, "start_irls", keeping)
+    whole = _run(demo, **kw)
+    _same_answer_fewer_bytes(slim, whole)

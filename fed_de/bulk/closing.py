@@ -130,7 +130,7 @@ def close_fit(sums: ClosingSums, start: FitStart, totals: Totals, dispersions: D
     all_zero = start.skip & ~withheld
     fit = final_sums(irls_final, fallback, sums.xtwx, sums.deviance, study.n_coefs, start.skip)
     genes = GeneResults(base_mean=start.base_mean, all_zero=all_zero,
-                        dispersions=dispersions, cell_totals=start.cell_totals,
+                        dispersions=dispersions, cell_nonzero=start.cell_nonzero,
                         withheld=totals.withheld, **fit)
     if sums.reduced is not None:  # LRT: deviance difference, chi-squared on the df difference
         genes.lrt_df = study.n_coefs - reduced.n_coefs

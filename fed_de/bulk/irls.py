@@ -138,7 +138,7 @@ def irls_step(sums: IRLSSums, irls_mu: IRLSFit | None, irls_final: IRLSFit | Non
 def start_mu_fit(totals: Totals, start: FitStart) -> dict:
     """The IRLS of the dispersion-fit means, unless the linear fit serves (cell means)."""
     frozen = start.skip | bool(totals.linear_mu)
-    return {"irls_mu": start_irls(start.beta_init, frozen, start.beta_alt)}
+    return {"irls_mu": start_irls(start.beta_init, frozen, start.beta_alt, keep_xtwx=False)}
 
 
 @aggregator_step(writes=("irls_mu",))

@@ -39,7 +39,8 @@ def begin(refit: Refit, irls_mu: IRLSFit, totals: Totals, trend) -> dict:
     mask = new.skip
     warm = np.nan_to_num(irls_mu.beta) if new.mu_rounds else None
     frozen = mask | bool(totals.linear_mu)
-    mu_fit = start_irls(new.beta_alt, frozen, warm if warm is not None else new.beta_init)
+    mu_fit = start_irls(new.beta_alt, frozen, warm if warm is not None else new.beta_init,
+                        keep_xtwx=False)  # its means only are read
     disp_fit = np.where(mask, np.nan, trend_values(trend.coefficients, new.base_mean,
                                                    trend.fit_type))
     return {"start": new, "rows": np.flatnonzero(refit.genes), "irls_mu": mu_fit,

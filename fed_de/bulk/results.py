@@ -439,20 +439,21 @@ class DESeq2Result:
         """Genes whose compared groups hold only zero counts, as DESeq2's ``results()`` finds
         them for a ``contrast=`` (none for a coefficient name or the default)."""
         g, study = self.state.genes, self.study
-        if g.cell_totals is None or contrast is None or isinstance(contrast, str) \
+        if g.cell_nonzero is None or contrast is None or isinstance(contrast, str) \
                 or study.continuous or not study.levels:
             return None
         cells = design_cells(study)
+        totals = g.cell_nonzero.astype(float)  # 0 exactly where a cell's counts are all 0
         if isinstance(contrast, (tuple, list)) and len(contrast) == 3 and all(
                 isinstance(c, str) for c in contrast):
             factor, num, den = contrast
             lv = study.levels[factor]
             col = list(study.levels).index(factor)
             level_totals = np.column_stack([
-                g.cell_totals[:, [i for i, c in enumerate(cells) if c[col] == level]].sum(axis=1)
+                totals[:, [i for i, c in enumerate(cells) if c[col] == level]].sum(axis=1)
                 for level in lv])
             return character_contrast_all_zero(level_totals, lv, num, den)
-        return numeric_contrast_all_zero(g.cell_totals, cell_design_rows(study),
+        return numeric_contrast_all_zero(totals, cell_design_rows(study),
                                          self.contrast_vector(contrast))
 
     @property

@@ -236,7 +236,7 @@ def moments(sums: MomentSums, totals: Totals, study, options) -> dict:
                      linear_mu=linear, log_geo_means=None)
     start = FitStart(base_mean=m["base_mean"], skip=(m["base_mean"] == 0) | totals.withheld,
                      moments_disp=m["moments_disp"], beta_lin=beta_lin,
-                     cell_totals=sums.cell_norm * c)
+                     cell_nonzero=sums.cell_norm * c > 0)
     return {"totals": totals, "start": start}
 
 

@@ -185,7 +185,9 @@ class FitStart:
     beta_init_reduced: np.ndarray | None = None  # LRT: the reduced model's starts
     beta_alt_reduced: np.ndarray | None = None
     mu_rounds: int = 0  # IRLS rounds of the dispersion-fit means (0: linear mu)
-    cell_totals: np.ndarray | None = None  # normalised counts summed per design cell
+    # per design cell, whether its normalised counts sum above zero (results' all-zero
+    # groups need no more: the flags travel in every later state, the sums would weigh 8x)
+    cell_nonzero: np.ndarray | None = None
 
 
 @dataclass
@@ -228,7 +230,7 @@ class GeneResults:
     lrt_df: int | None = None
     lrt_converged: np.ndarray | None = None
     cooks_outlier: np.ndarray | None = None  # p-values NA (Cook's filtering)
-    cell_totals: np.ndarray | None = None  # per design cell: which groups are all zero
+    cell_nonzero: np.ndarray | None = None  # per design cell: counts summing above zero
     withheld: np.ndarray | None = None  # kept out by a disclosure rule: no result
 
 

@@ -47,7 +47,8 @@ class IRLSFit:
     next; ``accepted`` how many iterates each gene took; ``resid``/``beta_prev``/``resid_prev``
     the Anderson history; ``dev_prev`` the last accepted deviance; ``deseq2_rule`` DESeq2's
     stopping rule has fired; ``converged``/``diverged``/``stopped``/``stagnant`` the gene's
-    status; ``xtwx_acc`` packed X'WX at the accepted betas (Cook's hat diagonals need it).
+    status; ``xtwx_acc`` packed X'WX at the accepted betas (Cook's hat diagonals and the
+    covariance need it; no columns in a fit that keeps none, :func:`start_irls`).
     """
 
     beta: np.ndarray
@@ -67,10 +68,12 @@ class IRLSFit:
 
 
 def start_irls(beta0: np.ndarray, frozen: np.ndarray,
-               beta_alt: np.ndarray | None = None) -> IRLSFit:
+               beta_alt: np.ndarray | None = None, *, keep_xtwx: bool = True) -> IRLSFit:
     """IRLS status before the first round: candidates ``beta0`` (DESeq2's) and ``beta_alt``.
 
-    ``frozen`` genes (all zero, or out of this fit) are stopped from the start.
+    ``frozen`` genes (all zero, or out of this fit) are stopped from the start. Without
+    ``keep_xtwx`` the fit keeps no X'WX at its accepted coefficients (``xtwx_acc`` has no
+    columns): for a fit whose covariance and hat diagonals nobody reads.
     """
     G, p = beta0.shape
     beta0 = np.where(frozen[:, None], 0.0, np.nan_to_num(beta0))
@@ -83,7 +86,8 @@ def start_irls(beta0: np.ndarray, frozen: np.ndarray,
                    resid_prev=np.zeros((G, p)), dev_prev=np.full(G, np.nan),
                    converged=frozen.copy(), stopped=frozen.copy(), deseq2_rule=frozen.copy(),
                    diverged=np.zeros(G, dtype=bool), stagnant=np.zeros(G, dtype=bool),
-                   xtwx_acc=np.zeros((G, nb.n_packed(p))), picked=np.zeros(G, dtype=int))
+                   xtwx_acc=np.zeros((G, nb.n_packed(p) if keep_xtwx else 0)),
+                   picked=np.zeros(G, dtype=int))
 
 
 def settled(fit: IRLSFit) -> IRLSFit:
@@ -149,7 +153,8 @@ def irls_update(fit: IRLSFit, xtwx: np.ndarray, xtwz: np.ndarray, deviance: np.n
     fit["deseq2_rule"] |= rule
     fit["dev_prev"] = upd("dev_prev", dev)
     # X'WX at the accepted betas: the hat diagonals of Cook's distances need it
-    fit["xtwx_acc"] = upd("xtwx_acc", xtwx[rows, k])
+    if fit["xtwx_acc"].shape[1]:  # a fit started without it keeps none
+        fit["xtwx_acc"] = upd("xtwx_acc", xtwx[rows, k])
     fit["accepted"] = fit["accepted"] + active
     with np.errstate(invalid="ignore"):
         done = active & fit["deseq2_rule"] & (np.abs(r).max(axis=1) < BETA_TOL)
