@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import chi2
+from scipy.special import chdtrc  # chi2.sf without importing scipy.stats (~0.4 s)
 
 from fed_de import files
 from fed_de.bulk.state import GeneResults, Refit, RunState
@@ -173,7 +173,7 @@ def contrast_results(genes: GeneResults, contrast: np.ndarray, *, refit: Refit |
     if test == "LRT":
         # DESeq2: LFC and SE from the full model's Wald fit, statistic and p-value from the LRT
         stat = genes.lrt_stat
-        pvalue = chi2.sf(np.maximum(stat, 0.0), genes.lrt_df)
+        pvalue = chdtrc(genes.lrt_df, np.maximum(stat, 0.0))
     if all_zero_groups is not None:
         log2fc, stat, pvalue = apply_contrast_all_zero(
             log2fc, lfcse, stat, pvalue, all_zero_groups, test=test,
