@@ -182,12 +182,14 @@ def _boxed_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_fina
     free = np.nan_to_num(irls_final.candidates)
     boxed = np.clip(free, -fallback_core.BOX, fallback_core.BOX)
     for k in range(K):
+        # ``~ 1`` (no reduced IRLS): one reduced point for every candidate, computed once
+        again = lrt_on and irls_reduced is None and k > 0
         beta_r = None
-        if lrt_on:
+        if lrt_on and not again:
             beta_r = (reduced_beta(start, None) if irls_reduced is None
                       else np.nan_to_num(irls_reduced.candidates[:, k]))
-        dev = lrt.lrt_site_deviances(y, sf, X, boxed[:, k], site.kept.design_reduced
-                                     if lrt_on else None, beta_r, alpha)
+        dev = lrt.lrt_site_deviances(y, sf, X, boxed[:, k], None if beta_r is None
+                                     else site.kept.design_reduced, beta_r, alpha)
         out["xtwx"][:, k] = nb.fisher_gram(X, boxed[:, k], sf, alpha, MIN_MU)
         out["deviance"][:, k] = dev["deviance"]
         out["deviance_free"][:, k] = dev["deviance"]
@@ -195,7 +197,7 @@ def _boxed_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_fina
             out["deviance_free"][:, k] = lrt.lrt_site_deviances(
                 y, sf, X, free[:, k], None, None, alpha)["deviance"]
         if lrt_on:
-            reduced[:, k] = dev["deviance_r"]
+            reduced[:, k] = reduced[:, 0] if again else dev["deviance_r"]
     idx = np.flatnonzero(~start.skip)
     for sl in nb.gene_blocks(idx.size):
         genes = idx[sl]

@@ -86,6 +86,10 @@ def _raw_deviances(site: Site, start: FitStart, fit: IRLSFit, irls_reduced: IRLS
     y, sf = site.counts()[:, idx], site.kept.size_factors
     X, Xr = site.kept.design, site.kept.design_reduced
     for k in range(K):
+        if irls_reduced is None and k > 0:  # ``~ 1``: one reduced point for every candidate
+            dev = lrt.lrt_site_deviances(y, sf, X, fit.candidates[idx, k], None, None, alpha)
+            out["full"][idx, k], out["reduced"][:, k] = dev["deviance"], out["reduced"][:, 0]
+            continue
         beta_r = (irls_reduced.candidates[idx, k] if irls_reduced is not None
                   else lrt.intercept_only_beta(start.base_mean[idx]))
         dev = lrt.lrt_site_deviances(y, sf, X, fit.candidates[idx, k], Xr, beta_r, alpha)
