@@ -32,7 +32,7 @@ from fed_de.bulk.state import CooksSetup, Dispersions, FitStart, GeneResults, Si
 from fed_de.core import fallback as fallback_core
 from fed_de.core import lrt, nb
 from fed_de.core.fallback import FallbackFit
-from fed_de.core.irls import MIN_MU, IRLSFit, at_accepted
+from fed_de.core.irls import MIN_MU, IRLSFit, at_accepted, converged_outside
 from fed_de.federation.calls import aggregator_step, site_step
 from fed_de.federation.messages import Message, part, sums, zero_rows
 from fed_de.federation.strategy import Phase, Round
@@ -136,8 +136,7 @@ def close_fit(sums: ClosingSums, start: FitStart, totals: Totals, dispersions: D
         genes.lrt_df = study.n_coefs - reduced.n_coefs
         stat, _ = lrt.lrt_test(sums.deviance, sums.reduced.deviance, genes.lrt_df)
         genes.lrt_stat = np.where(all_zero, np.nan, stat)
-        conv = irls_reduced.converged if irls_reduced is not None else np.ones_like(all_zero)
-        genes.lrt_converged = conv & ~all_zero
+        genes.lrt_converged = converged_outside(irls_reduced, all_zero)
     return {"genes": genes}
 
 

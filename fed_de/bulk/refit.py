@@ -25,7 +25,7 @@ from fed_de.bulk.dispersions import genewise_phase, map_phase
 from fed_de.bulk.irls import irls_step, irls_sums, start_final_fit
 from fed_de.bulk.state import Dispersions, FitStart, GeneResults, Refit, Totals
 from fed_de.core import lrt, nb
-from fed_de.core.irls import IRLSFit, at_accepted, start_irls
+from fed_de.core.irls import IRLSFit, at_accepted, converged_outside, start_irls
 from fed_de.core.trend import trend_values
 from fed_de.federation.calls import aggregator_step, call
 from fed_de.federation.strategy import Phase, Round
@@ -70,8 +70,7 @@ def finish(genes: GeneResults, refit: Refit, start: FitStart, dispersions: Dispe
         dev_r = at_accepted(sums.raw.reduced, irls_reduced)
         new["deviance"] = dev
         new["lrt_stat"] = lrt.lrt_test(dev, dev_r, genes.lrt_df)[0]
-        conv = irls_reduced.converged if irls_reduced is not None else np.ones_like(mask)
-        new["lrt_converged"] = conv & ~mask
+        new["lrt_converged"] = converged_outside(irls_reduced, mask)
     gone = refit.new_all_zero
 
     def merge(old, value, scrub=True):

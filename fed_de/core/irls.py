@@ -106,6 +106,13 @@ def at_accepted(values: np.ndarray, fit: IRLSFit | None) -> np.ndarray:
     return values[np.arange(values.shape[0]), fit.picked]
 
 
+def converged_outside(fit: IRLSFit | None, skip: np.ndarray) -> np.ndarray:
+    """Per gene, whether the fit converged, ``False`` for the genes ``skip``; ``fit`` None: a
+    model fitted without IRLS (the LRT's ``~ 1``), exact for every gene."""
+    conv = np.ones_like(skip) if fit is None else fit.converged
+    return conv & ~skip
+
+
 def irls_update(fit: IRLSFit, xtwx: np.ndarray, xtwz: np.ndarray, deviance: np.ndarray,
                 p: int, xtwx_obs: np.ndarray | None = None) -> IRLSFit:
     """One aggregator update of an IRLS fit from the summed candidate sums.
