@@ -537,6 +537,12 @@ def _f(x, fmt="{:.1f}") -> str:
     return "–" if x is None else fmt.format(x)
 
 
+def _bullets(lines: list[str], title: str, items: list[str]) -> None:
+    """Append a titled bullet list to ``lines`` (nothing when there are no items)."""
+    if items:
+        lines += ["", title, "", *(f"- {item}" for item in items)]
+
+
 def markdown(rows: list[dict], slopes: list[dict]) -> str:
     """The CPU / memory table, the bytes table, the growth exponents and the cost of more
     sites."""
@@ -564,21 +570,18 @@ def markdown(rows: list[dict], slopes: list[dict]) -> str:
         lines.append(f"| {r['samples']:,} × {r['genes']:,} | {r['sites']} | "
                      f"{kb(r, 'payload_per_gene_per_site')} | {kb(r, 'sent_per_gene_per_site')} | "
                      f"{kb(r, 'received_per_gene_per_site')} | {kb(r, 'aggregator_per_gene')} |")
-    if slopes:
-        lines += ["", "Growth exponents of whole-process CPU (d log CPU / d log size):", ""]
-        for s in slopes:
-            fixed = ", ".join(f"{k} {s[k]:,}" for k in ("samples", "genes", "sites") if k in s)
-            lines.append(f"- {s['tool']}: {s['along']} {s['from']:,} → {s['to']:,} "
-                         f"({fixed}): **{s['exponent']}**")
-    sites = site_ratios(rows)
-    if sites:
-        lines += ["", "fed_de with more sites, same samples (CPU over the fewer sites'; one "
-                  "machine per site: the plan's tasks counted along their costliest chain):",
-                  ""]
-        for s in sites:
-            lines.append(f"- {s['samples']:,} × {s['genes']:,}, {s['from']} → {s['to']} "
-                         f"sites: one machine **{s['cpu_ratio']}×**, one machine per site "
-                         f"**{_f(s['site_per_machine_ratio'], '{:.2f}')}×**")
+    def fixed(s: dict) -> str:
+        return ", ".join(f"{k} {s[k]:,}" for k in ("samples", "genes", "sites") if k in s)
+
+    _bullets(lines, "Growth exponents of whole-process CPU (d log CPU / d log size):", [
+        f"{s['tool']}: {s['along']} {s['from']:,} → {s['to']:,} ({fixed(s)}): "
+        f"**{s['exponent']}**" for s in slopes])
+    _bullets(lines, "fed_de with more sites, same samples (CPU over the fewer sites'; one "
+             "machine per site: the plan's tasks counted along their costliest chain):", [
+                 f"{s['samples']:,} × {s['genes']:,}, {s['from']} → {s['to']} sites: one "
+                 f"machine **{s['cpu_ratio']}×**, one machine per site "
+                 f"**{_f(s['site_per_machine_ratio'], '{:.2f}')}×**"
+                 for s in site_ratios(rows)])
     return "\n".join(lines)
 
 

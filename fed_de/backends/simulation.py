@@ -26,9 +26,10 @@ an aggregation that reads its inputs from ``stream()`` (fed_de's do) frees each 
 as soon as it has read it, so a serial run holds one site's message at a time. With
 ``spill_dir`` (and always with workers) outputs are files, so the parent holds only what the
 running aggregation reads. Every run records the sequential step count (longest dependency
-chain), the task count, the distinct functions, and the bytes each site and the aggregator
+chain), the task count, the distinct functions, the bytes each site and the aggregator
 send: the pickled outputs (masked, when secure aggregation is on) and the plaintext float64
-payload of the sites' messages.
+payload of the sites' messages, and each task's CPU, with the CPU along the costliest chain of
+dependent tasks (what the run takes with every site on its own machine).
 """
 
 from __future__ import annotations
