@@ -209,3 +209,42 @@ def test_explicit_local_fit_emits_no_warning():
         warnings.simplefilter("error")
         res = fit_dispersion_trend(*_inputs(genes), fit_type="local")
     assert res["fit_type"] == "local"
+
+
+def test_genes_at_one_base_mean_give_rs_constant_trend():
+    """R's locfit on a single abscissa predicts a constant, the weighted mean of the
+    responses (locfit 1.5-9.7: ``locfit(log(disps) ~ lp(log(means)), weights = means)`` on one
+    gene with dispersion 0.1 predicts -2.302585 everywhere; on two genes at mean 5 with 0.1
+    and 0.2, -1.956012): the port's tree would divide by the zero-width box."""
+    at = np.array([1.0, 5.0, 50.0])
+    one = local_trend_values(local_dispersion_fit(np.array([5.0]), np.array([0.1])), at)
+    np.testing.assert_allclose(np.log(one), -2.302585, rtol=1e-6)
+    two = local_dispersion_fit(np.array([5.0, 5.0, 0.0]), np.array([0.1, 0.2, np.nan]))
+    np.testing.assert_allclose(np.log(local_trend_values(two, at)), -1.956012, rtol=1e-6)
+
+
+def test_a_two_gene_study_follows_r_through_the_constant_local_trend():
+    """Two genes over three sites (``r_extra/two_genes``, DESeq2 1.38.3 and locfit 1.5-9.7,
+    ``make_refs.R``): the parametric trend fails, one gene's estimate is above 100 * minDisp,
+    and R's local fit predicts its dispersion everywhere. fed_de reaches R's trend and MAP
+    dispersions, coefficients and p-values (its IRLS goes to DESeq2's fixed point, R's stops
+    an iterate short: the fold change differs by 6e-5)."""
+    import fed_de
+    from tests.conftest import DATA, split_sites
+
+    folder = DATA / "r_extra" / "two_genes"
+    counts = pd.read_csv(folder / "counts.csv", index_col=0).T
+    meta = pd.read_csv(folder / "metadata.csv", index_col=0).loc[counts.index]
+    ref = pd.read_csv(folder / "r_results.csv", index_col=0)
+    sites = split_sites(counts, meta, 3, stratify="condition")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fed_de.deseq2(sites, "~ batch + condition", min_cell_size=0,
+                            levels={"batch": ["b1", "b2", "b3"], "condition": ["A", "B"]})
+    disp = res.dispersions.loc[ref.index]
+    np.testing.assert_allclose(disp["trend"], disp.loc["G00001", "genewise"], rtol=1e-15)
+    np.testing.assert_allclose(disp["trend"], ref["dispFit"], rtol=1e-6)
+    np.testing.assert_allclose(disp["final"], ref["dispersion"], rtol=1e-6)
+    table = res.results().loc[ref.index]
+    np.testing.assert_allclose(table["log2FoldChange"], ref["log2FoldChange"], rtol=1e-4)
+    np.testing.assert_allclose(table["pvalue"], ref["pvalue"], rtol=1e-3)

@@ -35,6 +35,7 @@ import numpy as np
 
 __all__ = [
     "LocfitError",
+    "constant_model",
     "locfit_fit",
     "locfit_predict",
     "local_dispersion_fit",
@@ -315,6 +316,13 @@ def locfit_fit(
     )
 
 
+def constant_model(x0: float, value: float) -> np.ndarray:
+    """A packed model (:func:`locfit_fit`'s layout) predicting ``value`` everywhere: the
+    global component a constant, two vertices around ``x0`` with nothing added to it."""
+    return np.array([2.0, x0, value, 0.0, 0.0, x0 - 1.0, x0 + 1.0, 0.0, 0.0, 0.0, 0.0,
+                     0.0, 0.0])
+
+
 def unpack_locfit(model: np.ndarray) -> dict:
     """Split a packed model from :func:`locfit_fit` into named arrays.
 
@@ -410,6 +418,12 @@ def local_dispersion_fit(
         No gene passes the filter.
     LocfitError
         locfit itself stops.
+
+    Notes
+    -----
+    Genes at a single baseMean (one gene, say) give a constant trend, the weighted mean of
+    their log dispersions: what R's ``locfit`` predicts there (checked with locfit 1.5-9.7,
+    which warns "Estimated rdf < 1.0"; the port's tree would divide by the zero-width box).
     """
     base_mean = np.asarray(base_mean, dtype=float).ravel()
     disp_gene = np.asarray(disp_gene, dtype=float).ravel()
@@ -422,6 +436,9 @@ def local_dispersion_fit(
         raise ValueError(
             f"no gene-wise dispersion estimate above 100 * minDisp = {100 * min_disp:g}")
     means = base_mean[use]
+    if np.unique(means).size < 2:  # one abscissa: locfit has no cell to split
+        return constant_model(float(np.log(means[0])),
+                              float(_seqsum(np.log(disp_gene[use]) * means) / _seqsum(means)))
     return locfit_fit(np.log(means), np.log(disp_gene[use]), means)
 
 
