@@ -1,11 +1,13 @@
-"""Bytes a site uploads per gene over a whole Cook's-on run, per step (issue 15's 6 KB goal).
+"""Bytes a site uploads per gene over a whole Cook's-on run, per step (issue 15's 6 KB goal),
+and what it receives.
 
     python benchmarks/bytes_per_gene.py                      # ~ condition, 150 x 2,000
     python benchmarks/bytes_per_gene.py "~ batch + condition"
 
 Prints the sequential steps, the largest site's bytes sent per gene (pickled masked messages,
 as run.json's ``bytes_sent_by_site``), and each step's bytes per gene per site
-(``bytes_by_step[...]["sent"]`` is already per site).
+(``bytes_by_step[...]["sent"]`` is already per site), and the bytes per gene the site that
+received most read from the aggregator (``bytes_received_by_site``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def main() -> None:
                         levels={k: study.levels[k] for k in used})
     facts = res.facts
     per_gene = max(facts["bytes_sent_by_site"].values()) / args.genes
-    print(f"{args.design}: {facts['sequential_steps']} steps, {per_gene:.1f} bytes/gene/site")
+    received = max(facts["bytes_received_by_site"].values()) / args.genes
+    print(f"{args.design}: {facts['sequential_steps']} steps, {per_gene:.1f} bytes/gene/site "
+          f"sent, {received:.1f} received")
     for step, v in facts["bytes_by_step"].items():
         print(f"  {step:40s} {v['sent'] / args.genes:9.1f}")
 
