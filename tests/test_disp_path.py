@@ -279,7 +279,8 @@ def test_surrogate_is_exact_at_evaluated_points_and_accurate_between():
     a0 = np.where(a0 < -12, -4.0, a0)
     obj = Objective(s["y"], s["mu"], s["X"])
     pts = a0[:, None] + np.linspace(-1.5, 1.5, 9)[None, :]
-    mem = sur.index(sur.memory_add(sur.memory_empty(rows.size), pts, *obj(pts, rows)))
+    raw = sur.memory_add(sur.memory_empty(rows.size), pts, *obj(pts, rows))
+    mem = sur.index(raw)
     at = sur.surrogate(mem, pts[:, 3])
     f, g, _ = obj(pts[:, 3:4], rows)
     np.testing.assert_array_equal(at["f"], f[:, 0])
@@ -294,8 +295,9 @@ def test_surrogate_is_exact_at_evaluated_points_and_accurate_between():
     err = np.abs(mid["f"] - f[:, 0])
     assert (err <= sur.error_bounds(mid, x, s["X"].shape[0], 0.0)["f"] + 1e-12 * scale).all()
     # memory travels packed between tasks
-    back = sur.memory_unpack(sur.memory_pack(mem["all"]))
-    np.testing.assert_array_equal(np.sort(back["x"], axis=1), np.sort(mem["all"]["x"], axis=1))
+    back = sur.memory_unpack(sur.memory_pack(raw))
+    for key in raw:
+        np.testing.assert_array_equal(back[key], raw[key])
 
 
 def test_path_step_follows_armijo_backtracking():
@@ -326,3 +328,21 @@ def test_round_cap_closes_on_the_prediction():
     res = dp.result(st)
     assert res["uncertain"].any() and np.isfinite(res["disp"]).all()
     assert res["final"].all()
+
+
+def test_index_lookups_read_nan_out_of_range():
+    """The index pads every gene's sorted points with NaN (:func:`disp_surrogate._padded`):
+    a lookup from -1 to the width reads the point, or NaN where the gene has none there;
+    genes with no point, one point and three points (one not finite, dropped)."""
+    x = np.array([[np.nan, np.nan, np.nan], [0.5, np.nan, np.nan], [2.0, -1.0, np.nan]])
+    x[2, 2] = 1.0
+    values = np.where(np.isfinite(x), x * 10, np.nan)
+    mem = sur.memory_add(sur.memory_empty(3), x, values, values, values)
+    read = sur._Reader(sur.index(mem)["all"])
+    width = mem["x"].shape[1]
+    expect = np.array([[np.nan] * (width + 2), [np.nan, 0.5] + [np.nan] * width,
+                       [np.nan, -1.0, 1.0, 2.0] + [np.nan] * (width - 2)])
+    for i in range(-1, width + 1):
+        got = read("x", np.full(3, i))
+        np.testing.assert_array_equal(got, expect[:, i + 1])
+        np.testing.assert_array_equal(read("f", np.full(3, i)), expect[:, i + 1] * 10)

@@ -71,7 +71,8 @@ def memory_rows(mem: dict, rows: np.ndarray) -> dict:
 # -- interpolation ----------------------------------------------------------------------------
 def index(mem: dict) -> dict:
     """The memory prepared for many queries: each gene's points sorted, and a thinned copy
-    whose points are at least NODE_SEPARATION apart (the nodes besides the nearest)."""
+    whose points are at least NODE_SEPARATION apart (the nodes besides the nearest); both
+    padded (:func:`_padded`), so a lookup is one flat take."""
     order = np.argsort(np.where(np.isnan(mem["x"]), np.inf, mem["x"]), axis=1, kind="stable")
     srt = {k: np.take_along_axis(v, order, axis=1) for k, v in mem.items()}
     G, M = srt["x"].shape
@@ -85,8 +86,22 @@ def index(mem: dict) -> dict:
     width = int(keep.sum(axis=1).max(initial=0))
     thin = {k: np.take_along_axis(np.where(keep, v, np.nan), left, axis=1)[:, :width]
             for k, v in srt.items()}
-    return {"all": srt, "thin": thin, "n_all": np.isfinite(srt["x"]).sum(axis=1),
-            "n_thin": keep.sum(axis=1)}
+    n_all, n_thin = np.isfinite(srt["x"]).sum(axis=1), keep.sum(axis=1)
+    return {"all": _padded(srt, n_all), "thin": _padded(thin, n_thin), "n_all": n_all,
+            "n_thin": n_thin}
+
+
+def _padded(arrs: dict, n: np.ndarray) -> dict:
+    """Each array (genes x width) with a NaN column on either side and NaN past each gene's
+    ``n`` values: an index from -1 to the width reads NaN wherever it is out of range, with no
+    mask per lookup (the replayed path looks nodes up ~50 times per step)."""
+    out = {}
+    for k, v in arrs.items():
+        G, W = v.shape
+        p = np.full((G, W + 2), np.nan)
+        p[:, 1:W + 1] = np.where(np.arange(W)[None, :] < n[:, None], v, np.nan)
+        out[k] = p
+    return out
 
 
 def index_rows(ix: dict, rows: np.ndarray) -> dict:
@@ -96,20 +111,18 @@ def index_rows(ix: dict, rows: np.ndarray) -> dict:
             "n_all": ix["n_all"][rows], "n_thin": ix["n_thin"][rows]}
 
 
-def _at(arr: np.ndarray, i: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Row by row, ``arr[row, i]`` where ``0 <= i < n``, else NaN (a flat take: this runs
-    ~100 times per step of the replayed path)."""
-    width = arr.shape[1]
-    if width == 0:
-        return np.full(i.shape, np.nan)
-    j = np.minimum(np.maximum(i, 0), width - 1)
-    if arr.flags.c_contiguous:
-        j += np.arange(0, arr.size, width)
-        out = arr.reshape(-1).take(j)
-    else:
-        out = arr[np.arange(arr.shape[0]), j]
-    out[(i < 0) | (i >= n)] = np.nan
-    return out
+class _Reader:
+    """Lookups ``arr[gene, i]`` in padded arrays of one width (:func:`_padded`): NaN out of
+    range (``-1 <= i <= width``), one flat take per lookup."""
+
+    def __init__(self, padded: dict):
+        G, W2 = padded["x"].shape
+        self.flat = {k: v.reshape(-1) for k, v in padded.items()}
+        self.base = np.arange(G) * W2 + 1  # column 0 is the left pad
+        self.width = W2 - 2
+
+    def __call__(self, key: str, i: np.ndarray) -> np.ndarray:
+        return self.flat[key].take(np.clip(i, -1, self.width) + self.base)
 
 
 def nearest_nodes(ix: dict, x: np.ndarray, m: int) -> dict:
@@ -121,38 +134,38 @@ def nearest_nodes(ix: dict, x: np.ndarray, m: int) -> dict:
     thinned points on either side in turn (nodes all on one side would extrapolate), none
     closer than NODE_SEPARATION to the first.
     """
-    xa, na = ix["all"]["x"], ix["n_all"]
+    at_all, at_thin = _Reader(ix["all"]), _Reader(ix["thin"])
+    na = ix["n_all"]
     G = x.shape[0]
     rows = np.arange(G)
-    with np.errstate(invalid="ignore"):
-        pos = np.sum(xa < x[:, None], axis=1)
-    dl, dr = np.abs(_at(xa, pos - 1, na) - x), np.abs(_at(xa, pos, na) - x)
+    with np.errstate(invalid="ignore"):  # the NaN pads compare False
+        pos = np.sum(ix["all"]["x"] < x[:, None], axis=1)
+    dl, dr = np.abs(at_all("x", pos - 1) - x), np.abs(at_all("x", pos) - x)
     first = np.where(np.fmin(dl, dr) == dl, pos - 1, pos)
     dist = np.fmin(dl, dr)
     dist = np.where(np.isnan(dist), np.inf, dist)
     has0 = na > 0
     nodes = {k: np.full((G, m), np.nan) for k in ("x", "f", "g", "h")}
     for k in nodes:
-        nodes[k][:, 0] = _at(ix["all"][k], first, na)
+        nodes[k][:, 0] = at_all(k, first)
     count = has0.astype(int)
-    xt, nt = ix["thin"]["x"], ix["n_thin"]
     x0 = nodes["x"][:, 0]
     with np.errstate(invalid="ignore"):
-        left = np.sum(xt < x[:, None], axis=1) - 1
+        left = np.sum(ix["thin"]["x"] < x[:, None], axis=1) - 1
     right = left + 1
     last_left = np.zeros(G, dtype=bool)
     for _ in range(1, m):
         for _skip in range(3):  # thinned points are apart: few can clash with the first
             with np.errstate(invalid="ignore"):
-                left = left - (np.abs(_at(xt, left, nt) - x0) < NODE_SEPARATION)
-                right = right + (np.abs(_at(xt, right, nt) - x0) < NODE_SEPARATION)
-        has_l, has_r = np.isfinite(_at(xt, left, nt)), np.isfinite(_at(xt, right, nt))
+                left = left - (np.abs(at_thin("x", left) - x0) < NODE_SEPARATION)
+                right = right + (np.abs(at_thin("x", right) - x0) < NODE_SEPARATION)
+        has_l, has_r = np.isfinite(at_thin("x", left)), np.isfinite(at_thin("x", right))
         use_left = has_l & (~has_r | ~last_left)
         has = (has_l | has_r) & has0
         idx = np.where(use_left, left, right)
         slot = np.minimum(count, m - 1)
         for k in nodes:
-            val = _at(ix["thin"][k], idx, nt)
+            val = at_thin(k, idx)
             nodes[k][rows[has], slot[has]] = val[has]
         count += has
         last_left = np.where(has, use_left, last_left)
@@ -162,8 +175,8 @@ def nearest_nodes(ix: dict, x: np.ndarray, m: int) -> dict:
                  np.inf)
     srt = np.argsort(d, axis=1, kind="stable")
     nodes = {k: np.take_along_axis(v, srt, axis=1) for k, v in nodes.items()}
-    lo = _at(xa, np.zeros(G, dtype=int), na)
-    hi = _at(xa, na - 1, na)
+    lo = at_all("x", np.zeros(G, dtype=int))
+    hi = at_all("x", na - 1)
     outside = np.where(has0, np.fmax(np.fmax(lo - x, x - hi), 0.0), np.inf)
     return {**nodes, "count": count, "dist": dist, "outside": outside}
 
