@@ -31,6 +31,7 @@ __all__ = [
     "intercept_only_beta",
     "nb_log_likelihood",
     "lrt_site_deviances",
+    "lrt_pvalue",
     "lrt_test",
 ]
 
@@ -167,9 +168,21 @@ def lrt_test(
         ``deviance_r - deviance`` (negative values kept, as R) and
         ``pchisq(stat, df, lower.tail = FALSE)``.
     """
+    stat = np.asarray(deviance_r, dtype=float) - np.asarray(deviance, dtype=float)
+    return stat, lrt_pvalue(stat, df)
+
+
+def lrt_pvalue(stat: np.ndarray, df: int) -> np.ndarray:
+    """``pchisq(stat, df, lower.tail = FALSE)``: 1 for a negative statistic, NaN for NaN.
+
+    Raises
+    ------
+    ValueError
+        ``df`` below 1.
+    """
     if int(df) < 1:
         raise ValueError(f"the LRT needs at least one degree of freedom, got df={df}")
-    stat = np.asarray(deviance_r, dtype=float) - np.asarray(deviance, dtype=float)
+    stat = np.asarray(stat, dtype=float)
     with np.errstate(invalid="ignore"):
         pvalue = np.where(stat < 0, 1.0, chdtrc(int(df), stat))
-    return stat, np.where(np.isnan(stat), np.nan, pvalue)
+    return np.where(np.isnan(stat), np.nan, pvalue)
