@@ -181,12 +181,8 @@ def _boxed_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_fina
     free = np.nan_to_num(irls_final.candidates)
     boxed = np.clip(free, -fallback_core.BOX, fallback_core.BOX)
     for k in range(K):
-        # ``~ 1`` (no reduced IRLS): one reduced point for every candidate, computed once
-        again = lrt_on and irls_reduced is None and k > 0
-        beta_r = None
-        if lrt_on and not again:
-            beta_r = (reduced_beta(start, None) if irls_reduced is None
-                      else np.nan_to_num(irls_reduced.candidates[:, k]))
+        beta_r = (np.nan_to_num(irls_reduced.candidates[:, k])
+                  if lrt_on and irls_reduced is not None else None)
         dev = lrt.lrt_site_deviances(y, sf, X, boxed[:, k], None if beta_r is None
                                      else site.kept.design_reduced, beta_r, alpha)
         out["xtwx"][:, k] = nb.fisher_gram(X, boxed[:, k], sf, alpha, MIN_MU)
@@ -195,8 +191,12 @@ def _boxed_sums(site: Site, start: FitStart, dispersions: Dispersions, irls_fina
         if not np.array_equal(boxed[:, k], free[:, k]):  # a candidate beyond the box
             out["deviance_free"][:, k] = lrt.lrt_site_deviances(
                 y, sf, X, free[:, k], None, None, alpha)["deviance"]
-        if lrt_on:
-            reduced[:, k] = reduced[:, 0] if again else dev["deviance_r"]
+        if beta_r is not None:
+            reduced[:, k] = dev["deviance_r"]
+    if lrt_on and irls_reduced is None:  # ``~ 1``: one point for every candidate, computed once
+        reduced[:] = lrt.lrt_site_deviances(y, sf, site.kept.design_reduced,
+                                            reduced_beta(start, None), None, None,
+                                            alpha)["deviance"][:, None]
     idx = np.flatnonzero(~start.skip)
     for sl in nb.gene_blocks(idx.size):
         genes = idx[sl]

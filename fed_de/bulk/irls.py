@@ -86,14 +86,16 @@ def _raw_deviances(site: Site, start: FitStart, fit: IRLSFit, irls_reduced: IRLS
     y, sf = site.counts()[:, idx], site.kept.size_factors
     X, Xr = site.kept.design, site.kept.design_reduced
     for k in range(K):
-        if irls_reduced is None and k > 0:  # ``~ 1``: one reduced point for every candidate
-            dev = lrt.lrt_site_deviances(y, sf, X, fit.candidates[idx, k], None, None, alpha)
-            out["full"][idx, k], out["reduced"][:, k] = dev["deviance"], out["reduced"][:, 0]
-            continue
-        beta_r = (irls_reduced.candidates[idx, k] if irls_reduced is not None
-                  else lrt.intercept_only_beta(start.base_mean[idx]))
-        dev = lrt.lrt_site_deviances(y, sf, X, fit.candidates[idx, k], Xr, beta_r, alpha)
-        out["full"][idx, k], out["reduced"][idx, k] = dev["deviance"], dev["deviance_r"]
+        beta_r = None if irls_reduced is None else irls_reduced.candidates[idx, k]
+        dev = lrt.lrt_site_deviances(y, sf, X, fit.candidates[idx, k],
+                                     None if beta_r is None else Xr, beta_r, alpha)
+        out["full"][idx, k] = dev["deviance"]
+        if beta_r is not None:
+            out["reduced"][idx, k] = dev["deviance_r"]
+    if irls_reduced is None:  # ``~ 1``: one point for every candidate, computed once
+        out["reduced"][idx] = lrt.lrt_site_deviances(
+            y, sf, Xr, lrt.intercept_only_beta(start.base_mean[idx]), None, None,
+            alpha)["deviance"][:, None]
     return RawDeviances(**out)
 
 
