@@ -145,7 +145,7 @@ def _carried(search: trimmed.Search) -> trimmed.Search:
     Packed fields list their (gene, target) pairs gene by gene, targets in order.
     """
     bracket = ~search.done | search.tie
-    return replace(search, k=search.k[0] if search.k.shape[0] else search.k[:0].ravel(),
+    return replace(search, k=search.k[:1].ravel(),  # the first gene's row: every gene's
                    lo=search.lo[bracket], hi=search.hi[bracket], n_lo=search.n_lo[bracket],
                    n_hi=search.n_hi[bracket], tau=search.tau[~bracket],
                    thresholds=search.thresholds[~search.done])

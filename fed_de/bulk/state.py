@@ -269,7 +269,7 @@ class RobustSearch:
     n_cells: int
     scales: np.ndarray
     phase: str  # "A": normalised counts; "B": squared errors
-    search: ThresholdSearch | None  # two targets per group; the open ones' thresholds only
+    search: ThresholdSearch | None  # two targets per group, packed (bulk.cooks._carried)
     cell_means: np.ndarray | None = None
     replace_mean: np.ndarray | None = None
     alpha: np.ndarray | None = None
