@@ -332,17 +332,21 @@ def test_round_cap_closes_on_the_prediction():
 
 def test_index_lookups_read_nan_out_of_range():
     """The index pads every gene's sorted points with NaN (:func:`disp_surrogate._padded`):
-    a lookup from -1 to the width reads the point, or NaN where the gene has none there;
-    genes with no point, one point and three points (one not finite, dropped)."""
+    a lookup (the compiled kernel's ``_read``) reads the point, or NaN where the gene has
+    none there, indices below -1 or past the width reading the pads; genes with no point,
+    one point and three points (one not finite, dropped)."""
+    from fed_de.core.kernels import _read
+
     x = np.array([[np.nan, np.nan, np.nan], [0.5, np.nan, np.nan], [2.0, -1.0, np.nan]])
     x[2, 2] = 1.0
     values = np.where(np.isfinite(x), x * 10, np.nan)
     mem = sur.memory_add(sur.memory_empty(3), x, values, values, values)
-    read = sur._Reader(sur.index(mem)["all"])
+    ix = sur.index(mem)["all"]
     width = mem["x"].shape[1]
     expect = np.array([[np.nan] * (width + 2), [np.nan, 0.5] + [np.nan] * width,
                        [np.nan, -1.0, 1.0, 2.0] + [np.nan] * (width - 2)])
-    for i in range(-1, width + 1):
-        got = read("x", np.full(3, i))
-        np.testing.assert_array_equal(got, expect[:, i + 1])
-        np.testing.assert_array_equal(read("f", np.full(3, i)), expect[:, i + 1] * 10)
+    for i in range(-3, width + 3):
+        col = expect[:, min(max(i, -1), width) + 1]
+        got = [_read(ix["x"][g], i) for g in range(3)]
+        np.testing.assert_array_equal(got, col)
+        np.testing.assert_array_equal([_read(ix["f"][g], i) for g in range(3)], col * 10)

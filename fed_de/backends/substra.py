@@ -29,7 +29,7 @@ from fed_de.site import SITE_META, SiteData
 
 log = logging.getLogger("fed_de")
 OPENER_SOURCE = "from fed_de.backends.opener import FedDEOpener  # noqa: F401\n"
-PINNED = ("numpy", "scipy", "pandas", "anndata", "formulaic", "joblib", "typer", "rich")
+PINNED = ("numpy", "scipy", "pandas", "anndata", "formulaic", "joblib", "typer", "rich", "numba")
 
 
 def exact_pins() -> list[str]:

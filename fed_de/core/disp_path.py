@@ -319,20 +319,17 @@ def _certain_genewise(path, ulp_total, ua, noise, gw) -> tuple:
     return ok, no_inc, dec["refit"]
 
 
-def _nearest_gap(a: np.ndarray, b: np.ndarray, rows: np.ndarray | None = None,
-                 block: int = 1 << 21) -> np.ndarray:
+def _nearest_gap(a: np.ndarray, b: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """Per gene, each ``a`` point's distance to the nearest ``b`` point (genes x m and
     genes x w, NaN-padded; NaN ignored, ``inf`` when no point) for the genes in ``rows``
-    (all by default; ``inf`` elsewhere). Computed over blocks of genes of about ``block``
-    pairs: genes x m x w at once is gigabytes from ~10,000 genes."""
+    (all by default; ``inf`` elsewhere). Compiled (:func:`fed_de.core.kernels.nearest_gap`):
+    no genes x m x w table."""
+    from fed_de.core.kernels import nearest_gap  # numba: loaded when used
+
     out = np.full(a.shape, np.inf)
     todo = np.arange(a.shape[0]) if rows is None else np.flatnonzero(rows)
-    per = max(1, block // max(1, a.shape[1] * b.shape[1]))
-    with np.errstate(invalid="ignore"):
-        for lo in range(0, todo.size, per):
-            r = todo[lo:lo + per]
-            d = np.abs(a[r, :, None] - b[r, None, :])
-            out[r] = np.fmin.reduce(d, axis=2, initial=np.inf)  # fmin skips NaN
+    nearest_gap(np.ascontiguousarray(a, dtype=np.float64),
+                np.ascontiguousarray(b, dtype=np.float64), todo, out)
     return out
 
 

@@ -111,134 +111,28 @@ def index_rows(ix: dict, rows: np.ndarray) -> dict:
             "n_all": ix["n_all"][rows], "n_thin": ix["n_thin"][rows]}
 
 
-class _Reader:
-    """Lookups ``arr[gene, i]`` in padded arrays of one width (:func:`_padded`): NaN out of
-    range (``-1 <= i <= width``), one flat take per lookup."""
-
-    def __init__(self, padded: dict):
-        G, W2 = padded["x"].shape
-        self.flat = {k: v.reshape(-1) for k, v in padded.items()}
-        self.base = np.arange(G) * W2 + 1  # column 0 is the left pad
-        self.width = W2 - 2
-
-    def __call__(self, key: str, i: np.ndarray) -> np.ndarray:
-        return self.flat[key].take(np.clip(i, -1, self.width) + self.base)
-
-
-def nearest_nodes(ix: dict, x: np.ndarray, m: int) -> dict:
-    """Up to ``m`` nodes around ``x`` per gene (``x, f, g, h``: genes x m, nearest first),
-    ``count``, the distance to the nearest evaluated point and how far ``x`` lies outside
-    them all.
-
-    The nearest evaluated point comes first (so an evaluated value is returned as is); then
-    thinned points on either side in turn (nodes all on one side would extrapolate), none
-    closer than NODE_SEPARATION to the first.
-    """
-    at_all, at_thin = _Reader(ix["all"]), _Reader(ix["thin"])
-    na = ix["n_all"]
-    G = x.shape[0]
-    rows = np.arange(G)
-    with np.errstate(invalid="ignore"):  # the NaN pads compare False
-        pos = np.sum(ix["all"]["x"] < x[:, None], axis=1)
-    dl, dr = np.abs(at_all("x", pos - 1) - x), np.abs(at_all("x", pos) - x)
-    first = np.where(np.fmin(dl, dr) == dl, pos - 1, pos)
-    dist = np.fmin(dl, dr)
-    dist = np.where(np.isnan(dist), np.inf, dist)
-    has0 = na > 0
-    nodes = {k: np.full((G, m), np.nan) for k in ("x", "f", "g", "h")}
-    for k in nodes:
-        nodes[k][:, 0] = at_all(k, first)
-    count = has0.astype(int)
-    x0 = nodes["x"][:, 0]
-    with np.errstate(invalid="ignore"):
-        left = np.sum(ix["thin"]["x"] < x[:, None], axis=1) - 1
-    right = left + 1
-    last_left = np.zeros(G, dtype=bool)
-    for _ in range(1, m):
-        for _skip in range(3):  # thinned points are apart: few can clash with the first
-            with np.errstate(invalid="ignore"):
-                left = left - (np.abs(at_thin("x", left) - x0) < NODE_SEPARATION)
-                right = right + (np.abs(at_thin("x", right) - x0) < NODE_SEPARATION)
-        has_l, has_r = np.isfinite(at_thin("x", left)), np.isfinite(at_thin("x", right))
-        use_left = has_l & (~has_r | ~last_left)
-        has = (has_l | has_r) & has0
-        idx = np.where(use_left, left, right)
-        slot = np.minimum(count, m - 1)
-        for k in nodes:
-            val = at_thin(k, idx)
-            nodes[k][rows[has], slot[has]] = val[has]
-        count += has
-        last_left = np.where(has, use_left, last_left)
-        left = left - (has & use_left)
-        right = right + (has & ~use_left)
-    d = np.where(np.arange(m)[None, :] < count[:, None], np.abs(nodes["x"] - x[:, None]),
-                 np.inf)
-    srt = np.argsort(d, axis=1, kind="stable")
-    nodes = {k: np.take_along_axis(v, srt, axis=1) for k, v in nodes.items()}
-    lo = at_all("x", np.zeros(G, dtype=int))
-    hi = at_all("x", na - 1)
-    outside = np.where(has0, np.fmax(np.fmax(lo - x, x - hi), 0.0), np.inf)
-    return {**nodes, "count": count, "dist": dist, "outside": outside}
-
-
-def hermite(z: np.ndarray, fz: np.ndarray, gz: np.ndarray, hz: np.ndarray, count: np.ndarray,
-            x: np.ndarray) -> tuple[tuple, np.ndarray, np.ndarray]:
-    """Confluent Hermite interpolant through nodes ``z`` (values and two derivatives each) in
-    Newton form, at ``x``: (value, derivative, second derivative), and error estimates of
-    the value and derivative: the larger of the last two changes when a node is added (the
-    last node alone may add little when it is far). A gene uses its first ``count`` nodes."""
-    G, m = z.shape
-    n = 3 * m
-    # node by node (n x G): every operation below runs on contiguous rows of genes
-    s = np.repeat(np.ascontiguousarray(z.T), 3, axis=0)
-    col = np.repeat(np.ascontiguousarray(fz.T), 3, axis=0)
-    coef = np.zeros((n, G))
-    coef[0] = col[0]
-    node, rep = np.divmod(np.arange(n), 3)  # row i: node i // 3, its (i % 3)-th copy
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for j in range(1, n):  # the divided-difference table, a column of it at a time
-            prev, col = col, np.full((n, G), np.nan)
-            col[j:] = (prev[j:] - prev[j - 1:n - 1]) / (s[j:] - s[:n - j])
-            if j <= 2:  # repeated nodes: the derivatives themselves (h / 2 for the second)
-                at = np.flatnonzero((np.arange(n) >= j) & (rep >= j))
-                col[at] = (gz if j == 1 else 0.5 * hz).T[node[at]]
-            coef[j] = col[j]
-        vals = []
-        for drop in (0, 1, 2):
-            c = np.where(np.arange(n)[:, None] < 3 * (count[None, :] - drop), coef, 0.0)
-            p, dp, d2p = c[n - 1].copy(), np.zeros(G), np.zeros(G)
-            for i in range(n - 2, -1, -1):
-                t = x - s[i]
-                d2p = d2p * t + 2.0 * dp
-                dp = dp * t + p
-                p = p * t + c[i]
-            vals.append((p, dp, d2p))
-        (f, g, h), (f1, g1, _), (f2, g2, _) = vals
-        ef = np.where(count > 2, np.fmax(np.abs(f - f1), np.abs(f1 - f2)),
-                      np.where(count == 2, np.abs(f - f1), np.inf))
-        eg = np.where(count > 2, np.fmax(np.abs(g - g1), np.abs(g1 - g2)),
-                      np.where(count == 2, np.abs(g - g1), np.inf))
-    return (f, g, h), ef, eg
-
-
 def surrogate(ix: dict, x: np.ndarray, prior: dict | None = None) -> dict:
     """Objective ``f, g, h`` at ``x`` (one point per gene) from the evaluated points
-    (:func:`index`), plus the prior, with error estimates ``ef, eg`` (see :func:`hermite`),
-    ``dist`` (to the nearest evaluated point) and ``outside``.
+    (:func:`index`), plus the prior, with error estimates ``ef, eg``, ``dist`` (to the
+    nearest evaluated point) and ``outside`` (how far ``x`` lies outside them all).
 
-    At an evaluated point the value is that evaluation (the nearest node comes first in the
-    Newton form) and the estimates are 0.
+    The interpolant is the confluent Hermite one (values and two derivatives at each node,
+    Newton form) through up to :data:`HERMITE_NODES` nodes: the nearest evaluated point first
+    (so an evaluated value is returned as is, with estimates 0), then thinned points
+    (:data:`NODE_SEPARATION` apart) on either side in turn, since nodes all on one side
+    would extrapolate. The error estimates are the larger of the last two changes when a
+    node is added (the last node alone may add little when it is far). A gene with fewer
+    nodes than :data:`HERMITE_NODES` gets NaN values (no surrogate there). Computed by the
+    compiled :func:`fed_de.core.kernels.surrogate_values`, gene by gene.
     """
-    nd = nearest_nodes(ix, x, HERMITE_NODES)
-    count = nd["count"]
-    base = np.where(count > 0, nd["f"][:, 0], 0.0)  # a shifted log likelihood loses less
-    (f, g, h), ef, eg = hermite(nd["x"], nd["f"] - base[:, None], nd["g"], nd["h"], count, x)
-    f = f + base
-    exact = nd["dist"] == 0
-    ef, eg = np.where(exact, 0.0, ef), np.where(exact, 0.0, eg)
+    from fed_de.core.kernels import surrogate_values  # numba: loaded when used
+
+    a, t = ix["all"], ix["thin"]
+    f, g, h, ef, eg, dist, outside = surrogate_values(
+        a["x"], a["f"], a["g"], a["h"], ix["n_all"], t["x"], t["f"], t["g"], t["h"],
+        np.ascontiguousarray(x, dtype=np.float64), HERMITE_NODES, NODE_SEPARATION)
     f, g, h = add_prior(f, g, h, x, prior)
-    return {"f": f, "g": g, "h": h, "ef": ef, "eg": eg, "dist": nd["dist"],
-            "outside": nd["outside"]}
+    return {"f": f, "g": g, "h": h, "ef": ef, "eg": eg, "dist": dist, "outside": outside}
 
 
 def add_prior(f, g, h, x: np.ndarray, prior: dict | None):

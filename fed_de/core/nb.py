@@ -396,60 +396,39 @@ def _lookup(dist: tuple, cols: np.ndarray) -> tuple | None:
 def _disp_block(y, mu, XX, per_pair, out, lookup=None) -> None:
     """The sums of :func:`disp_summands_at` for one block of pairs (samples x pairs), written
     into ``out``; ``per_pair`` holds the block's ``alpha, r, lgamma(r), digamma(r),
-    trigamma(r)``. In-place ufuncs in DESeq2's order of operations: every element is the
-    same number as the plain expressions give. With a ``lookup`` (:func:`_lookup`), lgamma,
-    digamma and trigamma of ``y + r`` are evaluated once per distinct count of a pair and
-    read back per sample (the same numbers)."""
-    alpha, r, lgamma_r, digamma_r, trigamma_r = per_pair
-    t = y + r
-    if lookup is None:
-        def special(f, out=None):
-            return f(t) if out is None else f(t, out=out)
-    else:
-        tv = lookup[0] + np.repeat(r, lookup[1])  # each distinct y + r, as in t
+    trigamma(r)``. With a ``lookup`` (:func:`_lookup`), lgamma, digamma and trigamma of
+    ``y + r`` are evaluated once per distinct count of a pair and read back per sample (the
+    same numbers).
 
-        def special(f, out=None):
-            return np.take(f(tv), lookup[2], out=out)
+    The likelihood terms are summed by the compiled
+    :func:`fed_de.core.kernels.disp_likelihood_sums` in one pass, in DESeq2's order of
+    operations; differences such as digamma(y+r) - digamma(r) are taken per element, before
+    summing over samples: summing first would cancel large terms and make sums from
+    different sites disagree in the last digits more than the per-element form does. The
+    weights' sums stay matrix products, in place.
+    """
+    from fed_de.core.kernels import disp_likelihood_sums  # numba: loaded when used
+
+    alpha, r, lgamma_r, digamma_r, trigamma_r = per_pair
+    if lookup is None:
+        t = (y + r).ravel()
+        index = np.arange(t.size).reshape(y.shape)
+    else:
+        t = lookup[0] + np.repeat(r, lookup[1])  # each distinct y + r
+        index = lookup[2]
     l1 = np.divide(mu, r)
     np.log1p(l1, out=l1)  # log(1 + mu/r); log(mu + r) = log(r) + l1
-    inv_mr = np.add(mu, r)
-    np.divide(1.0, inv_mr, out=inv_mr)
-    # l(r) = lgamma(y+r) - lgamma(r) - y log(mu+r) - r log(1 + mu/r). Differences such as
-    # digamma(y+r) - digamma(r) are taken per element, before summing over samples: summing
-    # first would cancel large terms and make sums from different sites disagree in the last
-    # digits more than the per-element form does.
-    a = special(gammaln)
-    a -= lgamma_r
-    b = np.add(np.log(r), l1)
-    b *= y
-    a -= b
-    np.multiply(r, l1, out=b)
-    a -= b
-    ll_sum = a.sum(axis=0)
-    special(digamma, out=a)
-    a -= digamma_r
-    a -= l1
-    np.multiply(t, inv_mr, out=b)
-    a -= b
-    a += 1.0
-    dl_sum = a.sum(axis=0)
-    a = special(trigamma)
-    a -= trigamma_r
-    a -= inv_mr
-    np.subtract(mu, y, out=b)
-    b *= inv_mr
-    b *= inv_mr
-    a -= b
-    a += 1.0 / r
-    d2l_sum = a.sum(axis=0)
+    ll_sum, dl_sum, d2l_sum = np.empty(r.size), np.empty(r.size), np.empty(r.size)
+    disp_likelihood_sums(y, mu, l1, r, np.log(r), lgamma_r, digamma_r, trigamma_r,
+                         gammaln(t), digamma(t), trigamma(t), index, ll_sum, dl_sum, d2l_sum)
     # theta = log(alpha), r = exp(-theta): dl/dtheta = -r l_r; d2l/dtheta2 = r l_r + r^2 l_rr
     out["ll"][:] = ll_sum
     np.multiply(-r, dl_sum, out=out["d1"])
     np.add(r * dl_sum, r * r * d2l_sum, out=out["d2"])
-    w = np.multiply(alpha, mu, out=t)  # w = mu / (1 + alpha mu), dw = -alpha w^2,
-    w += 1.0                           # d2w = dw + 2 alpha^2 w^3
+    w = np.multiply(alpha, mu)  # w = mu / (1 + alpha mu), dw = -alpha w^2,
+    w += 1.0                    # d2w = dw + 2 alpha^2 w^3
     np.divide(mu, w, out=w)
-    dw = np.multiply(-alpha, w, out=inv_mr)
+    dw = np.multiply(-alpha, w)
     dw *= w
     d2w = np.power(w, 3, out=l1)
     d2w *= 2.0 * alpha * alpha

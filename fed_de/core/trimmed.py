@@ -102,10 +102,12 @@ def start(center: np.ndarray, k: np.ndarray, n: np.ndarray, n_thresholds: int,
 def count_below(x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Site side: per gene, the number of values strictly below each threshold.
 
-    ``x`` samples x genes; ``thresholds`` genes x K, sorted. Returns genes x K.
+    ``x`` samples x genes; ``thresholds`` genes x K, sorted. Returns genes x K (float).
+    Compiled (:func:`fed_de.core.kernels.count_below`): no genes x samples x K table.
     """
-    below = x.T[:, :, None] < thresholds[:, None, :]  # genes x samples x K
-    return below.sum(axis=1).astype(float)
+    from fed_de.core.kernels import count_below as counted  # numba: loaded when used
+
+    return counted(x, np.ascontiguousarray(thresholds, dtype=np.float64))
 
 
 def refine(search: Search, counts: np.ndarray) -> Search:

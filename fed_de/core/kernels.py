@@ -1,0 +1,253 @@
+"""Compiled loops (numba) of the hot spots, each giving the same numbers as the numpy
+expressions it replaced.
+
+- :func:`surrogate_values`: node lookup and the confluent Hermite interpolant of
+  :func:`fed_de.core.disp_surrogate.surrogate`, one gene at a time. The aggregator's replay
+  of R's dispersion loop evaluates the surrogate ~50 times a step over thousands of genes;
+  as array expressions that was ~200 numpy operations a call on small arrays.
+- :func:`count_below`: the Cook's search's counts of values below thresholds
+  (:func:`fed_de.core.trimmed.count_below`), without a genes x samples x thresholds table.
+- :func:`disp_likelihood_sums`: the per-sample terms of the dispersion log likelihood and
+  its two derivatives (:func:`fed_de.core.nb.disp_summands_at`) in one pass over a block,
+  summed over samples in sample order as numpy's reduction over the first axis does.
+
+Every operation is the one the array form did, in the same order, on the same float64
+values: no fused multiply-add (``fastmath`` off), no transcendental function (those stay in
+numpy and scipy, whose implementations differ from the C library's in the last bits), NaN
+where the array form gave NaN, ``np.fmin`` / ``np.fmax`` read as "ignore NaN", a stable
+sort with NaN last. ``error_model="numpy"``: a division by zero gives inf or NaN, as
+numpy's does, instead of raising. Numba is imported when a kernel is first used (~0.3 CPU s
+once per process; compiled code is cached beside this module).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+@njit(**_JIT)
+def _read(row: np.ndarray, i: int) -> float:
+    """``row`` padded (a NaN column on either side): index ``i`` clipped to ``[-1, width]``."""
+    width = row.shape[0] - 2
+    if i < -1:
+        i = -1
+    elif i > width:
+        i = width
+    return row[i + 1]
+
+
+@njit(**_JIT)
+def _fmin(a: float, b: float) -> float:
+    if np.isnan(a):
+        return b
+    if np.isnan(b):
+        return a
+    return a if a <= b else b
+
+
+@njit(**_JIT)
+def _fmax(a: float, b: float) -> float:
+    if np.isnan(a):
+        return b
+    if np.isnan(b):
+        return a
+    return a if a >= b else b
+
+
+@njit(**_JIT)
+def _before(a: float, b: float) -> bool:
+    """numpy's sort order: NaN after everything, inf included."""
+    return a < b or (np.isnan(b) and not np.isnan(a))
+
+
+@njit(**_JIT)
+def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, x, m: int, sep: float):
+    """Per gene: the surrogate's ``f, g, h`` at ``x``, error estimates ``ef, eg``, ``dist``
+    and ``outside`` (see :func:`fed_de.core.disp_surrogate.surrogate`), before the prior.
+
+    ``a*`` / ``t*``: the index's padded arrays of all points and of the thinned ones
+    (``x, f, g, h``, genes x (width + 2)); ``n_all``: each gene's number of points; ``m``:
+    nodes per value; ``sep``: the nodes' separation from the nearest one.
+    """
+    G = x.shape[0]
+    out = np.empty((7, G))
+    n = 3 * m
+    zx, zf, zg, zh = np.empty(m), np.empty(m), np.empty(m), np.empty(m)
+    d = np.empty(m)
+    order = np.empty(m, dtype=np.int64)
+    s, prev, col, coef, c = (np.empty(n), np.empty(n), np.empty(n), np.empty(n),
+                             np.empty(n))
+    res = np.empty((3, 2))  # (f, g) with 0, 1, 2 nodes dropped
+    for gi in range(G):
+        xi = x[gi]
+        rax, rtx = ax[gi], tx[gi]
+        # the nearest evaluated point
+        pos = 0
+        for j in range(rax.shape[0]):
+            if rax[j] < xi:
+                pos += 1
+        dl = abs(_read(rax, pos - 1) - xi)
+        dr = abs(_read(rax, pos) - xi)
+        near = _fmin(dl, dr)
+        first = pos - 1 if near == dl else pos
+        dist = np.inf if np.isnan(near) else near
+        has0 = n_all[gi] > 0
+        for j in range(m):
+            zx[j] = zf[j] = zg[j] = zh[j] = np.nan
+        zx[0], zf[0] = _read(rax, first), _read(af[gi], first)
+        zg[0], zh[0] = _read(ag[gi], first), _read(ah[gi], first)
+        count = 1 if has0 else 0
+        x0 = zx[0]
+        # thinned points on either side in turn
+        left = -1
+        for j in range(rtx.shape[0]):
+            if rtx[j] < xi:
+                left += 1
+        right = left + 1
+        last_left = False
+        for _ in range(1, m):
+            for _skip in range(3):
+                if abs(_read(rtx, left) - x0) < sep:
+                    left -= 1
+                if abs(_read(rtx, right) - x0) < sep:
+                    right += 1
+            has_l = np.isfinite(_read(rtx, left))
+            has_r = np.isfinite(_read(rtx, right))
+            use_left = has_l and (not has_r or not last_left)
+            if (has_l or has_r) and has0:
+                k = left if use_left else right
+                zx[count], zf[count] = _read(rtx, k), _read(tf[gi], k)
+                zg[count], zh[count] = _read(tg[gi], k), _read(th[gi], k)
+                count += 1
+                last_left = use_left
+                if use_left:
+                    left -= 1
+                else:
+                    right += 1
+        # nodes by distance to x, nearest first (stable; NaN last)
+        for j in range(m):
+            d[j] = abs(zx[j] - xi) if j < count else np.inf
+            order[j] = j
+        for j in range(1, m):
+            k = j
+            while k > 0 and _before(d[order[k]], d[order[k - 1]]):
+                order[k], order[k - 1] = order[k - 1], order[k]
+                k -= 1
+        lo, hi = _read(rax, 0), _read(rax, n_all[gi] - 1)
+        outside = _fmax(_fmax(lo - xi, xi - hi), 0.0) if has0 else np.inf
+        base = zf[order[0]] if count > 0 else 0.0
+        # confluent Hermite interpolant in Newton form: each node three times
+        for i in range(n):
+            s[i] = zx[order[i // 3]]
+            prev[i] = zf[order[i // 3]] - base
+        coef[0] = prev[0]
+        for j in range(1, n):
+            for i in range(j, n):
+                col[i] = (prev[i] - prev[i - 1]) / (s[i] - s[i - j])
+            if j <= 2:
+                for i in range(j, n):
+                    if i % 3 >= j:
+                        col[i] = zg[order[i // 3]] if j == 1 else 0.5 * zh[order[i // 3]]
+            coef[j] = col[j]
+            for i in range(j, n):
+                prev[i] = col[i]
+        h = 0.0
+        for drop in range(3):
+            lim = 3 * (count - drop)
+            for i in range(n):
+                c[i] = coef[i] if i < lim else 0.0
+            p, dp, d2p = c[n - 1], 0.0, 0.0
+            for i in range(n - 2, -1, -1):
+                t = xi - s[i]
+                d2p = d2p * t + 2.0 * dp
+                dp = dp * t + p
+                p = p * t + c[i]
+            res[drop, 0], res[drop, 1] = p, dp
+            if drop == 0:
+                h = d2p
+        f, g = res[0, 0], res[0, 1]
+        f1, g1, f2, g2 = res[1, 0], res[1, 1], res[2, 0], res[2, 1]
+        if count > 2:
+            ef = _fmax(abs(f - f1), abs(f1 - f2))
+            eg = _fmax(abs(g - g1), abs(g1 - g2))
+        elif count == 2:
+            ef, eg = abs(f - f1), abs(g - g1)
+        else:
+            ef, eg = np.inf, np.inf
+        if dist == 0:
+            ef, eg = 0.0, 0.0
+        out[0, gi], out[1, gi], out[2, gi] = f + base, g, h
+        out[3, gi], out[4, gi], out[5, gi], out[6, gi] = ef, eg, dist, outside
+    return out
+
+
+@njit(**_JIT)
+def count_below(x, thresholds):
+    """Per gene, the number of values strictly below each threshold: ``x`` samples x genes,
+    ``thresholds`` genes x K; float counts, genes x K."""
+    n, G = x.shape
+    K = thresholds.shape[1]
+    out = np.zeros((G, K))
+    for i in range(n):
+        for g in range(G):
+            v = x[i, g]
+            for k in range(K):
+                if v < thresholds[g, k]:
+                    out[g, k] += 1.0
+    return out
+
+
+@njit(**_JIT)
+def disp_likelihood_sums(y, mu, l1, r, log_r, lgamma_r, digamma_r, trigamma_r, lg, dg, tg,
+                         index, out_ll, out_dl, out_d2l):
+    """Sums over samples (rows) of a samples x pairs block, per pair (column): DESeq2's
+    ``ll_part`` terms ``lgamma(y+r) - lgamma(r) - y log(mu+r) - r log(1 + mu/r)`` and their
+    first two derivatives in ``r`` (see :func:`fed_de.core.nb._disp_block`).
+
+    ``l1 = log1p(mu / r)`` per element; ``r, log_r, lgamma_r, digamma_r, trigamma_r`` per
+    pair; ``lg, dg, tg``: lgamma, digamma, trigamma of ``y + r``, read at ``index`` (samples
+    x pairs) in these flat tables. Each column is summed in sample order, starting from its
+    first row.
+    """
+    n, P = y.shape
+    for i in range(n):
+        for p in range(P):
+            yv, m, a1, rp = y[i, p], mu[i, p], l1[i, p], r[p]
+            t = yv + rp
+            inv = 1.0 / (m + rp)
+            j = index[i, p]
+            ll = lg[j] - lgamma_r[p]
+            ll -= (log_r[p] + a1) * yv
+            ll -= rp * a1
+            dl = dg[j] - digamma_r[p]
+            dl -= a1
+            dl -= t * inv
+            dl += 1.0
+            d2 = tg[j] - trigamma_r[p]
+            d2 -= inv
+            d2 -= (m - yv) * inv * inv
+            d2 += 1.0 / rp
+            if i == 0:
+                out_ll[p], out_dl[p], out_d2l[p] = ll, dl, d2
+            else:
+                out_ll[p] += ll
+                out_dl[p] += dl
+                out_d2l[p] += d2
+
+
+@njit(**_JIT)
+def nearest_gap(a, b, todo, out):
+    """For the genes ``todo``: each ``a`` point's distance to the nearest ``b`` point (genes
+    x m and genes x w, NaN-padded), written into ``out``; NaN points are ignored, and a
+    point with no ``b`` point keeps ``inf`` (``np.fmin`` reduced from ``inf``)."""
+    for gi in todo:
+        for i in range(a.shape[1]):
+            best = np.inf
+            for j in range(b.shape[1]):
+                d = abs(a[gi, i] - b[gi, j])
+                if d < best:
+                    best = d
+            out[gi, i] = best

@@ -1,0 +1,113 @@
+"""The compiled loops (:mod:`fed_de.core.kernels`) give the numbers of the numpy expressions
+they replaced, bit for bit: every element's operations are the same, and sums over samples
+run in sample order (numpy's reduction over the first axis of a C-ordered block)."""
+
+import numpy as np
+import pytest
+from scipy.special import digamma, gammaln
+
+from fed_de.core import disp_surrogate as sur
+from fed_de.core import kernels, nb, trimmed
+from fed_de.core.disp_path import _nearest_gap
+
+
+def bits(a):
+    """Values and signs, NaN equal to NaN."""
+    a = np.asarray(a, dtype=float)
+    return np.where(np.isnan(a), np.nan, a), np.signbit(a)
+
+
+def assert_same(a, b):
+    np.testing.assert_array_equal(*[bits(v)[0] for v in (a, b)])
+    np.testing.assert_array_equal(*[bits(v)[1] for v in (a, b)])
+
+
+def test_count_below_equals_the_comparison_table():
+    rng = np.random.default_rng(1)
+    x = np.floor(rng.gamma(0.5, 20.0, size=(37, 60)))  # ties, zeros
+    x[3, 5] = np.nan
+    thr = np.sort(rng.gamma(0.5, 20.0, size=(60, 7)), axis=1)
+    thr[:, 0] = trimmed.TINY
+    thr[4, -1] = np.inf
+    table = (x.T[:, :, None] < thr[:, None, :]).sum(axis=1).astype(float)
+    assert_same(trimmed.count_below(x, thr), table)
+    # a strided view (a group's columns) reads the same values
+    assert_same(trimmed.count_below(x[:, ::3], thr[::3]), table[::3])
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_disp_likelihood_sums_equal_the_array_expressions(integer):
+    rng = np.random.default_rng(2)
+    n, P = 23, 40
+    y = rng.poisson(rng.gamma(1.0, 30.0, size=(1, P)), size=(n, P)).astype(float)
+    mu = np.maximum(y * rng.uniform(0.5, 1.5, size=y.shape), 0.5)
+    alpha = np.exp(rng.uniform(-9.0, 2.0, size=P))
+    r = 1.0 / alpha
+    t = y + r
+    l1 = np.log1p(mu / r)
+    inv = 1.0 / (mu + r)
+    ll = (gammaln(t) - gammaln(r) - (np.log(r) + l1) * y - r * l1).sum(axis=0)
+    dl = (digamma(t) - digamma(r) - l1 - t * inv + 1.0).sum(axis=0)
+    d2 = (nb.trigamma(t) - nb.trigamma(r) - inv - (mu - y) * inv * inv + 1.0 / r).sum(axis=0)
+    out = [np.empty(P) for _ in range(3)]
+    yy = y.astype(np.int64) if integer else y
+    kernels.disp_likelihood_sums(yy, mu, l1, r, np.log(r), gammaln(r), digamma(r),
+                                 nb.trigamma(r), gammaln(t).ravel(), digamma(t).ravel(),
+                                 nb.trigamma(t).ravel(), np.arange(n * P).reshape(n, P),
+                                 *out)
+    for got, want in zip(out, (ll, dl, d2), strict=True):
+        assert_same(got, want)
+
+
+def test_dispersion_sums_with_and_without_the_distinct_table():
+    """A block read through the table of distinct counts and the same block evaluated
+    element by element give the same sums (the table path is taken for repeated counts)."""
+    rng = np.random.default_rng(3)
+    n, G = 40, 12
+    y = rng.poisson(3.0, size=(n, G)).astype(float)  # few distinct counts: the table path
+    mu = np.maximum(y.mean(axis=0, keepdims=True) * np.ones((n, 1)), 0.5)
+    X = np.column_stack([np.ones(n), np.arange(n) % 2])
+    pts = np.log(rng.uniform(0.01, 2.0, size=(G, 3)))
+    genes = np.repeat(np.arange(G), 3)
+    tabled = nb.disp_summands_at(y, mu, X, genes, pts.ravel())
+    old = nb.DISTINCT_MAX
+    try:
+        nb.DISTINCT_MAX = -1.0  # never tabulate
+        plain = nb.disp_summands_at(y, mu, X, genes, pts.ravel())
+    finally:
+        nb.DISTINCT_MAX = old
+    for key in tabled:
+        assert_same(tabled[key], plain[key])
+
+
+def test_nearest_gap_equals_the_broadcast_minimum():
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(30, 6))
+    b = rng.normal(size=(30, 9))
+    a[2, 1] = b[5, 3] = np.nan
+    b[7] = np.nan  # a gene with no point: inf
+    rows = rng.random(30) < 0.6
+    with np.errstate(invalid="ignore"):
+        want = np.fmin.reduce(np.abs(a[:, :, None] - b[:, None, :]), axis=2, initial=np.inf)
+    want[~rows] = np.inf
+    assert_same(_nearest_gap(a, b, rows), want)
+    assert np.isinf(_nearest_gap(a, b)[7]).all()
+
+
+def test_surrogate_edge_cases():
+    """No point: no value, ``dist`` and ``outside`` infinite; fewer than HERMITE_NODES
+    nodes: NaN (no surrogate); an evaluated point returns its value with estimates 0; a
+    point beyond the evaluated ones reports how far."""
+    x = np.full((3, 8), np.nan)
+    x[1, :3] = [0.0, 0.5, 1.0]
+    x[2, :] = np.linspace(-1.0, 1.0, 8)
+    f, g, h = np.sin(x), np.cos(x), -np.sin(x)
+    ix = sur.index(sur.memory_add(sur.memory_empty(3), x, f, g, h))
+    s = sur.surrogate(ix, np.array([0.3, 0.7, 0.3]))
+    assert np.isnan(s["f"][0]) and np.isinf(s["dist"][0]) and np.isinf(s["outside"][0])
+    assert np.isnan(s["f"][1]) and s["dist"][1] == pytest.approx(0.2)
+    assert abs(s["f"][2] - np.sin(0.3)) < 1e-9 and abs(s["g"][2] - np.cos(0.3)) < 1e-7
+    at = sur.surrogate(ix, np.array([0.0, 0.5, x[2, 3]]))
+    assert at["f"][2] == f[2, 3] and at["ef"][2] == 0 and at["eg"][2] == 0
+    beyond = sur.surrogate(ix, np.array([0.0, 1.75, 1.25]))
+    assert beyond["outside"][1] == 0.75 and beyond["outside"][2] == 0.25
