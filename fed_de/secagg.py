@@ -71,12 +71,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 HEADER = "_secagg"
 _VERSION = b"fed_de/secagg/v2"  # v2: AES-128-CTR masks (v1: ChaCha20); the run digest differs
 _MAX_TAG = 2**63
-_LO32 = np.uint64(0xFFFFFFFF)
-_CHUNK = 16384  # elements per chunk of the fixed-point encoding (stays in cache)
 _ZEROS = bytes(1 << 20)  # encrypted into the mask keystream (one chunk at a time)
+_CHUNK = 16384  # elements per chunk of the fixed-point encoding (stays in cache)
 _MASK_CHUNK = 8192  # values per chunk of the masking (stays in cache)
-_FEW_MASKS = 2  # up to this many masks, each is added with its carries (no deferral)
-_S32 = np.uint64(32)
 MASK_DEGREE = 8  # peers each site masks with (all of them in studies of up to 9 sites)
 
 
@@ -173,28 +170,13 @@ class FixedPoint:
 
     def decode(self, v: np.ndarray) -> np.ndarray:
         """Float64 values of ring elements read in two's complement (centered lift)."""
+        from fed_de.core.kernels import from_limbs  # numba: loaded when used
+
         v = np.asarray(v, dtype=np.uint64)
         shape = v.shape[1:]
-        v = v.reshape(self.limbs, -1)
-        out = np.empty(v.shape[1])
-        for start in range(0, v.shape[1], _CHUNK):  # chunks that stay in cache
-            out[start:start + _CHUNK] = self._decode(v[:, start:start + _CHUNK])
+        out = np.empty(math.prod(shape))
+        from_limbs(np.ascontiguousarray(v.reshape(self.limbs, -1)), self.frac_bits, out)
         return out.reshape(shape)
-
-    def _decode(self, v: np.ndarray) -> np.ndarray:
-        neg = (v[-1] >> np.uint64(63)) == 1
-        mag = v.copy()
-        mag[:, neg] = _negated(v[:, neg])
-        total = np.zeros(v.shape[1])
-        comp = np.zeros(v.shape[1])
-        for j in range(2 * self.limbs - 1, -1, -1):  # most significant chunk first
-            word = mag[j // 2]
-            chunk = (word >> np.uint64(32)) if j % 2 else (word & _LO32)
-            term = np.ldexp(chunk.astype(np.float64), 32 * j - self.frac_bits)
-            total, err = _two_sum(total, term)
-            comp += err
-        total += comp
-        return np.where(neg, -total, total)
 
 
 def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
@@ -231,49 +213,22 @@ def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
     return out
 
 
-def _two_sum(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Knuth's TwoSum: ``s = fl(a + b)`` and the exact rounding error ``a + b - s``."""
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
-
-
-# Ring arithmetic on (limbs, n) uint64 arrays, in place, limb 0 least significant. numpy
-# wraps 1-d uint64 arrays silently modulo 2**64; the carries are computed from the wrap.
+# Ring arithmetic on (limbs, n) uint64 arrays, in place, limb 0 least significant, with the
+# carries run through the limbs (fed_de.core.kernels: ring_add, ring_sub, ring_add_masks).
 
 
 def _iadd(acc: np.ndarray, b: np.ndarray) -> None:
     """``acc += b mod 2**K``."""
-    carry = None
-    for k in range(acc.shape[0]):
-        if carry is not None:
-            acc[k] += carry
-            over = acc[k] < carry  # acc[k] wrapped to 0: then adding b[k] cannot wrap
-        acc[k] += b[k]
-        if k + 1 < acc.shape[0]:
-            c = acc[k] < b[k]
-            carry = c if carry is None else c | over
+    from fed_de.core.kernels import ring_add  # numba: loaded when used
+
+    ring_add(acc, b)
 
 
 def _isub(acc: np.ndarray, b: np.ndarray) -> None:
     """``acc -= b mod 2**K``."""
-    borrow = None
-    for k in range(acc.shape[0]):
-        if borrow is not None:
-            under = acc[k] < borrow  # acc[k] was 0: it wraps to 2**64-1, then cannot borrow
-            acc[k] -= borrow
-        c = acc[k] < b[k]
-        acc[k] -= b[k]
-        if borrow is not None:
-            c = c | under
-        borrow = c
+    from fed_de.core.kernels import ring_sub  # numba: loaded when used
 
-
-def _negated(a: np.ndarray) -> np.ndarray:
-    """``-a mod 2**K`` for (limbs, n) arrays."""
-    out = np.zeros_like(a)
-    _isub(out, a)
-    return out
+    ring_sub(acc, b)
 
 
 #: the two-word encoding of ``narrow`` keys: a site value below ``2**(63 - ceil(log2 S))``
@@ -565,56 +520,28 @@ def _add_masks(acc: np.ndarray, plus: Sequence[bytes], minus: Sequence[bytes]) -
     an AES-128-CTR keystream (counter from 0) read as little-endian uint64 words that fill,
     chunk by chunk of :data:`_MASK_CHUNK` values, the chunk's limbs in order: limb 0 of its
     values, then limb 1, ... Both members of a pair read the same words, so their masks
-    cancel whatever else is added.
-
-    With more than :data:`_FEW_MASKS` masks the carries are deferred (all in cache-sized
-    chunks; fewer masks are added one by one): subtraction is addition of the
-    complement (``-m = ~m + 1``), the words of every limb are summed modulo ``2**64`` and,
-    separately, their high 32-bit halves exactly; the carry out of a limb follows from the
-    two, and one pass runs it through the limbs.
+    cancel whatever else is added. Each chunk's masks are added with their carries in one
+    pass (:func:`fed_de.core.kernels.ring_add_masks`) while they are in cache.
     """
+    from fed_de.core.kernels import ring_add_masks  # numba: loaded when used
+
     limbs, n = acc.shape
     d, p = len(plus) + len(minus), len(plus)
     if n == 0 or d == 0:
         return
     encs = [Cipher(algorithms.AES(k), modes.CTR(bytes(16))).encryptor() for k in (*plus, *minus)]
     size = min(_MASK_CHUNK, n)
-    buf = np.empty((d + 1, limbs, size), dtype=np.uint64)  # the masks, then acc's chunk
+    buf = np.empty((d, limbs, size), dtype=np.uint64)
     zeros = memoryview(_ZEROS if 8 * limbs * size <= len(_ZEROS) else bytes(8 * limbs * size))
-    ones = np.uint64(d - p)  # the + 1 of each complemented mask
     for start in range(0, n, size):
         nc = min(size, n - start)
-        b = buf[:, :, :nc]
         nbytes = 8 * limbs * nc
         for i, enc in enumerate(encs):
             enc.update_into(zeros[:nbytes], memoryview(buf[i]).cast("B")[:nbytes])
-        if nc < size:  # a last, shorter chunk: its words fill its own limbs in order
-            b[:d] = buf[:d].reshape(d, -1)[:, :limbs * nc].reshape(d, limbs, nc)
-        if d <= _FEW_MASKS:  # too few masks to pay for the deferred carries
-            for i in range(d):
-                (_iadd if i < p else _isub)(acc[:, start:start + nc], b[i])
-            continue
-        if p < d:
-            np.invert(b[p:d], out=b[p:d])
-        b[d] = acc[:, start:start + nc]
-        low = np.add.reduce(b, axis=0)  # every limb's sum mod 2**64
-        if limbs > 1:  # the top limb's carry leaves the ring: only the others' are needed
-            inner = b[:, :-1]
-            np.right_shift(inner, _S32, out=inner)
-            high = np.add.reduce(inner, axis=0)  # the high halves' sum, exact: < (d+1) 2**32
-            # the low halves carried q = ((low >> 32) - high) mod 2**32 into the high halves
-            q = low[:-1] >> _S32
-            q -= high
-            q &= _LO32
-            high += q
-            high >>= _S32  # the carry out of each limb
-        low[0] += ones
-        over = low[0] < ones
-        for k in range(1, limbs):
-            carry = high[k - 1] + over
-            low[k] += carry
-            over = low[k] < carry
-        acc[:, start:start + nc] = low
+        # a last, shorter chunk: its words fill its own limbs in order
+        b = buf if nc == size else np.ascontiguousarray(
+            buf.reshape(d, -1)[:, :limbs * nc].reshape(d, limbs, nc))
+        ring_add_masks(acc, start, b, p)
 
 
 def _as_float_array(key: str, value) -> np.ndarray:

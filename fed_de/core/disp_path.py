@@ -271,7 +271,7 @@ def _surrogate_at(ix: dict, x: np.ndarray, prior: dict | None, rows: np.ndarray)
     """:func:`disp_surrogate.surrogate` for the genes in ``rows`` (NaN for the others)."""
     idx = np.flatnonzero(rows)
     pri = None if prior is None else {"mean": prior["mean"][idx], "var": prior["var"]}
-    part = sur.surrogate(sur.index_rows(ix, idx), x[idx], pri)
+    part = sur.surrogate(ix, x[idx], pri, rows=idx)
     out = {key: np.full(x.shape, np.nan) for key in part}
     for key, val in part.items():
         out[key][idx] = val

@@ -104,17 +104,12 @@ def _padded(arrs: dict, n: np.ndarray) -> dict:
     return out
 
 
-def index_rows(ix: dict, rows: np.ndarray) -> dict:
-    """The index of some genes."""
-    return {"all": {k: v[rows] for k, v in ix["all"].items()},
-            "thin": {k: v[rows] for k, v in ix["thin"].items()},
-            "n_all": ix["n_all"][rows], "n_thin": ix["n_thin"][rows]}
-
-
-def surrogate(ix: dict, x: np.ndarray, prior: dict | None = None) -> dict:
-    """Objective ``f, g, h`` at ``x`` (one point per gene) from the evaluated points
-    (:func:`index`), plus the prior, with error estimates ``ef, eg``, ``dist`` (to the
-    nearest evaluated point) and ``outside`` (how far ``x`` lies outside them all).
+def surrogate(ix: dict, x: np.ndarray, prior: dict | None = None,
+              rows: np.ndarray | None = None) -> dict:
+    """Objective ``f, g, h`` at ``x`` (one point per gene, or per gene of ``rows``: indices
+    into the index's genes) from the evaluated points (:func:`index`), plus the prior, with
+    error estimates ``ef, eg``, ``dist`` (to the nearest evaluated point) and ``outside``
+    (how far ``x`` lies outside them all).
 
     The interpolant is the confluent Hermite one (values and two derivatives at each node,
     Newton form) through up to :data:`HERMITE_NODES` nodes: the nearest evaluated point first
@@ -128,9 +123,11 @@ def surrogate(ix: dict, x: np.ndarray, prior: dict | None = None) -> dict:
     from fed_de.core.kernels import surrogate_values  # numba: loaded when used
 
     a, t = ix["all"], ix["thin"]
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    rows = np.arange(x.size) if rows is None else np.asarray(rows, dtype=np.int64)
     f, g, h, ef, eg, dist, outside = surrogate_values(
-        a["x"], a["f"], a["g"], a["h"], ix["n_all"], t["x"], t["f"], t["g"], t["h"],
-        np.ascontiguousarray(x, dtype=np.float64), HERMITE_NODES, NODE_SEPARATION)
+        a["x"], a["f"], a["g"], a["h"], ix["n_all"], t["x"], t["f"], t["g"], t["h"], rows, x,
+        HERMITE_NODES, NODE_SEPARATION)
     f, g, h = add_prior(f, g, h, x, prior)
     return {"f": f, "g": g, "h": h, "ef": ef, "eg": eg, "dist": dist, "outside": outside}
 

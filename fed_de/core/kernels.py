@@ -22,6 +22,8 @@ once per process; compiled code is cached beside this module).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -64,9 +66,10 @@ def _before(a: float, b: float) -> bool:
 
 
 @njit(**_JIT)
-def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, x, m: int, sep: float):
-    """Per gene: the surrogate's ``f, g, h`` at ``x``, error estimates ``ef, eg``, ``dist``
-    and ``outside`` (see :func:`fed_de.core.disp_surrogate.surrogate`), before the prior.
+def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, rows, x, m: int, sep: float):
+    """For the genes ``rows`` of the index: the surrogate's ``f, g, h`` at ``x`` (one point
+    per row), error estimates ``ef, eg``, ``dist`` and ``outside`` (see
+    :func:`fed_de.core.disp_surrogate.surrogate`), before the prior; ``7 x rows``.
 
     ``a*`` / ``t*``: the index's padded arrays of all points and of the thinned ones
     (``x, f, g, h``, genes x (width + 2)); ``n_all``: each gene's number of points; ``m``:
@@ -81,8 +84,8 @@ def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, x, m: int, sep: floa
     s, prev, col, coef, c = (np.empty(n), np.empty(n), np.empty(n), np.empty(n),
                              np.empty(n))
     res = np.empty((3, 2))  # (f, g) with 0, 1, 2 nodes dropped
-    for gi in range(G):
-        xi = x[gi]
+    for q in range(G):
+        gi, xi = rows[q], x[q]
         rax, rtx = ax[gi], tx[gi]
         # the nearest evaluated point
         pos = 0
@@ -179,8 +182,8 @@ def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, x, m: int, sep: floa
             ef, eg = np.inf, np.inf
         if dist == 0:
             ef, eg = 0.0, 0.0
-        out[0, gi], out[1, gi], out[2, gi] = f + base, g, h
-        out[3, gi], out[4, gi], out[5, gi], out[6, gi] = ef, eg, dist, outside
+        out[0, q], out[1, q], out[2, q] = f + base, g, h
+        out[3, q], out[4, q], out[5, q], out[6, q] = ef, eg, dist, outside
     return out
 
 
@@ -251,3 +254,104 @@ def nearest_gap(a, b, todo, out):
                 if d < best:
                     best = d
             out[gi, i] = best
+
+
+# -- ring arithmetic of secure aggregation (fed_de.secagg): (limbs, n) uint64 words, limb 0
+# least significant; exact, so any correct order of operations gives the same words
+_ONE = np.uint64(1)
+_ZERO = np.uint64(0)
+_LO32 = np.uint64(0xFFFFFFFF)
+
+
+@njit(**_JIT)
+def ring_add(acc, b):
+    """``acc += b mod 2**(64 limbs)``, in place (limb by limb, each a loop over the values
+    that the compiler vectorises, with the carries kept per value)."""
+    limbs, n = acc.shape
+    carry = np.zeros(n, dtype=np.uint64)
+    for k in range(limbs):
+        for j in range(n):
+            s = acc[k, j] + carry[j]
+            c = s < carry[j]
+            t = s + b[k, j]
+            acc[k, j] = t
+            carry[j] = np.uint64(c | (t < s))
+
+
+@njit(**_JIT)
+def ring_sub(acc, b):
+    """``acc -= b mod 2**(64 limbs)``, in place."""
+    limbs, n = acc.shape
+    borrow = np.zeros(n, dtype=np.uint64)
+    for k in range(limbs):
+        for j in range(n):
+            a, v = acc[k, j], b[k, j]
+            d = a - v
+            acc[k, j] = d - borrow[j]
+            borrow[j] = np.uint64((a < v) | (d < borrow[j]))
+
+
+@njit(**_JIT)
+def ring_add_masks(acc, start: int, masks, n_plus: int):
+    """``acc[:, start:start + n] += sum(masks[:n_plus]) - sum(masks[n_plus:])``, in place:
+    ``masks`` is ``(d, limbs, n)``, one keystream's words per mask.
+
+    Subtraction is addition of the complement (``-m = ~m + 1``, the ``+ 1`` entering limb
+    0). Each limb's words are summed modulo ``2**64`` with the number of wraps counted per
+    value; that count (at most ``d + 1``) is the carry into the next limb.
+    """
+    d, limbs, n = masks.shape
+    carry = np.full(n, np.uint64(d - n_plus))
+    for k in range(limbs):
+        for j in range(n):
+            s = acc[k, start + j] + carry[j]
+            carry[j] = np.uint64(s < carry[j])
+            acc[k, start + j] = s
+        for i in range(d):
+            if i < n_plus:
+                for j in range(n):
+                    v = masks[i, k, j]
+                    s = acc[k, start + j] + v
+                    carry[j] += np.uint64(s < v)
+                    acc[k, start + j] = s
+            else:
+                for j in range(n):
+                    v = ~masks[i, k, j]
+                    s = acc[k, start + j] + v
+                    carry[j] += np.uint64(s < v)
+                    acc[k, start + j] = s
+
+
+@njit(**_JIT)
+def from_limbs(v, frac_bits: int, out):
+    """Float64 values of ring words ``v`` (limbs, n) read in two's complement, scaled by
+    ``2**-frac_bits``: the magnitude's 32-bit chunks, most significant first, summed with
+    Knuth's TwoSum and the errors added at the end (within ``2**-52`` relative)."""
+    limbs, n = v.shape
+    mag = np.empty(limbs, dtype=np.uint64)
+    scale = np.empty(2 * limbs)  # exact powers of two: the product is ldexp's
+    for q in range(2 * limbs):
+        scale[q] = math.ldexp(1.0, 32 * q - frac_bits)
+    for j in range(n):
+        neg = (v[limbs - 1, j] >> np.uint64(63)) == _ONE
+        borrow = _ZERO
+        for k in range(limbs):  # the magnitude: 0 - v for a negative value
+            w = v[k, j]
+            if neg:
+                d = _ZERO - w
+                c = w != _ZERO
+                mag[k] = d - borrow
+                borrow = _ONE if (c or d < borrow) else _ZERO
+            else:
+                mag[k] = w
+        total, comp = 0.0, 0.0
+        for q in range(2 * limbs - 1, -1, -1):
+            word = mag[q // 2]
+            chunk = (word >> np.uint64(32)) if q % 2 else (word & _LO32)
+            term = np.float64(chunk) * scale[q]
+            s = total + term
+            bb = s - total
+            comp += (total - (s - bb)) + (term - bb)
+            total = s
+        total += comp
+        out[j] = -total if neg else total
