@@ -33,6 +33,9 @@ def test_count_below_equals_the_comparison_table():
     assert_same(trimmed.count_below(x, thr), table)
     # a strided view (a group's columns) reads the same values
     assert_same(trimmed.count_below(x[:, ::3], thr[::3]), table[::3])
+    # columns read in place (a request's open genes)
+    genes = np.array([7, 2, 2, 59])
+    assert_same(trimmed.count_below(x, thr[genes], genes), table[genes])
 
 
 @pytest.mark.parametrize("integer", [False, True])
@@ -111,3 +114,24 @@ def test_surrogate_edge_cases():
     assert at["f"][2] == f[2, 3] and at["ef"][2] == 0 and at["eg"][2] == 0
     beyond = sur.surrogate(ix, np.array([0.0, 1.75, 1.25]))
     assert beyond["outside"][1] == 0.75 and beyond["outside"][2] == 0.25
+
+
+def test_warm_compiles_every_type_an_analysis_uses():
+    """:func:`kernels.warm` (run when a container image is built) compiles each kernel for
+    the argument types a run passes: an analysis afterwards compiles nothing new, so no task
+    of a plan compiles in its fresh process."""
+    import fed_de
+    from fed_de.demo_data import make_demo_study
+
+    names = ("surrogate_values", "count_below", "disp_likelihood_sums", "nearest_gap",
+             "ring_add", "ring_sub", "ring_add_masks", "from_limbs")
+    before = {n: set(getattr(kernels, n).signatures) for n in names}
+    kernels.warm()
+    warm = {n: set(getattr(kernels, n).signatures) - before[n] for n in names}
+    assert all(getattr(kernels, n).signatures for n in names)
+    study = make_demo_study(n_samples=150, n_genes=80, seed=5)
+    fed_de.deseq2(study.sites, study.design, levels=study.levels,
+                  contrasts=[("condition", "B", "A")])
+    for n in names:
+        new = set(getattr(kernels, n).signatures) - before[n]
+        assert new <= warm[n], f"{n} compiled {new - warm[n]} beyond warm()"

@@ -382,7 +382,7 @@ def robust_sums(site: Site, robust: RobustSearch, totals: Totals, n_sites: int =
                 if x is None:
                     x = _robust_values(norm, robust, g, members)
                 rows = row[genes, t]
-                out[rows] = trimmed.count_below(x[:, genes], search.thresholds[rows])
+                out[rows] = trimmed.count_below(x, search.thresholds[rows], genes)
     return RobustSums(count_below=out)
 
 

@@ -17,7 +17,14 @@ numpy and scipy, whose implementations differ from the C library's in the last b
 where the array form gave NaN, ``np.fmin`` / ``np.fmax`` read as "ignore NaN", a stable
 sort with NaN last. ``error_model="numpy"``: a division by zero gives inf or NaN, as
 numpy's does, instead of raising. Numba is imported when a kernel is first used (~0.3 CPU s
-once per process; compiled code is cached beside this module).
+once per process); compiled code is cached beside this module, so only the first process
+after an install compiles (~3 s): :func:`warm` does that up front (the container image runs
+it when it is built).
+
+The ring arithmetic of secure aggregation (:mod:`fed_de.secagg`) is here too:
+:func:`ring_add`, :func:`ring_sub`, :func:`ring_add_masks` and :func:`from_limbs` work on
+``(limbs, n)`` uint64 words, exactly, so any correct order of operations gives the same
+words.
 """
 
 from __future__ import annotations
@@ -188,18 +195,19 @@ def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, rows, x, m: int, sep
 
 
 @njit(**_JIT)
-def count_below(x, thresholds):
-    """Per gene, the number of values strictly below each threshold: ``x`` samples x genes,
-    ``thresholds`` genes x K; float counts, genes x K."""
-    n, G = x.shape
-    K = thresholds.shape[1]
+def count_below(x, genes, thresholds):
+    """Per gene of ``genes`` (columns of ``x``, samples x all genes), the number of values
+    strictly below each of its thresholds (``thresholds``: one row per entry of ``genes``,
+    K columns); float counts, ``len(genes) x K``."""
+    n = x.shape[0]
+    G, K = thresholds.shape
     out = np.zeros((G, K))
     for i in range(n):
-        for g in range(G):
-            v = x[i, g]
+        for q in range(G):
+            v = x[i, genes[q]]
             for k in range(K):
-                if v < thresholds[g, k]:
-                    out[g, k] += 1.0
+                if v < thresholds[q, k]:
+                    out[q, k] += 1.0
     return out
 
 
@@ -355,3 +363,23 @@ def from_limbs(v, frac_bits: int, out):
             total = s
         total += comp
         out[j] = -total if neg else total
+
+
+def warm() -> None:
+    """Compile every kernel for the argument types fed_de passes (or load them from the
+    cache beside this module). A container image runs this once when it is built, so that
+    no task of a plan spends seconds compiling: each task is a fresh process."""
+    f, i, u = np.float64, np.int64, np.uint64
+    m2, v1 = np.zeros((2, 4), dtype=f), np.zeros(4, dtype=f)
+    rows = np.arange(2, dtype=i)
+    surrogate_values(m2, m2, m2, m2, rows, m2, m2, m2, m2, rows, np.zeros(2), 5, 0.05)
+    count_below(m2, rows, np.zeros((2, 3)))
+    index = np.zeros((2, 4), dtype=i)
+    disp_likelihood_sums(m2, m2, m2, v1, v1, v1, v1, v1, v1, v1, v1, index, v1, v1.copy(),
+                         v1.copy())
+    nearest_gap(m2, m2, rows, m2.copy())
+    words = np.zeros((3, 4), dtype=u)
+    ring_add(words, words.copy())
+    ring_sub(words, words.copy())
+    ring_add_masks(words, 0, np.zeros((2, 3, 4), dtype=u), 1)
+    from_limbs(words, 96, v1.copy())

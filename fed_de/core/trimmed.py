@@ -99,15 +99,19 @@ def start(center: np.ndarray, k: np.ndarray, n: np.ndarray, n_thresholds: int,
                   tie=np.zeros((G, T), dtype=bool), thresholds=thr)
 
 
-def count_below(x: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+def count_below(x: np.ndarray, thresholds: np.ndarray,
+                genes: np.ndarray | None = None) -> np.ndarray:
     """Site side: per gene, the number of values strictly below each threshold.
 
-    ``x`` samples x genes; ``thresholds`` genes x K, sorted. Returns genes x K (float).
+    ``x`` samples x genes; ``thresholds`` genes x K, sorted (one row per column of ``x``, or
+    per entry of ``genes``: columns of ``x``, read in place). Returns genes x K (float).
     Compiled (:func:`fed_de.core.kernels.count_below`): no genes x samples x K table.
     """
     from fed_de.core.kernels import count_below as counted  # numba: loaded when used
 
-    return counted(x, np.ascontiguousarray(thresholds, dtype=np.float64))
+    cols = np.arange(x.shape[1]) if genes is None else np.asarray(genes, dtype=np.int64)
+    return counted(np.ascontiguousarray(x, dtype=np.float64), cols,
+                   np.ascontiguousarray(thresholds, dtype=np.float64))
 
 
 def refine(search: Search, counts: np.ndarray) -> Search:
