@@ -72,7 +72,6 @@ HEADER = "_secagg"
 _VERSION = b"fed_de/secagg/v2"  # v2: AES-128-CTR masks (v1: ChaCha20); the run digest differs
 _MAX_TAG = 2**63
 _ZEROS = bytes(1 << 20)  # encrypted into the mask keystream (one chunk at a time)
-_CHUNK = 16384  # elements per chunk of the fixed-point encoding (stays in cache)
 _MASK_CHUNK = 8192  # values per chunk of the masking (stays in cache)
 MASK_DEGREE = 8  # peers each site masks with (all of them in studies of up to 9 sites)
 
@@ -181,35 +180,13 @@ class FixedPoint:
 
 def _limbs(a: np.ndarray, neg: np.ndarray, limbs: int) -> np.ndarray:
     """Integral float64 magnitudes ``a`` with signs ``neg`` as ``(limbs, n)`` uint64 words of
-    the ring (two's complement), limb 0 lowest.
+    the ring (two's complement), limb 0 lowest (:func:`fed_de.core.kernels.to_limbs`: the
+    53-bit mantissa shifted by its exponent, integer shifts, exact)."""
+    from fed_de.core.kernels import to_limbs  # numba: loaded when used
 
-    ``a = M 2^s`` with ``M`` the 53-bit integer mantissa (``frexp``); limb ``k`` is ``M``
-    shifted by ``s - 64 k``: integer shifts, exact. numpy's uint64 shifts by 64 or more give
-    0, so a negative shift read as uint64 drops that direction. Negation is ``~v + 1`` with
-    the carry run through the limbs. Runs in chunks that stay in cache.
-    """
     out = np.empty((limbs, a.size), dtype=np.uint64)
-    for start in range(0, a.size, _CHUNK):
-        sl = slice(start, start + _CHUNK)
-        frac, exp = np.frexp(a[sl])
-        mant = (frac * 2.0**53).astype(np.uint64)  # exact: a power-of-two scaling
-        shift = exp.astype(np.int64)
-        shift -= 53
-        for k in range(limbs):
-            right = np.negative(shift).view(np.uint64)
-            np.right_shift(mant, right, out=right)
-            np.bitwise_or(np.left_shift(mant, shift.view(np.uint64)), right, out=out[k, sl])
-            shift -= 64
-        n = neg[sl]
-        if n.any():  # ~v + 1 for the negative values: xor with all ones, no masked ufunc
-            carry = n.astype(np.uint64)  # the + 1, then the carry out of each limb
-            flip = np.negative(carry)  # all ones where negative, else 0
-            for k in range(limbs):
-                word = out[k, sl]
-                word ^= flip
-                word += carry
-                if k + 1 < limbs:
-                    carry &= word == 0
+    to_limbs(np.ascontiguousarray(a, dtype=np.float64).view(np.uint64),
+             np.ascontiguousarray(neg, dtype=np.bool_), out)
     return out
 
 
@@ -291,20 +268,15 @@ def pack_counts(x: np.ndarray, n_parties: int, name: str = "value",
         raise EncodingRangeError(
             f"{name!r}: the site's {count_own} samples exceed the pooled sample count "
             f"{count_total} the aggregator announced; not sent")
+    from fed_de.core.kernels import pack_fields  # numba: loaded when used
+
     limit = count_limit(n_parties, count_total, count_own)
-    if flat.size and not (np.all(flat == np.floor(flat)) and flat.min() >= 0
-                          and flat.max() < limit):
+    bits = count_width(count_total)
+    out = np.empty(packed_words(flat.size, bits), dtype=np.uint64)
+    if pack_fields(np.ascontiguousarray(flat), float(limit), bits, out) >= 0:
         raise EncodingRangeError(
             f"{name!r}: a count must be an integer in [0, {limit - 1}] for {n_parties} sites "
             f"(largest sent: {flat.max():.6g}); not sent")
-    bits = count_width(count_total)
-    per = 64 // bits
-    v = np.zeros(per * packed_words(flat.size, bits), dtype=np.uint64)
-    v[:flat.size] = flat
-    v = v.reshape(-1, per)
-    out = v[:, 0].copy()
-    for j in range(1, per):
-        out |= v[:, j] << np.uint64(j * bits)
     return out[None, :]
 
 

@@ -124,7 +124,8 @@ def test_warm_compiles_every_type_an_analysis_uses():
     from fed_de.demo_data import make_demo_study
 
     names = ("surrogate_values", "count_below", "disp_likelihood_sums", "nearest_gap",
-             "ring_add", "ring_sub", "ring_add_masks", "from_limbs")
+             "ring_add", "ring_sub", "ring_add_masks", "from_limbs", "to_limbs",
+             "pack_fields")
     before = {n: set(getattr(kernels, n).signatures) for n in names}
     kernels.warm()
     warm = {n: set(getattr(kernels, n).signatures) - before[n] for n in names}

@@ -22,7 +22,8 @@ after an install compiles (~3 s): :func:`warm` does that up front (the container
 it when it is built).
 
 The ring arithmetic of secure aggregation (:mod:`fed_de.secagg`) is here too:
-:func:`ring_add`, :func:`ring_sub`, :func:`ring_add_masks` and :func:`from_limbs` work on
+:func:`to_limbs`, :func:`ring_add`, :func:`ring_sub`, :func:`ring_add_masks`,
+:func:`from_limbs` and :func:`pack_fields` work on
 ``(limbs, n)`` uint64 words, exactly, so any correct order of operations gives the same
 words.
 """
@@ -383,3 +384,51 @@ def warm() -> None:
     ring_sub(words, words.copy())
     ring_add_masks(words, 0, np.zeros((2, 3, 4), dtype=u), 1)
     from_limbs(words, 96, v1.copy())
+    to_limbs(np.zeros(4, dtype=u), np.zeros(4, dtype=np.bool_), words)
+    pack_fields(v1, 2.0, 32, np.zeros(2, dtype=u))
+
+
+_MASK52 = np.uint64((1 << 52) - 1)
+_HIDDEN = np.uint64(1 << 52)
+
+
+@njit(**_JIT)
+def to_limbs(bits, neg, out):
+    """Integral float64 magnitudes (``bits``: their IEEE words, ``a.view(uint64)``; none
+    subnormal) with signs ``neg`` as words of the ring, two's complement, in ``out`` (limbs,
+    n): ``a = M 2**s`` with ``M`` the 53-bit integer mantissa (hidden bit set) and ``s`` the
+    unbiased exponent minus 52; limb ``k`` holds ``M`` shifted by ``s - 64 k`` (nothing
+    where every bit leaves the word); a negative value is ``~v + 1`` (xor with all ones, the
+    carry run through the limbs). Selects, not branches: signs and exponents vary at random."""
+    limbs, n = out.shape
+    for j in range(n):
+        w = bits[j]
+        mant = ((w & _MASK52) | _HIDDEN) * np.uint64(w != _ZERO)
+        s = np.int64((w >> np.uint64(52)) & np.uint64(0x7FF)) - 1075
+        carry = np.uint64(neg[j])
+        flip = _ZERO - carry
+        for k in range(limbs):
+            t = s - 64 * k
+            left = mant << np.uint64(t & 63)
+            right = mant >> np.uint64((-t) & 63)
+            v = left * np.uint64((t >= 0) & (t < 64)) + right * np.uint64((t < 0) & (t > -64))
+            v = (v ^ flip) + carry
+            carry &= np.uint64(v == _ZERO)
+            out[k, j] = v
+
+
+@njit(**_JIT)
+def pack_fields(flat, limit: float, bits: int, out) -> int:
+    """Non-negative integer counts ``flat`` (float64) packed ``64 // bits`` to a word of
+    ``out`` (zeroed here), field ``j`` of a word in bits ``[j * bits, (j + 1) * bits)``.
+    Returns -1, or the index of the first value that is not an integer in ``[0, limit)``
+    (then ``out`` is not to be used)."""
+    per = 64 // bits
+    for q in range(out.shape[0]):
+        out[q] = _ZERO
+    for j in range(flat.shape[0]):
+        v = flat[j]
+        if not (v >= 0.0 and v < limit and v == math.floor(v)):
+            return j
+        out[j // per] |= np.uint64(v) << np.uint64((j % per) * bits)
+    return -1
