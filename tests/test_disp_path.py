@@ -331,7 +331,7 @@ def test_round_cap_closes_on_the_prediction():
 
 
 def test_index_lookups_read_nan_out_of_range():
-    """The index pads every gene's sorted points with NaN (:func:`disp_surrogate._padded`):
+    """The index pads every gene's sorted points with NaN (:func:`disp_surrogate.index`):
     a lookup (the compiled kernel's ``_read``) reads the point, or NaN where the gene has
     none there, indices below -1 or past the width reading the pads; genes with no point,
     one point and three points (one not finite, dropped)."""

@@ -125,7 +125,7 @@ def test_warm_compiles_every_type_an_analysis_uses():
 
     names = ("surrogate_values", "count_below", "disp_likelihood_sums", "nearest_gap",
              "ring_add", "ring_sub", "ring_add_masks", "from_limbs", "to_limbs",
-             "pack_fields")
+             "pack_fields", "index_tables", "refine_brackets")
     before = {n: set(getattr(kernels, n).signatures) for n in names}
     kernels.warm()
     warm = {n: set(getattr(kernels, n).signatures) - before[n] for n in names}
@@ -136,3 +136,32 @@ def test_warm_compiles_every_type_an_analysis_uses():
     for n in names:
         new = set(getattr(kernels, n).signatures) - before[n]
         assert new <= warm[n], f"{n} compiled {new - warm[n]} beyond warm()"
+
+
+def test_index_sorts_and_thins_each_gene_as_the_greedy_rule_says():
+    """Against a plain per-gene reference: finite points sorted (stable: equal x keep their
+    order), thinned greedily (kept when at least NODE_SEPARATION above the last kept), both
+    padded with NaN; duplicates, NaN gaps, -0.0 and a gene with no point."""
+    rng = np.random.default_rng(6)
+    G, M = 40, 9
+    x = rng.normal(size=(G, M)).round(1)
+    x[rng.random((G, M)) < 0.3] = np.nan
+    x[3] = np.nan
+    x[5, :3] = [-0.0, 0.0, -0.0]
+    f, g, h = (np.where(np.isnan(x), np.nan, rng.normal(size=(G, M))) for _ in range(3))
+    ix = sur.index({"x": x, "f": f, "g": g, "h": h})
+    for gi in range(G):
+        pts = sorted((v, j) for j, v in enumerate(x[gi]) if np.isfinite(v))  # stable by j
+        order = [j for _, j in pts]
+        thin, last = [], -np.inf
+        for j in order:
+            if x[gi, j] - last >= sur.NODE_SEPARATION:
+                thin.append(j)
+                last = x[gi, j]
+        assert ix["n_all"][gi] == len(order) and ix["n_thin"][gi] == len(thin)
+        for key, v in (("x", x), ("f", f), ("g", g), ("h", h)):
+            row, trow = ix["all"][key][gi], ix["thin"][key][gi]
+            assert np.isnan(row[0]) and np.isnan(row[len(order) + 1:]).all()
+            assert_same(row[1:len(order) + 1], v[gi, order])
+            assert np.isnan(trow[0]) and np.isnan(trow[len(thin) + 1:]).all()
+            assert_same(trow[1:len(thin) + 1], v[gi, thin])

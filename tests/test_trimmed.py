@@ -101,9 +101,10 @@ def test_a_known_shared_value_closes_its_tie_at_once():
     np.testing.assert_allclose(got, r_trimmed_mean(e, 0.125), rtol=1e-12)
 
 
-def test_refining_in_gene_blocks_gives_the_search_of_one_block(monkeypatch):
-    """The aggregator's refinement taken 7 genes at a time ends in the same search, round
-    after round, as one refinement of every gene (ties and zeros included)."""
+def test_refining_in_blocks_gives_the_search_of_one_block(monkeypatch):
+    """The aggregator's refinement proposing next thresholds 7 open targets at a time ends
+    in the same search, round after round, as one block of every target (ties and zeros
+    included)."""
     rng = np.random.default_rng(4)
     parts = [rng.poisson(rng.gamma(1.0, 20.0, 40), (n, 40)).astype(float) for n in (9, 14)]
     parts[0][:, 3] = 5.0  # a tie

@@ -71,37 +71,18 @@ def memory_rows(mem: dict, rows: np.ndarray) -> dict:
 # -- interpolation ----------------------------------------------------------------------------
 def index(mem: dict) -> dict:
     """The memory prepared for many queries: each gene's points sorted, and a thinned copy
-    whose points are at least NODE_SEPARATION apart (the nodes besides the nearest); both
-    padded (:func:`_padded`), so a lookup is one flat take."""
-    order = np.argsort(np.where(np.isnan(mem["x"]), np.inf, mem["x"]), axis=1, kind="stable")
-    srt = {k: np.take_along_axis(v, order, axis=1) for k, v in mem.items()}
-    G, M = srt["x"].shape
-    keep = np.isfinite(srt["x"])
-    last = np.full(G, -np.inf)
-    for j in range(M):  # greedy in sorted order: keep a point far enough from the last kept
-        ok = keep[:, j] & (srt["x"][:, j] - last >= NODE_SEPARATION)
-        keep[:, j] = ok
-        last = np.where(ok, srt["x"][:, j], last)
-    left = np.argsort(~keep, axis=1, kind="stable")
-    width = int(keep.sum(axis=1).max(initial=0))
-    thin = {k: np.take_along_axis(np.where(keep, v, np.nan), left, axis=1)[:, :width]
-            for k, v in srt.items()}
-    n_all, n_thin = np.isfinite(srt["x"]).sum(axis=1), keep.sum(axis=1)
-    return {"all": _padded(srt, n_all), "thin": _padded(thin, n_thin), "n_all": n_all,
-            "n_thin": n_thin}
+    whose points are at least NODE_SEPARATION apart (kept greedily in sorted order: the nodes
+    besides the nearest). Both are genes x (width + 2) arrays with a NaN column on either
+    side and NaN past each gene's count (``n_all``, ``n_thin``): an index from -1 to the
+    width reads NaN wherever it is out of range, with no mask per lookup (the replayed path
+    looks nodes up ~50 times per step). Compiled
+    (:func:`fed_de.core.kernels.index_tables`)."""
+    from fed_de.core.kernels import index_tables  # numba: loaded when used
 
-
-def _padded(arrs: dict, n: np.ndarray) -> dict:
-    """Each array (genes x width) with a NaN column on either side and NaN past each gene's
-    ``n`` values: an index from -1 to the width reads NaN wherever it is out of range, with no
-    mask per lookup (the replayed path looks nodes up ~50 times per step)."""
-    out = {}
-    for k, v in arrs.items():
-        G, W = v.shape
-        p = np.full((G, W + 2), np.nan)
-        p[:, 1:W + 1] = np.where(np.arange(W)[None, :] < n[:, None], v, np.nan)
-        out[k] = p
-    return out
+    arrs = [np.ascontiguousarray(mem[k], dtype=np.float64) for k in ("x", "f", "g", "h")]
+    tab, thin, n_all, n_thin = index_tables(*arrs, NODE_SEPARATION)
+    return {"all": dict(zip("xfgh", tab, strict=True)),
+            "thin": dict(zip("xfgh", thin, strict=True)), "n_all": n_all, "n_thin": n_thin}
 
 
 def surrogate(ix: dict, x: np.ndarray, prior: dict | None = None,

@@ -1,10 +1,16 @@
 """Compiled loops (numba) of the hot spots, each giving the same numbers as the numpy
 expressions it replaced.
 
+- :func:`index_tables`: the surrogate's sorted and thinned tables of evaluated points
+  (:func:`fed_de.core.disp_surrogate.index`).
 - :func:`surrogate_values`: node lookup and the confluent Hermite interpolant of
   :func:`fed_de.core.disp_surrogate.surrogate`, one gene at a time. The aggregator's replay
   of R's dispersion loop evaluates the surrogate ~50 times a step over thousands of genes;
   as array expressions that was ~200 numpy operations a call on small arrays.
+- :func:`nearest_gap`: each proposed point's distance to the nearest evaluated one
+  (the dispersion search's choice of points to evaluate).
+- :func:`refine_brackets`: the Cook's threshold searches' brackets, a round at a time
+  (:func:`fed_de.core.trimmed.refine`).
 - :func:`count_below`: the Cook's search's counts of values below thresholds
   (:func:`fed_de.core.trimmed.count_below`), without a genes x samples x thresholds table.
 - :func:`disp_likelihood_sums`: the per-sample terms of the dispersion log likelihood and
@@ -386,6 +392,10 @@ def warm() -> None:
     from_limbs(words, 96, v1.copy())
     to_limbs(np.zeros(4, dtype=u), np.zeros(4, dtype=np.bool_), words)
     pack_fields(v1, 2.0, 32, np.zeros(2, dtype=u))
+    index_tables(m2, m2, m2, m2, 0.05)
+    flags = np.zeros((2, 4), dtype=np.bool_)
+    refine_brackets(np.zeros((2, 4, 3)), m2, np.zeros((2, 4, 3)), flags, flags.copy(), m2.copy(),
+                    m2.copy(), m2.copy(), m2.copy(), m2.copy(), 1e-9, 1e-300)
 
 
 _MASK52 = np.uint64((1 << 52) - 1)
@@ -432,3 +442,87 @@ def pack_fields(flat, limit: float, bits: int, out) -> int:
             return j
         out[j // per] |= np.uint64(v) << np.uint64((j % per) * bits)
     return -1
+
+
+@njit(**_JIT)
+def index_tables(mx, mf, mg, mh, sep: float):
+    """The surrogate's index of evaluated points (genes x M, NaN where a gene has none):
+    each gene's points sorted by ``x`` (stable, NaN last), and the thinned ones, kept
+    greedily in sorted order when at least ``sep`` above the last kept; both as ``(4, genes,
+    width + 2)`` tables of ``x, f, g, h`` with a NaN column on either side and NaN past each
+    gene's count. Returns ``(all, thin, n_all, n_thin)``."""
+    G, M = mx.shape
+    src = (mx, mf, mg, mh)
+    tab = np.full((4, G, M + 2), np.nan)
+    n_all = np.zeros(G, dtype=np.int64)
+    n_thin = np.zeros(G, dtype=np.int64)
+    kept = np.empty((G, M), dtype=np.int64)
+    order = np.empty(M, dtype=np.int64)
+    for gi in range(G):
+        for j in range(M):
+            order[j] = j
+        for j in range(1, M):  # stable insertion sort, NaN as +inf
+            k = j
+            while k > 0:
+                a, b = mx[gi, order[k]], mx[gi, order[k - 1]]
+                if (np.inf if np.isnan(a) else a) < (np.inf if np.isnan(b) else b):
+                    order[k], order[k - 1] = order[k - 1], order[k]
+                    k -= 1
+                else:
+                    break
+        last = -np.inf
+        for j in range(M):
+            v = mx[gi, order[j]]
+            if not np.isfinite(v):
+                continue
+            for q in range(4):
+                tab[q, gi, n_all[gi] + 1] = src[q][gi, order[j]]
+            n_all[gi] += 1
+            if v - last >= sep:
+                kept[gi, n_thin[gi]] = order[j]
+                n_thin[gi] += 1
+                last = v
+    width = 0
+    for gi in range(G):
+        width = max(width, n_thin[gi])
+    thin = np.full((4, G, width + 2), np.nan)
+    for gi in range(G):
+        for j in range(n_thin[gi]):
+            for q in range(4):
+                thin[q, gi, j + 1] = src[q][gi, kept[gi, j]]
+    return tab, thin, n_all, n_thin
+
+
+@njit(**_JIT)
+def refine_brackets(thr, k, counts, done, tie, lo, hi, n_lo, n_hi, tau, tie_width: float,
+                    tiny: float):
+    """One round of the Cook's threshold searches (:func:`fed_de.core.trimmed.refine`), in
+    place on ``lo, hi, n_lo, n_hi, tau, done, tie`` (genes x targets; ``thr`` and ``counts``
+    genes x targets x K): an open target whose count equals ``k`` at a threshold is found
+    there (the first such); else its bracket narrows to the thresholds around rank ``k``, and
+    closes as a tie when it is narrower than ``tie_width`` (relative) or ends at ``tiny``."""
+    G, T, K = thr.shape
+    for gi in range(G):
+        for t in range(T):
+            if done[gi, t]:
+                continue
+            want = k[gi, t]
+            j, first = 0, -1
+            for q in range(K):
+                c = counts[gi, t, q]
+                if c == want and first < 0:
+                    first = q
+                if c < want:
+                    j += 1
+            if first >= 0:
+                tau[gi, t] = thr[gi, t, first]
+                done[gi, t] = True
+                continue
+            if j > 0:
+                lo[gi, t], n_lo[gi, t] = thr[gi, t, j - 1], counts[gi, t, j - 1]
+            if j < K:
+                hi[gi, t], n_hi[gi, t] = thr[gi, t, j], counts[gi, t, j]
+            h, lw = hi[gi, t], lo[gi, t]
+            if np.isfinite(h) and ((h - lw <= tie_width * h) or (h <= tiny)):
+                tie[gi, t] = True
+                done[gi, t] = True

@@ -26,14 +26,14 @@ samples). Never a sum over a bracket holding a single value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 TINY = float(np.finfo(float).tiny)  # first threshold: zeros below it, every positive value above
 TIE_WIDTH = 1e-9  # a bracket this narrow (relative) holds one repeated value
 GROW = 10.0  # factor between thresholds above a bracket open to +inf
-REFINE_BLOCK = 4096  # genes per block of the aggregator's refinement (bounds its temporaries)
+REFINE_BLOCK = 16384  # open targets per block of the next thresholds (bounds temporaries)
 
 
 def trim_ranks(n: int, trim: float) -> tuple[int, int]:
@@ -118,43 +118,29 @@ def refine(search: Search, counts: np.ndarray) -> Search:
     """Aggregator side: from the summed counts below each threshold, close or narrow every
     open target's bracket and propose the next thresholds.
 
-    Genes are independent: taken :data:`REFINE_BLOCK` at a time, so the genes x targets x
-    thresholds temporaries stay the size of a block (the numbers are those of one call).
+    The brackets are compiled (:func:`fed_de.core.kernels.refine_brackets`); the open
+    targets' next thresholds are taken :data:`REFINE_BLOCK` targets at a time, so their
+    targets x thresholds temporaries stay the size of a block (each target's thresholds are
+    its own: the numbers are those of one call).
     """
-    G = search.k.shape[0]
-    if G <= REFINE_BLOCK:
-        return _refine(search, counts)
-    parts = [_refine(Search(**{f.name: getattr(search, f.name)[lo:lo + REFINE_BLOCK]
-                               for f in fields(Search)}), counts[lo:lo + REFINE_BLOCK])
-             for lo in range(0, G, REFINE_BLOCK)]
-    return Search(**{f.name: np.concatenate([getattr(part, f.name) for part in parts])
-                     for f in fields(Search)})
+    from fed_de.core.kernels import refine_brackets  # numba: loaded when used
 
-
-def _refine(search: Search, counts: np.ndarray) -> Search:
-    thr, k = search.thresholds, search.k[..., None]
+    lo, hi, n_lo, n_hi, tau = (np.array(a, dtype=np.float64) for a in (
+        search.lo, search.hi, search.n_lo, search.n_hi, search.tau))
+    done, tie = np.array(search.done, dtype=bool), np.array(search.tie, dtype=bool)
+    thr = np.ascontiguousarray(search.thresholds, dtype=np.float64)
+    refine_brackets(thr, np.ascontiguousarray(search.k, dtype=np.float64),
+                    np.ascontiguousarray(counts, dtype=np.float64), done, tie, lo, hi, n_lo,
+                    n_hi, tau, TIE_WIDTH, TINY)
     K = thr.shape[-1]
-    open_ = ~search.done
-    exact = (counts == k) & open_[..., None]
-    found = exact.any(axis=2)
-    first = np.argmax(exact, axis=2)
-    tau = np.where(found, np.take_along_axis(thr, first[..., None], 2)[..., 0], search.tau)
-    j = (counts < k).sum(axis=2)  # thresholds below the target rank
-    pick = lambda a, i: np.take_along_axis(a, np.clip(i, 0, K - 1)[..., None], 2)[..., 0]  # noqa: E731
-    lo = np.where(j > 0, pick(thr, j - 1), search.lo)
-    n_lo = np.where(j > 0, pick(counts, j - 1), search.n_lo)
-    hi = np.where(j < K, pick(thr, j), search.hi)
-    n_hi = np.where(j < K, pick(counts, j), search.n_hi)
-    move = open_ & ~found
-    lo, hi = np.where(move, lo, search.lo), np.where(move, hi, search.hi)
-    n_lo, n_hi = np.where(move, n_lo, search.n_lo), np.where(move, n_hi, search.n_hi)
-    with np.errstate(invalid="ignore"):
-        tie = move & np.isfinite(hi) & ((hi - lo <= TIE_WIDTH * hi) | (hi <= TINY))
-    done = search.done | found | tie
     nxt = thr.copy()  # the open targets' next thresholds (most targets close early)
-    nxt[~done] = _inside(lo[~done], hi[~done], K)
+    flat = nxt.reshape(-1, K)
+    open_ = np.flatnonzero(~done.ravel())
+    for start in range(0, open_.size, REFINE_BLOCK):
+        rows = open_[start:start + REFINE_BLOCK]
+        flat[rows] = _inside(lo.ravel()[rows], hi.ravel()[rows], K)
     return Search(k=search.k, lo=lo, hi=hi, n_lo=n_lo, n_hi=n_hi, tau=tau, done=done,
-                  tie=search.tie | tie, thresholds=nxt)
+                  tie=tie, thresholds=nxt)
 
 
 def _inside(lo: np.ndarray, hi: np.ndarray, K: int) -> np.ndarray:
