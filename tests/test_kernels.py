@@ -125,14 +125,16 @@ def test_warm_compiles_every_type_an_analysis_uses():
 
     names = ("surrogate_values", "count_below", "disp_likelihood_sums", "nearest_gap",
              "ring_add", "ring_sub", "ring_add_masks", "from_limbs", "to_limbs",
-             "pack_fields", "index_tables", "refine_brackets")
+             "pack_fields", "index_tables", "refine_brackets", "irls_weights", "irls_response")
     before = {n: set(getattr(kernels, n).signatures) for n in names}
     kernels.warm()
     warm = {n: set(getattr(kernels, n).signatures) - before[n] for n in names}
     assert all(getattr(kernels, n).signatures for n in names)
     study = make_demo_study(n_samples=150, n_genes=80, seed=5)
     fed_de.deseq2(study.sites, study.design, levels=study.levels,
-                  contrasts=[("condition", "B", "A")])
+                  contrasts=[("condition", "B", "A")], shrink="normal")
+    fed_de.deseq2(study.sites, study.design, levels=study.levels, test="LRT",
+                  reduced="~ batch")
     for n in names:
         new = set(getattr(kernels, n).signatures) - before[n]
         assert new <= warm[n], f"{n} compiled {new - warm[n]} beyond warm()"

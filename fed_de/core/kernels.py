@@ -11,6 +11,8 @@ expressions it replaced.
   (the dispersion search's choice of points to evaluate).
 - :func:`refine_brackets`: the Cook's threshold searches' brackets, a round at a time
   (:func:`fed_de.core.trimmed.refine`).
+- :func:`irls_weights`, :func:`irls_response`: an IRLS iteration's per-sample terms
+  (:func:`fed_de.core.nb.irls_summands`) in two passes around numpy's exp and logarithms.
 - :func:`count_below`: the Cook's search's counts of values below thresholds
   (:func:`fed_de.core.trimmed.count_below`), without a genes x samples x thresholds table.
 - :func:`disp_likelihood_sums`: the per-sample terms of the dispersion log likelihood and
@@ -393,6 +395,9 @@ def warm() -> None:
     to_limbs(np.zeros(4, dtype=u), np.zeros(4, dtype=np.bool_), words)
     pack_fields(v1, 2.0, 32, np.zeros(2, dtype=u))
     index_tables(m2, m2, m2, m2, 0.05)
+    for y in (m2, np.asfortranarray(m2)):  # a site's columns taken by index are F-ordered
+        irls_weights(m2, y, v1[:2], v1, v1, 0.5, *(m2.copy() for _ in range(6)))
+        irls_response(y, m2, m2, v1, m2, m2, m2, m2, m2.copy(), v1.copy())
     flags = np.zeros((2, 4), dtype=np.bool_)
     refine_brackets(np.zeros((2, 4, 3)), m2, np.zeros((2, 4, 3)), flags, flags.copy(), m2.copy(),
                     m2.copy(), m2.copy(), m2.copy(), m2.copy(), 1e-9, 1e-300)
@@ -526,3 +531,49 @@ def refine_brackets(thr, k, counts, done, tie, lo, hi, n_lo, n_hi, tau, tie_widt
             if np.isfinite(h) and ((h - lw <= tie_width * h) or (h <= tiny)):
                 tie[gi, t] = True
                 done[gi, t] = True
+
+
+@njit(**_JIT)
+def irls_weights(ex, y, sf, alpha, r, min_mu: float, mu, w, v, a_z, a_r, a_q):
+    """First pass of :func:`fed_de.core.nb.irls_summands` over a samples x genes block, from
+    ``ex = exp(X beta)``: the floored means ``mu = max(sf ex, min_mu)``, the IRLS weights
+    ``w = mu / (1 + alpha mu)``, the pseudo-score's derivative weights ``v`` (``mu (1 + alpha
+    y) / (1 + alpha mu)^2``, ``w`` where the mean is floored), and the arguments of the
+    logarithms that follow: ``mu / sf``, ``mu + 1/alpha`` and ``mu / (1/alpha)``."""
+    n, g = ex.shape
+    for i in range(n):
+        for j in range(g):
+            raw = ex[i, j] * sf[i]
+            m = raw if (raw >= min_mu or raw != raw) else min_mu
+            denom = alpha[j] * m
+            denom += 1.0
+            wt = m / denom
+            mu[i, j], w[i, j] = m, wt
+            if raw > min_mu:
+                vv = alpha[j] * y[i, j]
+                vv += 1.0
+                vv *= wt
+                v[i, j] = vv / denom
+            else:
+                v[i, j] = wt
+            a_z[i, j] = m / sf[i]
+            a_r[i, j] = m + r[j]
+            a_q[i, j] = m / r[j]
+
+
+@njit(**_JIT)
+def irls_response(y, mu, w, r, log_z, log_mu, log_mr, log1p_q, z, logp):
+    """Second pass: the weighted working response ``z = (log(mu / sf) + (y - mu) / mu) w``
+    and, per gene, ``sum_i y (log mu - log(mu + r)) - r log1p(mu / r)`` summed over samples
+    in sample order (numpy's reduction over the first axis of a C-ordered block)."""
+    n, g = y.shape
+    for i in range(n):
+        for j in range(g):
+            m = mu[i, j]
+            zz = log_z[i, j] + (y[i, j] - m) / m
+            z[i, j] = zz * w[i, j]
+            t = (log_mu[i, j] - log_mr[i, j]) * y[i, j] - log1p_q[i, j] * r[j]
+            if i == 0:
+                logp[j] = t
+            else:
+                logp[j] += t

@@ -152,32 +152,34 @@ def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None,
     where it is (there ``w`` and ``z`` do not move with ``beta``): a Newton step towards the
     same fixed point.
     """
-    # the same floating-point operations as the formulas above, in place, with 1 + alpha mu
-    # computed once (n x g temporaries are the cost here)
-    raw = X @ beta.T
+    # the same floating-point operations as the formulas above, each element's in two
+    # compiled passes (fed_de.core.kernels.irls_weights, irls_response) around numpy's exp
+    # and logarithms; the sums over samples are the matrix products' and, for the deviance,
+    # in sample order
+    from fed_de.core.kernels import irls_response, irls_weights  # numba: loaded when used
+
+    ex = X @ beta.T
     with np.errstate(over="ignore"):
-        np.exp(raw, out=raw)
-    raw *= sf[:, None]
-    mu = np.maximum(raw, min_mu)
-    unfloored = raw > min_mu
-    denom = np.multiply(alpha, mu, out=raw)  # raw is not read again
-    denom += 1.0
-    w = mu / denom
-    z = mu / sf[:, None]
-    np.log(z, out=z)
-    resid = y - mu
-    resid /= mu
-    z += resid
-    z *= w
-    xtwz = z.T @ X
-    v = np.multiply(alpha, y, out=resid)
-    v += 1.0
-    v *= w
-    v /= denom
-    np.copyto(v, w, where=~unfloored)
-    return {"xtwx": gram(X, w), "xtwz": xtwz,
-            "deviance": nb_deviance(y, mu, alpha, lgamma_y1, lgamma_ratio),
-            "xtwx_obs": gram(X, v)}
+        np.exp(ex, out=ex)
+    g = ex.shape[1]
+    alpha = np.array(np.broadcast_to(np.asarray(alpha, dtype=np.float64), (g,)))
+    sf = np.array(sf, dtype=np.float64)  # a writeable copy: one compiled signature
+    r = 1.0 / alpha
+    mu, w, v, a_z, a_r, a_q = (np.empty_like(ex) for _ in range(6))
+    irls_weights(ex, y, sf, alpha, r, float(min_mu), mu, w, v, a_z, a_r, a_q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_mu = np.log(mu)
+        np.log(a_z, out=a_z)
+        np.log(a_r, out=a_r)
+        np.log1p(a_q, out=a_q)
+    logp = np.empty(g)
+    irls_response(y, mu, w, r, a_z, log_mu, a_r, a_q, ex, logp)  # z into ex
+    if lgamma_ratio is None:
+        lgamma_ratio = nb_lgamma_ratio(y, alpha)
+    if lgamma_y1 is None:
+        lgamma_y1 = gammaln(y + 1.0).sum(axis=0)
+    return {"xtwx": gram(X, w), "xtwz": ex.T @ X,
+            "deviance": -2.0 * (logp + lgamma_ratio - lgamma_y1), "xtwx_obs": gram(X, v)}
 
 
 def gene_blocks(G: int, chunk: int | None = None) -> list[slice]:
