@@ -52,13 +52,15 @@ def test_disp_likelihood_sums_equal_the_array_expressions(integer):
     ll = (gammaln(t) - gammaln(r) - (np.log(r) + l1) * y - r * l1).sum(axis=0)
     dl = (digamma(t) - digamma(r) - l1 - t * inv + 1.0).sum(axis=0)
     d2 = (nb.trigamma(t) - nb.trigamma(r) - inv - (mu - y) * inv * inv + 1.0 / r).sum(axis=0)
-    out = [np.empty(P) for _ in range(3)]
+    w = mu / (alpha * mu + 1.0)
+    dw = -alpha * w * w
+    out = [np.empty(P) for _ in range(3)] + [np.empty_like(mu), np.empty_like(mu)]
     yy = y.astype(np.int64) if integer else y
     kernels.disp_likelihood_sums(yy, mu, l1, r, np.log(r), gammaln(r), digamma(r),
                                  nb.trigamma(r), gammaln(t).ravel(), digamma(t).ravel(),
                                  nb.trigamma(t).ravel(), np.arange(n * P).reshape(n, P),
-                                 *out)
-    for got, want in zip(out, (ll, dl, d2), strict=True):
+                                 *out[:3], alpha, *out[3:])
+    for got, want in zip(out, (ll, dl, d2, w, dw), strict=True):
         assert_same(got, want)
 
 

@@ -222,7 +222,7 @@ def count_below(x, genes, thresholds):
 
 @njit(**_JIT)
 def disp_likelihood_sums(y, mu, l1, r, log_r, lgamma_r, digamma_r, trigamma_r, lg, dg, tg,
-                         index, out_ll, out_dl, out_d2l):
+                         index, out_ll, out_dl, out_d2l, alpha, w, dw):
     """Sums over samples (rows) of a samples x pairs block, per pair (column): DESeq2's
     ``ll_part`` terms ``lgamma(y+r) - lgamma(r) - y log(mu+r) - r log(1 + mu/r)`` and their
     first two derivatives in ``r`` (see :func:`fed_de.core.nb._disp_block`).
@@ -230,7 +230,8 @@ def disp_likelihood_sums(y, mu, l1, r, log_r, lgamma_r, digamma_r, trigamma_r, l
     ``l1 = log1p(mu / r)`` per element; ``r, log_r, lgamma_r, digamma_r, trigamma_r`` per
     pair; ``lg, dg, tg``: lgamma, digamma, trigamma of ``y + r``, read at ``index`` (samples
     x pairs) in these flat tables. Each column is summed in sample order, starting from its
-    first row.
+    first row. Also the weights ``w = mu / (1 + alpha mu)`` and ``dw = -alpha w^2`` per
+    element (``alpha`` per pair), for the Cox-Reid sums.
     """
     n, P = y.shape
     for i in range(n):
@@ -256,6 +257,11 @@ def disp_likelihood_sums(y, mu, l1, r, log_r, lgamma_r, digamma_r, trigamma_r, l
                 out_ll[p] += ll
                 out_dl[p] += dl
                 out_d2l[p] += d2
+            wt = alpha[p] * m
+            wt += 1.0
+            wt = m / wt
+            w[i, p] = wt
+            dw[i, p] = (-alpha[p] * wt) * wt
 
 
 @njit(**_JIT)
@@ -385,7 +391,7 @@ def warm() -> None:
     count_below(m2, rows, np.zeros((2, 3)))
     index = np.zeros((2, 4), dtype=i)
     disp_likelihood_sums(m2, m2, m2, v1, v1, v1, v1, v1, v1, v1, v1, index, v1, v1.copy(),
-                         v1.copy())
+                         v1.copy(), v1, m2.copy(), m2.copy())
     nearest_gap(m2, m2, rows, m2.copy())
     words = np.zeros((3, 4), dtype=u)
     ring_add(words, words.copy())

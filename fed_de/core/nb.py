@@ -407,7 +407,8 @@ def _disp_block(y, mu, XX, per_pair, out, lookup=None) -> None:
     operations; differences such as digamma(y+r) - digamma(r) are taken per element, before
     summing over samples: summing first would cancel large terms and make sums from
     different sites disagree in the last digits more than the per-element form does. The
-    weights' sums stay matrix products, in place.
+    kernel also writes the weights and their first derivative; the weights' sums stay
+    matrix products.
     """
     from fed_de.core.kernels import disp_likelihood_sums  # numba: loaded when used
 
@@ -421,18 +422,15 @@ def _disp_block(y, mu, XX, per_pair, out, lookup=None) -> None:
     l1 = np.divide(mu, r)
     np.log1p(l1, out=l1)  # log(1 + mu/r); log(mu + r) = log(r) + l1
     ll_sum, dl_sum, d2l_sum = np.empty(r.size), np.empty(r.size), np.empty(r.size)
+    w, dw = np.empty_like(l1), np.empty_like(l1)  # w = mu / (1 + alpha mu), dw = -alpha w^2
     disp_likelihood_sums(y, mu, l1, r, np.log(r), lgamma_r, digamma_r, trigamma_r,
-                         gammaln(t), digamma(t), trigamma(t), index, ll_sum, dl_sum, d2l_sum)
+                         gammaln(t), digamma(t), trigamma(t), index, ll_sum, dl_sum, d2l_sum,
+                         alpha, w, dw)
     # theta = log(alpha), r = exp(-theta): dl/dtheta = -r l_r; d2l/dtheta2 = r l_r + r^2 l_rr
     out["ll"][:] = ll_sum
     np.multiply(-r, dl_sum, out=out["d1"])
     np.add(r * dl_sum, r * r * d2l_sum, out=out["d2"])
-    w = np.multiply(alpha, mu)  # w = mu / (1 + alpha mu), dw = -alpha w^2,
-    w += 1.0                    # d2w = dw + 2 alpha^2 w^3
-    np.divide(mu, w, out=w)
-    dw = np.multiply(-alpha, w)
-    dw *= w
-    d2w = np.power(w, 3, out=l1)
+    d2w = np.power(w, 3, out=l1)  # d2w = dw + 2 alpha^2 w^3
     d2w *= 2.0 * alpha * alpha
     d2w += dw
     for key, v in (("A", w), ("A1", dw), ("A2", d2w)):
