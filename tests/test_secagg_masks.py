@@ -1,7 +1,8 @@
 """The masking arithmetic of fed_de.secagg against exact integer arithmetic.
 
-``_add_masks`` adds and subtracts AES-128-CTR masks with deferred carries; here every result is
-checked against Python integers computed from the keystream read as its docstring says.
+``_add_masks`` adds and subtracts AES-128-CTR masks, the carries counted limb by limb in one
+compiled pass; here every result is checked against Python integers computed from the
+keystream read as its docstring says.
 """
 
 from __future__ import annotations
