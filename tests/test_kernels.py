@@ -169,3 +169,34 @@ def test_index_sorts_and_thins_each_gene_as_the_greedy_rule_says():
             assert_same(row[1:len(order) + 1], v[gi, order])
             assert np.isnan(trow[0]) and np.isnan(trow[len(thin) + 1:]).all()
             assert_same(trow[1:len(thin) + 1], v[gi, thin])
+
+
+def test_kernels_compile_where_nothing_can_be_cached(tmp_path):
+    """A read-only install and home (a hardened container) leave numba nowhere to keep
+    compiled code, and numba then refuses ``cache=True`` when a function is decorated: the
+    kernels are compiled in the process instead, with the same answers."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "nolocator.py").write_text(textwrap.dedent("""
+        class NoLocator:
+            @classmethod
+            def from_function(cls, py_func, source_path):
+                return None
+    """))
+    script = textwrap.dedent("""
+        import numpy as np
+        from fed_de.core import kernels
+        x = np.array([[0.0, 5.0], [2.0, 1.0], [7.0, 3.0]])
+        got = kernels.count_below(x, np.arange(2), np.array([[1.0, 3.0], [2.0, 9.0]]))
+        print(type(kernels.count_below._cache).__name__, got.tolist())
+    """)
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "nolocator.NoLocator",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == "NullCache"
+    assert out.stdout.strip().endswith("[[1.0, 2.0], [1.0, 3.0]]")

@@ -25,9 +25,10 @@ numpy and scipy, whose implementations differ from the C library's in the last b
 where the array form gave NaN, ``np.fmin`` / ``np.fmax`` read as "ignore NaN", a stable
 sort with NaN last. ``error_model="numpy"``: a division by zero gives inf or NaN, as
 numpy's does, instead of raising. Numba is imported when a kernel is first used (~0.3 CPU s
-once per process); compiled code is cached beside this module, so only the first process
-after an install compiles (~3 s): :func:`warm` does that up front (the container image runs
-it when it is built).
+once per process); compiled code is cached beside this module (or in the user's cache
+directory), so only the first process after an install compiles (~3 s): :func:`warm` does
+that up front (the container image runs it when it is built). Where neither is writable,
+each process compiles what it uses (:func:`_compiled`).
 
 The ring arithmetic of secure aggregation (:mod:`fed_de.secagg`) is here too:
 :func:`to_limbs`, :func:`ring_add`, :func:`ring_sub`, :func:`ring_add_masks`,
@@ -43,10 +44,23 @@ import math
 import numpy as np
 from numba import njit
 
-_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+_OPTIONS = {"nogil": True, "error_model": "numpy"}
 
 
-@njit(**_JIT)
+def _compiled(fn):
+    """``numba.njit`` with :data:`_OPTIONS`, the compiled code cached beside this module or in
+    the user's cache directory; where neither is writable (a read-only install and home, as
+    in a hardened container), numba refuses to cache, and the kernel is compiled in each
+    process instead."""
+    try:
+        return njit(cache=True, **_OPTIONS)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(cache=False, **_OPTIONS)(fn)
+
+
+
+
+@_compiled
 def _read(row: np.ndarray, i: int) -> float:
     """``row`` padded (a NaN column on either side): index ``i`` clipped to ``[-1, width]``."""
     width = row.shape[0] - 2
@@ -57,7 +71,7 @@ def _read(row: np.ndarray, i: int) -> float:
     return row[i + 1]
 
 
-@njit(**_JIT)
+@_compiled
 def _fmin(a: float, b: float) -> float:
     if np.isnan(a):
         return b
@@ -66,7 +80,7 @@ def _fmin(a: float, b: float) -> float:
     return a if a <= b else b
 
 
-@njit(**_JIT)
+@_compiled
 def _fmax(a: float, b: float) -> float:
     if np.isnan(a):
         return b
@@ -75,13 +89,13 @@ def _fmax(a: float, b: float) -> float:
     return a if a >= b else b
 
 
-@njit(**_JIT)
+@_compiled
 def _before(a: float, b: float) -> bool:
     """numpy's sort order: NaN after everything, inf included."""
     return a < b or (np.isnan(b) and not np.isnan(a))
 
 
-@njit(**_JIT)
+@_compiled
 def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, rows, x, m: int, sep: float):
     """For the genes ``rows`` of the index: the surrogate's ``f, g, h`` at ``x`` (one point
     per row), error estimates ``ef, eg``, ``dist`` and ``outside`` (see
@@ -203,7 +217,7 @@ def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, rows, x, m: int, sep
     return out
 
 
-@njit(**_JIT)
+@_compiled
 def count_below(x, genes, thresholds):
     """Per gene of ``genes`` (columns of ``x``, samples x all genes), the number of values
     strictly below each of its thresholds (``thresholds``: one row per entry of ``genes``,
@@ -220,7 +234,7 @@ def count_below(x, genes, thresholds):
     return out
 
 
-@njit(**_JIT)
+@_compiled
 def disp_likelihood_sums(y, mu, l1, r, log_r, lgamma_r, digamma_r, trigamma_r, lg, dg, tg,
                          index, out_ll, out_dl, out_d2l, alpha, w, dw):
     """Sums over samples (rows) of a samples x pairs block, per pair (column): DESeq2's
@@ -264,7 +278,7 @@ def disp_likelihood_sums(y, mu, l1, r, log_r, lgamma_r, digamma_r, trigamma_r, l
             dw[i, p] = (-alpha[p] * wt) * wt
 
 
-@njit(**_JIT)
+@_compiled
 def nearest_gap(a, b, todo, out):
     """For the genes ``todo``: each ``a`` point's distance to the nearest ``b`` point (genes
     x m and genes x w, NaN-padded), written into ``out``; NaN points are ignored, and a
@@ -286,7 +300,7 @@ _ZERO = np.uint64(0)
 _LO32 = np.uint64(0xFFFFFFFF)
 
 
-@njit(**_JIT)
+@_compiled
 def ring_add(acc, b):
     """``acc += b mod 2**(64 limbs)``, in place (limb by limb, each a loop over the values
     that the compiler vectorises, with the carries kept per value)."""
@@ -301,7 +315,7 @@ def ring_add(acc, b):
             carry[j] = np.uint64(c | (t < s))
 
 
-@njit(**_JIT)
+@_compiled
 def ring_sub(acc, b):
     """``acc -= b mod 2**(64 limbs)``, in place."""
     limbs, n = acc.shape
@@ -314,7 +328,7 @@ def ring_sub(acc, b):
             borrow[j] = np.uint64((a < v) | (d < borrow[j]))
 
 
-@njit(**_JIT)
+@_compiled
 def ring_add_masks(acc, start: int, masks, n_plus: int):
     """``acc[:, start:start + n] += sum(masks[:n_plus]) - sum(masks[n_plus:])``, in place:
     ``masks`` is ``(d, limbs, n)``, one keystream's words per mask.
@@ -345,7 +359,7 @@ def ring_add_masks(acc, start: int, masks, n_plus: int):
                     acc[k, start + j] = s
 
 
-@njit(**_JIT)
+@_compiled
 def from_limbs(v, frac_bits: int, out):
     """Float64 values of ring words ``v`` (limbs, n) read in two's complement, scaled by
     ``2**-frac_bits``: the magnitude's 32-bit chunks, most significant first, summed with
@@ -413,7 +427,7 @@ _MASK52 = np.uint64((1 << 52) - 1)
 _HIDDEN = np.uint64(1 << 52)
 
 
-@njit(**_JIT)
+@_compiled
 def to_limbs(bits, neg, out):
     """Integral float64 magnitudes (``bits``: their IEEE words, ``a.view(uint64)``; none
     subnormal) with signs ``neg`` as words of the ring, two's complement, in ``out`` (limbs,
@@ -438,7 +452,7 @@ def to_limbs(bits, neg, out):
             out[k, j] = v
 
 
-@njit(**_JIT)
+@_compiled
 def pack_fields(flat, limit: float, bits: int, out) -> int:
     """Non-negative integer counts ``flat`` (float64) packed ``64 // bits`` to a word of
     ``out`` (zeroed here), field ``j`` of a word in bits ``[j * bits, (j + 1) * bits)``.
@@ -455,7 +469,7 @@ def pack_fields(flat, limit: float, bits: int, out) -> int:
     return -1
 
 
-@njit(**_JIT)
+@_compiled
 def index_tables(mx, mf, mg, mh, sep: float):
     """The surrogate's index of evaluated points (genes x M, NaN where a gene has none):
     each gene's points sorted by ``x`` (stable, NaN last), and the thinned ones, kept
@@ -504,7 +518,7 @@ def index_tables(mx, mf, mg, mh, sep: float):
     return tab, thin, n_all, n_thin
 
 
-@njit(**_JIT)
+@_compiled
 def refine_brackets(thr, k, counts, done, tie, lo, hi, n_lo, n_hi, tau, tie_width: float,
                     tiny: float):
     """One round of the Cook's threshold searches (:func:`fed_de.core.trimmed.refine`), in
@@ -539,7 +553,7 @@ def refine_brackets(thr, k, counts, done, tie, lo, hi, n_lo, n_hi, tau, tie_widt
                 done[gi, t] = True
 
 
-@njit(**_JIT)
+@_compiled
 def irls_weights(ex, y, sf, alpha, r, min_mu: float, mu, w, v, a_z, a_r, a_q):
     """First pass of :func:`fed_de.core.nb.irls_summands` over a samples x genes block, from
     ``ex = exp(X beta)``: the floored means ``mu = max(sf ex, min_mu)``, the IRLS weights
@@ -567,7 +581,7 @@ def irls_weights(ex, y, sf, alpha, r, min_mu: float, mu, w, v, a_z, a_r, a_q):
             a_q[i, j] = m / r[j]
 
 
-@njit(**_JIT)
+@_compiled
 def irls_response(y, mu, w, r, log_z, log_mu, log_mr, log1p_q, z, logp):
     """Second pass: the weighted working response ``z = (log(mu / sf) + (y - mu) / mu) w``
     and, per gene, ``sum_i y (log mu - log(mu + r)) - r log1p(mu / r)`` summed over samples
