@@ -72,21 +72,13 @@ def _read(row: np.ndarray, i: int) -> float:
 
 
 @_compiled
-def _fmin(a: float, b: float) -> float:
+def _fpick(a: float, b: float, larger: bool) -> float:
+    """``np.fmax`` (``larger``) or ``np.fmin`` of two floats: NaN ignored, ``a`` on a tie."""
     if np.isnan(a):
         return b
     if np.isnan(b):
         return a
-    return a if a <= b else b
-
-
-@_compiled
-def _fmax(a: float, b: float) -> float:
-    if np.isnan(a):
-        return b
-    if np.isnan(b):
-        return a
-    return a if a >= b else b
+    return a if (a >= b if larger else a <= b) else b
 
 
 @_compiled
@@ -124,7 +116,7 @@ def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, rows, x, m: int, sep
                 pos += 1
         dl = abs(_read(rax, pos - 1) - xi)
         dr = abs(_read(rax, pos) - xi)
-        near = _fmin(dl, dr)
+        near = _fpick(dl, dr, False)
         first = pos - 1 if near == dl else pos
         dist = np.inf if np.isnan(near) else near
         has0 = n_all[gi] > 0
@@ -170,7 +162,7 @@ def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, rows, x, m: int, sep
                 order[k], order[k - 1] = order[k - 1], order[k]
                 k -= 1
         lo, hi = _read(rax, 0), _read(rax, n_all[gi] - 1)
-        outside = _fmax(_fmax(lo - xi, xi - hi), 0.0) if has0 else np.inf
+        outside = _fpick(_fpick(lo - xi, xi - hi, True), 0.0, True) if has0 else np.inf
         base = zf[order[0]] if count > 0 else 0.0
         # confluent Hermite interpolant in Newton form: each node three times
         for i in range(n):
@@ -204,8 +196,8 @@ def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, rows, x, m: int, sep
         f, g = res[0, 0], res[0, 1]
         f1, g1, f2, g2 = res[1, 0], res[1, 1], res[2, 0], res[2, 1]
         if count > 2:
-            ef = _fmax(abs(f - f1), abs(f1 - f2))
-            eg = _fmax(abs(g - g1), abs(g1 - g2))
+            ef = _fpick(abs(f - f1), abs(f1 - f2), True)
+            eg = _fpick(abs(g - g1), abs(g1 - g2), True)
         elif count == 2:
             ef, eg = abs(f - f1), abs(g - g1)
         else:
