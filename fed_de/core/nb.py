@@ -105,35 +105,6 @@ def fitted_mu(X: np.ndarray, beta: np.ndarray, sf: np.ndarray, min_mu: float) ->
     return np.maximum(mu, min_mu)
 
 
-def nb_deviance(y: np.ndarray, mu: np.ndarray, alpha: np.ndarray,
-                lgamma_y1: np.ndarray | None = None,
-                lgamma_ratio: np.ndarray | None = None) -> np.ndarray:
-    """``-2 * sum_i log NB(y_i; mu_i, alpha)`` per gene (DESeq2's ``dnbinom_mu``).
-
-    ``lgamma_y1`` (per-gene sum of ``lgamma(y + 1)``) and ``lgamma_ratio`` (per-gene sum of
-    ``lgamma(y + 1/alpha) - lgamma(1/alpha)``, see :func:`lgamma_ratio`) do not depend on the
-    means and may be passed to skip recomputing them.
-    """
-    r = 1.0 / alpha
-    if lgamma_ratio is None:
-        lgamma_ratio = nb_lgamma_ratio(y, alpha)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # y (log mu - log(mu + r)) - r log1p(mu / r), in place
-        terms = np.log(mu)
-        tmp = mu + r
-        np.log(tmp, out=tmp)
-        terms -= tmp
-        terms *= y
-        np.divide(mu, r, out=tmp)
-        np.log1p(tmp, out=tmp)
-        tmp *= r
-        terms -= tmp
-        logp = terms.sum(axis=0)
-    if lgamma_y1 is None:
-        lgamma_y1 = gammaln(y + 1.0).sum(axis=0)
-    return -2.0 * (logp + lgamma_ratio - lgamma_y1)
-
-
 def nb_lgamma_ratio(y: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Per-gene sum of ``lgamma(y + 1/alpha) - lgamma(1/alpha)`` (the mean-free part)."""
     r = 1.0 / alpha
@@ -151,6 +122,10 @@ def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None,
     (1 + alpha mu)^2`` (the observed information) where the mean is not floored and ``v = w``
     where it is (there ``w`` and ``z`` do not move with ``beta``): a Newton step towards the
     same fixed point.
+
+    The deviance is ``-2 * sum_i log NB(y_i; mu_i, alpha)`` per gene (DESeq2's
+    ``dnbinom_mu``). Its mean-free parts, ``lgamma_y1`` (per-gene sum of ``lgamma(y + 1)``)
+    and ``lgamma_ratio`` (:func:`nb_lgamma_ratio`), may be passed to skip recomputing them.
     """
     # the same floating-point operations as the formulas above, each element's in two
     # compiled passes (fed_de.core.kernels.irls_weights, irls_response) around numpy's exp
