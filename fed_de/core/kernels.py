@@ -88,6 +88,19 @@ def _before(a: float, b: float) -> bool:
 
 
 @_compiled
+def _stable_order(keys, order) -> None:
+    """``order`` := the indices of ``keys`` in numpy's stable ascending order (NaN last), by
+    insertion: the arrays here hold a handful of values."""
+    for j in range(keys.shape[0]):
+        order[j] = j
+    for j in range(1, keys.shape[0]):
+        k = j
+        while k > 0 and _before(keys[order[k]], keys[order[k - 1]]):
+            order[k], order[k - 1] = order[k - 1], order[k]
+            k -= 1
+
+
+@_compiled
 def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, rows, x, m: int, sep: float):
     """For the genes ``rows`` of the index: the surrogate's ``f, g, h`` at ``x`` (one point
     per row), error estimates ``ef, eg``, ``dist`` and ``outside`` (see
@@ -155,12 +168,7 @@ def surrogate_values(ax, af, ag, ah, n_all, tx, tf, tg, th, rows, x, m: int, sep
         # nodes by distance to x, nearest first (stable; NaN last)
         for j in range(m):
             d[j] = abs(zx[j] - xi) if j < count else np.inf
-            order[j] = j
-        for j in range(1, m):
-            k = j
-            while k > 0 and _before(d[order[k]], d[order[k - 1]]):
-                order[k], order[k - 1] = order[k - 1], order[k]
-                k -= 1
+        _stable_order(d, order)
         lo, hi = _read(rax, 0), _read(rax, n_all[gi] - 1)
         outside = _fpick(_fpick(lo - xi, xi - hi, True), 0.0, True) if has0 else np.inf
         base = zf[order[0]] if count > 0 else 0.0
@@ -475,18 +483,11 @@ def index_tables(mx, mf, mg, mh, sep: float):
     n_thin = np.zeros(G, dtype=np.int64)
     kept = np.empty((G, M), dtype=np.int64)
     order = np.empty(M, dtype=np.int64)
+    key = np.empty(M)
     for gi in range(G):
-        for j in range(M):
-            order[j] = j
-        for j in range(1, M):  # stable insertion sort, NaN as +inf
-            k = j
-            while k > 0:
-                a, b = mx[gi, order[k]], mx[gi, order[k - 1]]
-                if (np.inf if np.isnan(a) else a) < (np.inf if np.isnan(b) else b):
-                    order[k], order[k - 1] = order[k - 1], order[k]
-                    k -= 1
-                else:
-                    break
+        for j in range(M):  # NaN sorts as +inf: tied with an infinite point, in place
+            key[j] = np.inf if np.isnan(mx[gi, j]) else mx[gi, j]
+        _stable_order(key, order)
         last = -np.inf
         for j in range(M):
             v = mx[gi, order[j]]
