@@ -58,8 +58,6 @@ def _compiled(fn):
         return njit(cache=False, **_OPTIONS)(fn)
 
 
-
-
 @_compiled
 def _read(row: np.ndarray, i: int) -> float:
     """``row`` padded (a NaN column on either side): index ``i`` clipped to ``[-1, width]``."""
@@ -394,35 +392,6 @@ def from_limbs(v, frac_bits: int, out):
         out[j] = -total if neg else total
 
 
-def warm() -> None:
-    """Compile every kernel for the argument types fed_de passes (or load them from the
-    cache beside this module). A container image runs this once when it is built, so that
-    no task of a plan spends seconds compiling: each task is a fresh process."""
-    f, i, u = np.float64, np.int64, np.uint64
-    m2, v1 = np.zeros((2, 4), dtype=f), np.zeros(4, dtype=f)
-    rows = np.arange(2, dtype=i)
-    surrogate_values(m2, m2, m2, m2, rows, m2, m2, m2, m2, rows, np.zeros(2), 5, 0.05)
-    count_below(m2, rows, np.zeros((2, 3)))
-    index = np.zeros((2, 4), dtype=i)
-    disp_likelihood_sums(m2, m2, m2, v1, v1, v1, v1, v1, v1, v1, v1, index, v1, v1.copy(),
-                         v1.copy(), v1, m2.copy(), m2.copy())
-    nearest_gap(m2, m2, rows, m2.copy())
-    words = np.zeros((3, 4), dtype=u)
-    ring_add(words, words.copy())
-    ring_sub(words, words.copy())
-    ring_add_masks(words, 0, np.zeros((2, 3, 4), dtype=u), 1)
-    from_limbs(words, 96, v1.copy())
-    to_limbs(np.zeros(4, dtype=u), np.zeros(4, dtype=np.bool_), words)
-    pack_fields(v1, 2.0, 32, np.zeros(2, dtype=u))
-    index_tables(m2, m2, m2, m2, 0.05)
-    for y in (m2, np.asfortranarray(m2)):  # a site's columns taken by index are F-ordered
-        irls_weights(m2, y, v1[:2], v1, v1, 0.5, *(m2.copy() for _ in range(6)))
-        irls_response(y, m2, m2, v1, m2, m2, m2, m2, m2.copy(), v1.copy())
-    flags = np.zeros((2, 4), dtype=np.bool_)
-    refine_brackets(np.zeros((2, 4, 3)), m2, np.zeros((2, 4, 3)), flags, flags.copy(), m2.copy(),
-                    m2.copy(), m2.copy(), m2.copy(), m2.copy(), 1e-9, 1e-300)
-
-
 _MASK52 = np.uint64((1 << 52) - 1)
 _HIDDEN = np.uint64(1 << 52)
 
@@ -590,3 +559,32 @@ def irls_response(y, mu, w, r, log_z, log_mu, log_mr, log1p_q, z, logp):
                 logp[j] = t
             else:
                 logp[j] += t
+
+
+def warm() -> None:
+    """Compile every kernel for the argument types fed_de passes (or load them from the
+    cache beside this module). A container image runs this once when it is built, so that
+    no task of a plan spends seconds compiling: each task is a fresh process."""
+    f, i, u = np.float64, np.int64, np.uint64
+    m2, v1 = np.zeros((2, 4), dtype=f), np.zeros(4, dtype=f)
+    rows = np.arange(2, dtype=i)
+    surrogate_values(m2, m2, m2, m2, rows, m2, m2, m2, m2, rows, np.zeros(2), 5, 0.05)
+    count_below(m2, rows, np.zeros((2, 3)))
+    index = np.zeros((2, 4), dtype=i)
+    disp_likelihood_sums(m2, m2, m2, v1, v1, v1, v1, v1, v1, v1, v1, index, v1, v1.copy(),
+                         v1.copy(), v1, m2.copy(), m2.copy())
+    nearest_gap(m2, m2, rows, m2.copy())
+    words = np.zeros((3, 4), dtype=u)
+    ring_add(words, words.copy())
+    ring_sub(words, words.copy())
+    ring_add_masks(words, 0, np.zeros((2, 3, 4), dtype=u), 1)
+    from_limbs(words, 96, v1.copy())
+    to_limbs(np.zeros(4, dtype=u), np.zeros(4, dtype=np.bool_), words)
+    pack_fields(v1, 2.0, 32, np.zeros(2, dtype=u))
+    index_tables(m2, m2, m2, m2, 0.05)
+    for y in (m2, np.asfortranarray(m2)):  # a site's columns taken by index are F-ordered
+        irls_weights(m2, y, v1[:2], v1, v1, 0.5, *(m2.copy() for _ in range(6)))
+        irls_response(y, m2, m2, v1, m2, m2, m2, m2, m2.copy(), v1.copy())
+    flags = np.zeros((2, 4), dtype=np.bool_)
+    refine_brackets(np.zeros((2, 4, 3)), m2, np.zeros((2, 4, 3)), flags, flags.copy(), m2.copy(),
+                    m2.copy(), m2.copy(), m2.copy(), m2.copy(), 1e-9, 1e-300)
