@@ -120,3 +120,64 @@ def test_cooks_counts_with_tiny_gene_blocks_give_the_same_run(monkeypatch, repla
     table_b, outliers_b = run()
     np.testing.assert_array_equal(table_b, table)
     np.testing.assert_array_equal(outliers_b, outliers)
+
+
+def _irls_reference(y, X, sf, beta, alpha, block, min_mu=0.5):
+    """``irls_summands``' numbers from array expressions, element by element in the compiled
+    passes' order of operations, the deviance summed over samples in sample order; its
+    mean-free parts are sums over the caller's ``block`` (their order follows its layout)."""
+    raw = np.exp(X @ beta.T) * sf[:, None]
+    mu = np.where((raw >= min_mu) | np.isnan(raw), raw, min_mu)
+    denom = alpha * mu + 1.0
+    w = mu / denom
+    v = np.where(raw > min_mu, ((alpha * y + 1.0) * w) / denom, w)
+    r = 1.0 / alpha
+    z = (np.log(mu / sf[:, None]) + (y - mu) / mu) * w
+    terms = (np.log(mu) - np.log(mu + r)) * y - np.log1p(mu / r) * r
+    logp = terms[0].copy()
+    for row in terms[1:]:
+        logp += row
+    dev = -2.0 * (logp + nb.nb_lgamma_ratio(block, alpha) - gammaln(block + 1.0).sum(axis=0))
+    return {"xtwx": nb.gram(X, w), "xtwz": np.ascontiguousarray(z).T @ X, "deviance": dev,
+            "xtwx_obs": nb.gram(X, v)}
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "int"])
+def test_irls_summands_reusing_one_work_equal_the_array_expressions(layout):
+    # IrlsWork lends its temporaries and a C-ordered copy of the counts to every candidate of
+    # a block; a site's columns taken by index are F-ordered, counts may be integers
+    y, X, sf, cands, alpha = simulate(4)
+    block = {"C": y, "F": np.asfortranarray(y), "int": y.astype(np.int64)}[layout]
+    work = nb.IrlsWork(block)
+    for k in range(cands.shape[1]):
+        got = nb.irls_summands(block, X, sf, cands[:, k], alpha, 0.5, None, None, work)
+        ref = _irls_reference(y, X, sf, cands[:, k], alpha, block)
+        for key, value in ref.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{key}, candidate {k}")
+
+
+def test_site_lgamma_ratio_is_each_blocks_value_and_follows_the_counts(monkeypatch):
+    from fed_de.bulk.state import DESeq2Options, Site, SiteState
+    from fed_de.design import make_study
+    from fed_de.site import site_from_anndata
+
+    monkeypatch.setattr(nb, "GENE_CHUNK", 7)
+    s = make_demo_study(n_samples=30, n_genes=40, seed=3, n_sites=2)
+    data = site_from_anndata(s.sites["hospital_01"], "hospital_01")
+    site = Site(data=data, kept=SiteState(), study=make_study(s.design, list(data.genes),
+                                                                s.levels),
+                options=DESeq2Options())
+    alpha = np.random.default_rng(5).uniform(0.01, 2.0, 40)
+    got = site.lgamma_ratio(alpha)
+    assert site.lgamma_ratio(alpha.copy()) is got  # the same dispersions: kept
+    genes = np.array([1, 2, 3, 8, 9, 17, 18, 30, 31, 39])  # an IRLS round's unstopped genes
+    for sl in nb.gene_blocks(genes.size):  # the value of every block of the fit's genes
+        g = genes[sl]
+        np.testing.assert_array_equal(got[g], nb.nb_lgamma_ratio(site.counts()[:, g], alpha[g]))
+    other = site.lgamma_ratio(alpha * 2.0)  # the next fit's dispersions: recomputed
+    np.testing.assert_array_equal(other, nb.nb_lgamma_ratio(site.counts()[:, np.arange(40)],
+                                                            alpha * 2.0))
+    site.replace_counts(site.counts() + 1.0)  # Cook's replacements: the caches follow
+    np.testing.assert_array_equal(site.lgamma_ratio(alpha * 2.0), nb.nb_lgamma_ratio(
+        site.counts()[:, np.arange(40)], alpha * 2.0))
+    np.testing.assert_array_equal(site.lgamma_y1(), gammaln(site.counts() + 1.0).sum(axis=0))

@@ -528,8 +528,7 @@ def cooks_counts(site: Site, ck: CooksSetup, beta: np.ndarray, alpha: np.ndarray
             new[:, sl] = np.where(swap, cooks.replacement_counts(
                 np.nan_to_num(ck.replace_mean[sl]), sf), y[:, sl])
     if new is not y:
-        site.kept.replaced_counts = new
-        site.kept.lgamma_y1 = None
+        site.replace_counts(new)
     if not np.asarray(ck.cells_replace).any():  # no replacement: no refit start to send
         return CooksCounts(**out)
     onehot = (site.cells()[:, None] == np.arange(C)[None, :]).astype(float)  # n x C

@@ -34,7 +34,7 @@ from fed_de.site import SiteData
 PER_SAMPLE = ("design", "design_reduced", "cells", "size_factors_raw", "size_factors",
               "mu_disp", "replaced_counts", "pca_coords")
 #: SiteState fields that cache a sum over the site's samples (recomputed in a view).
-CACHES = ("lgamma_y1",)
+CACHES = ("lgamma_y1", "lgamma_ratio")
 
 #: Arrays that depend on the public design alone (sample counts, X'X): sent exactly; a count
 #: change cannot move them (``tests/test_dp.py`` checks it).

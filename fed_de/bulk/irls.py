@@ -61,11 +61,12 @@ def _fit_sums(site: Site, fit: IRLSFit, alpha: np.ndarray, X: np.ndarray) -> dic
     """The sums of one fit; only genes still iterating are computed."""
     idx = np.flatnonzero(~fit.stopped)
     G, K, p = fit.candidates.shape
-    alpha = np.nan_to_num(alpha, nan=1.0)[idx]
+    alpha = np.nan_to_num(alpha, nan=1.0)
     out = {"xtwx": np.zeros((G, K, nb.n_packed(p))), "xtwz": np.zeros((G, K, p)),
            "deviance": np.zeros((G, K)), "xtwx_obs": np.zeros((G, K, nb.n_packed(p)))}
     sums = nb.irls_candidate_sums(site.counts(), idx, X, site.kept.size_factors,
-                                  fit.candidates[idx], alpha, MIN_MU, site.lgamma_y1()[idx])
+                                  fit.candidates[idx], alpha[idx], MIN_MU,
+                                  site.lgamma_y1()[idx], site.lgamma_ratio(alpha)[idx])
     for key, value in sums.items():
         out[key][idx] = value
     return out

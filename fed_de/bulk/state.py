@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import gammaln
 
+from fed_de.core import nb
 from fed_de.core.dispersion import Prior, Trend
 from fed_de.core.fallback import FallbackFit
 from fed_de.core.irls import IRLSFit
@@ -311,6 +312,7 @@ class SiteState:
     size_factors: np.ndarray | None = None
     mu_disp: np.ndarray | None = None  # means of the dispersion fit
     lgamma_y1: np.ndarray | None = None  # per-gene sum of lgamma(y + 1) (a cache)
+    lgamma_ratio: tuple | None = None  # (dispersions, nb_lgamma_ratio at them): a cache
     replaced_counts: np.ndarray | None = None  # after Cook's replacement
     pca_coords: np.ndarray | None = None  # this site's samples on the PCA axes
 
@@ -347,11 +349,32 @@ class Site:
         counts = aligned_counts(self.study, self.data)
         return np.round(counts) if self.options.round_counts else counts
 
+    def replace_counts(self, new: np.ndarray) -> None:
+        """Analyse ``new`` (Cook's replacements) from now on, dropping what was cached from
+        the counts before."""
+        self.kept.replaced_counts = new
+        self.kept.lgamma_y1 = self.kept.lgamma_ratio = None
+
     def lgamma_y1(self) -> np.ndarray:
         """Per-gene sum of lgamma(y + 1) (a constant of the deviance), cached."""
         if self.kept.lgamma_y1 is None:
             self.kept.lgamma_y1 = gammaln(self.counts() + 1.0).sum(axis=0)
         return self.kept.lgamma_y1
+
+    def lgamma_ratio(self, alpha: np.ndarray) -> np.ndarray:
+        """Per-gene :func:`fed_de.core.nb.nb_lgamma_ratio` at the dispersions ``alpha`` (all
+        genes; the mean-free part of the deviance), cached for the fit that uses them: an
+        IRLS fit reads it at every round. Each gene's value is the one a block of the fit's
+        genes gives (the counts' columns taken by index, summed over samples alike)."""
+        cached = self.kept.lgamma_ratio
+        if cached is None or not np.array_equal(cached[0], alpha):
+            self.kept.lgamma_ratio = None  # free the previous fit's first
+            counts, genes = self.counts(), np.arange(alpha.size)
+            values = np.empty(alpha.size)
+            for sl in nb.gene_blocks(alpha.size):
+                values[sl] = nb.nb_lgamma_ratio(counts[:, genes[sl]], alpha[sl])
+            self.kept.lgamma_ratio = cached = (alpha.copy(), values)
+        return cached[1]
 
     def cells(self) -> np.ndarray:
         """Each sample's declared design cell, cached."""

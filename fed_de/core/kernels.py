@@ -582,9 +582,8 @@ def warm() -> None:
     to_limbs(np.zeros(4, dtype=u), np.zeros(4, dtype=np.bool_), words)
     pack_fields(v1, 2.0, 32, np.zeros(2, dtype=u))
     index_tables(m2, m2, m2, m2, 0.05)
-    for y in (m2, np.asfortranarray(m2)):  # a site's columns taken by index are F-ordered
-        irls_weights(m2, y, v1[:2], v1, v1, 0.5, *(m2.copy() for _ in range(6)))
-        irls_response(y, m2, m2, v1, m2, m2, m2, m2, m2.copy(), v1.copy())
+    irls_weights(m2, m2, v1[:2], v1, v1, 0.5, *(m2.copy() for _ in range(6)))
+    irls_response(m2, m2, m2, v1, m2, m2, m2, m2, m2.copy(), v1.copy())
     flags = np.zeros((2, 4), dtype=np.bool_)
     refine_brackets(np.zeros((2, 4, 3)), m2, np.zeros((2, 4, 3)), flags, flags.copy(), m2.copy(),
                     m2.copy(), m2.copy(), m2.copy(), m2.copy(), 1e-9, 1e-300)

@@ -111,8 +111,23 @@ def nb_lgamma_ratio(y: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return gammaln(y + r).sum(axis=0) - y.shape[0] * gammaln(r)
 
 
+class IrlsWork:
+    """The samples x genes temporaries of :func:`irls_summands` on one block of counts, lent
+    to every call on that block (each candidate, each round of a replay).
+
+    ``y`` is the block in C order: the compiled passes read it row by row, and a site's
+    columns taken by index come F-ordered (strided reads cost more than the arithmetic).
+    The per-gene sums over samples that read the caller's ``y`` keep its layout, and so
+    their order of addition.
+    """
+
+    def __init__(self, y: np.ndarray):
+        self.y = np.ascontiguousarray(y, dtype=np.float64)
+        self.buffers = tuple(np.empty(y.shape) for _ in range(8))
+
+
 def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None,
-                  lgamma_ratio=None) -> dict:
+                  lgamma_ratio=None, work: IrlsWork | None = None) -> dict:
     """One IRLS iteration's sums at ``beta``: packed ``X^T W X``, ``X^T W z``, deviance, and
     ``X^T diag(v) X`` with ``v`` the derivative of the IRLS pseudo-score.
 
@@ -126,6 +141,8 @@ def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None,
     The deviance is ``-2 * sum_i log NB(y_i; mu_i, alpha)`` per gene (DESeq2's
     ``dnbinom_mu``). Its mean-free parts, ``lgamma_y1`` (per-gene sum of ``lgamma(y + 1)``)
     and ``lgamma_ratio`` (:func:`nb_lgamma_ratio`), may be passed to skip recomputing them.
+    ``work`` (:class:`IrlsWork` of ``y``'s block) lends the temporaries and a C-ordered copy
+    of ``y`` to calls on the same block: the same numbers, without allocating them anew.
     """
     # the same floating-point operations as the formulas above, each element's in two
     # compiled passes (fed_de.core.kernels.irls_weights, irls_response) around numpy's exp
@@ -133,22 +150,24 @@ def irls_summands(y, X, sf, beta, alpha, min_mu: float = 0.5, lgamma_y1=None,
     # in sample order
     from fed_de.core.kernels import irls_response, irls_weights  # numba: loaded when used
 
-    ex = X @ beta.T
-    with np.errstate(over="ignore"):
-        np.exp(ex, out=ex)
+    if work is None:
+        work = IrlsWork(y)
+    ex, mu, w, v, a_z, a_r, a_q, log_mu = work.buffers
+    np.matmul(X, beta.T, out=ex)
     g = ex.shape[1]
     alpha = np.array(np.broadcast_to(np.asarray(alpha, dtype=np.float64), (g,)))
     sf = np.array(sf, dtype=np.float64)  # a writeable copy: one compiled signature
     r = 1.0 / alpha
-    mu, w, v, a_z, a_r, a_q = (np.empty_like(ex) for _ in range(6))
-    irls_weights(ex, y, sf, alpha, r, float(min_mu), mu, w, v, a_z, a_r, a_q)
+    with np.errstate(over="ignore"):
+        np.exp(ex, out=ex)
+    irls_weights(ex, work.y, sf, alpha, r, float(min_mu), mu, w, v, a_z, a_r, a_q)
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_mu = np.log(mu)
+        np.log(mu, out=log_mu)
         np.log(a_z, out=a_z)
         np.log(a_r, out=a_r)
         np.log1p(a_q, out=a_q)
     logp = np.empty(g)
-    irls_response(y, mu, w, r, a_z, log_mu, a_r, a_q, ex, logp)  # z into ex
+    irls_response(work.y, mu, w, r, a_z, log_mu, a_r, a_q, ex, logp)  # z into ex
     if lgamma_ratio is None:
         lgamma_ratio = nb_lgamma_ratio(y, alpha)
     if lgamma_y1 is None:
@@ -172,7 +191,8 @@ def gene_blocks(G: int, chunk: int | None = None) -> list[slice]:
 
 def irls_candidate_sums(counts: np.ndarray, genes: np.ndarray, X: np.ndarray, sf: np.ndarray,
                         candidates: np.ndarray, alpha: np.ndarray, min_mu: float = 0.5,
-                        lgamma_y1: np.ndarray | None = None) -> dict:
+                        lgamma_y1: np.ndarray | None = None,
+                        lgamma_ratio: np.ndarray | None = None) -> dict:
     """:func:`irls_summands` at each of ``K`` candidates of the genes ``genes``, in blocks.
 
     Parameters
@@ -191,6 +211,8 @@ def irls_candidate_sums(counts: np.ndarray, genes: np.ndarray, X: np.ndarray, sf
         Floor of the fitted means.
     lgamma_y1 : np.ndarray, optional
         Per-gene sum of ``lgamma(y + 1)`` of ``genes``.
+    lgamma_ratio : np.ndarray, optional
+        :func:`nb_lgamma_ratio` of ``genes`` at ``alpha``, computed on these columns.
 
     Returns
     -------
@@ -210,14 +232,17 @@ def irls_candidate_sums(counts: np.ndarray, genes: np.ndarray, X: np.ndarray, sf
              for k in range(K)]
     for sl in gene_blocks(g):
         y = counts[:, genes[sl]]
-        lgr = nb_lgamma_ratio(y, alpha[sl])  # mean-free part: once for every candidate
+        # mean-free part: once for every candidate
+        lgr = nb_lgamma_ratio(y, alpha[sl]) if lgamma_ratio is None else lgamma_ratio[sl]
         lgy1 = None if lgamma_y1 is None else lgamma_y1[sl]
+        work = IrlsWork(y)
         for k in range(K):
             if first[k] < k:
                 for key in out:
                     out[key][sl, k] = out[key][sl, first[k]]
                 continue
-            summands = irls_summands(y, X, sf, candidates[sl, k], alpha[sl], min_mu, lgy1, lgr)
+            summands = irls_summands(y, X, sf, candidates[sl, k], alpha[sl], min_mu, lgy1, lgr,
+                                     work)
             for key, value in summands.items():
                 out[key][sl, k] = value
     return out
