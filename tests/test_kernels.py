@@ -4,7 +4,7 @@ run in sample order (numpy's reduction over the first axis of a C-ordered block)
 
 import numpy as np
 import pytest
-from scipy.special import digamma, gammaln
+from scipy.special import digamma, gammaln, polygamma
 
 from fed_de.core import disp_surrogate as sur
 from fed_de.core import kernels, nb, trimmed
@@ -83,6 +83,44 @@ def test_dispersion_sums_with_and_without_the_distinct_table():
         nb.DISTINCT_MAX = old
     for key in tabled:
         assert_same(tabled[key], plain[key])
+
+
+def _trigamma_array_form(x):
+    """The numpy form ``nb.trigamma`` had: the recurrence over the arguments below 8, in
+    passes, then the series in place."""
+    z = np.asarray(x, dtype=np.float64).ravel().copy()
+    idx = np.flatnonzero(z < 8.0)
+    small, acc = z[idx], np.zeros(idx.size)
+    live = small < 8.0
+    while live.any():
+        step = np.where(live, 1.0 / (small * small), 0.0)
+        acc = np.where(live, acc + step, acc)
+        small = np.where(live, small + 1.0, small)
+        live = small < 8.0
+    z[idx] = small
+    inv = np.divide(1.0, z)
+    inv2 = inv * inv
+    s = inv2 * 5.0
+    s /= 66.0
+    for c in (1.0 / 30.0, 1.0 / 42.0, 1.0 / 30.0):
+        np.subtract(c, s, out=s)
+        s *= inv2
+    np.subtract(1.0 / 6.0, s, out=s)
+    s *= inv * inv2
+    inv += 0.5 * inv2
+    inv += s
+    inv[idx] += acc
+    return inv.reshape(np.shape(x))
+
+
+def test_trigamma_equals_the_array_form():
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.uniform(1e-8, 8.5, 200_000), rng.lognormal(2.0, 3.0, 200_000),
+                        np.arange(1.0, 40.0), [7.999999999999999, 8.0, 1e300, np.nan]])
+    assert_same(nb.trigamma(x), _trigamma_array_form(x))
+    grid = x[:600].reshape(20, 30)[:, ::2]  # any shape and layout
+    assert_same(nb.trigamma(grid), _trigamma_array_form(grid))
+    np.testing.assert_allclose(nb.trigamma(x[:-1]), polygamma(1, x[:-1]), rtol=1e-11)
 
 
 def test_nearest_gap_equals_the_broadcast_minimum():

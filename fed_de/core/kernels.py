@@ -15,6 +15,8 @@ expressions it replaced.
   (:func:`fed_de.core.nb.irls_summands`) in two passes around numpy's exp and logarithms.
 - :func:`count_below`: the Cook's search's counts of values below thresholds
   (:func:`fed_de.core.trimmed.count_below`), without a genes x samples x thresholds table.
+- :func:`trigamma_values`: psi' by recurrence and asymptotic series (arithmetic only), one
+  element at a time instead of numpy passes over temporaries.
 - :func:`disp_likelihood_sums`: the per-sample terms of the dispersion log likelihood and
   its two derivatives (:func:`fed_de.core.nb.disp_summands_at`) in one pass over a block,
   summed over samples in sample order as numpy's reduction over the first axis does.
@@ -274,6 +276,30 @@ def disp_likelihood_sums(y, mu, l1, r, log_r, lgamma_r, digamma_r, trigamma_r, l
             wt = m / wt
             w[i, p] = wt
             dw[i, p] = (-alpha[p] * wt) * wt
+
+
+@_compiled
+def trigamma_values(x, out):
+    """psi'(x) of each ``x > 0`` (:func:`fed_de.core.nb.trigamma`): below 8 the recurrence
+    ``psi'(x) = 1/x^2 + psi'(x + 1)`` adds its terms from zero, the asymptotic series
+    through ``z^-11`` is taken at the shifted ``z >= 8``, then the terms are added to it."""
+    for i in range(x.size):
+        z = x[i]
+        acc, small = 0.0, z < 8.0
+        while z < 8.0:
+            acc = acc + 1.0 / (z * z)
+            z = z + 1.0
+        inv = 1.0 / z
+        inv2 = inv * inv
+        s = inv2 * 5.0
+        s /= 66.0
+        s = (1.0 / 30.0 - s) * inv2
+        s = (1.0 / 42.0 - s) * inv2
+        s = (1.0 / 30.0 - s) * inv2
+        s = (1.0 / 6.0 - s) * (inv * inv2)
+        inv += 0.5 * inv2
+        inv += s
+        out[i] = inv + acc if small else inv
 
 
 @_compiled
@@ -574,6 +600,7 @@ def warm() -> None:
     disp_likelihood_sums(m2, m2, m2, v1, v1, v1, v1, v1, v1, v1, v1, index, v1, v1.copy(),
                          v1.copy(), v1, m2.copy(), m2.copy())
     nearest_gap(m2, m2, rows, m2.copy())
+    trigamma_values(v1, v1.copy())
     words = np.zeros((3, 4), dtype=u)
     ring_add(words, words.copy())
     ring_sub(words, words.copy())

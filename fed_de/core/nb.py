@@ -30,43 +30,16 @@ def trigamma(x: np.ndarray) -> np.ndarray:
     """psi'(x) for x > 0: recurrence up to x >= 8, then the asymptotic series (~1e-12).
 
     scipy's ``polygamma(1, x)`` goes through the Hurwitz zeta function and is several times
-    slower; this is the hot spot of the dispersion summands. The recurrence runs on the
-    (usually few) arguments below 8 only, gathered once; the series is evaluated in place.
+    slower; this is the hot spot of the dispersion summands. Compiled, one element at a time
+    (:func:`fed_de.core.kernels.trigamma_values`: arithmetic only, so the numbers of the
+    array form it replaced).
     """
+    from fed_de.core.kernels import trigamma_values  # numba: loaded when used
+
     x = np.asarray(x, dtype=np.float64)
-    z = x.ravel().copy()
-    idx = np.flatnonzero(z < 8.0)
-    small = z[idx]
-    acc = np.zeros_like(small)
-    live = small < 8.0
-    while live.any():  # at most 8 passes, only over the small arguments
-        step = np.where(live, 1.0 / (small * small), 0.0)
-        acc = np.where(live, acc + step, acc)
-        small = np.where(live, small + 1.0, small)
-        live = small < 8.0
-    z[idx] = small
-    out = _trigamma_series(z)
-    out[idx] += acc
+    out = np.empty(x.size)
+    trigamma_values(np.ascontiguousarray(x).reshape(-1), out)
     return out.reshape(x.shape)
-
-
-def _trigamma_series(z: np.ndarray) -> np.ndarray:
-    """The asymptotic series of psi'(z) (z >= 8), through z^-11, with two temporaries."""
-    inv = np.divide(1.0, z)
-    inv2 = inv * inv
-    s = inv2 * 5.0
-    s /= 66.0
-    np.subtract(1.0 / 30.0, s, out=s)
-    s *= inv2
-    np.subtract(1.0 / 42.0, s, out=s)
-    s *= inv2
-    np.subtract(1.0 / 30.0, s, out=s)
-    s *= inv2
-    np.subtract(1.0 / 6.0, s, out=s)
-    s *= inv * inv2  # (inv * inv2) * (...)
-    inv += 0.5 * inv2
-    inv += s
-    return inv
 
 
 # -- symmetric p x p matrices travel packed (upper triangle) -------------------------------
