@@ -218,6 +218,7 @@ def irls_candidate_sums(counts: np.ndarray, genes: np.ndarray, X: np.ndarray, sf
                                      work)
             for key, value in summands.items():
                 out[key][sl, k] = value
+        work = None  # freed before the next block's is made
     return out
 
 
