@@ -86,8 +86,9 @@ def test_every_encoding_is_the_two_complement_of_the_rounded_value(limbs, frac):
 
 def test_decoding_is_within_one_ulp_of_the_exact_ring_value():
     rng = np.random.default_rng(2)
-    # ring elements of every magnitude up to 2**(K-2), both signs, low bits set
-    bits = rng.integers(1, K - 2, size=3000)
+    # ring elements of every magnitude up to 2**(K-2), both signs, low bits set; more than
+    # two of the decoder's blocks of values, the last one short
+    bits = rng.integers(1, K - 2, size=9001)
     ints = [(int(rng.integers(0, 2**62)) << int(b) >> 62) | int(rng.integers(0, 2**62))
             for b in bits]
     ints = [v if i % 2 else -v for i, v in enumerate(ints)]

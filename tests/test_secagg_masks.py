@@ -37,7 +37,8 @@ def _reference_masks(key: bytes, limbs: int, n: int, chunk: int) -> list[int]:
 
 
 @pytest.mark.parametrize("limbs", [1, 2, 3])
-@pytest.mark.parametrize(("n_plus", "n_minus"), [(2, 0), (0, 2), (1, 1), (4, 4), (3, 5)])
+@pytest.mark.parametrize(("n_plus", "n_minus"), [(2, 0), (0, 2), (1, 1), (4, 4), (3, 5), (2, 3),
+                                               (6, 3), (0, 1)])
 def test_masks_add_exactly(monkeypatch, limbs, n_plus, n_minus):
     monkeypatch.setattr(sa, "_MASK_CHUNK", 7)  # several chunks, the last one short
     rng = np.random.default_rng(limbs * 100 + n_plus * 10 + n_minus)
