@@ -226,16 +226,22 @@ def count_below(x, genes, thresholds):
     """Per gene of ``genes`` (columns of ``x``, samples x all genes), the number of values
     strictly below each of its thresholds (``thresholds``: one row per entry of ``genes``,
     K columns); float counts, ``len(genes) x K``."""
-    n = x.shape[0]
-    G, K = thresholds.shape
-    out = np.zeros((G, K))
-    for i in range(n):
-        for q in range(G):
-            v = x[i, genes[q]]
-            for k in range(K):
-                if v < thresholds[q, k]:
-                    out[q, k] += 1.0
+    out = np.zeros(thresholds.shape)
+    for i in range(x.shape[0]):
+        _count_row(x[i], genes, thresholds, out)
     return out
+
+
+@_compiled
+def _count_row(row, genes, thresholds, out):
+    """Add one sample's comparisons to :func:`count_below`'s counts: ``+ 1.0`` or
+    ``+ 0.0``, no branch (the comparisons fall at random; a branch per comparison cost more
+    than the comparisons)."""
+    G, K = thresholds.shape
+    for q in range(G):
+        v = row[genes[q]]
+        for k in range(K):
+            out[q, k] += np.float64(v < thresholds[q, k])
 
 
 @_compiled
