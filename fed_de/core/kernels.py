@@ -376,30 +376,26 @@ def _add_four(a, m0, m1, m2, m3, f0, f1, f2, f3, carry):
     """``a += (m0 ^ f0) + ... + (m3 ^ f3)`` on one limb's words, the wraps counted into
     ``carry``: four keystreams a pass over ``a`` (``f``: 0, or all ones to complement)."""
     for j in range(a.size):
-        s, c = a[j], carry[j]
-        v = m0[j] ^ f0
-        s += v
-        c += np.uint64(s < v)
-        v = m1[j] ^ f1
-        s += v
-        c += np.uint64(s < v)
-        v = m2[j] ^ f2
-        s += v
-        c += np.uint64(s < v)
-        v = m3[j] ^ f3
-        s += v
-        c += np.uint64(s < v)
-        a[j], carry[j] = s, c
+        s, c = _wrapping_add(a[j], carry[j], m0[j] ^ f0)
+        s, c = _wrapping_add(s, c, m1[j] ^ f1)
+        s, c = _wrapping_add(s, c, m2[j] ^ f2)
+        a[j], carry[j] = _wrapping_add(s, c, m3[j] ^ f3)
+
+
+@njit(inline="always", **_OPTIONS)
+def _wrapping_add(s, c, v):
+    """``s + v`` modulo ``2**64``, and the wrap count ``c`` plus one if it wrapped. Inlined
+    into its callers by numba (``inline="always"``): as a call, the loops around it ran at
+    half the speed."""
+    s += v
+    return s, c + np.uint64(s < v)
 
 
 @_compiled
 def _add_one(a, m, f, carry):
     """``a += m ^ f`` on one limb's words, the wraps counted into ``carry``."""
     for j in range(a.size):
-        v = m[j] ^ f
-        s = a[j] + v
-        carry[j] += np.uint64(s < v)
-        a[j] = s
+        a[j], carry[j] = _wrapping_add(a[j], carry[j], m[j] ^ f)
 
 
 @_compiled
