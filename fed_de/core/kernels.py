@@ -366,9 +366,7 @@ def ring_sub(acc, b):
 def _carry_into(a, carry):
     """``a += carry`` on one limb's words, ``carry`` then the wraps (0 or 1) per value."""
     for j in range(a.size):
-        s = a[j] + carry[j]
-        carry[j] = np.uint64(s < carry[j])
-        a[j] = s
+        a[j], carry[j] = _wrapping_add(a[j], _ZERO, carry[j])
 
 
 @_compiled
